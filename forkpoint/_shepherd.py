@@ -1,0 +1,513 @@
+"""The shepherd: the program's original process, which plays the kernel's part.
+
+On first use the original process forks the live program and then execs this small module in
+place of itself. ``exec`` keeps its PID, its parent and its children, but drops the application's
+heap, which a forked shepherd would otherwise pin for the program's whole life. It then:
+
+* reaps every process of the program (all are its direct children, see ``_clone``) and learns
+  from ``waitpid`` how the live process ended;
+* holds the registry of checkpoints and carries out restores: it kills the failing live process
+  (after moving it to SCHED_IDLE, so the teardown of its heap does not compete with the restored
+  process) and wakes a spare of the checkpoint;
+* forwards signals sent to the program's PID to the live process, exactly once;
+* exits with the live program's exit status, or dies by the same signal, after killing every
+  snapshot.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import selectors
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import _channel, _prctl, _sigutil
+from .persist import Arena
+from .policy import Decision, Policy, RecoveryPolicy
+
+log = logging.getLogger("forkpoint")
+
+FORWARDED = {signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1,
+             signal.SIGUSR2, signal.SIGWINCH, signal.SIGALRM}
+# The terminal sends these to its whole foreground process group, the live process included.
+TTY_SIGNALS = {signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGWINCH}
+EX_SOFTWARE = 70
+_ENV = "FORKPOINT_SHEPHERD_ARGS"
+_BOOT = "import sys;sys.path.insert(0,sys.argv[1]);from forkpoint._shepherd import main;main()"
+
+
+@dataclass
+class Proc:
+    pid: int
+    role: str                     # live, keeper, spare or dying
+    n: int
+    chan: socket.socket | None
+    born: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Checkpoint:
+    n: int
+    keeper: Proc | None
+    pinned: bool
+    taken: float = field(default_factory=time.time)
+    spares: list[Proc] = field(default_factory=list)
+    pending: dict[str, Any] | None = None
+
+
+def become_shepherd(chan: socket.socket, arena: Arena, live_pid: int, pgid: int, config: Any) -> None:
+    """Turn the original process into the shepherd; never returns."""
+    args = {"chan": chan.fileno(), "arena_fd": arena.fd, "arena_size": arena.size,
+            "live": live_pid, "pgid": pgid, "max_checkpoints": config.max_checkpoints,
+            "spares": config.spares, "max_snapshot_memory": config.max_snapshot_memory,
+            "level": logging.getLogger("forkpoint").getEffectiveLevel()}
+    try:
+        if config.shepherd_exec and sys.executable:
+            os.set_inheritable(chan.fileno(), True)
+            os.set_inheritable(arena.fd, True)
+            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            env = dict(os.environ, **{_ENV: json.dumps(args)})
+            argv = [sys.executable, "-I", "-S", "-c", _BOOT, root, "fp-shepherd", *sys.orig_argv]
+            try:
+                os.execve(sys.executable, argv, env)
+            except OSError as e:
+                log.warning("could not exec the shepherd (%s); it runs in the original process", e)
+        Shepherd(chan, arena, args).run()
+    finally:
+        os._exit(EX_SOFTWARE)
+
+
+def main() -> None:
+    """Entry point after the exec."""
+    args = json.loads(os.environ.pop(_ENV))
+    logging.getLogger("forkpoint").setLevel(args["level"])
+    chan = socket.socket(fileno=args["chan"])
+    arena = Arena(args["arena_fd"], args["arena_size"], create=False)
+    try:
+        Shepherd(chan, arena, args).run()
+    finally:
+        os._exit(EX_SOFTWARE)
+
+
+def _smaps(pid: int) -> tuple[int, int]:
+    """(USS, PSS) of a process in bytes, from /proc/PID/smaps_rollup."""
+    uss = pss = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("Private_Clean", "Private_Dirty"):
+                    uss += int(rest.split()[0]) * 1024
+                elif key == "Pss":
+                    pss = int(rest.split()[0]) * 1024
+    except (OSError, ValueError):
+        pass
+    return uss, pss
+
+
+class Shepherd:
+    def __init__(self, chan: socket.socket, arena: Arena, args: dict[str, Any]) -> None:
+        self.arena = arena
+        self.pgid = args["pgid"]
+        self.max_checkpoints = args["max_checkpoints"]
+        self.spares = args["spares"]
+        self.max_memory = args.get("max_snapshot_memory")
+        self.procs: dict[int, Proc] = {}
+        self.ckpts: dict[int, Checkpoint] = {}
+        self.policy = RecoveryPolicy()
+        self.current = 0
+        self.started = time.time()
+        self.recoveries = 0
+        self.pending_signals: list[int] = []
+        self.timers: list[tuple[float, Callable[[], None]]] = []
+        self.sel = selectors.DefaultSelector()
+        self.live: Proc | None = self._add(args["live"], "live", 0, chan)
+        self.live_up = True
+        self.operator: Any = None
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def _add(self, pid: int, role: str, n: int, chan: socket.socket | None) -> Proc:
+        proc = Proc(pid, role, n, chan)
+        self.procs[pid] = proc
+        if chan is not None:
+            chan.setblocking(True)
+            self.sel.register(chan, selectors.EVENT_READ, lambda p=proc: self._on_message(p))
+        return proc
+
+    def _close(self, proc: Proc) -> None:
+        if proc.chan is not None:
+            try:
+                self.sel.unregister(proc.chan)
+            except (KeyError, ValueError):
+                pass
+            proc.chan.close()
+            proc.chan = None
+
+    def _retire(self, proc: Proc) -> None:
+        """Kill a process whose work is over, its teardown kept out of the live process's way."""
+        self._close(proc)
+        proc.role = "dying"
+        try:
+            os.sched_setscheduler(proc.pid, os.SCHED_IDLE, os.sched_param(0))
+        except OSError:
+            pass
+        try:
+            os.kill(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def _send(self, proc: Proc, msg: dict[str, Any]) -> bool:
+        if proc.chan is None:
+            return False
+        try:
+            _channel.send(proc.chan, msg)
+            return True
+        except OSError:
+            return False
+
+    def after(self, delay: float, fn: Callable[[], None]) -> None:
+        self.timers.append((time.monotonic() + delay, fn))
+
+    # -- main loop ------------------------------------------------------------------------------
+    def run(self) -> None:
+        _prctl.set_child_subreaper(True)
+        _prctl.set_name("fp-shepherd")
+        for which in (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF):
+            signal.setitimer(which, 0)   # exec kept the program's timers; the live process has them
+        watched = FORWARDED | {signal.SIGCHLD}
+        _sigutil.block_all()
+        self.sfd = _sigutil.open_signalfd(watched)
+        for s in (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
+            signal.signal(s, signal.SIG_DFL)     # stop and continue with the job, like the program
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        _sigutil.restore_mask(watched)
+        self.sel.register(self.sfd, selectors.EVENT_READ, self._on_signals)
+        try:
+            from .operator import OperatorServer
+            self.operator = OperatorServer(self)
+        except ImportError:
+            pass
+        except Exception as e:  # noqa: BLE001 - the program runs without operator control
+            log.warning("operator socket unavailable: %s", e)
+        self._reap()   # the live process may have died before we watched SIGCHLD
+        if self.max_memory:
+            self.after(1.0, self._memory_tick)
+        while True:
+            timeout = None
+            if self.timers:
+                timeout = max(0.0, min(t for t, _ in self.timers) - time.monotonic())
+            for key, _ in self.sel.select(timeout):
+                key.data()
+            now = time.monotonic()
+            due = [t for t in self.timers if t[0] <= now]
+            if due:
+                self.timers = [t for t in self.timers if t[0] > now]
+                for _, fn in due:
+                    fn()
+
+    def _on_signals(self) -> None:
+        reap = False
+        for sig, code, _pid in _sigutil.read_signalfd(self.sfd):
+            if sig == signal.SIGCHLD:
+                reap = True
+            elif code == _sigutil.SI_KERNEL and sig in TTY_SIGNALS:
+                continue  # typed at the terminal: the live process received it directly
+            else:
+                self._forward(sig)
+        if reap:
+            self._reap()
+
+    def _forward(self, sig: int) -> None:
+        if self.live is not None and self.live_up:
+            try:
+                os.kill(self.live.pid, sig)
+            except ProcessLookupError:
+                self.pending_signals.append(sig)
+        else:
+            self.pending_signals.append(sig)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self._on_exit(pid, status)
+
+    def _on_exit(self, pid: int, status: int) -> None:
+        proc = self.procs.pop(pid, None)
+        if proc is None:
+            log.debug("reaped adopted orphan %d", pid)
+            return
+        self._close(proc)
+        if proc.role == "dying":
+            return
+        if proc is self.live:
+            self.live = None
+            self._on_live_death(status)
+            return
+        ck = self.ckpts.get(proc.n)
+        if ck is None:
+            return
+        log.warning("checkpoint %d lost its %s process %d (status %d)", proc.n, proc.role, pid, status)
+        if proc.role == "keeper":
+            ck.keeper = None
+            if not ck.spares:
+                self._discard(ck.n, "its processes died")
+        elif proc in ck.spares:
+            ck.spares.remove(proc)
+            self._replenish(ck)
+
+    # -- messages -------------------------------------------------------------------------------
+    def _on_message(self, proc: Proc) -> None:
+        try:
+            msg, fds = _channel.recv(proc.chan) if proc.chan is not None else (None, [])
+        except (OSError, ValueError):
+            msg, fds = None, []
+        if msg is None:
+            self._close(proc)
+            for fd in fds:
+                os.close(fd)
+            return
+        op = msg.get("op")
+        handler = getattr(self, f"_op_{op}", None)
+        if handler is None:
+            for fd in fds:
+                os.close(fd)
+            self._send(proc, {"op": "error", "message": f"unknown request {op!r}"})
+            return
+        handler(proc, msg, fds)
+
+    def _op_snap(self, proc: Proc, msg: dict[str, Any], fds: list[int]) -> None:
+        n = int(msg["n"])
+        keeper = self._add(int(msg["pid"]), "keeper", n, socket.socket(fileno=fds[0]))
+        self.ckpts[n] = Checkpoint(n, keeper, bool(msg.get("pin")))
+        self.current = n
+        self._enforce_bounds()
+
+    def _op_spare(self, proc: Proc, msg: dict[str, Any], fds: list[int]) -> None:
+        n = int(msg["n"])
+        spare = self._add(int(msg["pid"]), "spare", n, socket.socket(fileno=fds[0]))
+        ck = self.ckpts.get(n)
+        if ck is None:
+            self._retire(spare)
+            return
+        ck.spares.append(spare)
+        if ck.pending is not None:
+            info, ck.pending = ck.pending, None
+            self._wake(ck, info)
+
+    def _op_up(self, proc: Proc, msg: dict[str, Any], fds: list[int]) -> None:
+        if proc is self.live:
+            self.live_up = True
+            pending, self.pending_signals = self.pending_signals, []
+            for sig in pending:
+                self._forward(sig)
+
+    def _op_restore(self, proc: Proc, msg: dict[str, Any], fds: list[int]) -> None:
+        n = int(msg["n"])
+        if n not in self.ckpts:
+            self._send(proc, {"op": "error", "kind": "nosuch", "message": self._nosuch(n)})
+            return
+        self._failure(n, int(msg.get("sig", 0)), str(msg.get("reason") or "tlongjmp"), proc)
+
+    def _op_discard(self, proc: Proc, msg: dict[str, Any], fds: list[int]) -> None:
+        n = int(msg["n"])
+        if n not in self.ckpts:
+            self._send(proc, {"op": "error", "kind": "nosuch", "message": self._nosuch(n)})
+            return
+        self._discard(n, "discarded by the program")
+        self._send(proc, {"op": "ok"})
+
+    def _op_list(self, proc: Proc, msg: dict[str, Any], fds: list[int]) -> None:
+        self._send(proc, {"op": "ok", "checkpoints": self.describe()})
+
+    def _op_policy(self, proc: Proc, msg: dict[str, Any], fds: list[int]) -> None:
+        try:
+            self.policy.policy = Policy.from_message(msg)
+        except (ValueError, TypeError) as e:
+            self._send(proc, {"op": "error", "kind": "config", "message": str(e)})
+            return
+        self._send(proc, {"op": "ok"})
+
+    def _op_configure(self, proc: Proc, msg: dict[str, Any], fds: list[int]) -> None:
+        self.max_checkpoints = msg.get("max_checkpoints", self.max_checkpoints)
+        self.spares = msg.get("spares", self.spares)
+        if "max_snapshot_memory" in msg:
+            first = not self.max_memory
+            self.max_memory = msg["max_snapshot_memory"]
+            if self.max_memory and first:
+                self.after(0.0, self._memory_tick)
+        self._enforce_bounds()
+        self._send(proc, {"op": "ok"})
+
+    def _nosuch(self, n: int) -> str:
+        have = ", ".join(map(str, sorted(self.ckpts))) or "none"
+        return f"no checkpoint {n} (live checkpoints: {have})"
+
+    # -- restores -------------------------------------------------------------------------------
+    def _on_live_death(self, status: int) -> None:
+        if os.WIFEXITED(status):
+            self.shutdown(code=os.WEXITSTATUS(status))
+        sig = os.WTERMSIG(status)
+        pol = self.policy.policy
+        if sig in pol.signals:
+            target = pol.to or self.current
+            if target in self.ckpts:
+                self._failure(target, sig, f"killed by {signal.Signals(sig).name}", None)
+                return
+            log.error("live process died by %s and checkpoint %d does not exist: ending",
+                      signal.Signals(sig).name, target)
+        self.shutdown(sig=sig)
+
+    def _failure(self, target: int, sig: int, cause: str, requester: Proc | None,
+                 operator: bool = False) -> None:
+        """The live process failed (or asked to go back): decide, record, and restore or give up."""
+        key = self.arena.processing()
+        self.arena.set_processing(None)
+        from_state = self.current
+        if operator:
+            decision = Decision("restore", target, 0.0, 1, cause, None)
+        else:
+            decision = self.policy.decide(target, sig, key, sorted(self.ckpts), time.time(), cause,
+                                          budgeted=bool(sig))
+        if requester is not None:
+            self.live = None
+            self._retire(requester)
+        if decision.quarantine is not None:
+            from .recovery import add_quarantine
+
+            add_quarantine(self.arena, decision.quarantine, self.policy.policy.quarantine_size)
+            self.arena.append_history(from_state, target, sig, "quarantined", decision.quarantine)
+            log.warning("quarantined input %r after repeated failures (%s)", decision.quarantine, cause)
+        if decision.action == "give_up":
+            self.arena.append_history(from_state, target, sig, decision.reason[:64], key)
+            log.error("%s", decision.reason)
+            if sig:
+                self.shutdown(sig=sig)
+            self.shutdown(code=EX_SOFTWARE)
+        self.recoveries += 1
+        self.arena.append_history(from_state, decision.target, sig, decision.reason[:64], key)
+        log.info("restoring checkpoint %d from %d (%s)", decision.target, from_state, decision.reason)
+        info = {"op": "wake", "from": from_state, "sig": sig, "reason": decision.reason,
+                "attempt": decision.attempt}
+        self.current = decision.target
+        ck = self.ckpts[decision.target]
+        if decision.delay > 0:
+            self.after(decision.delay, lambda: self._wake(ck, info))
+        else:
+            self._wake(ck, info)
+
+    def _wake(self, ck: Checkpoint, info: dict[str, Any]) -> None:
+        if self.ckpts.get(ck.n) is not ck:
+            log.error("checkpoint %d vanished before it could be restored: ending", ck.n)
+            self.shutdown(sig=info["sig"]) if info["sig"] else self.shutdown(code=EX_SOFTWARE)
+        while ck.spares:
+            spare = ck.spares.pop(0)
+            if self._send(spare, dict(info, n=ck.n)):
+                spare.role = "live"
+                self.live, self.live_up = spare, False
+                self._replenish(ck)
+                return
+            self._retire(spare)
+        ck.pending = info
+        if ck.keeper is None or not self._send(ck.keeper, {"op": "fork"}):
+            log.error("checkpoint %d cannot be restored: its keeper is gone", ck.n)
+            self.shutdown(sig=info["sig"]) if info["sig"] else self.shutdown(code=EX_SOFTWARE)
+
+    def _replenish(self, ck: Checkpoint) -> None:
+        if ck.keeper is not None and len(ck.spares) < self.spares:
+            self._send(ck.keeper, {"op": "fork"})
+
+    def restore_by_operator(self, n: int, reason: str) -> None:
+        if self.live is not None:
+            live, self.live = self.live, None
+            self._retire(live)
+        self._failure(n, 0, f"operator: {reason}"[:64], None, operator=True)
+
+    # -- registry -------------------------------------------------------------------------------
+    def _discard(self, n: int, why: str) -> None:
+        ck = self.ckpts.pop(n, None)
+        if ck is None:
+            return
+        log.info("discarding checkpoint %d: %s", n, why)
+        for proc in ([ck.keeper] if ck.keeper else []) + ck.spares:
+            self._retire(proc)
+
+    def _enforce_bounds(self) -> None:
+        while len(self.ckpts) > self.max_checkpoints:
+            victims = [n for n, ck in self.ckpts.items() if not ck.pinned and n != self.current]
+            if not victims:
+                break
+            self._discard(min(victims), f"more than {self.max_checkpoints} checkpoints")
+
+    def memory(self, ck: Checkpoint) -> tuple[int, int]:
+        uss = pss = 0
+        for proc in ([ck.keeper] if ck.keeper else []) + ck.spares:
+            u, p = _smaps(proc.pid)
+            uss += u
+            pss += p
+        return uss, pss
+
+    def _memory_tick(self) -> None:
+        if not self.max_memory:
+            return
+        sizes = {n: self.memory(ck)[1] for n, ck in self.ckpts.items()}
+        total = sum(sizes.values())
+        for n in sorted(sizes):
+            if total <= self.max_memory:
+                break
+            ck = self.ckpts[n]
+            if ck.pinned or n == self.current:
+                continue
+            log.warning("checkpoint %d discarded: snapshots hold %d bytes (PSS), budget %d",
+                        n, total, self.max_memory)
+            self._discard(n, "memory budget")
+            total -= sizes[n]
+        self.after(1.0, self._memory_tick)
+
+    def describe(self) -> list[dict[str, Any]]:
+        out = []
+        now = time.time()
+        for n in sorted(self.ckpts):
+            ck = self.ckpts[n]
+            uss, pss = self.memory(ck)
+            out.append({"id": n, "pid": ck.keeper.pid if ck.keeper else 0, "age": now - ck.taken,
+                        "pinned": ck.pinned, "spares": [p.pid for p in ck.spares], "uss": uss, "pss": pss})
+        return out
+
+    # -- the end --------------------------------------------------------------------------------
+    def shutdown(self, code: int = 0, sig: int = 0) -> None:
+        """Kill every process of the program, reap them, and end as the program ended."""
+        for proc in list(self.procs.values()):
+            if proc.role != "dying":
+                self._retire(proc)
+        deadline = time.monotonic() + 2.0
+        while self.procs and time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                time.sleep(0.002)
+            else:
+                self.procs.pop(pid, None)
+        if self.operator is not None:
+            self.operator.close()
+        if sig:
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
+            os.kill(os.getpid(), sig)
+            time.sleep(0.5)
+            os._exit(128 + sig)
+        os._exit(code)

@@ -1,0 +1,397 @@
+"""Memory that survives a rollback: the paper's ``persist()`` and ``cache()``, and the jump history.
+
+All of it lives in one *arena*: a memfd mapped ``MAP_SHARED`` before the program's first fork, so
+the live process, every snapshot (also those taken before a region existed) and the shepherd (which
+maps the memfd again after its exec) see the same bytes. The memfd is reserved at its full size but
+the kernel allocates its pages only when they are first touched, so the cost is what is used. It has
+no name in any filesystem: only processes holding the descriptor, or allowed to ptrace the program
+(the same user, or root), can reach it.
+
+Crash consistency. A writer can be SIGKILLed at any instruction. Every structure is therefore
+written so that one aligned 8-byte store commits it: a directory slot becomes valid when its commit
+word is written last; a cache entry is double-buffered and a generation counter says which buffer
+is current, so a torn write only ever touches the inactive buffer; the space allocator is bumped
+before an entry that uses the space is committed (a kill leaks the space, never overlaps it). Two
+processes never write at once: only the live process writes regions and cache entries, and the
+shepherd writes the history (and quarantine) only while no live process runs program code.
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import pickle
+import struct
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TypeVar
+
+from ._errors import ArenaFull, CacheCorrupted, ConfigurationError, RegionMismatch
+
+IN = 1
+OUT = 2
+
+MAGIC = 0x31544B50464B5246  # "FRKFPKT1"
+VERSION = 1
+DEFAULT_SIZE = 256 << 20
+MIN_SIZE = 1 << 20
+MAX_NAME = 64
+
+# Header words (8 bytes each) at offset 0.
+_H_MAGIC, _H_VERSION, _H_SIZE, _H_NEXT_ID, _H_TOP, _H_HISTORY, _H_START = range(7)
+_PROCESSING_OFF = 512          # generation word, length word, then up to 256 bytes of key
+_PROCESSING_MAX = 256
+_HEADER_SIZE = 4096
+
+_HIST_OFF = _HEADER_SIZE
+_HIST_CAP = 1024
+_HIST_REC = struct.Struct("=Qdqqqq80s")  # seq, time, from, to, sig, kind+key-length, reason/key
+_HIST_SIZE = 128
+
+_DIR_OFF = _HIST_OFF + _HIST_CAP * _HIST_SIZE
+_DIR_SLOTS = 512
+_SLOT_WORDS = 24
+_SLOT_SIZE = _SLOT_WORDS * 8
+_DATA_OFF = _DIR_OFF + _DIR_SLOTS * _SLOT_SIZE
+# Slot words: 0 commit, 1 name length, 2..9 name, 10 checksum of words 0..9 and 11..12, 11 offset and
+# 12 size (persist), 13..16 and 17..20 the two cache buffers (off, cap, len, crc), 21 cache generation.
+_GEN = 21
+_COMMIT_PERSIST = 0x5053_0000_0000_0001
+_COMMIT_CACHE = 0x4341_0000_0000_0002
+_ALIGN = 64
+
+_TAG_BYTES = b"B"
+_TAG_PICKLE = b"P"
+
+
+class HistoryRecord(NamedTuple):
+    """One entry of the jump history: a restore, or a decision of the recovery policy."""
+
+    seq: int
+    time: float
+    from_state: int
+    to_state: int
+    signal: int
+    reason: str
+    key: str | None
+
+
+def _check_name(name: object) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"a region name must be a str, not {type(name).__name__}")
+    raw = name.encode()
+    if not raw or len(raw) > MAX_NAME:
+        raise ValueError(f"a region name must be 1 to {MAX_NAME} bytes of UTF-8, got {len(raw)}")
+    return name
+
+
+class Arena:
+    """The shared memory of one program; see the module docstring for the layout rules."""
+
+    def __init__(self, fd: int, size: int, *, create: bool) -> None:
+        self.fd = fd
+        self.size = size
+        self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.words = memoryview(self.map).cast("Q")
+        self._slot_of: dict[str, int] = {}
+        if create:
+            self.words[_H_VERSION] = VERSION
+            self.words[_H_SIZE] = size
+            self.words[_H_NEXT_ID] = 1
+            self.words[_H_TOP] = _DATA_OFF
+            self.words[_H_START] = struct.unpack("Q", struct.pack("d", time.time()))[0]
+            self.words[_H_MAGIC] = MAGIC
+        elif self.words[_H_MAGIC] != MAGIC or self.words[_H_SIZE] != size:
+            raise ConfigurationError("descriptor does not hold a forkpoint arena")
+
+    @classmethod
+    def create(cls, size: int = DEFAULT_SIZE) -> Arena:
+        if not isinstance(size, int) or size < MIN_SIZE:
+            raise ConfigurationError(f"arena size must be an int of at least {MIN_SIZE} bytes")
+        size = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+        fd = os.memfd_create("forkpoint-arena", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            return cls(fd, size, create=True)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    # -- counters -------------------------------------------------------------------------------
+    def take_id(self) -> int:
+        n = int(self.words[_H_NEXT_ID])
+        self.words[_H_NEXT_ID] = n + 1
+        return n
+
+    @property
+    def checkpoints_taken(self) -> int:
+        return int(self.words[_H_NEXT_ID]) - 1
+
+    @property
+    def used(self) -> int:
+        return int(self.words[_H_TOP])
+
+    # -- the key being processed (written by the live process, read by the shepherd) -------------
+    def set_processing(self, key: str | None) -> None:
+        w = _PROCESSING_OFF // 8
+        if key is None:
+            self.words[w + 1] = 0
+            return
+        raw = key.encode()[:_PROCESSING_MAX]
+        self.words[w + 1] = 0
+        self.map[_PROCESSING_OFF + 16:_PROCESSING_OFF + 16 + len(raw)] = raw
+        self.words[w + 1] = len(raw)
+
+    def processing(self) -> str | None:
+        n = int(self.words[_PROCESSING_OFF // 8 + 1])
+        if n == 0 or n > _PROCESSING_MAX:
+            return None
+        return self.map[_PROCESSING_OFF + 16:_PROCESSING_OFF + 16 + n].decode(errors="replace")
+
+    # -- history (single writer: the shepherd) ----------------------------------------------------
+    def append_history(self, from_state: int, to_state: int, sig: int, reason: str,
+                       key: str | None = None) -> int:
+        seq = int(self.words[_H_HISTORY]) + 1
+        off = _HIST_OFF + ((seq - 1) % _HIST_CAP) * _HIST_SIZE
+        rk = reason.encode()[:64]
+        kb = (key or "").encode()[: 80 - len(rk)]
+        packed = _HIST_REC.pack(0, time.time(), from_state, to_state, sig,
+                                (len(rk) << 16) | (len(kb) + (1 if key is not None else 0)), rk + kb)
+        self.map[off:off + _HIST_REC.size] = packed
+        self.words[off // 8] = seq            # the record is valid once its sequence number is set
+        self.words[_H_HISTORY] = seq
+        return seq
+
+    def history(self) -> list[HistoryRecord]:
+        count = int(self.words[_H_HISTORY])
+        out = []
+        for seq in range(max(1, count - _HIST_CAP + 1), count + 1):
+            off = _HIST_OFF + ((seq - 1) % _HIST_CAP) * _HIST_SIZE
+            rseq, t, fr, to, sig, lens, text = _HIST_REC.unpack_from(self.map, off)
+            if rseq != seq:
+                continue
+            rl, kl = lens >> 16, lens & 0xFFFF
+            key = text[rl:rl + kl - 1].decode(errors="replace") if kl else None
+            out.append(HistoryRecord(seq, t, fr, to, sig, text[:rl].decode(errors="replace"), key))
+        return out
+
+    # -- directory --------------------------------------------------------------------------------
+    def _slot_word(self, slot: int, i: int) -> int:
+        return (_DIR_OFF + slot * _SLOT_SIZE) // 8 + i
+
+    def _slot_name(self, slot: int) -> str | None:
+        w = self._slot_word(slot, 0)
+        if self.words[w] not in (_COMMIT_PERSIST, _COMMIT_CACHE):
+            return None
+        n = int(self.words[w + 1])
+        if not 0 < n <= MAX_NAME:
+            return None
+        start = (w + 2) * 8
+        return self.map[start:start + n].decode(errors="replace")
+
+    def _meta_crc(self, slot: int) -> int:
+        w = self._slot_word(slot, 0)
+        head = bytes(self.words[w + 1:w + 10]) + bytes(self.words[w + 11:w + 13])
+        return zlib.crc32(head) ^ int(self.words[w])
+
+    def _find(self, name: str) -> int | None:
+        slot = self._slot_of.get(name)
+        if slot is not None and self._slot_name(slot) == name:
+            return slot
+        for slot in range(_DIR_SLOTS):
+            if self._slot_name(slot) == name:
+                self._slot_of[name] = slot
+                return slot
+        return None
+
+    def _alloc(self, size: int, what: str) -> int:
+        top = int(self.words[_H_TOP])
+        off = (top + _ALIGN - 1) // _ALIGN * _ALIGN
+        if off + size > self.size:
+            raise ArenaFull(f"{what}: needs {size} bytes, {max(0, self.size - off)} of the arena's "
+                            f"{self.size} are free (forkpoint.configure(arena_size=...))")
+        self.words[_H_TOP] = off + size     # bumped before use: a kill leaks, never overlaps
+        return off
+
+    def _new_slot(self, name: str, commit: int, off_or_gen: int, size: int) -> int:
+        for slot in range(_DIR_SLOTS):
+            w = self._slot_word(slot, 0)
+            if self.words[w] in (_COMMIT_PERSIST, _COMMIT_CACHE):
+                continue
+            raw = name.encode()
+            self.words[w:w + _SLOT_WORDS] = memoryview(bytes(_SLOT_SIZE)).cast("Q")
+            self.words[w + 1] = len(raw)
+            self.map[(w + 2) * 8:(w + 2) * 8 + len(raw)] = raw
+            self.words[w + 11] = off_or_gen
+            self.words[w + 12] = size
+            self.words[w + 10] = zlib.crc32(bytes(self.words[w + 1:w + 10])
+                                            + bytes(self.words[w + 11:w + 13])) ^ commit
+            self.words[w] = commit          # the slot exists from this store on
+            self._slot_of[name] = slot
+            return slot
+        raise ArenaFull(f"the arena's directory is full ({_DIR_SLOTS} names)")
+
+    def _check_slot(self, slot: int, name: str) -> None:
+        w = self._slot_word(slot, 0)
+        if self.words[w + 10] != self._meta_crc(slot):
+            raise CacheCorrupted(f"the directory entry of {name!r} is corrupted")
+
+    # -- persist ----------------------------------------------------------------------------------
+    def persist(self, name: str, size: int) -> memoryview:
+        name = _check_name(name)
+        if not isinstance(size, int) or isinstance(size, bool):
+            raise TypeError(f"size must be an int, not {type(size).__name__}")
+        if size <= 0:
+            raise ValueError(f"size must be positive, got {size}")
+        if size > self.size - _DATA_OFF:
+            raise ArenaFull(f"a region of {size} bytes can never fit in an arena of {self.size} bytes")
+        slot = self._find(name)
+        if slot is None:
+            off = self._alloc(size, f"persist({name!r})")
+            slot = self._new_slot(name, _COMMIT_PERSIST, off, size)
+        w = self._slot_word(slot, 0)
+        self._check_slot(slot, name)
+        if self.words[w] != _COMMIT_PERSIST:
+            raise RegionMismatch(f"{name!r} is a cache entry, not a persistent region")
+        off, have = int(self.words[w + 11]), int(self.words[w + 12])
+        if have != size:
+            raise RegionMismatch(f"persistent region {name!r} has {have} bytes, not {size}")
+        return memoryview(self.map)[off:off + size]
+
+    # -- cache ------------------------------------------------------------------------------------
+    def cache_in(self, name: str, data: Any) -> None:
+        name = _check_name(name)
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            payload = _TAG_BYTES + bytes(data)
+        else:
+            payload = _TAG_PICKLE + pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)
+        slot = self._find(name)
+        if slot is None:
+            slot = self._new_slot(name, _COMMIT_CACHE, 0, 0)
+        self._check_slot(slot, name)
+        w = self._slot_word(slot, 0)
+        if self.words[w] != _COMMIT_CACHE:
+            raise RegionMismatch(f"{name!r} is a persistent region, not a cache entry")
+        gen = int(self.words[w + _GEN])
+        b = w + 13 + 4 * ((gen + 1) & 1)     # the inactive buffer
+        if self.words[b + 1] < len(payload):
+            cap = max(len(payload), 2 * int(self.words[b + 1]))
+            if _DATA_OFF + cap > self.size:
+                cap = len(payload)
+            off = self._alloc(cap, f"cache(IN, {name!r})")
+            self.words[b + 1] = 0
+            self.words[b] = off
+            self.words[b + 1] = cap
+        off = int(self.words[b])
+        self.map[off:off + len(payload)] = payload
+        self.words[b + 2] = len(payload)
+        self.words[b + 3] = zlib.crc32(payload) ^ (len(payload) << 32)
+        self.words[w + _GEN] = gen + 1      # commit: OUT reads this buffer from now on
+
+    def cache_out(self, name: str) -> Any:
+        name = _check_name(name)
+        slot = self._find(name)
+        if slot is None:
+            raise KeyError(name)
+        self._check_slot(slot, name)
+        w = self._slot_word(slot, 0)
+        if self.words[w] != _COMMIT_CACHE:
+            raise RegionMismatch(f"{name!r} is a persistent region, not a cache entry")
+        gen = int(self.words[w + _GEN])
+        if gen == 0:
+            raise KeyError(name)
+        b = w + 13 + 4 * (gen & 1)
+        off, cap, n, crc = (int(x) for x in self.words[b:b + 4])
+        if not (_DATA_OFF <= off and n <= cap and off + cap <= self.size and n >= 1):
+            raise CacheCorrupted(f"cache entry {name!r} points outside the arena")
+        payload = self.map[off:off + n]
+        if zlib.crc32(payload) ^ (n << 32) != crc:
+            raise CacheCorrupted(f"cache entry {name!r} failed its checksum")
+        tag, body = payload[:1], payload[1:]
+        if tag == _TAG_BYTES:
+            return body
+        if tag == _TAG_PICKLE:
+            return pickle.loads(body)
+        raise CacheCorrupted(f"cache entry {name!r} has an unknown type tag")
+
+    def names(self) -> list[str]:
+        return [n for n in (self._slot_name(s) for s in range(_DIR_SLOTS)) if n is not None]
+
+
+# ---- the public functions, bound to the program's arena ------------------------------------------
+def _arena() -> Arena:
+    from . import snapshots
+
+    return snapshots.runtime().arena_or_create()
+
+
+def persist(name: str, size: int) -> memoryview:
+    """Return the persistent region ``name`` of exactly ``size`` bytes, created zeroed if new.
+
+    Every process of the program sees the same bytes, so values written survive ``tlongjmp()``,
+    even to a checkpoint taken before the region existed. Writing through the view past ``size``
+    is impossible (memoryview bounds).
+    """
+    return _arena().persist(name, size)
+
+
+def cache(direction: int, name: str, data: Any = None) -> Any:
+    """The paper's cache(): ``cache(IN, name, data)`` stores a validated copy; ``cache(OUT, name)``
+    returns the last copy stored.
+
+    Bytes-like data comes back as ``bytes``; anything else is pickled and comes back unpickled.
+    Only an explicit IN changes what OUT returns. A corrupted entry raises ``CacheCorrupted``, a
+    name never stored raises ``KeyError``.
+    """
+    if direction == IN:
+        _arena().cache_in(name, data)
+        return None
+    if direction == OUT:
+        if data is not None:
+            raise TypeError("cache(OUT, name) takes no data")
+        return _arena().cache_out(name)
+    raise ValueError("direction must be forkpoint.IN or forkpoint.OUT")
+
+
+def history() -> list[HistoryRecord]:
+    """The jump history, oldest first: every restore and policy decision over the program's life."""
+    return _arena().history()
+
+
+@dataclass
+class PersistentInt:
+    """A signed 64-bit integer in persistent memory (``.value``), e.g. an iteration counter."""
+
+    _view: memoryview
+
+    @property
+    def value(self) -> int:
+        return int(self._view[0])
+
+    @value.setter
+    def value(self, v: int) -> None:
+        self._view[0] = v
+
+    def add(self, n: int = 1) -> int:
+        self._view[0] += n
+        return int(self._view[0])
+
+
+def persist_int(name: str) -> PersistentInt:
+    """A persistent int64 counter named ``name`` (starts at 0)."""
+    return PersistentInt(persist(name, 8).cast("q"))
+
+
+def persist_array(name: str, length: int, typecode: str = "d") -> memoryview:
+    """A persistent array of ``length`` items with a struct typecode (default doubles)."""
+    itemsize = struct.calcsize(typecode)
+    return persist(name, length * itemsize).cast(typecode)
+
+
+S = TypeVar("S", bound=ctypes.Structure)
+
+
+def persist_struct(name: str, ctype: type[S]) -> S:
+    """A persistent instance of a ``ctypes.Structure`` subclass, backed by the arena."""
+    return ctype.from_buffer(persist(name, ctypes.sizeof(ctype)))

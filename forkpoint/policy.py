@@ -1,0 +1,115 @@
+"""Recovery policy: how the shepherd decides what a crash costs.
+
+Modelled on supervisors that have run for decades:
+
+* Erlang/OTP restart intensity: at most ``max_recoveries`` recoveries of one kind (same checkpoint,
+  same signal) within ``within`` seconds; past that, escalate.
+  Deaths by a signal and jumps with a signal (a watchdog's SIGALRM) count; a plain ``tlongjmp()``
+  is the program's own control flow and does not.
+* Escalation as in Rx (SOSP 2005): first roll back further, to the checkpoint before the one that
+  keeps failing (an older, simpler state); if the same failure exhausts a budget again within the
+  window, give up: the program ends by the crash's own signal, so systemd or Kubernetes sees a real
+  failure instead of a program that spins.
+* systemd's growing ``RestartSec``: ``backoff`` seconds before the first repeat, doubling per repeat,
+  capped at ``backoff_max``.
+* The paper's input filtering: a crash that repeats while the same input key is being processed
+  quarantines that key, so the restored program skips the input and serves the next one.
+
+Counters are windows of timestamps, so a stable period resets them by itself: a program that crashes
+once a day is never given up on. This module is pure logic; the shepherd feeds it events.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+
+@dataclass
+class Policy:
+    signals: set[int] = field(default_factory=set)
+    to: int = 0
+    max_recoveries: int = 5
+    within: float = 60.0
+    backoff: float = 0.0
+    backoff_max: float = 30.0
+    quarantine_after: int = 2
+    quarantine_size: int = 1024
+
+    @classmethod
+    def from_message(cls, msg: dict) -> Policy:
+        p = cls(signals=set(msg.get("signals", ())), to=int(msg.get("to", 0)))
+        for name in ("max_recoveries", "quarantine_after", "quarantine_size"):
+            if name in msg:
+                v = msg[name]
+                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                    raise ValueError(f"{name} must be a positive int, got {v!r}")
+                setattr(p, name, v)
+        for name in ("within", "backoff", "backoff_max"):
+            if name in msg:
+                v = msg[name]
+                bad = not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0
+                if bad or (name == "within" and v == 0):
+                    raise ValueError(f"{name} must be a non-negative number of seconds, got {v!r}")
+                setattr(p, name, float(v))
+        unknown = set(msg) - {"op", "signals", "to", "max_recoveries", "quarantine_after",
+                              "quarantine_size", "within", "backoff", "backoff_max"}
+        if unknown:
+            raise ValueError(f"unknown recovery policy setting(s): {', '.join(sorted(unknown))}")
+        return p
+
+
+class Decision(NamedTuple):
+    action: str          # "restore" or "give_up"
+    target: int
+    delay: float
+    attempt: int
+    reason: str
+    quarantine: str | None
+
+
+class RecoveryPolicy:
+    def __init__(self) -> None:
+        self.policy = Policy()
+        self._events: dict[tuple[int, int], deque[float]] = {}
+        self._escalated: dict[int, float] = {}
+        self._key_events: dict[str, deque[float]] = {}
+
+    def _window(self, q: deque[float], now: float) -> deque[float]:
+        while q and now - q[0] > self.policy.within:
+            q.popleft()
+        return q
+
+    def decide(self, target: int, sig: int, key: str | None, checkpoints: list[int],
+               now: float, cause: str, budgeted: bool = True) -> Decision:
+        """A failure at checkpoint ``target`` (by ``sig``, while processing ``key``): what now?
+
+        ``budgeted=False`` is for a jump the program asked for without a signal: it counts towards
+        quarantining the input being processed, but the program is never given up on for it.
+        """
+        p = self.policy
+        quarantine = None
+        if key is not None:
+            kq = self._window(self._key_events.setdefault(key, deque()), now)
+            kq.append(now)
+            if len(kq) >= p.quarantine_after:
+                quarantine = key
+                kq.clear()
+        q = self._window(self._events.setdefault((target, sig), deque()), now)
+        q.append(now)
+        attempt = len(q)
+        if attempt <= p.max_recoveries or quarantine is not None or not budgeted:
+            delay = min(p.backoff * 2 ** (attempt - 2), p.backoff_max) if attempt > 1 and p.backoff else 0.0
+            return Decision("restore", target, delay, attempt, cause, quarantine)
+        q.clear()
+        esc = self._escalated.get(sig)
+        older = [c for c in checkpoints if c < target]
+        if older and (esc is None or now - esc > p.within):
+            self._escalated[sig] = now
+            return Decision("restore", older[-1], 0.0, attempt,
+                            f"{cause}; {p.max_recoveries} recoveries to {target} within "
+                            f"{p.within:g}s, escalated to older checkpoint {older[-1]}", quarantine)
+        return Decision("give_up", target, 0.0, attempt,
+                        f"{cause}; recovery budget exhausted ({p.max_recoveries} within "
+                        f"{p.within:g}s{', after escalation' if esc is not None else ''}): giving up",
+                        quarantine)

@@ -1,0 +1,559 @@
+"""Checkpoints as frozen processes: ``tsetjmp``, ``tlongjmp`` and ``chkpt_status``.
+
+Process roles, all direct children of the shepherd (see ``_clone``):
+
+* the **live** process runs the program; there is exactly one.
+* a **keeper** is checkpoint *n* itself: forked by ``tsetjmp()``, it never runs program code again.
+  It waits on its channel and forks spares when the shepherd asks.
+* a **spare** is a ready copy of a keeper. A restore wakes a spare, which returns from the same
+  ``tsetjmp()`` call as the new live process; the keeper then forks a replacement in the background.
+  A restore is therefore a wake-up, not a fork, and a checkpoint can be restored any number of times.
+
+Frozen processes block every signal, sit in a process group of their own (so terminal and group
+signals never reach them), die with the shepherd (``PR_SET_PDEATHSIG``), and, where the process may
+later leave it, run the keeper's background forks under ``SCHED_IDLE``.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import resource
+import signal
+import stat
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import _channel, _clone, _prctl, _sigutil
+from ._errors import ConfigurationError, ForkpointError, NoSuchCheckpoint, ThreadsAlive, WrongThread
+from .persist import DEFAULT_SIZE, Arena
+
+log = logging.getLogger("forkpoint")
+
+CHKPT_RECOVERED = 1
+CKPT_FROM_STATE = 2
+CKPT_TO_STATE = 3
+CKPT_SIGTYPE = 4
+CKPT_NUMCHKPTS = 5
+
+# The signals a program commonly dies of in native code; recover_on() accepts any.
+_ITIMERS = (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF)
+FATAL_SIGNALS = (signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGABRT)
+
+
+@dataclass
+class Config:
+    """Settings; see ``forkpoint.configure``."""
+
+    max_checkpoints: int = 16
+    arena_size: int = DEFAULT_SIZE
+    spares: int = 1
+    allow_threads: bool = False
+    shepherd_exec: bool = True
+    max_snapshot_memory: int | None = None
+    gc_freeze: bool = False
+
+
+@dataclass
+class CheckpointInfo:
+    """One live checkpoint, as ``forkpoint.checkpoints()`` reports it."""
+
+    id: int
+    pid: int
+    age: float
+    pinned: bool
+    spares: list[int] = field(default_factory=list)
+    uss: int = 0
+    pss: int = 0
+
+    @property
+    def memory(self) -> int:
+        """Memory held only by this checkpoint's processes (USS, bytes)."""
+        return self.uss
+
+
+@dataclass
+class _Saved:
+    """What a snapshot must put back when it wakes, beyond its memory."""
+
+    mask: set[int]
+    offsets: dict[int, int]
+    itimer: tuple[float, float]
+
+
+def _can_leave_sched_idle() -> bool:
+    """SCHED_IDLE -> SCHED_OTHER needs CAP_SYS_NICE or an RLIMIT_NICE of at least 20 - nice."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    if int(line.split()[1], 16) & (1 << 23):
+                        return True
+        return resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20 - os.getpriority(os.PRIO_PROCESS, 0)
+    except (OSError, ValueError):
+        return False
+
+
+def _set_idle(pid: int = 0) -> None:
+    try:
+        os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
+    except OSError:
+        pass
+
+
+def _file_offsets() -> dict[int, int]:
+    """Offsets of the regular files open for reading now.
+
+    fork() shares open file descriptions, so the live process moves the snapshot's offsets too;
+    a restore puts them back. Write-only and append-mode files are left alone: they are logs and
+    redirected output, which a rewind would overwrite.
+    """
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            if flags & os.O_ACCMODE == os.O_WRONLY or flags & os.O_APPEND:
+                continue
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                out[fd] = os.lseek(fd, 0, os.SEEK_CUR)
+        except OSError:
+            pass
+    return out
+
+
+def _other_threads() -> int:
+    """Threads of this process besides the caller, native ones included.
+
+    A thread that ``join()`` has just returned for may still be leaving the kernel's list for a
+    moment, so when Python knows of no other thread the count is given a few milliseconds to settle.
+    """
+    deadline = time.monotonic() + 0.1
+    while True:
+        n = len(os.listdir("/proc/self/task")) - 1
+        if n == 0 or threading.active_count() > 1 or time.monotonic() > deadline:
+            return n
+        time.sleep(0.001)
+
+
+def _flush_stdio() -> None:
+    """Flush Python's and C's stdio so that no buffered output is copied into the snapshot."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    _sigutil._libc.fflush(None)
+
+
+def _handler_signal() -> int:
+    """The signal whose Python handler is on the stack, or 0: tlongjmp(0) from a handler reports it."""
+    codes: dict[Any, set[int]] = {}
+    for s in signal.valid_signals():
+        try:
+            h = signal.getsignal(s)
+        except (OSError, ValueError):
+            continue
+        code = getattr(getattr(h, "__func__", h), "__code__", None)
+        if code is not None:
+            codes.setdefault(code, set()).add(int(s))
+    f = sys._getframe(2)
+    while f is not None and codes:
+        sigs = codes.get(f.f_code)
+        if sigs:
+            for var in f.f_code.co_varnames[: f.f_code.co_argcount]:
+                v = f.f_locals.get(var)
+                if isinstance(v, int) and v in sigs:
+                    return v
+        f = f.f_back
+    return 0
+
+
+class _Runtime:
+    """forkpoint's state inside one process of the program."""
+
+    def __init__(self) -> None:
+        self.config = Config()
+        self.arena: Arena | None = None
+        self.chan: Any = None
+        self.shepherd_pid = 0
+        self.owner_pid = 0
+        self.pgid = 0
+        self.comm = ""
+        self.current = 0
+        self.recovered = False
+        self.from_state: int | None = None
+        self.to_state: int | None = None
+        self.sigtype = 0
+        self.reason = ""
+        self.attempt = 0
+        self.unidle = False
+
+    # -- checks -----------------------------------------------------------------------------------
+    @property
+    def started(self) -> bool:
+        return self.chan is not None
+
+    def check_caller(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise WrongThread("forkpoint checkpoints can only be taken and restored from the main thread")
+        if self.started and os.getpid() != self.owner_pid:
+            raise ForkpointError(
+                f"process {os.getpid()} is a child the program forked; only the program's live "
+                f"process ({self.owner_pid}) can use its checkpoints")
+
+    def check_threads(self, allow: bool | None) -> None:
+        allow = self.config.allow_threads if allow is None else allow
+        n = _other_threads() + 1
+        if n > 1 and not allow:
+            names = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+            raise ThreadsAlive(
+                f"{n - 1} other thread(s) alive ({', '.join(names) or 'native threads'}): fork() "
+                "copies only this thread, so a snapshot would lose them; stop them, or pass "
+                "allow_threads=True if the snapshot does not need them")
+
+    def arena_or_create(self) -> Arena:
+        if self.arena is None:
+            self.arena = Arena.create(self.config.arena_size)
+        return self.arena
+
+    # -- start: the original process becomes the shepherd -----------------------------------------
+    def ensure_started(self) -> None:
+        if self.started:
+            return
+        if not _clone.SUPPORTED:
+            raise ForkpointError("forkpoint supports Linux on x86_64 and aarch64 only")
+        n = _other_threads() + 1
+        if n > 1:
+            raise ThreadsAlive(
+                f"{n - 1} other thread(s) alive: forkpoint's first use turns this process into the "
+                "shepherd and continues the program in a forked copy, which threads cannot follow; "
+                "call forkpoint.start() before starting threads")
+        arena = self.arena_or_create()
+        self.pgid = os.getpgrp()
+        self.comm = _prctl.get_name()
+        self.unidle = _can_leave_sched_idle()
+        mine, theirs = _channel.pair()
+        _flush_stdio()
+        old = _sigutil.block_all()
+        timers = [(w, signal.getitimer(w)) for w in _ITIMERS]
+        parent = os.getpid()
+        _prctl.set_child_subreaper(True)
+        try:
+            pid = _clone.clone(sibling=False)
+        except BaseException:
+            _sigutil.restore_mask(old)
+            raise
+        if pid == 0:  # the live program goes on here
+            theirs.close()
+            self.chan = mine
+            self.shepherd_pid = parent
+            self.owner_pid = os.getpid()
+            _prctl.set_pdeathsig(signal.SIGKILL)
+            if os.getppid() != parent:
+                os._exit(70)
+            for which, value in timers:      # fork() does not copy interval timers; exec keeps them
+                if value[0] > 0:
+                    signal.setitimer(which, *value)
+            _sigutil.restore_mask(old)
+            log.debug("started: shepherd %d, live %d", parent, self.owner_pid)
+            return
+        mine.close()
+        from . import _shepherd  # never returns
+
+        _shepherd.become_shepherd(theirs, arena, pid, self.pgid, self.config)
+
+    # -- requests to the shepherd -----------------------------------------------------------------
+    def request(self, msg: dict[str, Any]) -> dict[str, Any]:
+        _channel.send(self.chan, msg)
+        reply, _ = _channel.recv(self.chan)
+        if reply is None:
+            raise ForkpointError("the shepherd is gone")
+        if reply.get("op") == "error":
+            kind = reply.get("kind")
+            if kind == "nosuch":
+                raise NoSuchCheckpoint(reply["message"])
+            if kind == "config":
+                raise ConfigurationError(reply["message"])
+            raise ForkpointError(reply["message"])
+        return reply
+
+
+_rt = _Runtime()
+
+
+def runtime() -> _Runtime:
+    return _rt
+
+
+# ---- snapshot side -------------------------------------------------------------------------------
+def _frozen(rt: _Runtime, n: int, chan: Any, saved: _Saved) -> dict[str, Any]:
+    """Run as keeper of checkpoint ``n``; return the wake-up message in a spare that goes live.
+
+    Only a woken spare returns. Every other way out ends the process here, so a snapshot can
+    never run program code by accident.
+    """
+    role = "keeper"
+    try:
+        shepherd = rt.shepherd_pid
+        _prctl.set_pdeathsig(signal.SIGKILL)
+        if os.getppid() != shepherd:
+            os._exit(0)
+        os.setpgid(0, 0)
+        _prctl.set_name(f"fp-snap-{n}")
+        if rt.unidle:
+            _set_idle()
+        todo = ["fork"] * rt.config.spares
+        while True:
+            if todo:
+                op, msg = todo.pop(), {}
+            else:
+                msg, _ = _channel.recv(chan)
+                if msg is None:
+                    os._exit(0)
+                op = msg["op"]
+            if role == "spare" and op == "wake":
+                return msg
+            if role == "keeper" and op == "fork":
+                mine, theirs = _channel.pair()
+                pid = _clone.clone(sibling=True)
+                if pid == 0:
+                    role = "spare"
+                    chan.close()
+                    theirs.close()
+                    chan = mine
+                    _prctl.set_pdeathsig(signal.SIGKILL)
+                    if os.getppid() != shepherd:
+                        os._exit(0)
+                    _prctl.set_name(f"fp-spare-{n}")
+                    if rt.unidle:
+                        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+                    rt.chan = chan
+                    continue
+                mine.close()
+                _channel.send(chan, {"op": "spare", "n": n, "pid": pid}, (theirs.fileno(),))
+                theirs.close()
+            elif op == "exit":
+                os._exit(0)
+    except BaseException:  # noqa: BLE001 - a snapshot must never fall back into program code
+        os._exit(70)
+
+
+def _resume(rt: _Runtime, n: int, saved: _Saved, msg: dict[str, Any]) -> None:
+    """Turn a woken spare into the live program."""
+    rt.owner_pid = os.getpid()
+    try:
+        os.setpgid(0, rt.pgid)
+    except OSError as e:
+        log.warning("restored process could not rejoin process group %d: %s", rt.pgid, e)
+    _prctl.set_name(rt.comm)
+    for fd, off in saved.offsets.items():
+        try:
+            os.lseek(fd, off, os.SEEK_SET)
+        except OSError:
+            pass
+    if saved.itimer[0] > 0:
+        signal.setitimer(signal.ITIMER_REAL, *saved.itimer)
+    rt.current = n
+    rt.recovered = True
+    rt.from_state = int(msg["from"])
+    rt.to_state = n
+    rt.sigtype = int(msg["sig"])
+    rt.reason = str(msg.get("reason", ""))
+    rt.attempt = int(msg.get("attempt", 1))
+    _sigutil.drain_pending()
+    _sigutil.restore_mask(saved.mask)
+    _channel.send(rt.chan, {"op": "up"})
+    level = logging.INFO if rt.sigtype == 0 and rt.reason == "tlongjmp" else logging.WARNING
+    log.log(level, "restored checkpoint %d (from state %d, signal %d: %s)",
+            n, rt.from_state, rt.sigtype, rt.reason)
+
+
+# ---- the public API ------------------------------------------------------------------------------
+def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None) -> int:
+    """Take checkpoint *n* (1, 2, 3, ... over the program's life) and return *n*.
+
+    When the program is later restored to *n*, execution goes on by returning *n* from this same
+    call again; ``chkpt_status(CHKPT_RECOVERED)`` tells the two apart. ``pin=True`` keeps the
+    checkpoint when older ones are discarded to stay within ``max_checkpoints``.
+    """
+    rt = _rt
+    rt.check_caller()
+    rt.check_threads(allow_threads)
+    rt.ensure_started()
+    assert rt.arena is not None
+    if rt.config.gc_freeze:
+        import gc
+
+        gc.collect()
+        gc.freeze()
+    n = rt.arena.take_id()
+    _flush_stdio()
+    saved = _Saved(mask=set(), offsets=_file_offsets(), itimer=signal.getitimer(signal.ITIMER_REAL))
+    mine, theirs = _channel.pair()
+    saved.mask = _sigutil.block_all()
+    try:
+        pid = _clone.clone(sibling=True)
+    except BaseException:
+        _sigutil.restore_mask(saved.mask)
+        mine.close()
+        theirs.close()
+        raise
+    if pid == 0:
+        live_chan = rt.chan
+        mine.close()
+        live_chan.close()
+        rt.chan = theirs
+        msg = _frozen(rt, n, theirs, saved)
+        _resume(rt, n, saved, msg)
+        return n
+    _sigutil.restore_mask(saved.mask)
+    theirs.close()
+    try:
+        _channel.send(rt.chan, {"op": "snap", "n": n, "pid": pid, "pin": bool(pin)}, (mine.fileno(),))
+    finally:
+        mine.close()
+    rt.current = n
+    return n
+
+
+def tlongjmp(n: int = 0, sig: int = 0, reason: str | None = None) -> None:
+    """Restore checkpoint ``n`` (0: the current state's); on success this call never returns.
+
+    The process that calls it is killed and the checkpoint's copy resumes by returning ``n`` from
+    its ``tsetjmp()``. An unknown, discarded or negative ``n`` raises ``NoSuchCheckpoint`` and
+    changes nothing. Called from a Python signal handler, the handler's signal is what
+    ``chkpt_status(CKPT_SIGTYPE)`` reports after the restore; ``sig`` sets it explicitly.
+    """
+    rt = _rt
+    rt.check_caller()
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise NoSuchCheckpoint(f"invalid checkpoint number {n!r}")
+    if not rt.started:
+        raise NoSuchCheckpoint(f"no checkpoint {n} (no checkpoint has been taken)")
+    if not sig:
+        sig = _handler_signal()
+    target = n or rt.current
+    if target == 0:
+        raise NoSuchCheckpoint("no current checkpoint to restore")
+    _flush_stdio()
+    old = _sigutil.block_all()
+    try:
+        rt.request({"op": "restore", "n": target, "sig": int(sig),
+                    "reason": reason or ("signal" if sig else "tlongjmp")})
+    except BaseException:
+        _sigutil.restore_mask(old)
+        raise
+    while True:  # pragma: no cover - the shepherd kills this process
+        if _channel.recv(rt.chan)[0] is None:
+            os._exit(70)
+
+
+def chkpt_status(kind: int) -> int:
+    """The paper's chkpt_status(): see the ``CHKPT_*``/``CKPT_*`` constants."""
+    rt = _rt
+    if kind == CHKPT_RECOVERED:
+        return 1 if rt.recovered else 0
+    if kind == CKPT_FROM_STATE:
+        if rt.from_state is None:
+            raise OSError(errno.EINVAL, "no restore has happened")
+        return rt.from_state
+    if kind == CKPT_TO_STATE:
+        if rt.to_state is None:
+            raise OSError(errno.EINVAL, "no restore has happened")
+        return rt.to_state
+    if kind == CKPT_SIGTYPE:
+        return rt.sigtype
+    if kind == CKPT_NUMCHKPTS:
+        return rt.arena.checkpoints_taken if rt.arena is not None else 0
+    raise OSError(errno.EINVAL, f"unknown chkpt_status kind {kind!r}")
+
+
+def start() -> None:
+    """Start forkpoint now: the process becomes the shepherd and the program goes on in its copy.
+
+    Any first use does this implicitly; call it early (before starting threads, before loading a
+    large heap) to choose the moment.
+    """
+    _rt.check_caller()
+    _rt.ensure_started()
+
+
+def current_state() -> int:
+    """The checkpoint most recently taken or restored to (0 before the first)."""
+    return _rt.current
+
+
+def restore_reason() -> str:
+    """Why this process was restored ('' if it was not)."""
+    return _rt.reason
+
+
+def recover_on(*signals: int, to: int = 0, **policy: Any) -> None:
+    """Restore checkpoint ``to`` (0: the live state's) when the live process dies by one of ``signals``.
+
+    Death by a real fault (SIGSEGV in C code, SIGABRT, SIGBUS, SIGFPE, SIGILL) or SIGKILL cannot be
+    caught by Python; the shepherd sees it and wakes the checkpoint. Policy keywords
+    (``max_recoveries``, ``within``, ``backoff``, ``stable_after``) bound crash loops.
+    """
+    rt = _rt
+    rt.check_caller()
+    sigs = [int(signal.Signals(s)) for s in signals]
+    if not isinstance(to, int) or to < 0:
+        raise NoSuchCheckpoint(f"invalid checkpoint number {to!r}")
+    rt.ensure_started()
+    rt.request({"op": "policy", "signals": sigs, "to": to, **policy})
+
+
+def discard(n: int) -> None:
+    """Discard checkpoint ``n``: its processes exit and ``tlongjmp(n)`` raises NoSuchCheckpoint."""
+    rt = _rt
+    rt.check_caller()
+    if not isinstance(n, int) or n <= 0 or not rt.started:
+        raise NoSuchCheckpoint(f"no checkpoint {n!r}")
+    rt.request({"op": "discard", "n": n})
+
+
+def checkpoints() -> list[CheckpointInfo]:
+    """The live checkpoints, oldest first, with their memory (USS and PSS of keeper and spares)."""
+    rt = _rt
+    if not rt.started:
+        return []
+    rt.check_caller()
+    reply = rt.request({"op": "list"})
+    return [CheckpointInfo(**c) for c in reply["checkpoints"]]
+
+
+def configure(**settings: Any) -> None:
+    """Change settings: ``max_checkpoints``, ``spares``, ``allow_threads``, ``max_snapshot_memory``,
+    ``gc_freeze``, and before the first checkpoint ``arena_size`` and ``shepherd_exec``."""
+    rt = _rt
+    for key, value in settings.items():
+        if not hasattr(rt.config, key):
+            raise ConfigurationError(f"unknown setting {key!r}")
+        if key in ("arena_size",) and rt.arena is not None:
+            raise ConfigurationError("arena_size can only be set before the arena is created")
+        if key == "shepherd_exec" and rt.started:
+            raise ConfigurationError("shepherd_exec can only be set before the first checkpoint")
+        least = {"max_checkpoints": 1, "spares": 0}.get(key)
+        if least is not None and (not isinstance(value, int) or value < least):
+            raise ConfigurationError(f"{key} must be an int >= {least}")
+        if key == "max_snapshot_memory" and value is not None and (not isinstance(value, int) or value <= 0):
+            raise ConfigurationError("max_snapshot_memory must be a positive int (bytes) or None")
+    for key, value in settings.items():
+        setattr(rt.config, key, value)
+    if rt.started:
+        rt.request({"op": "configure", **{k: v for k, v in settings.items()
+                                          if k in ("max_checkpoints", "spares", "max_snapshot_memory")}})
+
+
+def shepherd_pid() -> int:
+    """The program's public PID (the shepherd's), or this process's own before the first checkpoint."""
+    return _rt.shepherd_pid or os.getpid()
+
+

@@ -1,0 +1,140 @@
+"""Shared fixtures: every test runs its scenario in a subprocess, and must leave nothing behind.
+
+The test process makes itself a child subreaper, so any process a scenario leaks (a snapshot that
+outlived its shepherd, an orphaned live process) is re-parented here, where the ``no_leaks`` fixture
+sees it: a test that leaves a process or a zombie behind fails.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from forkpoint import _prctl
+
+ROOT = Path(__file__).resolve().parent.parent
+_prctl.set_child_subreaper(True)
+
+
+def _reap() -> list[int]:
+    reaped = []
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return reaped
+        if pid == 0:
+            return reaped
+        reaped.append(pid)
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """Invariant: after a test, no process it started remains, and no zombie exists."""
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    yield
+    deadline = time.monotonic() + 1.5
+    while True:
+        left = [p for p in me.children(recursive=True) if p.pid not in before]
+        zombies = []
+        for p in left:
+            try:
+                if p.status() == psutil.STATUS_ZOMBIE:
+                    zombies.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        alive = [p for p in left if p not in zombies and p.is_running()]
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    _reap()
+    desc = []
+    for p in alive:
+        try:
+            desc.append(f"{p.pid} {p.name()} {p.status()}")
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    _reap()
+    assert not desc, f"processes left behind: {desc}"
+
+
+def program(code: str, tmp_path: Path, name: str = "prog.py") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(code))
+    return path
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def run_py(code: str, tmp_path: Path, *args: str, timeout: float = 30, input: str | None = None,
+           **extra_env: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` as a program (block-buffered stdout, like a user's) and wait for it."""
+    path = program(code, tmp_path)
+    return subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True,
+                          timeout=timeout, env=clean_env(**extra_env), input=input)
+
+
+def start_py(code: str, tmp_path: Path, *args: str, **extra_env: str) -> subprocess.Popen[str]:
+    path = program(code, tmp_path)
+    return subprocess.Popen([sys.executable, str(path), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.PIPE, text=True,
+                            env=clean_env(**extra_env), process_group=0)
+
+
+def wait_for(pred, timeout: float = 10.0, interval: float = 0.01):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError("condition not reached in time")
+
+
+class Lines:
+    """The program's stdout, line by line, with a timeout: a hung rollback fails one test."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        import queue
+        import threading
+
+        self.q: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+
+        def pump() -> None:
+            for line in proc.stdout:
+                self.q.put(line.rstrip("\n"))
+            self.q.put("<EOF>")
+
+        threading.Thread(target=pump, daemon=True).start()
+
+    def next(self, timeout: float = 10.0) -> str:
+        import queue
+
+        try:
+            line = self.q.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no output from the program in {timeout}s; so far: {self.seen}") from None
+        self.seen.append(line)
+        return line
+
+    def until(self, prefix: str, timeout: float = 10.0) -> str:
+        while True:
+            line = self.next(timeout)
+            if line.startswith(prefix):
+                return line
+            if line == "<EOF>":
+                raise AssertionError(f"program ended before {prefix!r}; output: {self.seen}")

@@ -1,0 +1,499 @@
+"""The core engine: tsetjmp/tlongjmp with frozen snapshots and a shepherd that keeps the PID.
+
+Every scenario runs as its own program, with real fork, signals and segfaults.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from conftest import Lines, run_py, start_py, wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+HEADER = """
+    import os, sys, signal, time, ctypes
+    import forkpoint as fp
+"""
+
+
+def test_restore_any_number_of_times(tmp_path):
+    """A checkpoint is not consumed by a restore: a crash loop to the same state keeps working."""
+    r = run_py(HEADER + """
+    fp.recover_on(signal.SIGSEGV, max_recoveries=100)   # no crash-loop budget in this test
+    hits = fp.persist_int("hits")
+    state = {"untouched": True}
+    n = fp.tsetjmp()
+    assert state["untouched"], "memory was not restored"
+    hits.add()
+    if hits.value <= 25:
+        state["untouched"] = False
+        if hits.value % 2:
+            fp.tlongjmp(n)
+        ctypes.string_at(0)          # a real segfault, recovered by the shepherd
+    print("restores", fp.chkpt_status(fp.CKPT_NUMCHKPTS), hits.value, len(fp.history()))
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["restores", "1", "26", "25"]
+
+
+def test_chkpt_status_follows_the_paper(tmp_path):
+    r = run_py(HEADER + """
+    import errno
+    for kind in (fp.CKPT_FROM_STATE, fp.CKPT_TO_STATE):
+        try:
+            fp.chkpt_status(kind)
+            raise SystemExit("no EINVAL")
+        except OSError as e:
+            assert e.errno == errno.EINVAL
+    print("before", fp.chkpt_status(fp.CHKPT_RECOVERED), fp.chkpt_status(fp.CKPT_SIGTYPE),
+          fp.chkpt_status(fp.CKPT_NUMCHKPTS), fp.current_state())
+    def handler(signum, frame):
+        fp.tlongjmp(0)
+    signal.signal(signal.SIGUSR1, handler)
+    one = fp.tsetjmp()
+    two = fp.tsetjmp()
+    three = fp.tsetjmp()
+    if not fp.chkpt_status(fp.CHKPT_RECOVERED):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        raise SystemExit("handler did not jump")
+    print("after", one, two, fp.chkpt_status(fp.CHKPT_RECOVERED), fp.chkpt_status(fp.CKPT_FROM_STATE),
+          fp.chkpt_status(fp.CKPT_TO_STATE), fp.chkpt_status(fp.CKPT_SIGTYPE),
+          fp.chkpt_status(fp.CKPT_NUMCHKPTS), fp.current_state(), flush=True)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "before 0 0 0 0"
+    # restored to 3 (the current state) from state 3, by the handler's signal
+    assert lines[1] == f"after 1 2 1 3 3 {int(signal.SIGUSR1)} 3 3"
+
+
+def test_bad_checkpoint_numbers_raise_and_change_nothing(tmp_path):
+    r = run_py(HEADER + """
+    for bad in (0, 1, -1):
+        try:
+            fp.tlongjmp(bad)
+        except fp.NoSuchCheckpoint as e:
+            assert isinstance(e, LookupError)
+            print("before-first", bad, "refused")
+    n = fp.tsetjmp()
+    if fp.chkpt_status(fp.CHKPT_RECOVERED):
+        raise SystemExit("restored by a bad request")
+    m = fp.tsetjmp()
+    for bad in (-3, 99, "x", True):
+        try:
+            fp.tlongjmp(bad)
+        except fp.NoSuchCheckpoint:
+            print("refused", bad)
+    fp.discard(n)
+    for call in (lambda: fp.tlongjmp(n), lambda: fp.discard(n)):
+        try:
+            call()
+        except fp.NoSuchCheckpoint as e:
+            print("discarded:", e)
+    print("ids", [c.id for c in fp.checkpoints()], "pid unchanged", os.getppid() == fp.shepherd_pid())
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert out.count("before-first") == 3
+    assert "refused -3" in out and "refused 99" in out and "refused x" in out and "refused True" in out
+    assert out.count("discarded: no checkpoint 1") == 2
+    assert "ids [2] pid unchanged True" in out
+
+
+def test_exit_status_and_pid_are_the_programs(tmp_path):
+    """Invariant 2: the PID a parent waits on is the program's, with the program's exit status."""
+    r = run_py(HEADER + """
+    fp.tsetjmp()
+    print(os.getppid(), flush=True)
+    sys.exit(7)
+    """, tmp_path)
+    assert r.returncode == 7
+    code = HEADER + """
+    fp.tsetjmp()
+    print(os.getppid(), flush=True)
+    ctypes.string_at(0)
+    """
+    r = run_py(code, tmp_path)
+    assert r.returncode == -signal.SIGSEGV, "an unrecovered crash must look like one to the parent"
+    proc = start_py(HEADER + """
+    fp.tsetjmp()
+    print("ready", os.getppid(), flush=True)
+    time.sleep(60)
+    """, tmp_path)
+    lines = Lines(proc)
+    _, face = lines.until("ready").split()
+    assert int(face) == proc.pid
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == -signal.SIGTERM
+
+
+def test_signals_to_the_pid_reach_the_live_program_exactly_once(tmp_path):
+    proc = start_py(HEADER + """
+    got = []
+    def handler(signum, frame):
+        got.append(signum)
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(s, handler)
+    rounds = fp.persist_int("rounds")
+    n = fp.tsetjmp()
+    while True:
+        got.clear()
+        print("ready", rounds.value, os.getpid(), flush=True)
+        deadline = time.time() + 1.0
+        while time.time() < deadline:
+            time.sleep(0.01)
+        print("got", sorted(got), flush=True)
+        rounds.add()
+        if rounds.value >= 3:
+            break
+        fp.tlongjmp(n)       # the next round runs in a restored process
+    """, tmp_path)
+    lines = Lines(proc)
+    pids = set()
+    for _ in range(3):
+        _, _, pid = lines.until("ready").split()
+        pids.add(pid)
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+            os.kill(proc.pid, s)
+        got = lines.until("got")
+        assert got == "got " + str(sorted(int(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                                                             signal.SIGUSR1, signal.SIGUSR2)))
+    assert len(pids) == 3, "rounds 2 and 3 must run in restored processes"
+    assert proc.wait(10) == 0
+
+
+def test_ctrl_c_in_a_terminal_reaches_the_program_once(tmp_path):
+    """The terminal signals its whole foreground group; the shepherd must not forward it again."""
+    import pty
+
+    path = tmp_path / "prog.py"
+    path.write_text(__import__("textwrap").dedent(HEADER + """
+    count = 0
+    def handler(signum, frame):
+        global count
+        count += 1
+    signal.signal(signal.SIGINT, handler)
+    fp.tsetjmp()
+    print("ready", flush=True)
+    t = time.time()
+    while time.time() - t < 1.5:
+        time.sleep(0.01)
+    print("count", count, flush=True)
+    """))
+    from conftest import clean_env
+
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execve(sys.executable, [sys.executable, str(path)], clean_env())
+    out = b""
+    try:
+        while b"ready" not in out:
+            out += os.read(fd, 1024)
+        time.sleep(0.2)
+        os.write(fd, b"\x03")
+        while b"count" not in out or not out.rstrip().endswith(b"1") and b"count 0" not in out:
+            chunk = os.read(fd, 1024)
+            if not chunk:
+                break
+            out += chunk
+    except OSError:
+        pass
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    assert b"count 1" in out, out
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_exactly_one_live_process(tmp_path):
+    """Invariant 1: a process that asked for a restore never runs program code again."""
+    r = run_py(HEADER + """
+    fp.recover_on(signal.SIGKILL, signal.SIGSEGV, max_recoveries=100)
+    owner = fp.persist_int("owner")
+    clashes = fp.persist_int("clashes")
+    rounds = fp.persist_int("rounds")
+    n = fp.tsetjmp()
+    while rounds.add() < 40:
+        owner.value = os.getpid()
+        for _ in range(2000):
+            if owner.value != os.getpid():
+                clashes.add()
+                break
+        if rounds.value % 3 == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif rounds.value % 3 == 1:
+            ctypes.string_at(0)
+        fp.tlongjmp(n)
+    print("clashes", clashes.value, "rounds", rounds.value)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["clashes", "0", "rounds", "40"]
+
+
+def _program_processes(face: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(face).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.parametrize("ending", ["exit", "crash", "kill-face"])
+def test_nothing_outlives_the_program(tmp_path, ending):
+    """Invariant 3: after the program ends, every forkpoint process is gone within a second."""
+    proc = start_py(HEADER + """
+    for i in range(4):
+        fp.tsetjmp()
+    print("ready", flush=True)
+    sys.stdin.readline() if False else None
+    time.sleep(0.5)
+    if sys.argv[1] == "exit":
+        sys.exit(0)
+    if sys.argv[1] == "crash":
+        ctypes.string_at(0)
+    time.sleep(60)
+    """, tmp_path, ending)
+    Lines(proc).until("ready")
+    family = wait_for(lambda: len(_program_processes(proc.pid)) >= 9 and _program_processes(proc.pid))
+    pids = [p.pid for p in family]
+    if ending == "kill-face":
+        proc.kill()
+    ended = time.monotonic()
+    proc.wait(10)
+    for pid in pids:
+        def gone(pid=pid):
+            try:
+                return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE or False
+            except psutil.NoSuchProcess:
+                return True
+        wait_for(gone, timeout=1.0)
+    assert time.monotonic() - ended < 1.5
+
+
+def test_no_zombies_and_the_programs_own_children_work(tmp_path):
+    """Invariant 4: snapshots are not the program's children; its wait/subprocess use is undisturbed."""
+    r = run_py(HEADER + """
+    import subprocess
+    fp.recover_on(signal.SIGSEGV)
+    rounds = fp.persist_int("rounds")
+    n = fp.tsetjmp()
+    try:
+        os.wait()
+        print("wait saw a child")
+    except ChildProcessError:
+        print("no children")
+    out = subprocess.run(["sh", "-c", "exit 5"]).returncode
+    pid = os.fork()
+    if pid == 0:
+        os._exit(9)
+    _, status = os.waitpid(pid, 0)
+    print("subprocess", out, "fork", os.waitstatus_to_exitcode(status), flush=True)
+    if rounds.add() < 5:
+        ctypes.string_at(0)
+    import psutil
+    time.sleep(0.2)
+    face = psutil.Process(os.getppid())
+    zombies = [p.pid for p in face.children(recursive=True) if p.status() == psutil.STATUS_ZOMBIE]
+    print("zombies", zombies)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("no children") == 5
+    assert r.stdout.count("subprocess 5 fork 9") == 5
+    assert "zombies []" in r.stdout
+
+
+def test_snapshots_are_inert(tmp_path):
+    """Invariant 5: group signals, a hang-up and timers never wake or kill a frozen snapshot."""
+    proc = start_py(HEADER + """
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(s, lambda *a: None)
+    signal.signal(signal.SIGALRM, lambda *a: None)
+    signal.setitimer(signal.ITIMER_REAL, 0.01, 0.01)
+    a = fp.tsetjmp()
+    b = fp.tsetjmp()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    print("status", fp.chkpt_status(fp.CHKPT_RECOVERED), [c.id for c in fp.checkpoints()],
+          [len(c.spares) for c in fp.checkpoints()], flush=True)
+    """, tmp_path)
+    lines = Lines(proc)
+    lines.until("ready")
+    family = wait_for(lambda: len(_program_processes(proc.pid)) == 5 and _program_processes(proc.pid))
+    frozen = [p for p in family if p.name().startswith("fp-")]
+    assert len(frozen) == 4
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGALRM):
+        os.killpg(os.getpgid(proc.pid), s)
+    for p in frozen:
+        os.kill(p.pid, signal.SIGHUP)
+        os.kill(p.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    for p in frozen:
+        assert p.is_running() and p.status() == psutil.STATUS_SLEEPING
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    status = lines.until("status")
+    assert status.startswith("status 0 [1, 2]"), "a snapshot was woken or lost"
+    assert proc.wait(10) == 0
+    for p in frozen:
+        wait_for(lambda p=p: not p.is_running() or p.status() == psutil.STATUS_ZOMBIE, timeout=1.0)
+
+
+def test_buffered_output_is_not_printed_twice(tmp_path):
+    """Invariant 6: stdio is flushed before the fork, so a restore cannot replay buffered output."""
+    r = run_py(HEADER + """
+    fp.recover_on(signal.SIGSEGV)
+    print("before the checkpoint")        # block-buffered: stdout is a pipe, no PYTHONUNBUFFERED
+    libc = ctypes.CDLL(None)
+    libc.printf(b"from C before\\n")
+    n = fp.tsetjmp()
+    if not fp.chkpt_status(fp.CHKPT_RECOVERED):
+        ctypes.string_at(0)
+    print("after")
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("before the checkpoint") == 1
+    assert r.stdout.count("from C before") == 1
+    assert r.stdout.count("after") == 1
+
+
+def test_file_offsets_rewind_and_sockets_survive(tmp_path):
+    """Invariant 7: read offsets go back; pipes and a listening socket work after a restore."""
+    data = tmp_path / "data.txt"
+    data.write_text("".join(f"line {i}\n" for i in range(100)))
+    r = run_py(HEADER + f"""
+    import socket
+    fp.recover_on(signal.SIGSEGV)
+    f = open({str(data)!r})
+    first = f.readline()
+    srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen()
+    rfd, wfd = os.pipe()
+    n = fp.tsetjmp()
+    print("next line", f.readline().strip(), flush=True)
+    if not fp.chkpt_status(fp.CHKPT_RECOVERED):
+        for _ in range(50):
+            f.readline()
+        os.write(wfd, b"x")
+        ctypes.string_at(0)
+    os.write(wfd, b"y")
+    print("pipe", os.read(rfd, 10), flush=True)
+    c = socket.create_connection(srv.getsockname())
+    conn, _ = srv.accept()
+    c.sendall(b"hello")
+    print("socket", conn.recv(5))
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("next line line 1") == 2
+    assert "pipe b'xy'" in r.stdout
+    assert "socket b'hello'" in r.stdout
+
+
+def test_threads_are_refused_clearly(tmp_path):
+    """Invariant 8: fork copies one thread; a checkpoint with others alive is refused unless allowed."""
+    r = run_py(HEADER + """
+    import threading
+    ev = threading.Event()
+    t = threading.Thread(target=ev.wait, name="worker")
+    t.start()
+    try:
+        fp.tsetjmp(allow_threads=True)
+    except fp.ThreadsAlive as e:
+        print("first use refused:", e)
+    ev.set(); t.join()
+    fp.start()                       # the program goes on in the shepherd's child from here
+    ev = threading.Event()
+    t = threading.Thread(target=ev.wait, name="worker")
+    t.start()
+    try:
+        fp.tsetjmp()
+    except fp.ThreadsAlive as e:
+        print("refused:", e)
+    n = fp.tsetjmp(allow_threads=True)
+    def other():
+        for call in (fp.tsetjmp, lambda: fp.tlongjmp(n)):
+            try:
+                call()
+            except fp.WrongThread as e:
+                print("wrong thread:", e)
+    w = threading.Thread(target=other); w.start(); w.join()
+    ev.set(); t.join()
+    print("still running", n, fp.chkpt_status(fp.CHKPT_RECOVERED))
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "first use refused: 1 other thread(s) alive" in r.stdout
+    assert "refused: 1 other thread(s) alive (worker)" in r.stdout
+    assert r.stdout.count("wrong thread:") == 2
+    assert "still running 1 0" in r.stdout
+
+
+def test_snapshots_have_recognizable_names(tmp_path):
+    """Invariant 9: an operator sees the snapshots in ps."""
+    proc = start_py(HEADER + """
+    from forkpoint import _prctl
+    fp.tsetjmp(); fp.tsetjmp()
+    print("ready", _prctl.BACKEND, flush=True)
+    time.sleep(30)
+    """, tmp_path)
+    line = Lines(proc).until("ready")
+    expected = os.environ.get("FORKPOINT_EXPECT_PRCTL")
+    if expected:
+        assert line.split()[1] == expected
+    want = ["fp-snap-1", "fp-snap-2", "fp-spare-1", "fp-spare-2"]
+    try:
+        wait_for(lambda: sorted(p.name() for p in _program_processes(proc.pid))[:4] == want)
+        wait_for(lambda: psutil.Process(proc.pid).name() == "fp-shepherd")
+        ps = subprocess.run(["ps", "-o", "comm=", "--ppid", str(proc.pid)], capture_output=True, text=True)
+        assert "fp-snap-1" in ps.stdout
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_bounded_checkpoints_keep_pinned_ones(tmp_path):
+    r = run_py(HEADER + """
+    fp.configure(max_checkpoints=4)
+    pinned = fp.tsetjmp(pin=True)
+    for _ in range(9):
+        fp.tsetjmp()
+    print([c.id for c in fp.checkpoints()], [c.pinned for c in fp.checkpoints()])
+    try:
+        fp.tlongjmp(2)
+    except fp.NoSuchCheckpoint:
+        print("2 discarded")
+    if not fp.chkpt_status(fp.CHKPT_RECOVERED):
+        fp.tlongjmp(pinned)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "[1, 8, 9, 10] [True, False, False, False]"
+    assert lines[1] == "2 discarded"
+    # restored to checkpoint 1: the loop ran again from there
+    assert r.stdout.count("[1,") >= 2
+
+
+def test_death_by_an_unlisted_signal_ends_the_program(tmp_path):
+    r = run_py(HEADER + """
+    fp.recover_on(signal.SIGSEGV)
+    fp.tsetjmp()
+    os.abort()
+    """, tmp_path)
+    assert r.returncode == -signal.SIGABRT
+
+
+def test_recover_on_restores_the_chosen_checkpoint(tmp_path):
+    r = run_py(HEADER + """
+    fp.recover_on(signal.SIGABRT, signal.SIGKILL, to=1)
+    first = fp.tsetjmp()
+    at = fp.current_state()
+    second = fp.tsetjmp()
+    if not fp.chkpt_status(fp.CHKPT_RECOVERED):
+        os.abort()
+    print("at", at, "to", fp.chkpt_status(fp.CKPT_TO_STATE), "from",
+          fp.chkpt_status(fp.CKPT_FROM_STATE), "sig", fp.chkpt_status(fp.CKPT_SIGTYPE))
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == f"at 1 to 1 from 2 sig {int(signal.SIGABRT)}"
