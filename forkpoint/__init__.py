@@ -5,6 +5,8 @@ docs/architecture.md for the process model.
 """
 from __future__ import annotations
 
+import logging
+
 from ._errors import (
     ArenaFull,
     CacheCorrupted,
@@ -53,6 +55,9 @@ from .snapshots import (
 )
 
 __version__ = "0.1.0"
+
+# A library stays quiet unless the application configures logging (logger "forkpoint").
+logging.getLogger("forkpoint").addHandler(logging.NullHandler())
 
 __all__ = [
     "ArenaFull", "CacheCorrupted", "ConfigurationError", "ForkpointError", "NoSuchCheckpoint",

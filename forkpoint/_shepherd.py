@@ -87,7 +87,12 @@ def become_shepherd(chan: socket.socket, arena: Arena, live_pid: int, pgid: int,
 def main() -> None:
     """Entry point after the exec."""
     args = json.loads(os.environ.pop(_ENV))
-    logging.getLogger("forkpoint").setLevel(args["level"])
+    # The shepherd has no application logging configuration: its warnings go to stderr.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"forkpoint[{os.getpid()}]: %(message)s"))
+    logger = logging.getLogger("forkpoint")
+    logger.addHandler(handler)
+    logger.setLevel(max(logging.WARNING, args["level"]) if args["level"] else logging.WARNING)
     chan = socket.socket(fileno=args["chan"])
     arena = Arena(args["arena_fd"], args["arena_size"], create=False)
     try:
