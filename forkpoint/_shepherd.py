@@ -401,16 +401,24 @@ class Shepherd:
                 self.shutdown(sig=sig)
             self.shutdown(code=EX_SOFTWARE)
         self.recoveries += 1
-        self.arena.append_history(from_state, decision.target, sig, decision.reason[:64], key)
-        log.info("restoring checkpoint %d from %d (%s)", decision.target, from_state, decision.reason)
+        escalated = decision.target != target
+        log.log(logging.WARNING if escalated else logging.INFO, "restoring checkpoint %d from %d (%s)%s",
+                decision.target, from_state, decision.reason,
+                f" after {decision.delay:g}s backoff" if decision.delay else "")
         info = {"op": "wake", "from": from_state, "sig": sig, "reason": decision.reason,
                 "attempt": decision.attempt}
         self.current = decision.target
         ck = self.ckpts[decision.target]
-        if decision.delay > 0:
-            self.after(decision.delay, lambda: self._wake(ck, info))
-        else:
+
+        def restore() -> None:
+            # recorded when it happens, so the restored process finds it in history()
+            self.arena.append_history(from_state, decision.target, sig, decision.reason[:64], key)
             self._wake(ck, info)
+
+        if decision.delay > 0:
+            self.after(decision.delay, restore)
+        else:
+            restore()
 
     def _wake(self, ck: Checkpoint, info: dict[str, Any]) -> None:
         if self.ckpts.get(ck.n) is not ck:

@@ -42,6 +42,7 @@ CKPT_NUMCHKPTS = 5
 
 # The signals a program commonly dies of in native code; recover_on() accepts any.
 _ITIMERS = (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF)
+_FAULTS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL}
 FATAL_SIGNALS = (signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGABRT)
 
 
@@ -504,6 +505,13 @@ def recover_on(*signals: int, to: int = 0, **policy: Any) -> None:
     rt = _rt
     rt.check_caller()
     sigs = [int(signal.Signals(s)) for s in signals]
+    for s in sigs:
+        handler = signal.getsignal(s)
+        if s in _FAULTS and callable(handler):
+            log.warning("a Python handler is installed for %s: a real fault in C code never reaches "
+                        "it and spins forever, so the shepherd cannot recover it; leave %s at "
+                        "SIG_DFL and let recover_on() handle it", signal.Signals(s).name,
+                        signal.Signals(s).name)
     if not isinstance(to, int) or to < 0:
         raise NoSuchCheckpoint(f"invalid checkpoint number {to!r}")
     rt.ensure_started()

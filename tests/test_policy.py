@@ -1,0 +1,208 @@
+"""Recovery policy: crash-loop budgets, escalation, input quarantine and the watchdog."""
+from __future__ import annotations
+
+import signal
+
+import pytest
+from conftest import run_py
+
+from forkpoint.policy import Policy, RecoveryPolicy
+
+pytestmark = pytest.mark.timeout(60)
+
+HEADER = """
+    import os, sys, signal, time, ctypes
+    import forkpoint as fp
+"""
+
+
+def test_poisoned_input_is_quarantined_and_everything_else_served_once_in_order(tmp_path):
+    r = run_py(HEADER + """
+    fp.recover_on(signal.SIGSEGV)
+    inputs = ["a", "b", "poison", "c", "d"]
+    print("starting")                           # buffered: must not be printed again
+    for item in inputs:
+        fp.tsetjmp()
+        try:
+            with fp.processing(item):
+                if item == "poison":
+                    ctypes.string_at(0)          # a segfault in C code
+                print("served", item)
+        except fp.Quarantined as e:
+            print("skipped", e.key)
+    h = fp.history()
+    print("history", [(x.reason.split(";")[0], x.key) for x in h])
+    print("quarantined", fp.quarantined(), fp.is_quarantined("poison"), fp.is_quarantined("a"))
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[:6] == ["starting", "served a", "served b", "skipped poison", "served c", "served d"]
+    assert lines[6] == ("history [('killed by SIGSEGV', 'poison'), ('quarantined', 'poison'), "
+                        "('killed by SIGSEGV', 'poison')]")
+    assert lines[7] == "quarantined ['poison'] True False"
+
+
+def test_crash_loop_without_an_input_gives_up_by_its_own_signal(tmp_path):
+    r = run_py(HEADER + """
+    fp.recover_on(signal.SIGSEGV, max_recoveries=3, within=60)
+    fp.tsetjmp()
+    fp.tsetjmp()
+    print("crashing at", fp.current_state(), flush=True)
+    ctypes.string_at(0)
+    """, tmp_path, timeout=30)
+    assert r.returncode == -signal.SIGSEGV, (r.stdout, r.stderr)
+    states = [line.split()[-1] for line in r.stdout.splitlines()]
+    # 1 crash + 3 recoveries at checkpoint 2, escalation to 1 (which takes checkpoint 3), 3 more, give up
+    assert states == ["2", "2", "2", "2", "3", "3", "3", "3"], states
+    assert "escalated to older checkpoint 1" in r.stderr
+    assert "giving up" in r.stderr
+
+
+def test_budget_resets_after_a_stable_period(tmp_path):
+    r = run_py(HEADER + """
+    fp.recover_on(signal.SIGSEGV, max_recoveries=2, within=0.5)
+    crashes = fp.persist_int("crashes")
+    fp.tsetjmp()
+    if crashes.add() <= 6:
+        if crashes.value in (3, 5):
+            time.sleep(0.7)                      # a stable period longer than `within`
+        ctypes.string_at(0)
+    print("survived", crashes.value - 1, "crashes;", len(fp.history()), "restores")
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "survived 6 crashes; 6 restores"
+
+
+def test_watchdog_cuts_an_endless_loop_and_restores_timers(tmp_path):
+    r = run_py(HEADER + """
+    mine = lambda *a: print("program's own alarm")
+    signal.signal(signal.SIGALRM, mine)
+    n = fp.tsetjmp()
+    if not fp.chkpt_status(fp.CHKPT_RECOVERED):
+        with fp.watchdog(0.2):
+            while True:
+                pass
+    print("cut off:", fp.chkpt_status(fp.CKPT_SIGTYPE) == signal.SIGALRM, fp.restore_reason(),
+          fp.history()[-1].reason)
+    signal.setitimer(signal.ITIMER_REAL, 100)
+    with fp.watchdog(5):
+        pass
+    left = signal.getitimer(signal.ITIMER_REAL)[0]
+    print("timer back:", 90 < left <= 100, signal.getsignal(signal.SIGALRM) is mine)
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    try:
+        fp.watchdog(0).__enter__()
+    except ValueError as e:
+        print("refused:", e)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "cut off: True timeout timeout", "timer back: True True",
+        "refused: watchdog needs a positive number of seconds, got 0"]
+
+
+def test_a_hanging_input_is_quarantined_too(tmp_path):
+    r = run_py(HEADER + """
+    for item in ["ok1", "hang", "ok2"]:
+        fp.tsetjmp()
+        try:
+            with fp.processing(item), fp.watchdog(0.2):
+                while item == "hang":
+                    pass
+                print("served", item)
+        except fp.Quarantined as e:
+            print("skipped", e.key)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["served ok1", "skipped hang", "served ok2"]
+
+
+def test_full_quarantine_releases_the_oldest_key(tmp_path):
+    r = run_py(HEADER + """
+    fp.recover_on(signal.SIGSEGV, quarantine_size=3)
+    for k in ["k1", "k2", "k3", "k4", "k5"]:
+        fp.quarantine(k)
+    print(fp.quarantined(), fp.is_quarantined("k1"), fp.release("k4"), fp.release("k4"), fp.quarantined())
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    # forkpoint.quarantine() by hand uses the default bound; the policy's bound applies to the shepherd
+    assert r.stdout.strip() == "['k1', 'k2', 'k3', 'k4', 'k5'] True True False ['k1', 'k2', 'k3', 'k5']"
+
+
+def test_shepherd_quarantine_is_bounded(tmp_path):
+    r = run_py(HEADER + """
+    fp.recover_on(signal.SIGSEGV, quarantine_size=2, quarantine_after=1)
+    for item in ["p1", "p2", "p3"]:
+        fp.tsetjmp()
+        try:
+            with fp.processing(item):
+                ctypes.string_at(0)
+        except fp.Quarantined as e:
+            print("skipped", e.key)
+    print(fp.quarantined())
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["skipped p1", "skipped p2", "skipped p3", "['p2', 'p3']"]
+    assert "quarantine full (2 keys): released the oldest ['p1']" in r.stderr
+
+
+def test_backoff_spaces_out_repeated_recoveries(tmp_path):
+    r = run_py(HEADER + """
+    fp.recover_on(signal.SIGSEGV, max_recoveries=10, backoff=0.1)
+    crashes = fp.persist_int("crashes")
+    fp.tsetjmp()
+    if crashes.add() <= 4:
+        ctypes.string_at(0)
+    t = [h.time for h in fp.history()]
+    print(" ".join(f"{b - a:.3f}" for a, b in zip(t, t[1:])))
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    gaps = [float(x) for x in r.stdout.split()]
+    # each restore is recorded when it happens: no delay, then 0.1, 0.2 and 0.4 s after the crash
+    assert len(gaps) == 3
+    assert gaps[0] >= 0.1 and gaps[1] >= 0.2 and gaps[2] >= 0.4
+
+
+def test_bad_policy_settings_are_refused(tmp_path):
+    r = run_py(HEADER + """
+    for kw in ({"max_recoveries": 0}, {"within": -1}, {"sideways": True}, {"backoff": "x"}):
+        try:
+            fp.recover_on(signal.SIGSEGV, **kw)
+            print("accepted", kw)
+        except fp.ConfigurationError as e:
+            print("refused:", e)
+    try:
+        fp.recover_on(12345)
+    except ValueError:
+        print("refused: bad signal")
+    fp.tsetjmp()
+    print("still fine")
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("refused:") == 5 and "still fine" in r.stdout and "accepted" not in r.stdout
+
+
+def test_python_handler_for_a_fault_signal_is_warned_about(tmp_path):
+    r = run_py(HEADER + """
+    import logging
+    logging.basicConfig(level=logging.WARNING)
+    signal.signal(signal.SIGSEGV, lambda *a: None)
+    fp.recover_on(signal.SIGSEGV)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "never reaches it and spins forever" in r.stderr
+
+
+def test_policy_counts_per_checkpoint_and_signal():
+    """The decision logic itself: budget per (checkpoint, signal), escalation once, then give up."""
+    rp = RecoveryPolicy()
+    rp.policy = Policy(signals={11}, max_recoveries=2, within=10)
+    d = [rp.decide(5, 11, None, [3, 5], now=t, cause="c") for t in (0, 1, 2)]
+    assert [x.action for x in d] == ["restore", "restore", "restore"]
+    assert [x.target for x in d] == [5, 5, 3]
+    other_signal = rp.decide(5, 6, None, [3, 5], now=3, cause="c")
+    assert other_signal.target == 5 and other_signal.attempt == 1
+    d2 = [rp.decide(7, 11, None, [3, 5, 7], now=t, cause="c") for t in (4, 5, 6)]
+    assert [x.action for x in d2] == ["restore", "restore", "give_up"]
+    later = rp.decide(7, 11, None, [3, 5, 7], now=100, cause="c")
+    assert later.action == "restore" and later.attempt == 1
