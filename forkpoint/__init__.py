@@ -47,6 +47,7 @@ from .snapshots import (
     current_state,
     discard,
     recover_on,
+    recovery_seconds,
     restore_reason,
     shepherd_pid,
     start,
@@ -66,6 +67,6 @@ __all__ = [
     "persist_int", "persist_struct", "is_quarantined", "processing", "quarantine", "quarantined",
     "release", "watchdog", "CHKPT_RECOVERED", "CKPT_FROM_STATE", "CKPT_NUMCHKPTS", "CKPT_SIGTYPE",
     "CKPT_TO_STATE", "FATAL_SIGNALS", "CheckpointInfo", "checkpoints", "chkpt_status", "configure",
-    "current_state", "discard", "recover_on", "restore_reason", "shepherd_pid", "start", "tlongjmp",
-    "tsetjmp", "__version__",
+    "current_state", "discard", "recover_on", "recovery_seconds", "restore_reason", "shepherd_pid",
+    "start", "tlongjmp", "tsetjmp", "__version__",
 ]

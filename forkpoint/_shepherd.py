@@ -60,6 +60,7 @@ class Checkpoint:
     taken: float = field(default_factory=time.time)
     spares: list[Proc] = field(default_factory=list)
     pending: dict[str, Any] | None = None
+    want_spares: int = 1
 
 
 def become_shepherd(chan: socket.socket, arena: Arena, live_pid: int, pgid: int, config: Any) -> None:
@@ -295,7 +296,8 @@ class Shepherd:
     def _op_snap(self, proc: Proc, msg: dict[str, Any], fds: list[int]) -> None:
         n = int(msg["n"])
         keeper = self._add(int(msg["pid"]), "keeper", n, socket.socket(fileno=fds[0]))
-        self.ckpts[n] = Checkpoint(n, keeper, bool(msg.get("pin")))
+        self.ckpts[n] = Checkpoint(n, keeper, bool(msg.get("pin")),
+                                   want_spares=int(msg.get("spares", self.spares)))
         self.current = n
         self._enforce_bounds()
 
@@ -327,18 +329,26 @@ class Shepherd:
 
     def _op_discard(self, proc: Proc, msg: dict[str, Any], fds: list[int]) -> None:
         n = int(msg["n"])
+        quiet = bool(msg.get("quiet"))
+        if "current" in msg and proc is self.live:
+            self.current = int(msg["current"])
         if n not in self.ckpts:
-            self._send(proc, {"op": "error", "kind": "nosuch", "message": self._nosuch(n)})
+            if not quiet:
+                self._send(proc, {"op": "error", "kind": "nosuch", "message": self._nosuch(n)})
             return
         self._discard(n, "discarded by the program")
-        self._send(proc, {"op": "ok"})
+        if not quiet:
+            self._send(proc, {"op": "ok"})
 
     def _op_list(self, proc: Proc, msg: dict[str, Any], fds: list[int]) -> None:
         self._send(proc, {"op": "ok", "checkpoints": self.describe()})
 
     def _op_policy(self, proc: Proc, msg: dict[str, Any], fds: list[int]) -> None:
         try:
-            self.policy.policy = Policy.from_message(msg)
+            if msg.get("merge"):
+                self.policy.policy = self.policy.policy.merged(msg)
+            else:
+                self.policy.policy = Policy.from_message(msg)
         except (ValueError, TypeError) as e:
             self._send(proc, {"op": "error", "kind": "config", "message": str(e)})
             return
@@ -377,6 +387,7 @@ class Shepherd:
     def _failure(self, target: int, sig: int, cause: str, requester: Proc | None,
                  operator: bool = False) -> None:
         """The live process failed (or asked to go back): decide, record, and restore or give up."""
+        detected = time.monotonic()
         key = self.arena.processing()
         self.arena.set_processing(None)
         from_state = self.current
@@ -406,7 +417,7 @@ class Shepherd:
                 decision.target, from_state, decision.reason,
                 f" after {decision.delay:g}s backoff" if decision.delay else "")
         info = {"op": "wake", "from": from_state, "sig": sig, "reason": decision.reason,
-                "attempt": decision.attempt}
+                "attempt": decision.attempt, "t": detected}
         self.current = decision.target
         ck = self.ckpts[decision.target]
 
@@ -438,7 +449,7 @@ class Shepherd:
             self.shutdown(sig=info["sig"]) if info["sig"] else self.shutdown(code=EX_SOFTWARE)
 
     def _replenish(self, ck: Checkpoint) -> None:
-        if ck.keeper is not None and len(ck.spares) < self.spares:
+        if ck.keeper is not None and len(ck.spares) < ck.want_spares:
             self._send(ck.keeper, {"op": "fork"})
 
     def restore_by_operator(self, n: int, reason: str) -> None:

@@ -52,11 +52,18 @@ class Policy:
                 if bad or (name == "within" and v == 0):
                     raise ValueError(f"{name} must be a non-negative number of seconds, got {v!r}")
                 setattr(p, name, float(v))
-        unknown = set(msg) - {"op", "signals", "to", "max_recoveries", "quarantine_after",
+        unknown = set(msg) - {"op", "merge", "signals", "to", "max_recoveries", "quarantine_after",
                               "quarantine_size", "within", "backoff", "backoff_max"}
         if unknown:
             raise ValueError(f"unknown recovery policy setting(s): {', '.join(sorted(unknown))}")
         return p
+
+
+    def merged(self, msg: dict) -> Policy:
+        """This policy with ``msg``'s signals added and its explicit settings applied."""
+        base = {k: v for k, v in self.__dict__.items() if k != "signals"}
+        new = Policy.from_message({**base, **msg, "signals": set(msg.get("signals", ())) | self.signals})
+        return new
 
 
 class Decision(NamedTuple):

@@ -193,6 +193,7 @@ class _Runtime:
         self.sigtype = 0
         self.reason = ""
         self.attempt = 0
+        self.recovery_seconds = 0.0
         self.unidle = False
 
     # -- checks -----------------------------------------------------------------------------------
@@ -293,7 +294,7 @@ def runtime() -> _Runtime:
 
 
 # ---- snapshot side -------------------------------------------------------------------------------
-def _frozen(rt: _Runtime, n: int, chan: Any, saved: _Saved) -> dict[str, Any]:
+def _frozen(rt: _Runtime, n: int, chan: Any, spares: int) -> dict[str, Any]:
     """Run as keeper of checkpoint ``n``; return the wake-up message in a spare that goes live.
 
     Only a woken spare returns. Every other way out ends the process here, so a snapshot can
@@ -309,7 +310,7 @@ def _frozen(rt: _Runtime, n: int, chan: Any, saved: _Saved) -> dict[str, Any]:
         _prctl.set_name(f"fp-snap-{n}")
         if rt.unidle:
             _set_idle()
-        todo = ["fork"] * rt.config.spares
+        todo = ["fork"] * spares
         while True:
             if todo:
                 op, msg = todo.pop(), {}
@@ -367,6 +368,7 @@ def _resume(rt: _Runtime, n: int, saved: _Saved, msg: dict[str, Any]) -> None:
     rt.sigtype = int(msg["sig"])
     rt.reason = str(msg.get("reason", ""))
     rt.attempt = int(msg.get("attempt", 1))
+    rt.recovery_seconds = time.monotonic() - float(msg.get("t", time.monotonic()))
     _sigutil.drain_pending()
     _sigutil.restore_mask(saved.mask)
     _channel.send(rt.chan, {"op": "up"})
@@ -376,18 +378,23 @@ def _resume(rt: _Runtime, n: int, saved: _Saved, msg: dict[str, Any]) -> None:
 
 
 # ---- the public API ------------------------------------------------------------------------------
-def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None) -> int:
+def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int | None = None) -> int:
     """Take checkpoint *n* (1, 2, 3, ... over the program's life) and return *n*.
 
     When the program is later restored to *n*, execution goes on by returning *n* from this same
     call again; ``chkpt_status(CHKPT_RECOVERED)`` tells the two apart. ``pin=True`` keeps the
-    checkpoint when older ones are discarded to stay within ``max_checkpoints``.
+    checkpoint when older ones are discarded to stay within ``max_checkpoints``. ``spares`` (default
+    ``configure(spares=...)``, 1) is how many ready copies are kept so that a restore is a wake-up;
+    0 makes a restore fork the copy on demand (slower, but the checkpoint costs one fork, not two).
     """
     rt = _rt
     rt.check_caller()
     rt.check_threads(allow_threads)
     rt.ensure_started()
     assert rt.arena is not None
+    spares = rt.config.spares if spares is None else spares
+    if not isinstance(spares, int) or spares < 0:
+        raise ConfigurationError(f"spares must be an int >= 0, got {spares!r}")
     if rt.config.gc_freeze:
         import gc
 
@@ -410,13 +417,14 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None) -> int:
         mine.close()
         live_chan.close()
         rt.chan = theirs
-        msg = _frozen(rt, n, theirs, saved)
+        msg = _frozen(rt, n, theirs, spares)
         _resume(rt, n, saved, msg)
         return n
     _sigutil.restore_mask(saved.mask)
     theirs.close()
     try:
-        _channel.send(rt.chan, {"op": "snap", "n": n, "pid": pid, "pin": bool(pin)}, (mine.fileno(),))
+        _channel.send(rt.chan, {"op": "snap", "n": n, "pid": pid, "pin": bool(pin), "spares": spares},
+                      (mine.fileno(),))
     finally:
         mine.close()
     rt.current = n
@@ -495,6 +503,12 @@ def restore_reason() -> str:
     return _rt.reason
 
 
+def recovery_seconds() -> float:
+    """How long the last restore took, from the moment the shepherd saw the failure (or the
+    restore request) to this process running again; 0.0 if this process was not restored."""
+    return _rt.recovery_seconds if _rt.recovered else 0.0
+
+
 def recover_on(*signals: int, to: int = 0, **policy: Any) -> None:
     """Restore checkpoint ``to`` (0: the live state's) when the live process dies by one of ``signals``.
 
@@ -518,6 +532,13 @@ def recover_on(*signals: int, to: int = 0, **policy: Any) -> None:
     rt.request({"op": "policy", "signals": sigs, "to": to, **policy})
 
 
+def _merge_policy(signals: tuple[int, ...], **policy: Any) -> None:
+    """Add ``signals`` (and settings) to the recovery policy without replacing it."""
+    rt = _rt
+    rt.ensure_started()
+    rt.request({"op": "policy", "merge": True, "signals": [int(s) for s in signals], **policy})
+
+
 def discard(n: int) -> None:
     """Discard checkpoint ``n``: its processes exit and ``tlongjmp(n)`` raises NoSuchCheckpoint."""
     rt = _rt
@@ -525,6 +546,17 @@ def discard(n: int) -> None:
     if not isinstance(n, int) or n <= 0 or not rt.started:
         raise NoSuchCheckpoint(f"no checkpoint {n!r}")
     rt.request({"op": "discard", "n": n})
+
+
+def _release(n: int, current: int) -> None:
+    """Discard checkpoint ``n`` without waiting, and make ``current`` the current state again.
+
+    For a transaction that committed: its entry checkpoint is no longer needed, and the state to
+    go back to is again the one before the call.
+    """
+    rt = _rt
+    rt.current = current
+    _channel.send(rt.chan, {"op": "discard", "n": n, "quiet": True, "current": current})
 
 
 def checkpoints() -> list[CheckpointInfo]:
