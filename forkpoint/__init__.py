@@ -33,6 +33,7 @@ from .persist import (
     persist_struct,
 )
 from .recovery import is_quarantined, processing, quarantine, quarantined, release, watchdog
+from .server import checkpointed
 from .snapshots import (
     CHKPT_RECOVERED,
     CKPT_FROM_STATE,
@@ -68,5 +69,5 @@ __all__ = [
     "release", "watchdog", "CHKPT_RECOVERED", "CKPT_FROM_STATE", "CKPT_NUMCHKPTS", "CKPT_SIGTYPE",
     "CKPT_TO_STATE", "FATAL_SIGNALS", "CheckpointInfo", "checkpoints", "chkpt_status", "configure",
     "current_state", "discard", "recover_on", "recovery_seconds", "restore_reason", "shepherd_pid",
-    "start", "tlongjmp", "tsetjmp", "__version__",
+    "start", "tlongjmp", "tsetjmp", "checkpointed", "__version__",
 ]

@@ -53,12 +53,13 @@ class Recovered(ForkpointError):
     """Raised by a @checkpointed call in the process that was restored after that call failed.
 
     Attributes describe the failure: ``signal`` (0 if none), ``reason``, ``attempts``,
-    ``from_state``, ``to_state``, and for an exception ``exc_type``, ``exc_message``, ``traceback``.
+    ``from_state``, ``to_state``, ``recovery_seconds`` (failure seen to restored process running),
+    and for an exception ``exc_type``, ``exc_message``, ``traceback``.
     """
 
     def __init__(self, *, signal: int, reason: str, attempts: int, from_state: int, to_state: int,
                  exc_type: str | None = None, exc_message: str | None = None,
-                 traceback: str | None = None) -> None:
+                 traceback: str | None = None, recovery_seconds: float = 0.0) -> None:
         what = f"signal {signal}" if signal else reason
         super().__init__(f"call rolled back to checkpoint {to_state} after {what} (attempt {attempts})")
         self.signal = signal
@@ -69,3 +70,4 @@ class Recovered(ForkpointError):
         self.exc_type = exc_type
         self.exc_message = exc_message
         self.traceback = traceback
+        self.recovery_seconds = recovery_seconds
