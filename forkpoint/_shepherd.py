@@ -250,10 +250,12 @@ class Shepherd:
             self._on_exit(pid, status)
 
     def _on_exit(self, pid: int, status: int) -> None:
-        proc = self.procs.pop(pid, None)
+        proc = self.procs.get(pid)
         if proc is None:
             log.debug("reaped adopted orphan %d", pid)
             return
+        self._drain(proc)     # what it said before dying (a checkpoint it took) comes first
+        self.procs.pop(pid, None)
         self._close(proc)
         if proc.role == "dying":
             return
@@ -274,6 +276,17 @@ class Shepherd:
             self._replenish(ck)
 
     # -- messages -------------------------------------------------------------------------------
+    def _drain(self, proc: Proc) -> None:
+        while proc.chan is not None and proc.role != "dying":
+            ready = selectors.DefaultSelector()
+            try:
+                ready.register(proc.chan, selectors.EVENT_READ)
+                if not ready.select(0):
+                    return
+            finally:
+                ready.close()
+            self._on_message(proc)
+
     def _on_message(self, proc: Proc) -> None:
         try:
             msg, fds = _channel.recv(proc.chan) if proc.chan is not None else (None, [])
@@ -380,8 +393,8 @@ class Shepherd:
             if target in self.ckpts:
                 self._failure(target, sig, f"killed by {signal.Signals(sig).name}", None)
                 return
-            log.error("live process died by %s and checkpoint %d does not exist: ending",
-                      signal.Signals(sig).name, target)
+            log.error("live process died by %s and there is no checkpoint %sto restore: ending",
+                      signal.Signals(sig).name, f"{target} " if target else "")
         self.shutdown(sig=sig)
 
     def _failure(self, target: int, sig: int, cause: str, requester: Proc | None,
@@ -404,7 +417,8 @@ class Shepherd:
 
             add_quarantine(self.arena, decision.quarantine, self.policy.policy.quarantine_size)
             self.arena.append_history(from_state, target, sig, "quarantined", decision.quarantine)
-            log.warning("quarantined input %r after repeated failures (%s)", decision.quarantine, cause)
+            log.warning("quarantined input %r: it failed %d time(s) (%s)", decision.quarantine,
+                        self.policy.policy.quarantine_after, cause)
         if decision.action == "give_up":
             self.arena.append_history(from_state, target, sig, decision.reason[:64], key)
             log.error("%s", decision.reason)

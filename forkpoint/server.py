@@ -118,7 +118,7 @@ def checkpointed(func: Any = None, *, recover_on: tuple[int, ...] = snapshots.FA
             n = snapshots.tsetjmp(spares=per_call_spares)
             if _restored_into(n):
                 info = _recovered(n)
-                log.warning("%s rolled back to its entry checkpoint %d: %s", fn.__qualname__, n, info.reason)
+                log.info("%s rolled back to its entry checkpoint %d: %s", fn.__qualname__, n, info.reason)
                 if not again:
                     snapshots._release(n, before)
                     if on_recover is not None:
