@@ -157,8 +157,12 @@ class Shepherd:
             proc.chan = None
 
     def _retire(self, proc: Proc) -> None:
-        """Kill a process whose work is over, its teardown kept out of the live process's way."""
-        self._close(proc)
+        """Kill a process whose work is over, its teardown kept out of the live process's way.
+
+        The kill comes before the channel is closed: a process blocked on its channel (a live
+        process inside tlongjmp) must never see EOF while it can still run, or it would raise into
+        program code next to the restored process.
+        """
         proc.role = "dying"
         try:
             os.sched_setscheduler(proc.pid, os.SCHED_IDLE, os.sched_param(0))
@@ -168,6 +172,7 @@ class Shepherd:
             os.kill(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        self._close(proc)
 
     def _send(self, proc: Proc, msg: dict[str, Any]) -> bool:
         if proc.chan is None:
