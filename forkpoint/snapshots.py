@@ -455,9 +455,13 @@ def tlongjmp(n: int = 0, sig: int = 0, reason: str | None = None) -> None:
     try:
         rt.request({"op": "restore", "n": target, "sig": int(sig),
                     "reason": reason or ("signal" if sig else "tlongjmp")})
-    except BaseException:
+    except NoSuchCheckpoint:
         _sigutil.restore_mask(old)
         raise
+    except BaseException:
+        # The shepherd went away mid-restore: it may already have woken the copy, so this
+        # process must never run program code again.
+        os._exit(70)
     while True:  # pragma: no cover - the shepherd kills this process
         if _channel.recv(rt.chan)[0] is None:
             os._exit(70)

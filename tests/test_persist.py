@@ -135,6 +135,7 @@ def test_writers_killed_at_random_points_never_tear_entries(tmp_path):
     seen = set()
     kills = 0
     for round in range(150):
+        rfd, wfd = os.pipe()
         pid = os.fork()
         if pid == 0:
             i = round * 1000
@@ -142,16 +143,23 @@ def test_writers_killed_at_random_points_never_tear_entries(tmp_path):
                 i += 1
                 fp.cache(fp.IN, "entry", payload(i))
                 fp.persist(f"r{i % 97}", 64)[:8] = i.to_bytes(8, "little")
-        time.sleep(rng.random() * 0.004)
+                if wfd is not None:
+                    os.write(wfd, b"1")          # one complete write done: kill from here on
+                    wfd = None
+        os.close(wfd)
+        os.read(rfd, 1)
+        os.close(rfd)
+        time.sleep(rng.random() * 0.003)
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         kills += 1
         got = fp.cache(fp.OUT, "entry")          # raises CacheCorrupted if torn
         assert got["body"] == hashlib.sha256(str(got["i"]).encode()).digest() * (len(got["body"]) // 32)
+        assert got["i"] > round * 1000, "the writer's first complete write must be visible"
         seen.add(got["i"])
         for j in range(97):
             fp.persist(f"r{j}", 64)
-    print("kills", kills, "distinct", len(seen) > 100, "names", len(arena.names()))
+    print("kills", kills, "distinct", len(seen) == 150, "names", len(arena.names()))
     """, tmp_path, timeout=80)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[:4] == ["kills", "150", "distinct", "True"]
