@@ -50,6 +50,42 @@ How each figure is taken (see `forkpoint/bench.py`):
 
 {targets}
 
+Where the time goes (measured by instrumenting the calls; see the report of the change that added this
+file):
+
+- `tsetjmp` pays the fork of the process plus a fixed ~1 ms: most of it is the parent's first
+  copy-on-write faults on the interpreter's own pages right after the fork (restoring the signal mask
+  costs 0.07 ms unforked and ~0.4 ms as the first thing after the fork), the rest is the bookkeeping
+  (open-file offsets, the socketpair to the shepherd, the message). The fork floor is timed until
+  `fork()` returns and so pays none of these faults. The ratio therefore falls as the heap grows and
+  the fork itself dominates (about 1.2-1.3x at 1 GB, 2-2.5x at 10 MB).
+- `tlongjmp` is flat in the heap size (the teardown of the killed process is off the restore path, even
+  after it rewrote a whole 1 GB heap), but about 1.2-1.5 ms rather than under 1 ms: roughly 0.6-0.8 ms
+  from the call until the spare is woken (the request, the shepherd's policy decision and history
+  record, the kill) and 0.5 ms in the woken spare before the program runs (its own first
+  copy-on-write faults, and `_resume`).
+
+## The gc_freeze setting
+
+CPython writes to an object whenever it is read (reference counts) and whenever the cyclic GC examines
+it (the GC header of every container). Both copy the page in the live process, so a snapshot's cost
+grows with what the program merely reads. `forkpoint.configure(gc_freeze=True)` makes every
+`tsetjmp()` run `gc.collect()` and then `gc.freeze()`: the objects alive at the checkpoint move to the
+permanent generation, which later collections never walk. In the last table, a full `gc.collect()`
+after the checkpoint copies the pages of every GC-tracked object without it (the "records" heap) and
+nothing with it. Reference-count writes are not prevented by anything a library can do on CPython 3.11
+(3.12's immortal objects are not available for user objects), so reading every object still copies
+its page, with or without the setting; storing bulk data in flat buffers (bytes, array, numpy) is what
+avoids that.
+
+Costs: the first `tsetjmp()` with the setting pays a full collection (tens of ms per 100 MB of
+containers; later ones only collect what was allocated since), and objects that become cyclic garbage
+after being frozen are never collected. Use it for programs whose heap is mostly long-lived containers
+(objects, lists, dicts of dicts) and that allocate enough to trigger full collections; leave it off
+(the default) for heaps of flat data, where it buys nothing. `gc.freeze()` without the collection
+("freeze_only") gives the same memory figures for a cheaper first checkpoint, at the price of freezing
+whatever garbage exists at that moment.
+
 """
 
 
@@ -73,11 +109,15 @@ def main() -> int:
     p.add_argument("--plot", default=str(ROOT / "docs" / "benchmarks.png"))
     p.add_argument("--note", default="Other work (another engineer's test runs) ran on the machine at "
                    "the same time; the min column is the least disturbed figure.")
+    p.add_argument("--from-json", metavar="FILE", help="only render FILE (figures of an earlier run)")
     args = p.parse_args()
-    sizes = [bench.parse_size(s) for s in args.sizes.split(",")]
-    data = bench.measure(sizes, list(bench.KINDS))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(data, indent=1))
+    if args.from_json:
+        data = json.loads(Path(args.from_json).read_text())
+    else:
+        sizes = [bench.parse_size(s) for s in args.sizes.split(",")]
+        data = bench.measure(sizes, list(bench.KINDS))
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(data, indent=1))
     m = data["machine"]
     text = HEADER.format(nproc=m["nproc"], cpu=m["cpu"], memory=m["memory"] / (1 << 30), kernel=m["kernel"],
                          python=m["python"], date=m["date"], note=args.note, targets=targets_text(data))

@@ -1,0 +1,57 @@
+"""Smoke test of `forkpoint bench`: tiny heaps, the JSON structure; never a time threshold."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import clean_env
+
+pytestmark = pytest.mark.timeout(180)
+
+METRICS = ("fork", "tsetjmp", "tlongjmp", "tlongjmp_dirty", "pickle_save", "pickle_load")
+
+
+def test_bench_json_structure(tmp_path):
+    out = tmp_path / "out.json"
+    r = subprocess.run([sys.executable, "-m", "forkpoint", "bench", "--sizes", "1M,2M", "--repeats", "2",
+                        "--json", str(out), "--tmpdir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=150, env=clean_env())
+    assert r.returncode == 0, r.stderr
+    assert "tsetjmp" in r.stdout and "CRIU" in r.stdout
+    data = json.loads(out.read_text())
+    assert {"results", "gc_freeze", "shepherd_without_exec", "criu", "machine", "config", "targets"} <= set(data)
+    assert {"nproc", "cpu", "kernel", "date", "python"} <= set(data["machine"])
+    assert isinstance(data["criu"]["available"], bool) and data["criu"]["note"]
+    rows = data["results"]
+    assert sorted((row["kind"], row["size"]) for row in rows) == [
+        ("bytes", 1 << 20), ("bytes", 2 << 20), ("dict", 1 << 20), ("dict", 2 << 20)]
+    for row in rows:
+        for name in METRICS:
+            m = row["metrics"][name]
+            assert m["min"] <= m["median"] <= m["max"] and m["n"] == len(m["samples"]) >= 1, (name, m)
+        assert row["metrics"]["fork"]["n"] == row["metrics"]["tsetjmp"]["n"] == 2
+        assert row["metrics"]["tlongjmp"]["n"] == 2
+        assert row["ratios"]["tsetjmp_over_fork"] > 0 and row["ratios"]["pickle_load_over_tlongjmp"] > 0
+        assert set(row["memory"]) == {"after_checkpoint", "wrote_10", "wrote_100", "discarded"}
+        for stage in ("after_checkpoint", "wrote_10", "wrote_100"):
+            mem = row["memory"][stage]
+            assert mem["snap_procs"] >= 2 and mem["snap_pss"] > 0 and mem["shepherd"]["uss"] > 0
+    assert len(data["shepherd_without_exec"]) == 2
+    modes = {(g["kind"], g["mode"]) for g in data["gc_freeze"]}
+    assert modes == {(k, m) for k in ("dict", "records") for m in ("none", "collect_freeze", "freeze_only")}
+    for g in data["gc_freeze"]:
+        assert set(g["memory"]) == {"after_checkpoint", "read_10", "full_gc", "read_100"}
+
+
+def test_plot_without_matplotlib_says_what_to_install(tmp_path):
+    try:
+        import matplotlib  # noqa: F401
+        pytest.skip("matplotlib is installed")
+    except ImportError:
+        pass
+    r = subprocess.run([sys.executable, "-m", "forkpoint", "bench", "--sizes", "1M", "--plot",
+                        str(tmp_path / "p.png")], capture_output=True, text=True, timeout=60, env=clean_env())
+    assert r.returncode == 2
+    assert "matplotlib" in r.stderr and "forkpoint[plot]" in r.stderr
