@@ -558,7 +558,10 @@ def machine_info() -> dict[str, Any]:
 def _ms(metric: dict[str, Any] | None) -> str:
     if not metric:
         return "-"
-    return f"{metric['median'] * 1e3:.3g} ({metric['min'] * 1e3:.3g}-{metric['max'] * 1e3:.3g})"
+    def f(v: float) -> str:
+        return f"{v * 1e3:.0f}" if v >= 0.1 else f"{v * 1e3:.3g}"
+
+    return f"{f(metric['median'])} ({f(metric['min'])}-{f(metric['max'])})"
 
 
 def _x(v: float | None) -> str:
