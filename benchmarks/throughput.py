@@ -57,7 +57,8 @@ def _spin(seconds: float) -> None:
         pass
 
 
-def serve(mode: str, handler: str, profile: str | None = None) -> int:
+def serve(mode: str, handler: str, profile: str | None = None, heap_mb: int = 0) -> int:
+    ballast = b"\x01" * (heap_mb << 20)     # resident heap that every fork must map  # noqa: F841
     store: dict[str, int] = {}
     work = 0.001 if handler == "1ms" else 0.0
 
@@ -222,33 +223,47 @@ def server_env() -> dict[str, str]:
 
 
 def measure(mode: str, handler: str, client: str, seconds: float, connections: int,
-            profile: str | None = None) -> dict[str, Any]:
-    cmd = [sys.executable, os.path.abspath(__file__), "--serve", mode, handler]
+            profile: str | None = None, heap_mb: int = 0) -> dict[str, Any]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--serve", mode, handler, "--heap-mb", str(heap_mb)]
     if profile:
         cmd += ["--profile-out", profile]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=server_env(), text=True)
-    try:
-        assert proc.stdout is not None
-        port = int(proc.stdout.readline())
-        for _ in range(20):                      # warm-up: the first checkpoint starts the shepherd
-            http_get(port, "/warm")
-        if client == "wrk":
-            res = run_wrk(port, max(1, round(seconds)), connections)
-        else:
-            res = run_python(port, seconds, connections)
-        res["server"] = json.loads(http_get(port, "/quit"))
-        res["exit"] = proc.wait(30)
-        return res
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=server_env(), text=True)
+        try:
+            assert proc.stdout is not None
+            port = int(proc.stdout.readline())
+            for _ in range(20):                  # warm-up: the first checkpoint starts the shepherd
+                http_get(port, "/warm")
+            if client == "wrk":
+                res = run_wrk(port, max(1, round(seconds)), connections)
+            else:
+                res = run_python(port, seconds, connections)
+            res["server"] = json.loads(http_get(port, "/quit"))
+            res["exit"] = proc.wait(30)
+            return res
+        except (OSError, ValueError, RuntimeError) as e:
+            if proc.poll() is None:
                 proc.kill()
-                proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+            status = proc.wait()
+            err.seek(0)
+            raise ServerFailed(f"{mode}/{handler}: {type(e).__name__}: {e}; server exit status "
+                               f"{status}; its stderr: {err.read()[-2000:]!r}") from e
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+class ServerFailed(RuntimeError):
+    pass
 
 
 def descendants_gone(timeout: float = 3.0) -> list[str]:
@@ -277,6 +292,110 @@ def descendants_gone(timeout: float = 3.0) -> list[str]:
         except psutil.NoSuchProcess:
             pass
     return out
+
+
+# ---- where the time of a per-request checkpoint goes (``--breakdown``) ---------------------------
+def _timed(fn: Any, n: int) -> dict[str, float]:
+    """Median wall us of ``fn()`` over ``n`` calls, and the process's own CPU and minor faults per call."""
+    import resource
+
+    ts = []
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    return {"us": statistics.median(ts) * 1e6, "user_us": (r1.ru_utime - r0.ru_utime) / n * 1e6,
+            "sys_us": (r1.ru_stime - r0.ru_stime) / n * 1e6,
+            "minflt": (r1.ru_minflt - r0.ru_minflt) / n}
+
+
+def breakdown_child(n: int, heap_mb: int = 0) -> int:
+    """Run in a fresh process shaped like a ``per-request`` server; print the parts as JSON."""
+    ballast = b"\x01" * (heap_mb << 20)  # noqa: F841
+    import forkpoint as fp
+    from forkpoint import _channel, _sigutil, snapshots
+
+    store: dict[str, int] = {}
+
+    def work(path: str) -> bytes:
+        store[path] = store.get(path, 0) + 1
+        return b"ok"
+
+    handle = fp.checkpointed(work)
+    handle_spare = fp.checkpointed(spares=1)(work)
+    fp.start()
+    for _ in range(20):
+        handle("/warm")
+    res: dict[str, Any] = {}
+
+    def fork_floor() -> None:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+
+    def fork_returns() -> None:
+        t = time.perf_counter()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        fork_only.append(time.perf_counter() - t)
+        os.waitpid(pid, 0)
+
+    fork_only: list[float] = []
+    res["handler alone (no checkpoint)"] = _timed(lambda: work("/k"), n)
+    res["os.fork() until it returns in the parent"] = _timed(fork_returns, n)
+    res["os.fork() until it returns in the parent"]["us"] = statistics.median(fork_only) * 1e6
+    res["os.fork() + child _exit + waitpid"] = _timed(fork_floor, n)
+    res["checkpointed call, spares=0 (whole)"] = _timed(lambda: handle("/k"), n)
+    res["checkpointed call, spares=1 (whole)"] = _timed(lambda: handle_spare("/k"), n)
+
+    def ts_release() -> None:
+        before = snapshots.current_state()
+        k = snapshots.tsetjmp(spares=0)
+        snapshots._release(k, before)
+
+    res["tsetjmp(spares=0) + _release"] = _timed(ts_release, n)
+    res["  signal mask: block_all + restore"] = _timed(
+        lambda: _sigutil.restore_mask(_sigutil.block_all()), n)
+    res["  _file_offsets() (/proc/self/fd scan)"] = _timed(snapshots._file_offsets, n)
+    res["  _other_threads() (/proc/self/task scan)"] = _timed(snapshots._other_threads, n)
+
+    def chan() -> None:
+        a, b = _channel.pair()
+        a.close()
+        b.close()
+
+    res["  channel socketpair + close"] = _timed(chan, n)
+    res["  _flush_stdio()"] = _timed(snapshots._flush_stdio, n)
+    with open("/proc/self/status") as f:
+        status = {k: v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
+    with open("/proc/self/maps") as f:
+        maps = sum(1 for _ in f)
+    print(json.dumps({"parts": res, "VmRSS": status.get("VmRSS"), "VmSize": status.get("VmSize"),
+                      "mappings": maps, "fds": len(os.listdir("/proc/self/fd"))}), flush=True)
+    return 0
+
+
+def breakdown(n: int, heap_mb: int = 0) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--breakdown-child", str(n),
+                          "--heap-mb", str(heap_mb)],
+                         capture_output=True, text=True, env=server_env(), timeout=120)
+    if out.returncode != 0:
+        raise RuntimeError(f"breakdown failed: {out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def breakdown_table(b: dict[str, Any]) -> str:
+    lines = [f"Live process: RSS {b['VmRSS']}, {b['mappings']} mappings, {b['fds']} fds.", "",
+             "| step (in the live process, no network) | wall us (median) | user us | sys us "
+             "| minor faults |", "|---|---|---|---|---|"]
+    for name, v in b["parts"].items():
+        lines.append(f"| {name} | {v['us']:.0f} | {v['user_us']:.0f} | {v['sys_us']:.0f} "
+                     f"| {v['minflt']:.0f} |")
+    return "\n".join(lines)
 
 
 # ---- report -------------------------------------------------------------------------------------
@@ -346,14 +465,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, help="load time per measurement (default 3; quick: 1)")
     ap.add_argument("--rounds", type=int, help="rounds over all configurations (default 3; quick: 1)")
     ap.add_argument("--connections", type=int, default=4)
+    ap.add_argument("--heap-mb", type=int, default=0,
+                    help="extra resident heap (MB) in each server, to see how the fork cost scales")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--handlers", default=",".join(HANDLERS))
     ap.add_argument("--profile", metavar="DIR", help="cProfile each server's live process into DIR")
     ap.add_argument("--serve", nargs=2, metavar=("MODE", "HANDLER"), help=argparse.SUPPRESS)
     ap.add_argument("--profile-out", help=argparse.SUPPRESS)
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time the parts of a per-request checkpoint in a server-like process")
+    ap.add_argument("--breakdown-child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.serve:
-        return serve(*args.serve, profile=args.profile_out)
+        return serve(*args.serve, profile=args.profile_out, heap_mb=args.heap_mb)
+    if args.breakdown_child:
+        return breakdown_child(args.breakdown_child, args.heap_mb)
 
     client = args.client
     if client == "auto":
@@ -378,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _prctl.set_child_subreaper(True)   # so that any process a server leaks is seen (and ended) here
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    failures: list[str] = []
     started = time.monotonic()
     for rnd in range(rounds):
         for handler in handlers:
@@ -386,29 +513,46 @@ def main(argv: list[str] | None = None) -> int:
                 if args.profile:
                     os.makedirs(args.profile, exist_ok=True)
                     prof = os.path.join(args.profile, f"{mode}-{handler}-{rnd}.prof")
-                res = measure(mode, handler, client, seconds, args.connections, prof)
+                for attempt in range(3):
+                    try:
+                        res = measure(mode, handler, client, seconds, args.connections, prof,
+                                      args.heap_mb)
+                        break
+                    except ServerFailed as e:   # reported, then measured again
+                        failures.append(str(e))
+                        print(f"  !! {e}", file=sys.stderr)
+                        if attempt == 2:
+                            raise
                 runs.setdefault((mode, handler), []).append(res)
                 print(f"  round {rnd + 1}/{rounds} {handler:>7} {mode:<18} {res['rps']:9.0f} req/s",
                       file=sys.stderr)
+    bd = breakdown(100 if args.quick else 400, args.heap_mb) if args.breakdown else None
     leaked = descendants_gone()
     rows = summarize(runs)
     print(f"Server throughput: client {client}, {args.connections} keep-alive connections, "
-          f"{seconds:g} s x {rounds} round(s); {os.cpu_count()} CPUs; "
+          f"{seconds:g} s x {rounds} round(s); {os.cpu_count()} CPUs; extra heap {args.heap_mb} MB; "
           f"{time.monotonic() - started:.0f} s in all.\n")
     print(table(rows))
     print()
     for line in verdict(rows):
         print(f"- {line}")
+    if bd is not None:
+        print()
+        print(breakdown_table(bd))
+    for f in failures:
+        print(f"- A server run failed and was measured again: {f}")
     if leaked:
         print(f"- WARNING: processes left behind and killed: {leaked}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"benchmark": "throughput", "client": client, "seconds": seconds,
-                       "rounds": rounds, "connections": args.connections, "every": EVERY,
+                       "rounds": rounds, "connections": args.connections, "heap_mb": args.heap_mb,
+                       "every": EVERY,
                        "handler_1ms": "busy spin on time.perf_counter for 1 ms",
                        "machine": {"nproc": os.cpu_count(), "kernel": platform.release(),
                                    "python": platform.python_version()},
-                       "rows": rows, "verdict": verdict(rows), "leaked": leaked}, f, indent=1)
+                       "rows": rows, "verdict": verdict(rows), "breakdown": bd,
+                       "failures": failures, "leaked": leaked}, f, indent=1)
     return 1 if leaked else 0
 
 
