@@ -50,6 +50,7 @@ class Proc:
     n: int
     chan: socket.socket | None
     born: float = field(default_factory=time.monotonic)
+    lived: bool = False           # has run program code: its channel carries keepers' hellos
 
 
 @dataclass
@@ -61,6 +62,7 @@ class Checkpoint:
     spares: list[Proc] = field(default_factory=list)
     pending: dict[str, Any] | None = None
     want_spares: int = 1
+    awaiting: bool = False        # the keeper has not introduced itself yet
 
 
 def become_shepherd(chan: socket.socket, arena: Arena, live_pid: int, pgid: int, config: Any) -> None:
@@ -137,11 +139,14 @@ class Shepherd:
         self.live: Proc | None = self._add(args["live"], "live", 0, chan)
         self.live_up = True
         self.operator: Any = None
+        self.reaped_unknown: list[int] = []
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def _add(self, pid: int, role: str, n: int, chan: socket.socket | None) -> Proc:
-        proc = Proc(pid, role, n, chan)
-        self.procs[pid] = proc
+        """Track a process; a keeper is added with pid 0 until it introduces itself."""
+        proc = Proc(pid, role, n, chan, lived=(role == "live"))
+        if pid:
+            self.procs[pid] = proc
         if chan is not None:
             chan.setblocking(True)
             self.sel.register(chan, selectors.EVENT_READ, lambda p=proc: self._on_message(p))
@@ -164,6 +169,9 @@ class Shepherd:
         program code next to the restored process.
         """
         proc.role = "dying"
+        if proc.pid <= 0:     # a keeper that has not introduced itself: EOF on its channel ends it
+            self._close(proc)
+            return
         try:
             os.sched_setscheduler(proc.pid, os.SCHED_IDLE, os.sched_param(0))
         except OSError:
@@ -172,7 +180,8 @@ class Shepherd:
             os.kill(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        self._close(proc)
+        if not proc.lived:   # a live process's keepers may still introduce themselves on its channel
+            self._close(proc)
 
     def _send(self, proc: Proc, msg: dict[str, Any]) -> bool:
         if proc.chan is None:
@@ -198,7 +207,7 @@ class Shepherd:
         for s in (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(s, signal.SIG_DFL)     # stop and continue with the job, like the program
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-        _sigutil.restore_mask(watched)
+        _sigutil.restore_mask(_sigutil.mask_of(watched))
         self.sel.register(self.sfd, selectors.EVENT_READ, self._on_signals)
         try:
             from .operator import OperatorServer
@@ -258,14 +267,20 @@ class Shepherd:
         proc = self.procs.get(pid)
         if proc is None:
             log.debug("reaped adopted orphan %d", pid)
+            self.reaped_unknown.append(pid)
+            del self.reaped_unknown[:-64]
             return
         self._drain(proc)     # what it said before dying (a checkpoint it took) comes first
         self.procs.pop(pid, None)
-        self._close(proc)
         if proc.role == "dying":
             return
+        if proc is not self.live:
+            self._close(proc)
+        # A live process's channel stays open until EOF: keepers it forked introduce themselves
+        # on it, possibly after it died.
         if proc is self.live:
             self.live = None
+            proc.role = "dying"       # only its keepers' hellos may still arrive on its channel
             self._on_live_death(status)
             return
         ck = self.ckpts.get(proc.n)
@@ -282,7 +297,7 @@ class Shepherd:
 
     # -- messages -------------------------------------------------------------------------------
     def _drain(self, proc: Proc) -> None:
-        while proc.chan is not None and proc.role != "dying":
+        while proc.chan is not None:
             ready = selectors.DefaultSelector()
             try:
                 ready.register(proc.chan, selectors.EVENT_READ)
@@ -303,6 +318,10 @@ class Shepherd:
                 os.close(fd)
             return
         op = msg.get("op")
+        if proc.role == "dying" and op != "hello":
+            for fd in fds:
+                os.close(fd)
+            return
         handler = getattr(self, f"_op_{op}", None)
         if handler is None:
             for fd in fds:
@@ -313,11 +332,27 @@ class Shepherd:
 
     def _op_snap(self, proc: Proc, msg: dict[str, Any], fds: list[int]) -> None:
         n = int(msg["n"])
-        keeper = self._add(int(msg["pid"]), "keeper", n, socket.socket(fileno=fds[0]))
-        self.ckpts[n] = Checkpoint(n, keeper, bool(msg.get("pin")),
+        self.ckpts[n] = Checkpoint(n, None, bool(msg.get("pin")), awaiting=True,
                                    want_spares=int(msg.get("spares", self.spares)))
         self.current = n
         self._enforce_bounds()
+
+    def _op_hello(self, proc: Proc, msg: dict[str, Any], fds: list[int]) -> None:
+        """A keeper introduces itself, on the channel of the live process that forked it."""
+        n, pid = int(msg["n"]), int(msg["pid"])
+        keeper = self._add(pid, "keeper", n, socket.socket(fileno=fds[0]))
+        ck = self.ckpts.get(n)
+        if pid in self.reaped_unknown:               # it died before we read this
+            self.procs.pop(pid, None)
+            self._close(keeper)
+            self._discard(n, "its keeper died")
+            return
+        if ck is None or not ck.awaiting:
+            self._retire(keeper)
+            return
+        ck.keeper, ck.awaiting = keeper, False
+        if ck.pending is not None:
+            self._send(keeper, {"op": "fork"})
 
     def _op_spare(self, proc: Proc, msg: dict[str, Any], fds: list[int]) -> None:
         n = int(msg["n"])
@@ -457,14 +492,22 @@ class Shepherd:
         while ck.spares:
             spare = ck.spares.pop(0)
             if self._send(spare, dict(info, n=ck.n)):
-                spare.role = "live"
+                spare.role, spare.lived = "live", True
                 self.live, self.live_up = spare, False
                 self._replenish(ck)
                 return
             self._retire(spare)
         ck.pending = info
+        if ck.awaiting:      # the keeper will be asked to fork as soon as it introduces itself
+            self.after(5.0, lambda: self._check_awaiting(ck, info))
+            return
         if ck.keeper is None or not self._send(ck.keeper, {"op": "fork"}):
             log.error("checkpoint %d cannot be restored: its keeper is gone", ck.n)
+            self.shutdown(sig=info["sig"]) if info["sig"] else self.shutdown(code=EX_SOFTWARE)
+
+    def _check_awaiting(self, ck: Checkpoint, info: dict[str, Any]) -> None:
+        if self.ckpts.get(ck.n) is ck and ck.awaiting and ck.pending is info:
+            log.error("checkpoint %d never got its keeper: ending", ck.n)
             self.shutdown(sig=info["sig"]) if info["sig"] else self.shutdown(code=EX_SOFTWARE)
 
     def _replenish(self, ck: Checkpoint) -> None:

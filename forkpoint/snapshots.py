@@ -81,7 +81,7 @@ class CheckpointInfo:
 class _Saved:
     """What a snapshot must put back when it wakes, beyond its memory."""
 
-    mask: set[int]
+    mask: Any
     offsets: dict[int, int]
     itimer: tuple[float, float]
 
@@ -120,10 +120,11 @@ def _file_offsets() -> dict[int, int]:
             flags = fcntl.fcntl(fd, fcntl.F_GETFL)
             if flags & os.O_ACCMODE == os.O_WRONLY or flags & os.O_APPEND:
                 continue
-            if stat.S_ISREG(os.fstat(fd).st_mode):
-                out[fd] = os.lseek(fd, 0, os.SEEK_CUR)
+            out[fd] = os.lseek(fd, 0, os.SEEK_CUR)   # pipes, sockets and ttys fail with ESPIPE
         except OSError:
-            pass
+            continue
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            del out[fd]
     return out
 
 
@@ -135,7 +136,7 @@ def _other_threads() -> int:
     """
     deadline = time.monotonic() + 0.1
     while True:
-        n = len(os.listdir("/proc/self/task")) - 1
+        n = os.stat("/proc/self/task").st_nlink - 3      # ".", ".." and one entry per thread
         if n == 0 or threading.active_count() > 1 or time.monotonic() > deadline:
             return n
         time.sleep(0.001)
@@ -294,7 +295,7 @@ def runtime() -> _Runtime:
 
 
 # ---- snapshot side -------------------------------------------------------------------------------
-def _frozen(rt: _Runtime, n: int, chan: Any, spares: int) -> dict[str, Any]:
+def _frozen(rt: _Runtime, n: int, spares: int) -> dict[str, Any]:
     """Run as keeper of checkpoint ``n``; return the wake-up message in a spare that goes live.
 
     Only a woken spare returns. Every other way out ends the process here, so a snapshot can
@@ -302,14 +303,21 @@ def _frozen(rt: _Runtime, n: int, chan: Any, spares: int) -> dict[str, Any]:
     """
     role = "keeper"
     try:
+        if rt.unidle:
+            _set_idle()          # first: the live process must get the CPU back at once
         shepherd = rt.shepherd_pid
         _prctl.set_pdeathsig(signal.SIGKILL)
         if os.getppid() != shepherd:
             os._exit(0)
         os.setpgid(0, 0)
         _prctl.set_name(f"fp-snap-{n}")
-        if rt.unidle:
-            _set_idle()
+        # Introduce ourselves on the live process's channel (inherited), with a channel of our
+        # own: this work is ours, not the live process's, so it stays off tsetjmp()'s path.
+        chan, theirs = _channel.pair()
+        _channel.send(rt.chan, {"op": "hello", "n": n, "pid": os.getpid()}, (theirs.fileno(),))
+        theirs.close()
+        rt.chan.close()
+        rt.chan = chan
         todo = ["fork"] * spares
         while True:
             if todo:
@@ -402,31 +410,24 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int
         gc.freeze()
     n = rt.arena.take_id()
     _flush_stdio()
-    saved = _Saved(mask=set(), offsets=_file_offsets(), itimer=signal.getitimer(signal.ITIMER_REAL))
-    mine, theirs = _channel.pair()
-    saved.mask = _sigutil.block_all()
+    saved = _Saved(mask=_sigutil.new_mask(), offsets=_file_offsets(),
+                   itimer=signal.getitimer(signal.ITIMER_REAL))
+    # The shepherd hears of the checkpoint before the fork: after it, every page this process
+    # touches is copied on first write, so the parent's side of the fork does as little as it
+    # can. The keeper introduces itself (pid and channel) from its own side.
+    _channel.send(rt.chan, {"op": "snap", "n": n, "pin": bool(pin), "spares": spares})
+    _sigutil.block_all(saved.mask)
     try:
         pid = _clone.clone(sibling=True)
     except BaseException:
         _sigutil.restore_mask(saved.mask)
-        mine.close()
-        theirs.close()
+        _channel.send(rt.chan, {"op": "discard", "n": n, "quiet": True})
         raise
     if pid == 0:
-        live_chan = rt.chan
-        mine.close()
-        live_chan.close()
-        rt.chan = theirs
-        msg = _frozen(rt, n, theirs, spares)
+        msg = _frozen(rt, n, spares)
         _resume(rt, n, saved, msg)
         return n
     _sigutil.restore_mask(saved.mask)
-    theirs.close()
-    try:
-        _channel.send(rt.chan, {"op": "snap", "n": n, "pid": pid, "pin": bool(pin), "spares": spares},
-                      (mine.fileno(),))
-    finally:
-        mine.close()
     rt.current = n
     return n
 
