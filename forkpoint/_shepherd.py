@@ -83,6 +83,9 @@ def become_shepherd(chan: socket.socket, arena: Arena, live_pid: int, pgid: int,
             except OSError as e:
                 log.warning("could not exec the shepherd (%s); it runs in the original process", e)
         Shepherd(chan, arena, args).run()
+    except BaseException:
+        log.exception("the shepherd failed; the program ends")
+        raise
     finally:
         os._exit(EX_SOFTWARE)
 
@@ -100,6 +103,9 @@ def main() -> None:
     arena = Arena(args["arena_fd"], args["arena_size"], create=False)
     try:
         Shepherd(chan, arena, args).run()
+    except BaseException:
+        logger.exception("the shepherd failed; the program ends")
+        raise
     finally:
         os._exit(EX_SOFTWARE)
 
