@@ -24,7 +24,6 @@ import pickle
 import struct
 import time
 import zlib
-from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
 from ._errors import ArenaFull, CacheCorrupted, ConfigurationError, RegionMismatch
@@ -263,9 +262,12 @@ class Arena:
     def cache_in(self, name: str, data: Any) -> None:
         name = _check_name(name)
         if isinstance(data, (bytes, bytearray, memoryview)):
-            payload = _TAG_BYTES + bytes(data)
+            view = memoryview(data)
+            body = view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
+            tag = _TAG_BYTES
         else:
-            payload = _TAG_PICKLE + pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)
+            tag, body = _TAG_PICKLE, memoryview(pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL))
+        size = 1 + body.nbytes
         slot = self._find(name)
         if slot is None:
             slot = self._new_slot(name, _COMMIT_CACHE, 0, 0)
@@ -275,18 +277,19 @@ class Arena:
             raise RegionMismatch(f"{name!r} is a persistent region, not a cache entry")
         gen = int(self.words[w + _GEN])
         b = w + 13 + 4 * ((gen + 1) & 1)     # the inactive buffer
-        if self.words[b + 1] < len(payload):
-            cap = max(len(payload), 2 * int(self.words[b + 1]))
+        if self.words[b + 1] < size:
+            cap = max(size, 2 * int(self.words[b + 1]))
             if _DATA_OFF + cap > self.size:
-                cap = len(payload)
+                cap = size
             off = self._alloc(cap, f"cache(IN, {name!r})")
             self.words[b + 1] = 0
             self.words[b] = off
             self.words[b + 1] = cap
         off = int(self.words[b])
-        self.map[off:off + len(payload)] = payload
-        self.words[b + 2] = len(payload)
-        self.words[b + 3] = zlib.crc32(payload) ^ (len(payload) << 32)
+        self.map[off:off + 1] = tag
+        self.map[off + 1:off + size] = body            # one copy, straight into the arena
+        self.words[b + 2] = size
+        self.words[b + 3] = zlib.crc32(body, zlib.crc32(tag)) ^ (size << 32)
         self.words[w + _GEN] = gen + 1      # commit: OUT reads this buffer from now on
 
     def cache_out(self, name: str) -> Any:
@@ -305,14 +308,17 @@ class Arena:
         off, cap, n, crc = (int(x) for x in self.words[b:b + 4])
         if not (_DATA_OFF <= off and n <= cap and off + cap <= self.size and n >= 1):
             raise CacheCorrupted(f"cache entry {name!r} points outside the arena")
-        payload = self.map[off:off + n]
-        if zlib.crc32(payload) ^ (n << 32) != crc:
-            raise CacheCorrupted(f"cache entry {name!r} failed its checksum")
-        tag, body = payload[:1], payload[1:]
-        if tag == _TAG_BYTES:
-            return body
-        if tag == _TAG_PICKLE:
-            return pickle.loads(body)
+        payload = memoryview(self.map)[off:off + n]      # checked in place, copied once
+        try:
+            if zlib.crc32(payload) ^ (n << 32) != crc:
+                raise CacheCorrupted(f"cache entry {name!r} failed its checksum")
+            tag, body = payload[:1].tobytes(), payload[1:]
+            if tag == _TAG_BYTES:
+                return body.tobytes()
+            if tag == _TAG_PICKLE:
+                return pickle.loads(body)
+        finally:
+            payload.release()
         raise CacheCorrupted(f"cache entry {name!r} has an unknown type tag")
 
     def names(self) -> list[str]:
@@ -359,23 +365,30 @@ def history() -> list[HistoryRecord]:
     return _arena().history()
 
 
-@dataclass
 class PersistentInt:
     """A signed 64-bit integer in persistent memory (``.value``), e.g. an iteration counter."""
 
-    _view: memoryview
+    __slots__ = ("_view",)
+
+    def __init__(self, view: memoryview) -> None:
+        self._view = view
 
     @property
     def value(self) -> int:
-        return int(self._view[0])
+        return self._view[0]
 
     @value.setter
     def value(self, v: int) -> None:
         self._view[0] = v
 
     def add(self, n: int = 1) -> int:
-        self._view[0] += n
-        return int(self._view[0])
+        view = self._view
+        v = view[0] + n
+        view[0] = v
+        return v
+
+    def __repr__(self) -> str:
+        return f"PersistentInt({self._view[0]})"
 
 
 def persist_int(name: str) -> PersistentInt:
