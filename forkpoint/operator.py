@@ -224,9 +224,10 @@ class OperatorServer:
         bases = base_dirs()
         if not bases:
             raise OSError(errno.ENOENT, "no usable directory for the operator socket")
-        errors = []
         for base in bases:
             cleanup_stale(base)
+        errors = []
+        for base in bases:
             try:
                 self._listen(base)
                 break
@@ -597,11 +598,22 @@ def connect(pid: int, timeout: float = 10.0) -> socket.socket:
         raise OperatorError("nosuchprocess", f"no process with PID {pid}")
     denied = None
     stale = False
+    deadline = time.monotonic() + timeout
     for path in socket_candidates(pid):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
-            sock.connect(path)
+            while True:
+                try:
+                    sock.connect(path)
+                    break
+                except BlockingIOError:   # the listen backlog is full: the program is busy
+                    if time.monotonic() > deadline:
+                        sock.close()
+                        raise OperatorError("busy", f"program {pid} is not accepting connections "
+                                                    f"(its control socket's backlog stayed full for "
+                                                    f"{timeout:g}s)") from None
+                    time.sleep(0.01)
         except (FileNotFoundError, NotADirectoryError):
             sock.close()
             continue
@@ -675,6 +687,18 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     """The arguments of subcommand ``name`` (ls, restore, discard or status)."""
     parser.add_argument("pid", type=_positive, metavar="PID",
@@ -685,7 +709,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         parser.add_argument("--reason", default="", help="recorded in the program's jump history")
     if name in ("ls", "status"):
         parser.add_argument("--json", action="store_true", help="print JSON")
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for an answer")
+    parser.add_argument("--timeout", type=_seconds, default=10.0, help="seconds to wait for an answer")
 
 
 def _size(n: int) -> str:
