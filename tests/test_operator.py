@@ -309,12 +309,12 @@ def test_stale_dir_of_a_sigkilled_shepherd_is_cleaned_by_the_next_run(tmp_path, 
         prog2 = tmp_path / "second"
         prog2.mkdir()
         r = run_py("""
-            import os, forkpoint as fp
+            import json, os, forkpoint as fp
             fp.tsetjmp()
-            print(sorted(os.listdir(os.environ["XDG_RUNTIME_DIR"])), flush=True)
+            print(json.dumps(sorted(os.listdir(os.environ["XDG_RUNTIME_DIR"]))), flush=True)
         """, prog2, XDG_RUNTIME_DIR=xdg)
         assert r.returncode == 0, r.stderr
-        seen = eval(r.stdout.strip())  # noqa: S307 - our own program's output
+        seen = json.loads(r.stdout)
         assert f"forkpoint-{dead.pid}" not in seen, "stale directory not cleaned"
         assert f"forkpoint-{os.getpid()}" not in seen, "directory older than its PID's process not cleaned"
         assert f"forkpoint-{running.pid}" in seen and "forkpoint-notapid" in seen
