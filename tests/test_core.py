@@ -133,6 +133,17 @@ def test_exit_status_and_pid_are_the_programs(tmp_path):
     assert proc.wait(10) == -signal.SIGTERM
 
 
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGBUS])
+def test_death_of_the_live_process_is_the_programs_death(tmp_path, sig):
+    """Invariant 2: without recovery, the face PID dies by the very signal the live process died of."""
+    r = run_py(HEADER + f"""
+    fp.tsetjmp()
+    os.kill(os.getpid(), {int(sig)})
+    time.sleep(5)
+    """, tmp_path)
+    assert r.returncode == -sig, (r.returncode, r.stderr)
+
+
 def test_signals_to_the_pid_reach_the_live_program_exactly_once(tmp_path):
     proc = start_py(HEADER + """
     got = []
