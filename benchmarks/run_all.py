@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -50,20 +51,27 @@ How each figure is taken (see `forkpoint/bench.py`):
 
 {targets}
 
-Where the time goes (measured by instrumenting the calls; see the report of the change that added this
-file):
+Where the time goes (measured by instrumenting the calls):
 
-- `tsetjmp` pays the fork of the process plus a fixed ~1 ms: most of it is the parent's first
-  copy-on-write faults on the interpreter's own pages right after the fork (restoring the signal mask
-  costs 0.07 ms unforked and ~0.4 ms as the first thing after the fork), the rest is the bookkeeping
-  (open-file offsets, the socketpair to the shepherd, the message). The fork floor is timed until
-  `fork()` returns and so pays none of these faults. The ratio therefore falls as the heap grows and
-  the fork itself dominates (about 1.2-1.3x at 1 GB, 2-2.5x at 10 MB).
-- `tlongjmp` is flat in the heap size (the teardown of the killed process is off the restore path, even
-  after it rewrote a whole 1 GB heap), but about 1.2-1.5 ms rather than under 1 ms: roughly 0.6-0.8 ms
-  from the call until the spare is woken (the request, the shepherd's policy decision and history
-  record, the kill) and 0.5 ms in the woken spare before the program runs (its own first
-  copy-on-write faults, and `_resume`).
+- `tsetjmp` is the fork plus a fixed cost of a few tenths of a millisecond, so the ratio to the floor
+  falls as the heap grows and the page-table copy dominates (about 1.0-1.1x from 100 MB up; 1.5-1.6x
+  at 10 MB, where the fork itself takes half a millisecond). The fixed part is the bookkeeping before
+  the fork (open-file offsets, the message to the shepherd: about 0.05 ms) and, mostly, the parent's
+  first copy-on-write faults on the interpreter's own pages between the fork and the return. The fork
+  floor is timed until `fork()` returns and pays none of those. Two changes took most of the fixed
+  cost out: signal masks are set with raw `sigset_t` buffers (converting Python sets of `Signals`
+  touched dozens of pages right after the fork, 0.2 ms), and the keeper announces itself and makes
+  its own channel to the shepherd, so the live process sends one small message before the fork and
+  does nothing but restore its mask after it.
+- `tlongjmp` stays well under a millisecond and nearly flat in the heap size: the request, the
+  shepherd's decision and history record, the kill, and the wake-up of a spare that has already taken
+  its copy-on-write faults for the wake-up machinery while frozen. "After rewriting heap" is the same
+  restore when the killed process owns a private copy of the whole heap: its teardown runs at
+  SCHED_IDLE off the restore path, but still costs the restored process a few tenths of a millisecond
+  at 100 MB and more.
+- An earlier version measured 2.1-2.5x and 1.2-1.5 ms on this machine while other test suites loaded
+  both cores; the figures above are from a quiet machine, so the improvement is partly the code and
+  partly the quiet.
 
 ## The gc_freeze setting
 
@@ -101,6 +109,63 @@ def targets_text(data: dict) -> str:
     return "\n".join(lines)
 
 
+SERVER_PERSIST = """
+## Server throughput with `@checkpointed` (issue 5)
+
+`benchmarks/throughput.py --breakdown`: one single-threaded keep-alive HTTP server on 127.0.0.1 (a
+`selectors` loop, one `handle(path)` call per request, modelled on the demo's store), each
+configuration its own server process, driven by wrk (1 thread, 4 connections) when installed, else an
+asyncio client. `none`: no forkpoint. `per-request`: `@forkpoint.checkpointed` on the handler (per-call
+default `spares=0`); `per-request+spare`: the same with `spares=1`; `every-100`: `tsetjmp()` on every
+100th request and `discard()` of the previous one. `1ms` is 1 ms of busy work (a spin: a sleep would
+leave the CPU to the checkpoint's processes and flatter forkpoint). The load generator shares the 2
+cores with the server. "checkpoints / requests" is counted by the server.
+
+{throughput}
+
+A checkpoint per request costs about one fork of the server (page tables, proportional to its
+resident memory: about 20 us per MB here) plus the copy-on-write faults the live process takes while
+the checkpoint exists (about 200 per request), so it pays off for handlers that are not trivial: with
+1 ms of work it keeps about half the throughput, and a checkpoint every 100 requests costs almost
+nothing. A pre-forked spare does not pay for itself on the success path (most per-call checkpoints are
+never restored), hence `spares=0` for per-call checkpoints; the restore then forks on demand. A server
+with a large heap should checkpoint less often (a loop checkpoint plus per-request quarantine) or keep
+bulk data in `persist()` regions, which are shared mappings whose pages a fork does not copy.
+
+## persist() and cache() (issue 3)
+
+`benchmarks/persist_bench.py`: ratio = forkpoint time / baseline time (below 1: forkpoint faster). The
+pickle baseline writes to /tmp (ext4 on the VM's virtio disk, whose fsync the host may absorb: cheaper
+than a real disk) and loads from the page cache.
+
+{persist}
+
+persist writes cost what bytearray writes cost once a page is touched (the first touch of a memfd page
+costs a little more than an anonymous zero page). `cache(IN)` beats pickle + fsync at every size since
+nothing goes to a disk; `cache(OUT)` is dominated by its CRC32 (about 4 GB/s, the fastest checksum the
+standard library has: adler32 and blake2b measured slower), which a plain `pickle.load` from the page
+cache does not pay: the price of refusing a corrupted entry instead of returning it.
+"""
+
+
+def server_and_persist(results: Path, rerun: bool) -> str:
+    """Run (or re-read) the throughput and persist benchmarks; their markdown goes into the doc."""
+    import subprocess
+
+    out = {}
+    runs = (("throughput", "throughput.py", ["--breakdown"]), ("persist", "persist_bench.py", []))
+    for name, script, extra in runs:
+        md = results / f"{name}.md"
+        if rerun or not md.exists():
+            r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *extra,
+                                "--json", str(results / f"{name}.json")],
+                               capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            r.check_returncode()
+            md.write_text(r.stdout)
+        out[name] = md.read_text().strip()
+    return SERVER_PERSIST.format(**out)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="10M,100M,1G")
@@ -110,6 +175,8 @@ def main() -> int:
     p.add_argument("--note", default="Other work (another engineer's test runs) ran on the machine at "
                    "the same time; the min column is the least disturbed figure.")
     p.add_argument("--from-json", metavar="FILE", help="only render FILE (figures of an earlier run)")
+    p.add_argument("--no-server-persist", action="store_true",
+                   help="skip benchmarks/throughput.py and persist_bench.py (about 90 s)")
     args = p.parse_args()
     if args.from_json:
         data = json.loads(Path(args.from_json).read_text())
@@ -122,6 +189,8 @@ def main() -> int:
     text = HEADER.format(nproc=m["nproc"], cpu=m["cpu"], memory=m["memory"] / (1 << 30), kernel=m["kernel"],
                          python=m["python"], date=m["date"], note=args.note, targets=targets_text(data))
     text += bench.tables(data).replace("### ", "## ")
+    if not args.no_server_persist:
+        text += server_and_persist(Path(args.json).parent, rerun=not args.from_json)
     try:
         bench.plot(data, args.plot)
         text += f"\n![checkpoint and restore time against heap size]({Path(args.plot).name})\n"
