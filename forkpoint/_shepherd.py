@@ -434,6 +434,13 @@ class Shepherd:
             self.shutdown(code=os.WEXITSTATUS(status))
         sig = os.WTERMSIG(status)
         pol = self.policy.policy
+        armed = self.arena.watchdog()
+        self.arena.set_watchdog(None)
+        if sig == signal.SIGKILL and armed is not None and time.monotonic() >= armed[0] - 0.05:
+            target = armed[1] or self.current
+            if target in self.ckpts:      # the watchdog's kill timer: a hang the handler could not cut
+                self._failure(target, signal.SIGALRM, "timeout (stuck in native code: killed)", None)
+                return
         if sig in pol.signals:
             target = pol.to or self.current
             if target in self.ckpts:
@@ -449,6 +456,7 @@ class Shepherd:
         detected = time.monotonic()
         key = self.arena.processing()
         self.arena.set_processing(None)
+        self.arena.set_watchdog(None)
         from_state = self.current
         if operator:
             decision = Decision("restore", target, 0.0, 1, cause, None)

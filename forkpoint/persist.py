@@ -38,7 +38,7 @@ MIN_SIZE = 1 << 20
 MAX_NAME = 64
 
 # Header words (8 bytes each) at offset 0.
-_H_MAGIC, _H_VERSION, _H_SIZE, _H_NEXT_ID, _H_TOP, _H_HISTORY, _H_START = range(7)
+_H_MAGIC, _H_VERSION, _H_SIZE, _H_NEXT_ID, _H_TOP, _H_HISTORY, _H_START, _H_WD_AT, _H_WD_TO = range(9)
 _PROCESSING_OFF = 512          # generation word, length word, then up to 256 bytes of key
 _PROCESSING_MAX = 256
 _HEADER_SIZE = 4096
@@ -147,6 +147,22 @@ class Arena:
         if n == 0 or n > _PROCESSING_MAX:
             return None
         return self.map[_PROCESSING_OFF + 16:_PROCESSING_OFF + 16 + n].decode(errors="replace")
+
+    # -- the armed watchdog's hard deadline (written by the live process, read by the shepherd) ---
+    def set_watchdog(self, kill_at: float | None, target: int = 0) -> None:
+        """Record that the live process will be SIGKILLed at ``kill_at`` (CLOCK_MONOTONIC) if a
+        watchdog's handler cannot run, and which checkpoint to restore then; None clears it."""
+        if kill_at is None:
+            self.words[_H_WD_AT] = 0
+            return
+        self.words[_H_WD_TO] = target
+        self.words[_H_WD_AT] = struct.unpack("Q", struct.pack("d", kill_at))[0]
+
+    def watchdog(self) -> tuple[float, int] | None:
+        raw = int(self.words[_H_WD_AT])
+        if raw == 0:
+            return None
+        return struct.unpack("d", struct.pack("Q", raw))[0], int(self.words[_H_WD_TO])
 
     # -- history (single writer: the shepherd) ----------------------------------------------------
     def append_history(self, from_state: int, to_state: int, sig: int, reason: str,

@@ -6,6 +6,7 @@ shepherd (see ``policy``), in the arena, so every later process of the program r
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import signal
@@ -93,22 +94,68 @@ def processing(key: str) -> Iterator[str]:
         arena.set_processing(None)
 
 
+class _KillTimer:
+    """A POSIX timer that SIGKILLs this process: the watchdog's last resort.
+
+    A Python signal handler only runs between bytecodes; code stuck in C (a regular expression that
+    backtracks forever, a native library spinning) never returns to the interpreter, so the SIGALRM
+    handler never runs. The kernel delivers SIGKILL regardless, and the shepherd, which sees the
+    death and the deadline recorded in the arena, restores the checkpoint as for a timeout.
+    """
+
+    class _SigEvent(ctypes.Structure):
+        _fields_ = [("value", ctypes.c_void_p), ("signo", ctypes.c_int), ("notify", ctypes.c_int),
+                    ("_pad", ctypes.c_byte * 48)]
+
+    class _TimeSpec(ctypes.Structure):
+        _fields_ = [("sec", ctypes.c_long), ("nsec", ctypes.c_long)]
+
+    class _ITimerSpec(ctypes.Structure):
+        _fields_ = [("interval", ctypes.c_long * 2), ("value", ctypes.c_long * 2)]
+
+    _libc = ctypes.CDLL(None, use_errno=True)
+
+    def __init__(self, seconds: float) -> None:
+        self.id = ctypes.c_void_p()
+        ev = self._SigEvent(signo=signal.SIGKILL, notify=0)          # SIGEV_SIGNAL
+        if self._libc.timer_create(time.CLOCK_MONOTONIC, ctypes.byref(ev), ctypes.byref(self.id)) != 0:
+            raise OSError(ctypes.get_errno(), "timer_create")
+        whole = int(seconds)
+        spec = self._ITimerSpec(value=(ctypes.c_long * 2)(whole, int((seconds - whole) * 1e9)))
+        if self._libc.timer_settime(self.id, 0, ctypes.byref(spec), None) != 0:
+            self.cancel()
+            raise OSError(ctypes.get_errno(), "timer_settime")
+
+    def cancel(self) -> None:
+        self._libc.timer_delete(self.id)
+
+
 @contextmanager
-def watchdog(seconds: float, *, to: int = 0) -> Iterator[None]:
+def watchdog(seconds: float, *, to: int = 0, hard_after: float = 1.0) -> Iterator[None]:
     """Roll back to checkpoint ``to`` (0: the current one) if the block runs longer than ``seconds``.
 
     A SIGALRM timer is armed on entry and cleared on exit; the program's own handler and timer are
-    put back (the timer with the time spent in the block deducted).
+    put back (the timer with the time spent in the block deducted). If the handler cannot run
+    ``hard_after`` seconds past the deadline (the program is stuck in C code), the process is
+    SIGKILLed and the shepherd restores the checkpoint all the same; ``CKPT_SIGTYPE`` is SIGALRM
+    either way.
     """
-    from .snapshots import tlongjmp
+    from .snapshots import current_state, runtime, tlongjmp
 
     if not seconds > 0:
         raise ValueError(f"watchdog needs a positive number of seconds, got {seconds!r}")
+    if not hard_after > 0:
+        raise ValueError(f"hard_after must be a positive number of seconds, got {hard_after!r}")
 
     def _expired(signum: int, frame: Any) -> None:
         log.warning("watchdog: block ran longer than %gs, rolling back", seconds)
         tlongjmp(to, sig=signal.SIGALRM, reason="timeout")
 
+    arena = runtime().arena if runtime().started else None
+    killer = None
+    if arena is not None:
+        arena.set_watchdog(time.monotonic() + seconds + hard_after, to or current_state())
+        killer = _KillTimer(seconds + hard_after)
     old_handler = signal.signal(signal.SIGALRM, _expired)
     old_timer = signal.setitimer(signal.ITIMER_REAL, seconds)
     started = time.monotonic()
@@ -116,6 +163,9 @@ def watchdog(seconds: float, *, to: int = 0) -> Iterator[None]:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
+        if killer is not None:
+            killer.cancel()
+            arena.set_watchdog(None)
         signal.signal(signal.SIGALRM, old_handler)
         if old_timer[0] > 0:
             left = max(old_timer[0] - (time.monotonic() - started), 1e-6)

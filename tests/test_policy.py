@@ -206,3 +206,44 @@ def test_policy_counts_per_checkpoint_and_signal():
     assert [x.action for x in d2] == ["restore", "restore", "give_up"]
     later = rp.decide(7, 11, None, [3, 5, 7], now=100, cause="c")
     assert later.action == "restore" and later.attempt == 1
+
+
+def test_watchdog_kills_a_hang_its_handler_cannot_reach(tmp_path):
+    """Code that never lets the SIGALRM handler run (here: SIGALRM blocked, as native code may do)
+    is SIGKILLed by the watchdog's kill timer, and the shepherd restores it as a timeout."""
+    r = run_py(HEADER + """
+    for item in ["ok1", "stuck", "ok2"]:
+        fp.tsetjmp()
+        try:
+            with fp.processing(item), fp.watchdog(0.2, hard_after=0.3):
+                if item == "stuck":
+                    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+                    while True:
+                        pass
+                print("served", item, flush=True)
+        except fp.Quarantined as e:
+            print("skipped", e.key, flush=True)
+    h = fp.history()
+    print("restored", h[0].reason, h[0].signal == signal.SIGALRM, h[0].key)
+    print("mask restored", signal.SIGALRM not in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["served ok1", "skipped stuck", "served ok2",
+                                     "restored timeout (stuck in native code: killed) True stuck",
+                                     "mask restored True"]
+
+
+def test_watchdog_cuts_catastrophic_regex_backtracking(tmp_path):
+    r = run_py(HEADER + """
+    import re
+    for item in ["aaa", "a" * 40 + "!", "aa"]:
+        fp.tsetjmp()
+        try:
+            with fp.processing(item), fp.watchdog(0.2, hard_after=0.3):
+                re.match(r"(a+)+$", item)
+                print("served", item, flush=True)
+        except fp.Quarantined as e:
+            print("skipped", len(e.key), flush=True)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["served aaa", "skipped 41", "served aa"]
