@@ -270,6 +270,8 @@ class Shepherd:
             self._on_exit(pid, status)
 
     def _on_exit(self, pid: int, status: int) -> None:
+        if self.live is not None and self.live.pid != pid:
+            self._drain(self.live)    # a committed transaction may have discarded this process
         proc = self.procs.get(pid)
         if proc is None:
             log.debug("reaped adopted orphan %d", pid)

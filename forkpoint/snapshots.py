@@ -196,6 +196,7 @@ class _Runtime:
         self.attempt = 0
         self.recovery_seconds = 0.0
         self.unidle = False
+        self.keeper: tuple[int, int] | None = None     # (checkpoint, pidfd) of the newest keeper
 
     # -- checks -----------------------------------------------------------------------------------
     @property
@@ -270,6 +271,29 @@ class _Runtime:
         from . import _shepherd  # never returns
 
         _shepherd.become_shepherd(theirs, arena, pid, self.pgid, self.config)
+
+    # -- the newest keeper, which a committing transaction kills itself --------------------------
+    def hold_keeper(self, n: int, pid: int) -> None:
+        """Keep a pidfd of checkpoint ``n``'s keeper (a pidfd cannot hit a recycled pid)."""
+        if self.keeper is not None:
+            os.close(self.keeper[1])
+            self.keeper = None
+        try:
+            self.keeper = (n, os.pidfd_open(pid))
+        except (OSError, AttributeError):      # before Linux 5.3: the shepherd kills it alone
+            pass
+
+    def kill_keeper(self, n: int) -> None:
+        if self.keeper is None or self.keeper[0] != n:
+            return
+        _, fd = self.keeper
+        self.keeper = None
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     # -- requests to the shepherd -----------------------------------------------------------------
     def request(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -458,6 +482,7 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int
         _resume(rt, n, saved, msg)
         return n
     _sigutil.restore_mask(saved.mask)
+    rt.hold_keeper(n, pid)
     rt.current = n
     return n
 
@@ -592,6 +617,9 @@ def _release(n: int, current: int) -> None:
     rt = _rt
     rt.current = current
     _channel.send(rt.chan, {"op": "discard", "n": n, "quiet": True, "current": current})
+    # Kill the keeper ourselves rather than wait for the shepherd to: until it is gone, every page
+    # this process writes is still copied (measured: +40% requests/s for a trivial handler).
+    rt.kill_keeper(n)
 
 
 def checkpoints() -> list[CheckpointInfo]:
