@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import resource
 import selectors
 import signal
@@ -39,6 +40,12 @@ FORWARDED = {signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signa
 # The terminal sends these to its whole foreground process group, the live process included.
 TTY_SIGNALS = {signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGWINCH}
 EX_SOFTWARE = 70
+# faulthandler's first line names the signal (Python/faulthandler.c: faulthandler_handlers).
+_FAULT_HEADER = re.compile(rb"Fatal Python error: (Segmentation fault|Bus error|Floating point "
+                           rb"exception|Aborted|Illegal instruction)\n")
+_FAULT_SIGNALS = {"Segmentation fault": signal.SIGSEGV, "Bus error": signal.SIGBUS,
+                  "Floating point exception": signal.SIGFPE, "Aborted": signal.SIGABRT,
+                  "Illegal instruction": signal.SIGILL}
 _ENV = "FORKPOINT_SHEPHERD_ARGS"
 _BOOT = "import sys;sys.path.insert(0,sys.argv[1]);from forkpoint._shepherd import main;main()"
 
@@ -65,9 +72,10 @@ class Checkpoint:
     awaiting: bool = False        # the keeper has not introduced itself yet
 
 
-def become_shepherd(chan: socket.socket, arena: Arena, live_pid: int, pgid: int, config: Any) -> None:
+def become_shepherd(chan: socket.socket, arena: Arena, live_pid: int, pgid: int, config: Any,
+                    faults: int) -> None:
     """Turn the original process into the shepherd; never returns."""
-    args = {"chan": chan.fileno(), "arena_fd": arena.fd, "arena_size": arena.size,
+    args = {"chan": chan.fileno(), "arena_fd": arena.fd, "arena_size": arena.size, "faults": faults,
             "live": live_pid, "pgid": pgid, "max_checkpoints": config.max_checkpoints,
             "spares": config.spares, "max_snapshot_memory": config.max_snapshot_memory,
             "level": logging.getLogger("forkpoint").getEffectiveLevel()}
@@ -75,6 +83,7 @@ def become_shepherd(chan: socket.socket, arena: Arena, live_pid: int, pgid: int,
         if config.shepherd_exec and sys.executable:
             os.set_inheritable(chan.fileno(), True)
             os.set_inheritable(arena.fd, True)
+            os.set_inheritable(faults, True)
             root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             env = dict(os.environ, **{_ENV: json.dumps(args)})
             argv = [sys.executable, "-I", "-S", "-c", _BOOT, root, "fp-shepherd", *sys.orig_argv]
@@ -146,6 +155,8 @@ class Shepherd:
         self.live_up = True
         self.operator: Any = None
         self.reaped_unknown: list[int] = []
+        self.faults: int | None = args.get("faults")
+        self.fault_tail = b""
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def _add(self, pid: int, role: str, n: int, chan: socket.socket | None) -> Proc:
@@ -215,6 +226,9 @@ class Shepherd:
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         _sigutil.restore_mask(_sigutil.mask_of(watched))
         self.sel.register(self.sfd, selectors.EVENT_READ, self._on_signals)
+        if self.faults is not None:
+            os.set_blocking(self.faults, False)
+            self.sel.register(self.faults, selectors.EVENT_READ, self._on_fault_report)
         try:
             from .operator import OperatorServer
             self.operator = OperatorServer(self)
@@ -249,6 +263,57 @@ class Shepherd:
                 self._forward(sig)
         if reap:
             self._reap()
+
+    def _on_fault_report(self) -> None:
+        """faulthandler in the live process reports a fatal signal, before the process dies.
+
+        The text goes on to the program's stderr, where faulthandler would have written it; a
+        report's first line names the signal, which decides at once whether to restore.
+        """
+        assert self.faults is not None
+        try:
+            chunk = os.read(self.faults, 65536)
+        except BlockingIOError:
+            return
+        if not chunk:
+            self.sel.unregister(self.faults)
+            return
+        try:
+            os.write(2, chunk)
+        except OSError:
+            pass
+        text = self.fault_tail + chunk
+        end = 0
+        for header in _FAULT_HEADER.finditer(text):
+            end = header.end()
+            self._on_fault(_FAULT_SIGNALS[header.group(1).decode()])
+        self.fault_tail = text[max(end, len(text) - 64):]     # a header split across two reads
+
+    def _on_fault(self, sig: int) -> None:
+        live = self.live
+        if live is None:
+            return
+        self._drain(live)               # a checkpoint it took just before comes first
+        pol = self.policy.policy
+        target = pol.to or self.current
+        if sig not in pol.signals or target not in self.ckpts:
+            return                      # it dies as it would have; the reaper takes it from there
+        self.live = None
+        live.role = "dying"
+        try:
+            os.sched_setscheduler(live.pid, os.SCHED_IDLE, os.sched_param(0))
+        except OSError:
+            pass
+        # It is inside faulthandler's C handler and will die by the signal; if it lingers, kill it.
+        self.after(1.0, lambda: self._kill_if_alive(live))
+        self._failure(target, sig, f"killed by {signal.Signals(sig).name}", None)
+
+    def _kill_if_alive(self, proc: Proc) -> None:
+        if proc.pid in self.procs:
+            try:
+                os.kill(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def _forward(self, sig: int) -> None:
         if self.live is not None and self.live_up:

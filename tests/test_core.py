@@ -508,3 +508,20 @@ def test_recover_on_restores_the_chosen_checkpoint(tmp_path):
     """, tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[-1] == f"at 1 to 1 from 2 sig {int(signal.SIGABRT)}"
+
+
+def test_a_fault_is_reported_and_recovered_before_the_process_is_torn_down(tmp_path):
+    """faulthandler tells the shepherd of the segfault at once; its traceback still reaches stderr."""
+    r = run_py(HEADER + """
+    fp.recover_on(signal.SIGSEGV, signal.SIGFPE)
+    n = fp.tsetjmp()
+    if not fp.chkpt_status(fp.CHKPT_RECOVERED):
+        def deep_in_the_handler():
+            ctypes.string_at(0)
+        deep_in_the_handler()
+    print("recovered", fp.chkpt_status(fp.CKPT_SIGTYPE) == signal.SIGSEGV, len(fp.history()))
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "recovered True 1"
+    assert "Fatal Python error: Segmentation fault" in r.stderr
+    assert "in deep_in_the_handler" in r.stderr
