@@ -157,6 +157,7 @@ class Shepherd:
         self.reaped_unknown: list[int] = []
         self.faults: int | None = args.get("faults")
         self.fault_tail = b""
+        self.fault_report = b""
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def _add(self, pid: int, role: str, n: int, chan: socket.socket | None) -> Proc:
@@ -278,16 +279,22 @@ class Shepherd:
         if not chunk:
             self.sel.unregister(self.faults)
             return
-        try:
-            os.write(2, chunk)
-        except OSError:
-            pass
+        if not self.fault_report:
+            self.after(0.05, self._flush_fault_report)     # a report arrives in many small writes
+        self.fault_report += chunk
         text = self.fault_tail + chunk
         end = 0
         for header in _FAULT_HEADER.finditer(text):
             end = header.end()
             self._on_fault(_FAULT_SIGNALS[header.group(1).decode()])
         self.fault_tail = text[max(end, len(text) - 64):]     # a header split across two reads
+
+    def _flush_fault_report(self) -> None:
+        report, self.fault_report = self.fault_report, b""
+        try:
+            os.write(2, report)
+        except OSError:
+            pass
 
     def _on_fault(self, sig: int) -> None:
         live = self.live
@@ -670,6 +677,12 @@ class Shepherd:
                 self.procs.pop(pid, None)
         if self.operator is not None:
             self.operator.close()
+        if self.faults is not None:
+            try:
+                self.fault_report += os.read(self.faults, 65536)
+            except OSError:
+                pass
+            self._flush_fault_report()
         if sig:
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
             if sig not in (signal.SIGKILL, signal.SIGSTOP):
