@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import resource
+import select
 import selectors
 import signal
 import socket
@@ -70,6 +71,14 @@ class Checkpoint:
     pending: dict[str, Any] | None = None
     want_spares: int = 1
     awaiting: bool = False        # the keeper has not introduced itself yet
+    announcer: Any = None         # the live process that took it: its keeper says hello on its channel
+
+
+def _signame(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
 
 
 def become_shepherd(chan: socket.socket, arena: Arena, live_pid: int, pgid: int, config: Any,
@@ -86,6 +95,8 @@ def become_shepherd(chan: socket.socket, arena: Arena, live_pid: int, pgid: int,
             os.set_inheritable(faults, True)
             root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             env = dict(os.environ, **{_ENV: json.dumps(args)})
+            for which in (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF):
+                signal.setitimer(which, 0)   # exec keeps timers; the live process has its own copy
             argv = [sys.executable, "-I", "-S", "-c", _BOOT, root, "fp-shepherd", *sys.orig_argv]
             try:
                 os.execve(sys.executable, argv, env)
@@ -154,7 +165,8 @@ class Shepherd:
         self.live: Proc | None = self._add(args["live"], "live", 0, chan)
         self.live_up = True
         self.operator: Any = None
-        self.reaped_unknown: list[int] = []
+        self.reaped_unknown: list[tuple[int, float]] = []   # recently reaped pids we did not know
+        self.list_waiters: list[Proc] = []
         self.faults: int | None = args.get("faults")
         self.fault_tail = b""
         self.fault_report = b""
@@ -217,6 +229,9 @@ class Shepherd:
     def run(self) -> None:
         _prctl.set_child_subreaper(True)
         _prctl.set_name("fp-shepherd")
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:                 # two channels per checkpoint, and the operator's clients
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         for which in (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF):
             signal.setitimer(which, 0)   # exec kept the program's timers; the live process has them
         watched = FORWARDED | {signal.SIGCHLD}
@@ -258,26 +273,30 @@ class Shepherd:
         for sig, code, _pid in _sigutil.read_signalfd(self.sfd):
             if sig == signal.SIGCHLD:
                 reap = True
-            elif code == _sigutil.SI_KERNEL and sig in TTY_SIGNALS:
+            elif code == _sigutil.SI_KERNEL and sig in TTY_SIGNALS and self.live is not None and self.live_up:
                 continue  # typed at the terminal: the live process received it directly
             else:
                 self._forward(sig)
         if reap:
             self._reap()
 
-    def _on_fault_report(self) -> None:
+    def _on_fault_report(self, act: bool = True) -> None:
         """faulthandler in the live process reports a fatal signal, before the process dies.
 
         The text goes on to the program's stderr, where faulthandler would have written it; a
-        report's first line names the signal, which decides at once whether to restore.
+        report's first line names the signal, which decides at once whether to restore. With
+        ``act=False`` (the death is being handled already) the report is only passed on: it must
+        never be taken for a fault of the process restored after it.
         """
-        assert self.faults is not None
+        if self.faults is None:
+            return
         try:
             chunk = os.read(self.faults, 65536)
         except BlockingIOError:
             return
         if not chunk:
             self.sel.unregister(self.faults)
+            self.faults = None
             return
         if not self.fault_report:
             self.after(0.05, self._flush_fault_report)     # a report arrives in many small writes
@@ -286,7 +305,8 @@ class Shepherd:
         end = 0
         for header in _FAULT_HEADER.finditer(text):
             end = header.end()
-            self._on_fault(_FAULT_SIGNALS[header.group(1).decode()])
+            if act:
+                self._on_fault(_FAULT_SIGNALS[header.group(1).decode()])
         self.fault_tail = text[max(end, len(text) - 64):]     # a header split across two reads
 
     def _flush_fault_report(self) -> None:
@@ -305,22 +325,11 @@ class Shepherd:
         target = pol.to or self.current
         if sig not in pol.signals or target not in self.ckpts:
             return                      # it dies as it would have; the reaper takes it from there
+        # It is inside faulthandler's C handler; a handler it chains to must not run program code
+        # beside the restored process, so it is killed now (its report may be cut short).
         self.live = None
-        live.role = "dying"
-        try:
-            os.sched_setscheduler(live.pid, os.SCHED_IDLE, os.sched_param(0))
-        except OSError:
-            pass
-        # It is inside faulthandler's C handler and will die by the signal; if it lingers, kill it.
-        self.after(1.0, lambda: self._kill_if_alive(live))
-        self._failure(target, sig, f"killed by {signal.Signals(sig).name}", None)
-
-    def _kill_if_alive(self, proc: Proc) -> None:
-        if proc.pid in self.procs:
-            try:
-                os.kill(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        self._retire(live)
+        self._failure(target, sig, f"killed by {_signame(sig)}", None)
 
     def _forward(self, sig: int) -> None:
         if self.live is not None and self.live_up:
@@ -347,8 +356,9 @@ class Shepherd:
         proc = self.procs.get(pid)
         if proc is None:
             log.debug("reaped adopted orphan %d", pid)
-            self.reaped_unknown.append(pid)
-            del self.reaped_unknown[:-64]
+            now = time.monotonic()
+            self.reaped_unknown = [(p, t) for p, t in self.reaped_unknown if now - t < 10.0][-63:]
+            self.reaped_unknown.append((pid, now))
             return
         self._drain(proc)     # what it said before dying (a checkpoint it took) comes first
         self.procs.pop(pid, None)
@@ -361,6 +371,7 @@ class Shepherd:
         if proc is self.live:
             self.live = None
             proc.role = "dying"       # only its keepers' hellos may still arrive on its channel
+            self._on_fault_report(act=False)   # its report, if any, is in the pipe by now
             self._on_live_death(status)
             return
         ck = self.ckpts.get(proc.n)
@@ -373,29 +384,31 @@ class Shepherd:
                 self._discard(ck.n, "its processes died")
         elif proc in ck.spares:
             ck.spares.remove(proc)
-            self._replenish(ck)
+            if ck.keeper is None and not ck.spares and not ck.awaiting:
+                self._discard(ck.n, "its processes died")
+            else:
+                self._replenish(ck)
 
     # -- messages -------------------------------------------------------------------------------
     def _drain(self, proc: Proc) -> None:
-        while proc.chan is not None:
-            ready = selectors.DefaultSelector()
-            try:
-                ready.register(proc.chan, selectors.EVENT_READ)
-                if not ready.select(0):
-                    return
-            finally:
-                ready.close()
+        while proc.chan is not None and select.select([proc.chan], [], [], 0)[0]:
             self._on_message(proc)
 
     def _on_message(self, proc: Proc) -> None:
         try:
             msg, fds = _channel.recv(proc.chan) if proc.chan is not None else (None, [])
-        except (OSError, ValueError):
+        except ValueError as e:             # a malformed message is dropped, the channel kept
+            log.error("dropped a malformed message from process %d: %s", proc.pid, e)
+            return
+        except OSError:
             msg, fds = None, []
-        if msg is None:
+        if msg is None or not isinstance(msg, dict):
             self._close(proc)
             for fd in fds:
                 os.close(fd)
+            if proc.lived:                  # no keeper can introduce itself on this channel now
+                for ck in [c for c in self.ckpts.values() if c.awaiting and c.announcer is proc]:
+                    self._discard(ck.n, "its keeper never introduced itself")
             return
         op = msg.get("op")
         if proc.role == "dying" and op != "hello":
@@ -408,11 +421,21 @@ class Shepherd:
                 os.close(fd)
             self._send(proc, {"op": "error", "message": f"unknown request {op!r}"})
             return
-        handler(proc, msg, fds)
+        try:
+            handler(proc, msg, fds)
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            log.error("could not handle %r from process %d: %r", op, proc.pid, e)
 
     def _op_snap(self, proc: Proc, msg: dict[str, Any], fds: list[int]) -> None:
         n = int(msg["n"])
-        self.ckpts[n] = Checkpoint(n, None, bool(msg.get("pin")), awaiting=True,
+        if n in self.ckpts:                 # ids are never reused: only a corrupted arena does this
+            self._discard(n, "its id was taken again")
+        self.ckpts[n] = Checkpoint(n, None, bool(msg.get("pin")), awaiting=True, announcer=proc,
                                    want_spares=int(msg.get("spares", self.spares)))
         self.current = n
         self._enforce_bounds()
@@ -420,9 +443,15 @@ class Shepherd:
     def _op_hello(self, proc: Proc, msg: dict[str, Any], fds: list[int]) -> None:
         """A keeper introduces itself, on the channel of the live process that forked it."""
         n, pid = int(msg["n"]), int(msg["pid"])
+        if not fds:                                  # its channel was lost (EMFILE): it cannot serve
+            os.kill(pid, signal.SIGKILL)
+            self._discard(n, "its keeper's channel was lost")
+            return
         keeper = self._add(pid, "keeper", n, socket.socket(fileno=fds[0]))
         ck = self.ckpts.get(n)
-        if pid in self.reaped_unknown:               # it died before we read this
+        died = [e for e in self.reaped_unknown if e[0] == pid]
+        if died:                                     # it died before we read this
+            self.reaped_unknown.remove(died[0])
             self.procs.pop(pid, None)
             self._close(keeper)
             self._discard(n, "its keeper died")
@@ -433,9 +462,13 @@ class Shepherd:
         ck.keeper, ck.awaiting = keeper, False
         if ck.pending is not None:
             self._send(keeper, {"op": "fork"})
+        self._answer_list()
 
     def _op_spare(self, proc: Proc, msg: dict[str, Any], fds: list[int]) -> None:
         n = int(msg["n"])
+        if not fds:
+            os.kill(int(msg["pid"]), signal.SIGKILL)
+            return
         spare = self._add(int(msg["pid"]), "spare", n, socket.socket(fileno=fds[0]))
         ck = self.ckpts.get(n)
         if ck is None:
@@ -474,7 +507,19 @@ class Shepherd:
             self._send(proc, {"op": "ok"})
 
     def _op_list(self, proc: Proc, msg: dict[str, Any], fds: list[int]) -> None:
-        self._send(proc, {"op": "ok", "checkpoints": self.describe()})
+        # Answered once every keeper has introduced itself, so that each entry has its pid.
+        self.list_waiters.append(proc)
+        if len(self.list_waiters) == 1:
+            self.after(1.0, lambda: self._answer_list(force=True))
+        self._answer_list()
+
+    def _answer_list(self, force: bool = False) -> None:
+        if not self.list_waiters or (not force and any(c.awaiting for c in self.ckpts.values())):
+            return
+        waiters, self.list_waiters = self.list_waiters, []
+        listing = self.describe()
+        for proc in waiters:
+            self._send(proc, {"op": "ok", "checkpoints": listing})
 
     def _op_policy(self, proc: Proc, msg: dict[str, Any], fds: list[int]) -> None:
         try:
@@ -518,10 +563,10 @@ class Shepherd:
         if sig in pol.signals:
             target = pol.to or self.current
             if target in self.ckpts:
-                self._failure(target, sig, f"killed by {signal.Signals(sig).name}", None)
+                self._failure(target, sig, f"killed by {_signame(sig)}", None)
                 return
             log.error("live process died by %s and there is no checkpoint %sto restore: ending",
-                      signal.Signals(sig).name, f"{target} " if target else "")
+                      _signame(sig), f"{target} " if target else "")
         self.shutdown(sig=sig)
 
     def _failure(self, target: int, sig: int, cause: str, requester: Proc | None,
@@ -576,7 +621,7 @@ class Shepherd:
     def _wake(self, ck: Checkpoint, info: dict[str, Any]) -> None:
         if self.ckpts.get(ck.n) is not ck:
             log.error("checkpoint %d vanished before it could be restored: ending", ck.n)
-            self.shutdown(sig=info["sig"]) if info["sig"] else self.shutdown(code=EX_SOFTWARE)
+            self._give_up(info)
         while ck.spares:
             spare = ck.spares.pop(0)
             if self._send(spare, dict(info, n=ck.n)):
@@ -591,12 +636,18 @@ class Shepherd:
             return
         if ck.keeper is None or not self._send(ck.keeper, {"op": "fork"}):
             log.error("checkpoint %d cannot be restored: its keeper is gone", ck.n)
-            self.shutdown(sig=info["sig"]) if info["sig"] else self.shutdown(code=EX_SOFTWARE)
+            self._give_up(info)
 
     def _check_awaiting(self, ck: Checkpoint, info: dict[str, Any]) -> None:
-        if self.ckpts.get(ck.n) is ck and ck.awaiting and ck.pending is info:
+        if ck.pending is info and (self.ckpts.get(ck.n) is not ck or ck.awaiting):
             log.error("checkpoint %d never got its keeper: ending", ck.n)
-            self.shutdown(sig=info["sig"]) if info["sig"] else self.shutdown(code=EX_SOFTWARE)
+            self._give_up(info)
+
+    def _give_up(self, info: dict[str, Any]) -> None:
+        """A restore that was decided cannot happen: end as the failure would have ended it."""
+        if info.get("sig"):
+            self.shutdown(sig=int(info["sig"]))
+        self.shutdown(code=EX_SOFTWARE)
 
     def _replenish(self, ck: Checkpoint) -> None:
         if ck.keeper is not None and len(ck.spares) < ck.want_spares:
@@ -614,8 +665,12 @@ class Shepherd:
         if ck is None:
             return
         log.info("discarding checkpoint %d: %s", n, why)
+        self.after(0.0, self._answer_list)
         for proc in ([ck.keeper] if ck.keeper else []) + ck.spares:
             self._retire(proc)
+        if ck.pending is not None:       # a restore was waiting for this checkpoint's spare
+            log.error("checkpoint %d was lost (%s) while a restore to it was pending: ending", n, why)
+            self._give_up(ck.pending)
 
     def _enforce_bounds(self) -> None:
         while len(self.ckpts) > self.max_checkpoints:

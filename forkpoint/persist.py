@@ -214,14 +214,20 @@ class Arena:
         slot = self._slot_of.get(name)
         if slot is not None and self._slot_name(slot) == name:
             return slot
+        damaged = []
         for slot in range(_DIR_SLOTS):
-            if self._slot_name(slot) == name:
+            found = self._slot_name(slot)
+            if found == name:
                 self._slot_of[name] = slot
                 return slot
+            if found is not None and self.words[self._slot_word(slot, 10)] != self._meta_crc(slot):
+                damaged.append(slot)
+        if damaged:   # the entry asked for may be the damaged one: never hand out a fresh region
+            raise CacheCorrupted(f"{name!r} not found and directory slot(s) {damaged} are corrupted")
         return None
 
     def _alloc(self, size: int, what: str) -> int:
-        top = int(self.words[_H_TOP])
+        top = max(int(self.words[_H_TOP]), _DATA_OFF)    # never below the data area, even if damaged
         off = (top + _ALIGN - 1) // _ALIGN * _ALIGN
         if off + size > self.size:
             raise ArenaFull(f"{what}: needs {size} bytes, {max(0, self.size - off)} of the arena's "
@@ -293,8 +299,9 @@ class Arena:
             raise RegionMismatch(f"{name!r} is a persistent region, not a cache entry")
         gen = int(self.words[w + _GEN])
         b = w + 13 + 4 * ((gen + 1) & 1)     # the inactive buffer
-        if self.words[b + 1] < size:
-            cap = max(size, 2 * int(self.words[b + 1]))
+        off, cap = int(self.words[b]), int(self.words[b + 1])
+        if cap < size or off < _DATA_OFF or off + cap > self.size:   # too small, or its words damaged
+            cap = max(size, 2 * min(cap, self.size))
             if _DATA_OFF + cap > self.size:
                 cap = size
             off = self._alloc(cap, f"cache(IN, {name!r})")
@@ -305,7 +312,7 @@ class Arena:
         self.map[off:off + 1] = tag
         self.map[off + 1:off + size] = body            # one copy, straight into the arena
         self.words[b + 2] = size
-        self.words[b + 3] = zlib.crc32(body, zlib.crc32(tag)) ^ (size << 32)
+        self.words[b + 3] = zlib.crc32(body, zlib.crc32(tag)) ^ ((size & 0xFFFFFFFF) << 32)
         self.words[w + _GEN] = gen + 1      # commit: OUT reads this buffer from now on
 
     def cache_out(self, name: str) -> Any:
@@ -326,7 +333,7 @@ class Arena:
             raise CacheCorrupted(f"cache entry {name!r} points outside the arena")
         payload = memoryview(self.map)[off:off + n]      # checked in place, copied once
         try:
-            if zlib.crc32(payload) ^ (n << 32) != crc:
+            if zlib.crc32(payload) ^ ((n & 0xFFFFFFFF) << 32) != crc:
                 raise CacheCorrupted(f"cache entry {name!r} failed its checksum")
             tag, body = payload[:1].tobytes(), payload[1:]
             if tag == _TAG_BYTES:

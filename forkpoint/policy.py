@@ -81,6 +81,16 @@ class RecoveryPolicy:
         self._events: dict[tuple[int, int], deque[float]] = {}
         self._escalated: dict[int, float] = {}
         self._key_events: dict[str, deque[float]] = {}
+        self._decisions = 0
+
+    def _prune(self, now: float) -> None:
+        """Forget kinds and keys with no failure in the window (one per per-call checkpoint id)."""
+        self._decisions += 1
+        if self._decisions % 256:
+            return
+        for table in (self._events, self._key_events):
+            for k in [k for k, q in table.items() if not self._window(q, now)]:
+                del table[k]
 
     def _window(self, q: deque[float], now: float) -> deque[float]:
         while q and now - q[0] > self.policy.within:
@@ -95,6 +105,7 @@ class RecoveryPolicy:
         quarantining the input being processed, but the program is never given up on for it.
         """
         p = self.policy
+        self._prune(now)
         quarantine = None
         if key is not None:
             kq = self._window(self._key_events.setdefault(key, deque()), now)

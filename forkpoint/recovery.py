@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ._errors import Quarantined
+from ._errors import ForkpointError, Quarantined
 from .persist import Arena
 
 log = logging.getLogger("forkpoint")
@@ -26,9 +26,14 @@ DEFAULT_QUARANTINE_SIZE = 1024
 
 def _load(arena: Arena) -> list[str]:
     try:
-        return list(json.loads(arena.cache_out(_ENTRY)))
+        keys = json.loads(arena.cache_out(_ENTRY))
     except KeyError:
         return []
+    except (ForkpointError, ValueError, TypeError) as e:
+        # A damaged quarantine must not take the program (or the shepherd) down: start afresh.
+        log.error("the quarantine store is unreadable (%s); it is reset", e)
+        return []
+    return [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else []
 
 
 def add_quarantine(arena: Arena, key: str, size: int = DEFAULT_QUARANTINE_SIZE) -> list[str]:
@@ -87,11 +92,12 @@ def processing(key: str) -> Iterator[str]:
     arena, key = _arena(), _key(key)
     if key in _load(arena):
         raise Quarantined(key)
+    outer = arena.processing()
     arena.set_processing(key)
     try:
         yield key
     finally:
-        arena.set_processing(None)
+        arena.set_processing(outer)
 
 
 class _KillTimer:
@@ -106,9 +112,6 @@ class _KillTimer:
     class _SigEvent(ctypes.Structure):
         _fields_ = [("value", ctypes.c_void_p), ("signo", ctypes.c_int), ("notify", ctypes.c_int),
                     ("_pad", ctypes.c_byte * 48)]
-
-    class _TimeSpec(ctypes.Structure):
-        _fields_ = [("sec", ctypes.c_long), ("nsec", ctypes.c_long)]
 
     class _ITimerSpec(ctypes.Structure):
         _fields_ = [("interval", ctypes.c_long * 2), ("value", ctypes.c_long * 2)]
@@ -152,21 +155,24 @@ def watchdog(seconds: float, *, to: int = 0, hard_after: float = 1.0) -> Iterato
         tlongjmp(to, sig=signal.SIGALRM, reason="timeout")
 
     arena = runtime().arena if runtime().started else None
-    killer = None
-    if arena is not None:
-        arena.set_watchdog(time.monotonic() + seconds + hard_after, to or current_state())
-        killer = _KillTimer(seconds + hard_after)
-    old_handler = signal.signal(signal.SIGALRM, _expired)
+    outer = arena.watchdog() if arena is not None else None    # an enclosing watchdog's record
+    old_handler = signal.signal(signal.SIGALRM, _expired)       # raises outside the main thread
     old_timer = signal.setitimer(signal.ITIMER_REAL, seconds)
     started = time.monotonic()
+    killer = None
     try:
+        if arena is not None:
+            # armed last, so that no failure above can leave a kill timer behind
+            arena.set_watchdog(started + seconds + hard_after, to or current_state())
+            killer = _KillTimer(seconds + hard_after)
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         if killer is not None:
             killer.cancel()
-            arena.set_watchdog(None)
-        signal.signal(signal.SIGALRM, old_handler)
+        if arena is not None:
+            arena.set_watchdog(*outer) if outer is not None else arena.set_watchdog(None)
+        signal.signal(signal.SIGALRM, old_handler if old_handler is not None else signal.SIG_DFL)
         if old_timer[0] > 0:
             left = max(old_timer[0] - (time.monotonic() - started), 1e-6)
             signal.setitimer(signal.ITIMER_REAL, left, old_timer[1])

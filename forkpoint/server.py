@@ -100,19 +100,19 @@ def checkpointed(func: Any = None, *, recover_on: tuple[int, ...] = snapshots.FA
         policy: dict[str, Any] = {}
         if quarantine_after is not None:
             policy["quarantine_after"] = quarantine_after
-        armed = False
+        armed = -1          # the policy generation our signals were merged into
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             nonlocal armed
-            if not armed:
+            if armed != snapshots.runtime().policy_generation:   # recover_on() replaced the policy
                 snapshots._merge_policy(tuple(recover_on), **policy)
-                armed = True
+                armed = snapshots.runtime().policy_generation
             k = None
             if key is not None:
                 k = key(*args, **kwargs)
                 k = k if isinstance(k, str) else repr(k)
-                if is_quarantined(k):
+                if is_quarantined(k):           # refused before paying for a checkpoint
                     raise Quarantined(k)
             before = snapshots.current_state()
             n = snapshots.tsetjmp(spares=per_call_spares)

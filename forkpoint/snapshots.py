@@ -84,6 +84,7 @@ class _Saved:
     mask: Any
     offsets: dict[int, int]
     itimer: tuple[float, float]
+    key: str | None = None
 
 
 def _can_leave_sched_idle() -> bool:
@@ -197,6 +198,9 @@ class _Runtime:
         self.recovery_seconds = 0.0
         self.unidle = False
         self.keeper: tuple[int, int] | None = None     # (checkpoint, pidfd) of the newest keeper
+        self.fault_fd: int | None = None                # faulthandler's pipe to the shepherd
+        self.altstack: Any = None
+        self.policy_generation = 0                      # bumped by recover_on(), which replaces
 
     # -- checks -----------------------------------------------------------------------------------
     @property
@@ -259,7 +263,8 @@ class _Runtime:
         if pid == 0:  # the live program goes on here
             theirs.close()
             os.close(fault_r)
-            self.watch_faults(fault_w)
+            self.fault_fd = fault_w
+            os.register_at_fork(after_in_child=_forget_in_forked_child)
             self.chan = mine
             self.shepherd_pid = parent
             self.owner_pid = os.getpid()
@@ -278,7 +283,7 @@ class _Runtime:
 
         _shepherd.become_shepherd(theirs, arena, pid, self.pgid, self.config, fault_r)
 
-    def watch_faults(self, fd: int) -> None:
+    def watch_faults(self) -> None:
         """Report fatal signals to the shepherd the moment they happen, through faulthandler.
 
         The kernel tells the shepherd of a death only after it has torn the dead process's memory
@@ -291,10 +296,11 @@ class _Runtime:
         """
         import faulthandler
 
+        if self.fault_fd is None or self.altstack is not None:
+            return
         if faulthandler.is_enabled():
             log.info("faulthandler was enabled: forkpoint sends its reports through the shepherd")
-        self.fault_fd = fd
-        faulthandler.enable(file=fd, all_threads=True)
+        faulthandler.enable(file=self.fault_fd, all_threads=True)
         self.altstack = _sigutil.large_altstack()
 
     # -- the newest keeper, which a committing transaction kills itself --------------------------
@@ -322,8 +328,14 @@ class _Runtime:
 
     # -- requests to the shepherd -----------------------------------------------------------------
     def request(self, msg: dict[str, Any]) -> dict[str, Any]:
-        _channel.send(self.chan, msg)
-        reply, _ = _channel.recv(self.chan)
+        # Signals wait until the reply is in: a handler that raised between the send and the recv
+        # would leave the reply queued, and every later request would read its predecessor's.
+        old = _sigutil.block_all()
+        try:
+            _channel.send(self.chan, msg)
+            reply, _ = _channel.recv(self.chan)
+        finally:
+            _sigutil.restore_mask(old)
         if reply is None:
             raise ForkpointError("the shepherd is gone")
         if reply.get("op") == "error":
@@ -337,6 +349,29 @@ class _Runtime:
 
 
 _rt = _Runtime()
+
+
+def _forget_in_forked_child() -> None:
+    """In a child the program forks itself (os.fork, multiprocessing): it is not part of forkpoint.
+
+    Its copies of the channel and of the fault pipe are closed, so that it can neither be mistaken
+    for the live process nor keep a dead live process's channel open; its fatal errors go to stderr.
+    (forkpoint's own snapshots are made with a raw clone that runs no at-fork hooks.)
+    """
+    rt = _rt
+    if rt.chan is not None:
+        rt.chan.close()
+        rt.chan = None
+    if rt.keeper is not None:
+        os.close(rt.keeper[1])
+        rt.keeper = None
+    if rt.fault_fd is not None:
+        if rt.altstack is not None:
+            import faulthandler
+
+            faulthandler.enable(file=sys.stderr, all_threads=True)
+        os.close(rt.fault_fd)
+        rt.fault_fd = None
 
 
 def runtime() -> _Runtime:
@@ -394,7 +429,10 @@ def _frozen(rt: _Runtime, n: int, spares: int) -> dict[str, Any]:
                         os._exit(0)
                     _prctl.set_name(f"fp-spare-{n}")
                     if rt.unidle:
-                        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+                        try:
+                            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+                        except OSError:      # privileges dropped since start: stay, but serve
+                            pass
                     rt.chan = chan
                     todo.append("warm")
                     continue
@@ -436,6 +474,7 @@ def _prewarm(rt: _Runtime) -> None:
 def _resume(rt: _Runtime, n: int, saved: _Saved, msg: dict[str, Any]) -> None:
     """Turn a woken spare into the live program."""
     rt.owner_pid = os.getpid()
+    _sigutil.drain_pending()        # before rejoining the terminal's group: what comes later is real
     try:
         os.setpgid(0, rt.pgid)
     except OSError as e:
@@ -456,7 +495,8 @@ def _resume(rt: _Runtime, n: int, saved: _Saved, msg: dict[str, Any]) -> None:
     rt.reason = str(msg.get("reason", ""))
     rt.attempt = int(msg.get("attempt", 1))
     rt.recovery_seconds = time.monotonic() - float(msg.get("t", time.monotonic()))
-    _sigutil.drain_pending()
+    if saved.key is not None and rt.arena is not None:
+        rt.arena.set_processing(saved.key)   # the checkpoint was taken inside processing(key)
     _sigutil.restore_mask(saved.mask)
     _channel.send(rt.chan, {"op": "up"})
     level = logging.INFO if rt.sigtype == 0 and rt.reason == "tlongjmp" else logging.WARNING
@@ -490,12 +530,12 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int
     n = rt.arena.take_id()
     _flush_stdio()
     saved = _Saved(mask=_sigutil.new_mask(), offsets=_file_offsets(),
-                   itimer=signal.getitimer(signal.ITIMER_REAL))
+                   itimer=signal.getitimer(signal.ITIMER_REAL), key=rt.arena.processing())
     # The shepherd hears of the checkpoint before the fork: after it, every page this process
     # touches is copied on first write, so the parent's side of the fork does as little as it
     # can. The keeper introduces itself (pid and channel) from its own side.
+    _sigutil.block_all(saved.mask)      # from the announcement to the fork, nothing interrupts
     _channel.send(rt.chan, {"op": "snap", "n": n, "pin": bool(pin), "spares": spares})
-    _sigutil.block_all(saved.mask)
     try:
         pid = _clone.clone(sibling=True)
     except BaseException:
@@ -524,6 +564,8 @@ def tlongjmp(n: int = 0, sig: int = 0, reason: str | None = None) -> None:
     rt.check_caller()
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise NoSuchCheckpoint(f"invalid checkpoint number {n!r}")
+    if reason is not None:
+        reason = str(reason)[:200]
     if not rt.started:
         raise NoSuchCheckpoint(f"no checkpoint {n} (no checkpoint has been taken)")
     if not sig:
@@ -615,13 +657,19 @@ def recover_on(*signals: int, to: int = 0, **policy: Any) -> None:
         raise NoSuchCheckpoint(f"invalid checkpoint number {to!r}")
     rt.ensure_started()
     rt.request({"op": "policy", "signals": sigs, "to": to, **policy})
+    rt.policy_generation += 1
+    if _FAULTS.intersection(sigs) or signal.SIGABRT in sigs:
+        rt.watch_faults()
 
 
 def _merge_policy(signals: tuple[int, ...], **policy: Any) -> None:
     """Add ``signals`` (and settings) to the recovery policy without replacing it."""
     rt = _rt
     rt.ensure_started()
-    rt.request({"op": "policy", "merge": True, "signals": [int(s) for s in signals], **policy})
+    sigs = [int(signal.Signals(s)) for s in signals]
+    rt.request({"op": "policy", "merge": True, "signals": sigs, **policy})
+    if _FAULTS.intersection(sigs) or signal.SIGABRT in sigs:
+        rt.watch_faults()
 
 
 def discard(n: int) -> None:
