@@ -174,6 +174,8 @@ def cleanup_stale(base: str) -> list[str]:
             started = _process_start(pid)
             if started is not None and started <= st.st_mtime + 2.0:   # btime has 1 s resolution
                 continue
+            if started is not None and _answers(os.path.join(path, SOCKET_NAME), pid):
+                continue      # the clock stepped, but the program is there: never remove a live one
         try:
             _remove_dir(path)
             removed.append(path)
@@ -181,6 +183,19 @@ def cleanup_stale(base: str) -> list[str]:
         except OSError as e:
             log.debug("could not remove stale operator directory %s: %s", path, e)
     return removed
+
+
+def _answers(path: str, pid: int) -> bool:
+    """Whether a socket at ``path`` accepts a connection from process ``pid`` (not a clock reading)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(0.5)
+    try:
+        probe.connect(path)
+        return _peercred(probe)[0] == pid
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 def _peercred(sock: socket.socket) -> tuple[int, int, int]:
