@@ -54,8 +54,9 @@ How each figure is taken (see `forkpoint/bench.py`):
 Where the time goes (measured by instrumenting the calls):
 
 - `tsetjmp` is the fork plus a fixed cost of a few tenths of a millisecond, so the ratio to the floor
-  falls as the heap grows and the page-table copy dominates (about 1.0-1.1x from 100 MB up; 1.5-1.6x
-  at 10 MB, where the fork itself takes half a millisecond). The fixed part is the bookkeeping before
+  falls as the heap grows and the page-table copy dominates: about 1.0x at 1 GB, 1.05-1.25x at 100 MB
+  and 1.5-1.7x at 10 MB over the runs made on this machine (the fork floor itself varies by a third
+  from run to run at 10-100 MB). The fixed part is the bookkeeping before
   the fork (open-file offsets, the message to the shepherd: about 0.05 ms) and, mostly, the parent's
   first copy-on-write faults on the interpreter's own pages between the fork and the return. The fork
   floor is timed until `fork()` returns and pays none of those. Two changes took most of the fixed
