@@ -57,3 +57,15 @@ def test_persist_bench_quick(tmp_path):
     for row in data["rows"]:
         assert row["forkpoint"]["median"] > 0 and row["baseline"]["median"] > 0
     assert list(tmp_path.glob("*.pickle")) == []
+
+
+@pytest.mark.timeout(60)
+def test_crash_recovery_bench_small(tmp_path):
+    out = tmp_path / "crash.json"
+    r = _run("crash_recovery.py", "--sizes", "1", "--repeat", "2", "--json", str(out), timeout=50)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| heap | state | real segfault" in r.stdout
+    rows = json.loads(out.read_text())
+    assert [(row["mb"], row["state"]) for row in rows] == [(1, "clean"), (1, "dirty")]
+    for row in rows:
+        assert row["segfault"]["median"] > 0 and row["sigkill"]["median"] > 0
