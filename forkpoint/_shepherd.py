@@ -130,6 +130,19 @@ def main() -> None:
         os._exit(EX_SOFTWARE)
 
 
+def _pending_signals(pid: int) -> list[int]:
+    """Signals pending (blocked, not yet delivered) in process ``pid``, from /proc/PID/status."""
+    mask = 0
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("SigPnd:", "ShdPnd:")):
+                    mask |= int(line.split()[1], 16)
+    except (OSError, ValueError):
+        return []
+    return [sig for sig in range(1, 65) if mask >> (sig - 1) & 1]
+
+
 def _smaps(pid: int) -> tuple[int, int]:
     """(USS, PSS) of a process in bytes, from /proc/PID/smaps_rollup."""
     uss = pss = 0
@@ -202,6 +215,8 @@ class Shepherd:
         if proc.pid <= 0:     # a keeper that has not introduced itself: EOF on its channel ends it
             self._close(proc)
             return
+        if proc.lived:        # signals forwarded to it but still blocked there go to its successor
+            self.pending_signals.extend(s for s in _pending_signals(proc.pid) if s in FORWARDED)
         try:
             os.sched_setscheduler(proc.pid, os.SCHED_IDLE, os.sched_param(0))
         except OSError:

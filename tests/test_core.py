@@ -525,3 +525,31 @@ def test_a_fault_is_reported_and_recovered_before_the_process_is_torn_down(tmp_p
     assert r.stdout.strip() == "recovered True 1"
     assert "Fatal Python error: Segmentation fault" in r.stderr
     assert "in deep_in_the_handler" in r.stderr
+
+
+def test_a_signal_forwarded_during_a_restore_reaches_the_restored_program(tmp_path):
+    """A signal that reached the live process while it was inside tlongjmp (signals blocked) is not
+    lost with it: the restored process gets it."""
+    proc = start_py(HEADER + """
+    got = []
+    signal.signal(signal.SIGUSR1, lambda *a: got.append(1))
+    n = fp.tsetjmp()
+    if not fp.chkpt_status(fp.CHKPT_RECOVERED):
+        print("ready", flush=True)
+        sys.stdin.readline()
+        from forkpoint import _sigutil
+        _sigutil.block_all()                  # as tlongjmp does, from here to its death
+        os.kill(fp.shepherd_pid(), signal.SIGUSR1)   # forwarded to us: pending, blocked
+        time.sleep(0.3)
+        fp.tlongjmp(n)
+    t = time.time()
+    while not got and time.time() - t < 3:
+        time.sleep(0.01)
+    print("restored got", len(got), flush=True)
+    """, tmp_path)
+    lines = Lines(proc)
+    lines.until("ready")
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    assert lines.until("restored got") == "restored got 1"
+    assert proc.wait(10) == 0
