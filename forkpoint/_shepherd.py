@@ -86,7 +86,7 @@ def become_shepherd(chan: socket.socket, arena: Arena, live_pid: int, pgid: int,
     """Turn the original process into the shepherd; never returns."""
     args = {"chan": chan.fileno(), "arena_fd": arena.fd, "arena_size": arena.size, "faults": faults,
             "live": live_pid, "pgid": pgid, "max_checkpoints": config.max_checkpoints,
-            "spares": config.spares, "max_snapshot_memory": config.max_snapshot_memory,
+            "max_snapshot_memory": config.max_snapshot_memory,
             "level": logging.getLogger("forkpoint").getEffectiveLevel()}
     try:
         if config.shepherd_exec and sys.executable:
@@ -164,7 +164,6 @@ class Shepherd:
         self.arena = arena
         self.pgid = args["pgid"]
         self.max_checkpoints = args["max_checkpoints"]
-        self.spares = args["spares"]
         self.max_memory = args.get("max_snapshot_memory")
         self.procs: dict[int, Proc] = {}
         self.ckpts: dict[int, Checkpoint] = {}
@@ -451,7 +450,7 @@ class Shepherd:
         if n in self.ckpts:                 # ids are never reused: only a corrupted arena does this
             self._discard(n, "its id was taken again")
         self.ckpts[n] = Checkpoint(n, None, bool(msg.get("pin")), awaiting=True, announcer=proc,
-                                   want_spares=int(msg.get("spares", self.spares)))
+                                   want_spares=int(msg["spares"]))
         self.current = n
         self._enforce_bounds()
 
@@ -549,7 +548,6 @@ class Shepherd:
 
     def _op_configure(self, proc: Proc, msg: dict[str, Any], fds: list[int]) -> None:
         self.max_checkpoints = msg.get("max_checkpoints", self.max_checkpoints)
-        self.spares = msg.get("spares", self.spares)
         if "max_snapshot_memory" in msg:
             first = not self.max_memory
             self.max_memory = msg["max_snapshot_memory"]

@@ -43,6 +43,7 @@ CKPT_NUMCHKPTS = 5
 # The signals a program commonly dies of in native code; recover_on() accepts any.
 _ITIMERS = (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF)
 _FAULTS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL}
+_REPORTED = _FAULTS | {signal.SIGABRT}      # what faulthandler reports from inside the process
 FATAL_SIGNALS = (signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGABRT)
 
 
@@ -658,7 +659,7 @@ def recover_on(*signals: int, to: int = 0, **policy: Any) -> None:
     rt.ensure_started()
     rt.request({"op": "policy", "signals": sigs, "to": to, **policy})
     rt.policy_generation += 1
-    if _FAULTS.intersection(sigs) or signal.SIGABRT in sigs:
+    if _REPORTED.intersection(sigs):
         rt.watch_faults()
 
 
@@ -668,7 +669,7 @@ def _merge_policy(signals: tuple[int, ...], **policy: Any) -> None:
     rt.ensure_started()
     sigs = [int(signal.Signals(s)) for s in signals]
     rt.request({"op": "policy", "merge": True, "signals": sigs, **policy})
-    if _FAULTS.intersection(sigs) or signal.SIGABRT in sigs:
+    if _REPORTED.intersection(sigs):
         rt.watch_faults()
 
 
@@ -725,7 +726,7 @@ def configure(**settings: Any) -> None:
         setattr(rt.config, key, value)
     if rt.started:
         rt.request({"op": "configure", **{k: v for k, v in settings.items()
-                                          if k in ("max_checkpoints", "spares", "max_snapshot_memory")}})
+                                          if k in ("max_checkpoints", "max_snapshot_memory")}})
 
 
 def shepherd_pid() -> int:
