@@ -11,6 +11,7 @@ import mmap
 import os
 import signal
 import struct
+from collections.abc import Iterable
 
 SI_KERNEL = 0x80
 SFD_NONBLOCK = 0o4000
@@ -24,14 +25,14 @@ _libc.signalfd.restype = ctypes.c_int
 ALL_SIGNALS = set(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
 
 
-def _sigset_bytes(sigs: set[int]) -> bytes:
+def _sigset_bytes(sigs: Iterable[int]) -> bytes:
     words = [0] * 16  # sigset_t is 1024 bits in glibc
     for s in sigs:
         words[(s - 1) // 64] |= 1 << ((s - 1) % 64)
     return struct.pack("16Q", *words)
 
 
-def open_signalfd(sigs: set[int]) -> int:
+def open_signalfd(sigs: Iterable[int]) -> int:
     """A non-blocking signalfd for ``sigs`` (the caller must block them)."""
     buf = ctypes.create_string_buffer(_sigset_bytes(sigs))
     fd = _libc.signalfd(-1, buf, SFD_NONBLOCK | SFD_CLOEXEC)
@@ -43,7 +44,7 @@ def open_signalfd(sigs: set[int]) -> int:
 
 def read_signalfd(fd: int) -> list[tuple[int, int, int]]:
     """Pending signals as (signo, code, sender pid)."""
-    out = []
+    out: list[tuple[int, int, int]] = []
     while True:
         try:
             data = os.read(fd, 128 * 16)
@@ -78,7 +79,7 @@ def restore_mask(mask: ctypes.Array[ctypes.c_char]) -> None:
     _libc.pthread_sigmask(signal.SIG_SETMASK, mask, None)
 
 
-def mask_of(sigs: set[int]) -> ctypes.Array[ctypes.c_char]:
+def mask_of(sigs: Iterable[int]) -> ctypes.Array[ctypes.c_char]:
     return ctypes.create_string_buffer(_sigset_bytes(sigs), 128)
 
 

@@ -258,7 +258,7 @@ def _worker(spec_json: str) -> None:
             if k > repeats:
                 _write(heap, 1.0)
             stamp[1] = os.getpid()
-            stamp[0] = time.perf_counter()
+            stamp[0] = time.perf_counter()  # type: ignore[call-overload]
             fp.tlongjmp(n)
         me = os.getpid()
         pids = _snapshot_pids(n)

@@ -38,7 +38,7 @@ def serve() -> int:
 
     def check_invariant() -> None:
         if meta["size"] != len(store):
-            fault_at[0] = time.monotonic()
+            fault_at[0] = time.monotonic()  # type: ignore[call-overload]
             fp.tlongjmp(0, reason=f"invariant: size {meta['size']} != {len(store)} entries")
 
     def recovered(args: tuple[Any, ...], kwargs: dict[str, Any], info: fp.Recovered) -> dict[str, Any]:
@@ -56,10 +56,10 @@ def serve() -> int:
         elif op == "get":
             return {"ok": True, "value": store.get(req["key"])}
         elif op == "segv":                       # a bug in C code: a NULL dereference
-            fault_at[0] = time.monotonic()
+            fault_at[0] = time.monotonic()  # type: ignore[call-overload]
             ctypes.string_at(0)
         elif op == "loop":                       # an input that never finishes
-            fault_at[0] = time.monotonic() + TIMEOUT
+            fault_at[0] = time.monotonic() + TIMEOUT  # type: ignore[call-overload]
             while True:
                 pass
         elif op == "corrupt":                    # a bug that drops entries behind the index's back
@@ -105,8 +105,8 @@ def run(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH", "")])
-    code = "from forkpoint.demo import serve; raise SystemExit(serve())"
-    server = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    boot = "from forkpoint.demo import serve; raise SystemExit(serve())"
+    server = subprocess.Popen([sys.executable, "-c", boot], stdout=subprocess.PIPE, text=True, env=env)
     rows: list[tuple[str, str, str, str, str]] = []
     failures: list[str] = []
     started = time.monotonic()
@@ -147,11 +147,13 @@ def run(args: argparse.Namespace) -> int:
         for k, v in (("alpha", "1"), ("beta", "2"), ("gamma", "3")):
             event(f"put {k}={v}", {"op": "put", "key": k, "value": v})
         r = event("segfault in C code", {"op": "segv"}, "alpha")
-        expect(r.get("recovered") and r["signal"] == 11, "the segfault is rolled back (SIGSEGV)")
+        expect(bool(r.get("recovered")) and r["signal"] == 11, "the segfault is rolled back (SIGSEGV)")
         r = event("endless loop (watchdog 0.5 s)", {"op": "loop"}, "beta")
-        expect(r.get("recovered") and r["reason"].startswith("timeout"), "the hang is cut by the watchdog")
+        expect(bool(r.get("recovered")) and r["reason"].startswith("timeout"),
+               "the hang is cut by the watchdog")
         r = event("corrupt store (invariant check)", {"op": "corrupt"}, "gamma")
-        expect(r.get("recovered") and r["reason"].startswith("invariant"), "the corruption is rolled back")
+        expect(bool(r.get("recovered")) and r["reason"].startswith("invariant"),
+               "the corruption is rolled back")
         r = event("same segfault input again", {"op": "segv"}, "alpha")
         expect("quarantined" in r, "the poison is refused as quarantined")
         event("put delta=4", {"op": "put", "key": "delta", "value": "4"}, "delta")

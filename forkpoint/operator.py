@@ -153,7 +153,7 @@ def cleanup_stale(base: str) -> list[str]:
     after the directory was last modified (the PID was reused). The caller's own PID counts as
     stale too: the caller is about to create its directory.
     """
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(base)
     except OSError:

@@ -422,7 +422,7 @@ def persist_int(name: str) -> PersistentInt:
 def persist_array(name: str, length: int, typecode: str = "d") -> memoryview:
     """A persistent array of ``length`` items with a struct typecode (default doubles)."""
     itemsize = struct.calcsize(typecode)
-    return persist(name, length * itemsize).cast(typecode)
+    return persist(name, length * itemsize).cast(typecode)  # type: ignore[call-overload]
 
 
 S = TypeVar("S", bound=ctypes.Structure)

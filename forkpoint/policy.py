@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 
 @dataclass
@@ -88,7 +88,8 @@ class RecoveryPolicy:
         self._decisions += 1
         if self._decisions % 256:
             return
-        for table in (self._events, self._key_events):
+        tables: tuple[dict[Any, deque[float]], ...] = (self._events, self._key_events)
+        for table in tables:
             for k in [k for k, q in table.items() if not self._window(q, now)]:
                 del table[k]
 

@@ -161,7 +161,7 @@ def _handler_signal() -> int:
     A handler is called as ``handler(signum, frame)``: look for a frame whose code is the handler
     installed for the signal number in its first argument (or second, for a bound method).
     """
-    f = sys._getframe(2)
+    f: Any = sys._getframe(2)
     while f is not None:
         code = f.f_code
         if 2 <= code.co_argcount <= 3:
@@ -405,6 +405,7 @@ def _frozen(rt: _Runtime, n: int, spares: int) -> dict[str, Any]:
         rt.chan = chan
         todo = ["fork"] * spares
         while True:
+            msg: dict[str, Any] | None
             if todo:
                 op, msg = todo.pop(), {"op": "warm"}
             else:
