@@ -179,6 +179,7 @@ class Shepherd:
         self.operator: Any = None
         self.reaped_unknown: list[tuple[int, float]] = []   # recently reaped pids we did not know
         self.list_waiters: list[Proc] = []
+        self.list_batch = 0
         self.faults: int | None = args.get("faults")
         self.fault_tail = b""
         self.fault_report = b""
@@ -523,13 +524,15 @@ class Shepherd:
     def _op_list(self, proc: Proc, msg: dict[str, Any], fds: list[int]) -> None:
         # Answered once every keeper has introduced itself, so that each entry has its pid.
         self.list_waiters.append(proc)
-        if len(self.list_waiters) == 1:
-            self.after(1.0, lambda: self._answer_list(force=True))
+        if len(self.list_waiters) == 1:     # a backstop for this batch of waiters only
+            batch = self.list_batch
+            self.after(1.0, lambda: self._answer_list(force=batch == self.list_batch))
         self._answer_list()
 
     def _answer_list(self, force: bool = False) -> None:
         if not self.list_waiters or (not force and any(c.awaiting for c in self.ckpts.values())):
             return
+        self.list_batch += 1
         waiters, self.list_waiters = self.list_waiters, []
         listing = self.describe()
         for proc in waiters:

@@ -6,10 +6,12 @@ shepherd (see ``policy``), in the arena, so every later process of the program r
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -150,29 +152,62 @@ def watchdog(seconds: float, *, to: int = 0, hard_after: float = 1.0) -> Iterato
     if not hard_after > 0:
         raise ValueError(f"hard_after must be a positive number of seconds, got {hard_after!r}")
 
+    owner: Any = sys._getframe(1)    # the frame running the with statement, past contextlib's
+    while owner is not None and owner.f_code.co_filename == contextlib.__file__:  # (ExitStack too)
+        owner = owner.f_back
+
     def _expired(signum: int, frame: Any) -> None:
+        # A with block interrupted right after __enter__ never runs __exit__ (CPython bpo-29988):
+        # a timer that outlived its block must not roll back code that has moved on.
+        f = frame
+        while f is not None and f is not owner:
+            f = f.f_back
+        if f is None:
+            log.warning("watchdog: a timer outlived its block (interrupted on entry); ignored")
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            if killer is not None:
+                killer.cancel()
+            if arena is not None:
+                arena.set_watchdog(*outer) if outer is not None else arena.set_watchdog(None)
+            return
         log.warning("watchdog: block ran longer than %gs, rolling back", seconds)
         tlongjmp(to, sig=signal.SIGALRM, reason="timeout")
 
+    from . import _sigutil
+
     arena = runtime().arena if runtime().started else None
     outer = arena.watchdog() if arena is not None else None    # an enclosing watchdog's record
-    old_handler = signal.signal(signal.SIGALRM, _expired)       # raises outside the main thread
-    old_timer = signal.setitimer(signal.ITIMER_REAL, seconds)
-    started = time.monotonic()
     killer = None
+    # Set up and torn down with every signal blocked: a handler that raises (Ctrl-C) must not
+    # land between two of these steps and leave a timer, a kill timer or the handler behind.
+    mask = _sigutil.block_all()
     try:
+        old_handler = signal.signal(signal.SIGALRM, _expired)   # raises outside the main thread
+        old_timer = signal.setitimer(signal.ITIMER_REAL, seconds)
+        started = time.monotonic()
         if arena is not None:
-            # armed last, so that no failure above can leave a kill timer behind
             arena.set_watchdog(started + seconds + hard_after, to or current_state())
             killer = _KillTimer(seconds + hard_after)
+    except BaseException:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        _sigutil.restore_mask(mask)
+        raise
+    try:
+        _sigutil.restore_mask(mask)     # a signal that arrived meanwhile runs here, inside the try
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        if killer is not None:
-            killer.cancel()
-        if arena is not None:
-            arena.set_watchdog(*outer) if outer is not None else arena.set_watchdog(None)
-        signal.signal(signal.SIGALRM, old_handler if old_handler is not None else signal.SIG_DFL)
-        if old_timer[0] > 0:
-            left = max(old_timer[0] - (time.monotonic() - started), 1e-6)
-            signal.setitimer(signal.ITIMER_REAL, left, old_timer[1])
+        mask = _sigutil.block_all()
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            if killer is not None:
+                killer.cancel()
+            if arena is not None:
+                arena.set_watchdog(*outer) if outer is not None else arena.set_watchdog(None)
+            if signal.SIGALRM in signal.sigpending():       # expired as the block ended: it did end
+                signal.sigtimedwait({signal.SIGALRM}, 0)
+            signal.signal(signal.SIGALRM, old_handler if old_handler is not None else signal.SIG_DFL)
+            if old_timer[0] > 0:
+                left = max(old_timer[0] - (time.monotonic() - started), 1e-6)
+                signal.setitimer(signal.ITIMER_REAL, left, old_timer[1])
+        finally:
+            _sigutil.restore_mask(mask)

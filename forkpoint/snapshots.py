@@ -690,8 +690,12 @@ def _release(n: int, current: int) -> None:
     go back to is again the one before the call.
     """
     rt = _rt
-    rt.current = current
-    _channel.send(rt.chan, {"op": "discard", "n": n, "quiet": True, "current": current})
+    old = _sigutil.block_all()       # both or neither: the shepherd's current state must follow ours
+    try:
+        rt.current = current
+        _channel.send(rt.chan, {"op": "discard", "n": n, "quiet": True, "current": current})
+    finally:
+        _sigutil.restore_mask(old)
     # Kill the keeper ourselves rather than wait for the shepherd to: until it is gone, every page
     # this process writes is still copied (measured: +40% requests/s for a trivial handler).
     rt.kill_keeper(n)
