@@ -54,8 +54,8 @@ How each figure is taken (see `forkpoint/bench.py`):
 Where the time goes (measured by instrumenting the calls):
 
 - `tsetjmp` is the fork plus a fixed cost of a few tenths of a millisecond, so the ratio to the floor
-  falls as the heap grows and the page-table copy dominates: about 1.0x at 1 GB, 1.05-1.25x at 100 MB
-  and 1.5-1.7x at 10 MB over the runs made on this machine (the fork floor itself varies by a third
+  falls as the heap grows and the page-table copy dominates: 0.95-1.06x at 1 GB, 1.05-1.25x at 100 MB
+  and 1.5-1.9x at 10 MB over three runs on this machine (the fork floor itself varies by a third
   from run to run at 10-100 MB). The fixed part is the bookkeeping before
   the fork (open-file offsets, the message to the shepherd: about 0.05 ms) and, mostly, the parent's
   first copy-on-write faults on the interpreter's own pages between the fork and the return. The fork
