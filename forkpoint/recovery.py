@@ -178,6 +178,8 @@ def watchdog(seconds: float, *, to: int = 0, hard_after: float = 1.0) -> Iterato
     arena = runtime().arena if runtime().started else None
     outer = arena.watchdog() if arena is not None else None    # an enclosing watchdog's record
     killer = None
+    unset = object()
+    old_handler: Any = unset
     # Set up and torn down with every signal blocked: a handler that raises (Ctrl-C) must not
     # land between two of these steps and leave a timer, a kill timer or the handler behind.
     mask = _sigutil.block_all()
@@ -188,8 +190,12 @@ def watchdog(seconds: float, *, to: int = 0, hard_after: float = 1.0) -> Iterato
         if arena is not None:
             arena.set_watchdog(started + seconds + hard_after, to or current_state())
             killer = _KillTimer(seconds + hard_after)
-    except BaseException:
+    except BaseException:               # undo whatever was armed, then let the error through
         signal.setitimer(signal.ITIMER_REAL, 0)
+        if arena is not None:
+            arena.set_watchdog(*outer) if outer is not None else arena.set_watchdog(None)
+        if old_handler is not unset:
+            signal.signal(signal.SIGALRM, old_handler if old_handler is not None else signal.SIG_DFL)
         _sigutil.restore_mask(mask)
         raise
     try:
