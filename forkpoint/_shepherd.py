@@ -476,7 +476,7 @@ class Shepherd:
             return
         ck.keeper, ck.awaiting = keeper, False
         if ck.pending is not None:
-            self._send(keeper, {"op": "fork"})
+            self._urge(keeper)
         self._answer_list()
 
     def _op_spare(self, proc: Proc, msg: dict[str, Any], fds: list[int]) -> None:
@@ -650,9 +650,22 @@ class Shepherd:
         if ck.awaiting:      # the keeper will be asked to fork as soon as it introduces itself
             self.after(5.0, lambda: self._check_awaiting(ck, info))
             return
-        if ck.keeper is None or not self._send(ck.keeper, {"op": "fork"}):
+        if ck.keeper is None or not self._urge(ck.keeper):
             log.error("checkpoint %d cannot be restored: its keeper is gone", ck.n)
             self._give_up(info)
+
+    def _urge(self, keeper: Proc) -> bool:
+        """Ask a keeper for a copy that a restore is waiting for, at normal priority.
+
+        Keepers fork in the background under SCHED_IDLE; on a machine whose CPUs are busy that
+        work barely runs, and here the program itself waits for it. The keeper goes back to
+        SCHED_IDLE after the fork.
+        """
+        try:
+            os.sched_setscheduler(keeper.pid, os.SCHED_OTHER, os.sched_param(0))
+        except OSError:
+            pass
+        return self._send(keeper, {"op": "fork"})
 
     def _check_awaiting(self, ck: Checkpoint, info: dict[str, Any]) -> None:
         if ck.pending is info and (self.ckpts.get(ck.n) is not ck or ck.awaiting):
@@ -736,6 +749,10 @@ class Shepherd:
         for proc in list(self.procs.values()):
             if proc.role != "dying":
                 self._retire(proc)
+            try:        # the program is over: let the killed processes finish dying at once
+                os.sched_setscheduler(proc.pid, os.SCHED_OTHER, os.sched_param(0))
+            except OSError:
+                pass
         deadline = time.monotonic() + 2.0
         while self.procs and time.monotonic() < deadline:
             try:

@@ -441,6 +441,8 @@ def _frozen(rt: _Runtime, n: int, spares: int) -> dict[str, Any]:
                 mine.close()
                 _channel.send(chan, {"op": "spare", "n": n, "pid": pid}, (theirs.fileno(),))
                 theirs.close()
+                if rt.unidle:
+                    _set_idle()          # the shepherd may have raised us for an urgent copy
             elif op == "exit":
                 os._exit(0)
     except BaseException:  # noqa: BLE001 - a snapshot must never fall back into program code
