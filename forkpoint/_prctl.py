@@ -10,7 +10,6 @@ import os
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
-PR_GET_NAME = 16
 PR_SET_CHILD_SUBREAPER = 36
 
 try:  # pragma: no cover - depends on the install

@@ -57,7 +57,6 @@ class Proc:
     role: str                     # live, keeper, spare or dying
     n: int
     chan: socket.socket | None
-    born: float = field(default_factory=time.monotonic)
     lived: bool = False           # has run program code: its channel carries keepers' hellos
 
 

@@ -127,10 +127,6 @@ class Arena:
     def checkpoints_taken(self) -> int:
         return int(self.words[_H_NEXT_ID]) - 1
 
-    @property
-    def used(self) -> int:
-        return int(self.words[_H_TOP])
-
     # -- the key being processed (written by the live process, read by the shepherd) -------------
     def set_processing(self, key: str | None) -> None:
         w = _PROCESSING_OFF // 8
