@@ -315,7 +315,7 @@ def breakdown_child(n: int, heap_mb: int = 0) -> int:
     """Run in a fresh process shaped like a ``per-request`` server; print the parts as JSON."""
     ballast = b"\x01" * (heap_mb << 20)  # noqa: F841
     import forkpoint as fp
-    from forkpoint import _channel, _sigutil, snapshots
+    from forkpoint import _channel, _procfs, _sigutil, snapshots
 
     store: dict[str, int] = {}
 
@@ -355,13 +355,13 @@ def breakdown_child(n: int, heap_mb: int = 0) -> int:
     def ts_release() -> None:
         before = snapshots.current_state()
         k = snapshots.tsetjmp(spares=0)
-        snapshots._release(k, before)
+        snapshots.end_transaction(k, before)
 
-    res["tsetjmp(spares=0) + _release"] = _timed(ts_release, n)
+    res["tsetjmp(spares=0) + end_transaction"] = _timed(ts_release, n)
     res["  signal mask: block_all + restore"] = _timed(
         lambda: _sigutil.restore_mask(_sigutil.block_all()), n)
-    res["  _file_offsets() (/proc/self/fd scan)"] = _timed(snapshots._file_offsets, n)
-    res["  _other_threads() (/proc/self/task scan)"] = _timed(snapshots._other_threads, n)
+    res["  file_offsets() (/proc/self/fd scan)"] = _timed(_procfs.file_offsets, n)
+    res["  other_threads() (/proc/self/task scan)"] = _timed(_procfs.other_threads, n)
 
     def chan() -> None:
         a, b = _channel.pair()
@@ -369,7 +369,7 @@ def breakdown_child(n: int, heap_mb: int = 0) -> int:
         b.close()
 
     res["  channel socketpair + close"] = _timed(chan, n)
-    res["  _flush_stdio()"] = _timed(snapshots._flush_stdio, n)
+    res["  flush_stdio()"] = _timed(_sigutil.flush_stdio, n)
     with open("/proc/self/status") as f:
         status = {k: v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
     with open("/proc/self/maps") as f:

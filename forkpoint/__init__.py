@@ -20,6 +20,7 @@ from ._errors import (
     ThreadsAlive,
     WrongThread,
 )
+from .checkpointed import checkpointed
 from .persist import (
     IN,
     OUT,
@@ -32,8 +33,7 @@ from .persist import (
     persist_int,
     persist_struct,
 )
-from .recovery import is_quarantined, processing, quarantine, quarantined, release, watchdog
-from .server import checkpointed
+from .recovery import is_quarantined, processing, quarantine, quarantined, release
 from .snapshots import (
     CHKPT_RECOVERED,
     CKPT_FROM_STATE,
@@ -55,6 +55,7 @@ from .snapshots import (
     tlongjmp,
     tsetjmp,
 )
+from .watchdog import watchdog
 
 __version__ = "0.1.0"
 

@@ -1,26 +1,230 @@
-"""Messages between the shepherd and the processes of a program.
+"""The messages between the shepherd and the processes of a program, defined once.
 
 Each process has its own SOCK_SEQPACKET socketpair with the shepherd: message boundaries are kept,
 delivery is reliable and ordered, and a channel end can travel to the shepherd with SCM_RIGHTS. A
 frozen snapshot blocks in ``recv`` on its channel; that blocking read *is* the saved state waiting.
-Messages are small JSON objects: the channels are private socketpairs, never reachable by path.
+
+Every message is one of the dataclasses below, sent as a small JSON object whose ``op`` names its
+class. The channels are private socketpairs, never reachable by path, so the only malformed message
+is a corrupted one: ``recv`` raises ``MalformedMessage`` for it and the channel stays usable.
+
+The restore protocol, top to bottom::
+
+    live process                     shepherd                         keeper / spare
+    tsetjmp: Snap(n) ------------->  registers checkpoint n
+             clone() ----------------------------------------------> keeper: Hello(n, pid)+channel
+                                     <------------------------------ (on the live process's channel)
+                                     Fork --------------------------> keeper forks a spare:
+                                     <------------------------------ Spare(n, pid)+channel
+    tlongjmp: Restore(n) --------->  decides (policy), kills the caller,
+                                     Wake(n, ...) ------------------> spare returns from tsetjmp
+                                     <------------------------------ Up (it runs as the live process)
+                                     Fork --------------------------> keeper replaces the spare
 """
 from __future__ import annotations
 
 import array
 import json
+import os
 import socket
-from typing import Any
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from typing import Any, ClassVar
 
 MAX_MESSAGE = 1 << 16
+
+
+class Op(str, Enum):
+    """The wire name of each message."""
+
+    SNAP = "snap"
+    HELLO = "hello"
+    SPARE = "spare"
+    UP = "up"
+    RESTORE = "restore"
+    DISCARD = "discard"
+    LIST = "list"
+    POLICY = "policy"
+    CONFIGURE = "configure"
+    WAKE = "wake"
+    FORK = "fork"
+    OK = "ok"
+    ERROR = "error"
+
+
+class ErrorKind(str, Enum):
+    NOSUCH = "nosuch"        # the program raises NoSuchCheckpoint
+    CONFIG = "config"        # ... ConfigurationError
+    UNKNOWN = "unknown"      # ... ForkpointError
+
+
+class MalformedMessage(ValueError):
+    """A message that is not one of the protocol's, or whose fields do not fit it."""
+
+
+class Message:
+    """Base of every message; ``OP`` is its wire name."""
+
+    OP: ClassVar[Op]
+
+
+# ---- from the program to the shepherd --------------------------------------------------------------
+@dataclass
+class Snap(Message):
+    """The live process is about to fork checkpoint ``n`` (sent before the fork, signals blocked)."""
+
+    OP = Op.SNAP
+    n: int
+    pin: bool
+    spares: int
+
+
+@dataclass
+class Hello(Message):
+    """A new keeper introduces itself, on the channel of the live process that forked it; the
+    keeper's own channel travels with it."""
+
+    OP = Op.HELLO
+    n: int
+    pid: int
+
+
+@dataclass
+class Spare(Message):
+    """A keeper forked a spare of checkpoint ``n``; the spare's channel travels with it."""
+
+    OP = Op.SPARE
+    n: int
+    pid: int
+
+
+@dataclass
+class Up(Message):
+    """A woken spare now runs as the live process."""
+
+    OP = Op.UP
+
+
+@dataclass
+class Restore(Message):
+    """``tlongjmp``: kill me and wake checkpoint ``n``. Answered only by an ``Error``."""
+
+    OP = Op.RESTORE
+    n: int
+    sig: int
+    reason: str
+
+
+@dataclass
+class Discard(Message):
+    """Discard checkpoint ``n``; ``quiet`` asks for no reply; ``current`` resets the current state."""
+
+    OP = Op.DISCARD
+    n: int
+    quiet: bool = False
+    current: int | None = None
+
+
+@dataclass
+class ListCheckpoints(Message):
+    """Answered by ``Ok`` with ``checkpoints`` once every keeper has introduced itself."""
+
+    OP = Op.LIST
+
+
+@dataclass
+class SetPolicy(Message):
+    """Replace the recovery policy, or with ``merge`` add ``signals`` and ``settings`` to it."""
+
+    OP = Op.POLICY
+    signals: list[int]
+    to: int = 0
+    merge: bool = False
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Configure(Message):
+    OP = Op.CONFIGURE
+    settings: dict[str, Any]
+
+
+# ---- from the shepherd to the program ---------------------------------------------------------------
+@dataclass
+class Wake(Message):
+    """To a spare: become the live process, restored to checkpoint ``n``."""
+
+    OP = Op.WAKE
+    n: int
+    from_state: int
+    sig: int
+    reason: str
+    attempt: int
+    t: float                 # CLOCK_MONOTONIC when the shepherd saw the failure
+
+
+@dataclass
+class Fork(Message):
+    """To a keeper: fork a spare."""
+
+    OP = Op.FORK
+
+
+@dataclass
+class Ok(Message):
+    OP = Op.OK
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Error(Message):
+    OP = Op.ERROR
+    kind: ErrorKind
+    message: str
+
+
+_CLASSES: dict[str, type[Message]] = {
+    cls.OP.value: cls for cls in (Snap, Hello, Spare, Up, Restore, Discard, ListCheckpoints, SetPolicy,
+                                  Configure, Wake, Fork, Ok, Error)}
+# The JSON types each field may hold, read once from the annotations.
+_TYPES = {"int": (int,), "bool": (bool,), "str": (str,), "float": (int, float),
+          "int | None": (int, type(None)), "list[int]": (list,), "dict[str, Any]": (dict,),
+          "ErrorKind": (str,)}
+_FIELDS: dict[type[Message], list[tuple[str, tuple[type, ...]]]] = {
+    cls: [(f.name, _TYPES[str(f.type)]) for f in fields(cls)] for cls in _CLASSES.values()}  # type: ignore[arg-type]
+
+
+def encode(msg: Message) -> bytes:
+    return json.dumps({"op": msg.OP.value, **vars(msg)}, separators=(",", ":")).encode()
+
+
+def decode(data: bytes) -> Message:
+    try:
+        raw = json.loads(data)
+        cls = _CLASSES[raw.pop("op")]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise MalformedMessage(f"not a forkpoint message: {data[:80]!r}") from e
+    for name, types in _FIELDS[cls]:
+        value = raw.get(name)
+        if name in raw and (not isinstance(value, types) or (bool not in types and isinstance(value, bool))):
+            raise MalformedMessage(f"{cls.__name__}.{name} cannot be {value!r}")
+    if cls is Error:
+        try:
+            raw["kind"] = ErrorKind(raw.get("kind"))
+        except ValueError:
+            raw["kind"] = ErrorKind.UNKNOWN
+    try:
+        return cls(**raw)
+    except TypeError as e:
+        raise MalformedMessage(f"{cls.__name__}: {e}") from None
 
 
 def pair() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
 
-def send(sock: socket.socket, msg: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
-    data = json.dumps(msg, separators=(",", ":")).encode()
+def send(sock: socket.socket, msg: Message, fds: tuple[int, ...] = ()) -> None:
+    data = encode(msg)
     if fds:
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
         sock.sendmsg([data], anc)
@@ -28,8 +232,11 @@ def send(sock: socket.socket, msg: dict[str, Any], fds: tuple[int, ...] = ()) ->
         sock.send(data)
 
 
-def recv(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
-    """Receive one message and any descriptors with it; ``(None, [])`` means the peer is gone."""
+def recv(sock: socket.socket) -> tuple[Message | None, list[int]]:
+    """Receive one message and any descriptors with it; ``(None, [])`` means the peer is gone.
+
+    A malformed message raises ``MalformedMessage`` after its descriptors were closed.
+    """
     fds = array.array("i")
     data, anc, _flags, _addr = sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(4 * fds.itemsize))
     for level, kind, payload in anc:
@@ -37,4 +244,16 @@ def recv(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
             fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
     if not data:
         return None, list(fds)
-    return json.loads(data), list(fds)
+    try:
+        return decode(data), list(fds)
+    except MalformedMessage:
+        for fd in fds:
+            _close(fd)
+        raise
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass

@@ -71,3 +71,11 @@ class Recovered(ForkpointError):
         self.exc_message = exc_message
         self.traceback = traceback
         self.recovery_seconds = recovery_seconds
+
+
+class OperatorError(ForkpointError):
+    """An operator request failed; ``kind`` names the reason (see ``forkpoint.operator``)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind

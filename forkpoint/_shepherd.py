@@ -12,49 +12,68 @@ heap, which a forked shepherd would otherwise pin for the program's whole life. 
 * forwards signals sent to the program's PID to the live process, exactly once;
 * exits with the live program's exit status, or dies by the same signal, after killing every
   snapshot.
+
+A restore, from the request to the woken spare, reads top to bottom in "restores" below:
+``_on_restore`` (or ``_on_fault``, ``_on_live_death``) -> ``_failure`` -> ``_wake``.
 """
 from __future__ import annotations
 
+import enum
+import functools
 import json
 import logging
 import os
-import re
 import resource
 import select
-import selectors
 import signal
 import socket
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
-from . import _channel, _prctl, _sigutil
-from .persist import Arena
-from .policy import Decision, Policy, RecoveryPolicy
+from . import _budget, _channel, _prctl, _procfs, _sigutil
+from ._channel import (
+    Configure,
+    Discard,
+    ErrorKind,
+    Hello,
+    ListCheckpoints,
+    Message,
+    Restore,
+    SetPolicy,
+    Snap,
+    Spare,
+    Up,
+    Wake,
+)
+from ._control import ControlServer
+from ._faultreport import FaultReports
+from ._loop import EventLoop
+from ._sigutil import FORWARDED, TTY_SIGNALS, signame
+from .arena import Arena, HistoryRecord, add_quarantine, load_quarantine
+from .policy import Action, Decision, Policy, RecoveryPolicy
 
 log = logging.getLogger("forkpoint")
 
-FORWARDED = {signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1,
-             signal.SIGUSR2, signal.SIGWINCH, signal.SIGALRM}
-# The terminal sends these to its whole foreground process group, the live process included.
-TTY_SIGNALS = {signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGWINCH}
 EX_SOFTWARE = 70
-# faulthandler's first line names the signal (Python/faulthandler.c: faulthandler_handlers).
-_FAULT_HEADER = re.compile(rb"Fatal Python error: (Segmentation fault|Bus error|Floating point "
-                           rb"exception|Aborted|Illegal instruction)\n")
-_FAULT_SIGNALS = {"Segmentation fault": signal.SIGSEGV, "Bus error": signal.SIGBUS,
-                  "Floating point exception": signal.SIGFPE, "Aborted": signal.SIGABRT,
-                  "Illegal instruction": signal.SIGILL}
 _ENV = "FORKPOINT_SHEPHERD_ARGS"
 _BOOT = "import sys;sys.path.insert(0,sys.argv[1]);from forkpoint._shepherd import main;main()"
+_REPORT_DELAY = 0.05          # a report arrives in many small writes: copy it out this much later
+
+
+class Role(enum.Enum):
+    LIVE = "live"             # runs program code; at most one
+    KEEPER = "keeper"         # checkpoint n itself; forks spares
+    SPARE = "spare"           # a ready copy of a keeper; a restore wakes it
+    DYING = "dying"           # killed, or its work is over; only a keeper's hello may still come
 
 
 @dataclass
 class Proc:
     pid: int
-    role: str                     # live, keeper, spare or dying
+    role: Role
     n: int
     chan: socket.socket | None
     lived: bool = False           # has run program code: its channel carries keepers' hellos
@@ -67,22 +86,15 @@ class Checkpoint:
     pinned: bool
     taken: float = field(default_factory=time.time)
     spares: list[Proc] = field(default_factory=list)
-    pending: dict[str, Any] | None = None
+    pending: Wake | None = None   # a restore waiting for a spare of this checkpoint
     want_spares: int = 1
     awaiting: bool = False        # the keeper has not introduced itself yet
-    announcer: Any = None         # the live process that took it: its keeper says hello on its channel
-
-
-def _signame(sig: int) -> str:
-    try:
-        return signal.Signals(sig).name
-    except ValueError:
-        return f"signal {sig}"
+    announcer: Proc | None = None  # the live process that took it: its keeper says hello on its channel
 
 
 def become_shepherd(chan: socket.socket, arena: Arena, live_pid: int, pgid: int, config: Any,
-                    faults: int) -> None:
-    """Turn the original process into the shepherd; never returns."""
+                    faults: int) -> NoReturn:
+    """Turn the original process into the shepherd."""
     args = {"chan": chan.fileno(), "arena_fd": arena.fd, "arena_size": arena.size, "faults": faults,
             "live": live_pid, "pgid": pgid, "max_checkpoints": config.max_checkpoints,
             "max_snapshot_memory": config.max_snapshot_memory,
@@ -94,7 +106,7 @@ def become_shepherd(chan: socket.socket, arena: Arena, live_pid: int, pgid: int,
             os.set_inheritable(faults, True)
             root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             env = dict(os.environ, **{_ENV: json.dumps(args)})
-            for which in (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF):
+            for which in _sigutil.ITIMERS:
                 signal.setitimer(which, 0)   # exec keeps timers; the live process has its own copy
             argv = [sys.executable, "-I", "-S", "-c", _BOOT, root, "fp-shepherd", *sys.orig_argv]
             try:
@@ -109,7 +121,7 @@ def become_shepherd(chan: socket.socket, arena: Arena, live_pid: int, pgid: int,
         os._exit(EX_SOFTWARE)
 
 
-def main() -> None:
+def main() -> NoReturn:
     """Entry point after the exec."""
     args = json.loads(os.environ.pop(_ENV))
     # The shepherd has no application logging configuration: its warnings go to stderr.
@@ -129,33 +141,12 @@ def main() -> None:
         os._exit(EX_SOFTWARE)
 
 
-def _pending_signals(pid: int) -> list[int]:
-    """Signals pending (blocked, not yet delivered) in process ``pid``, from /proc/PID/status."""
-    mask = 0
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(("SigPnd:", "ShdPnd:")):
-                    mask |= int(line.split()[1], 16)
-    except (OSError, ValueError):
-        return []
-    return [sig for sig in range(1, 65) if mask >> (sig - 1) & 1]
+class _ListWaiters:
+    """Processes waiting for ``checkpoints()``: answered together once every keeper has its pid."""
 
-
-def _smaps(pid: int) -> tuple[int, int]:
-    """(USS, PSS) of a process in bytes, from /proc/PID/smaps_rollup."""
-    uss = pss = 0
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in ("Private_Clean", "Private_Dirty"):
-                    uss += int(rest.split()[0]) * 1024
-                elif key == "Pss":
-                    pss = int(rest.split()[0]) * 1024
-    except (OSError, ValueError):
-        pass
-    return uss, pss
+    def __init__(self) -> None:
+        self.waiting: list[Proc] = []
+        self.batch = 0
 
 
 class Shepherd:
@@ -164,42 +155,79 @@ class Shepherd:
         self.pgid = args["pgid"]
         self.max_checkpoints = args["max_checkpoints"]
         self.max_memory = args.get("max_snapshot_memory")
+        self.loop = EventLoop()
+        self.loop.on_error = self._after_internal_error
         self.procs: dict[int, Proc] = {}
         self.ckpts: dict[int, Checkpoint] = {}
         self.policy = RecoveryPolicy()
         self.current = 0
         self.started = time.time()
         self.recoveries = 0
+        self.restoring = False                  # a restore was decided and no spare woken yet
         self.pending_signals: list[int] = []
-        self.timers: list[tuple[float, Callable[[], None]]] = []
-        self.sel = selectors.DefaultSelector()
-        self.live: Proc | None = self._add(args["live"], "live", 0, chan)
+        self.live: Proc | None = self._add(args["live"], Role.LIVE, 0, chan)
         self.live_up = True
-        self.operator: Any = None
+        self.control: ControlServer | None = None
         self.reaped_unknown: list[tuple[int, float]] = []   # recently reaped pids we did not know
-        self.list_waiters: list[Proc] = []
-        self.list_batch = 0
-        self.faults: int | None = args.get("faults")
-        self.fault_tail = b""
-        self.fault_report = b""
+        self.lists = _ListWaiters()
+        faults = args.get("faults")
+        self.reports = FaultReports(faults) if faults is not None else None
+        self._handlers: dict[type[Message], Callable[[Proc, Any, list[int]], None]] = {
+            Snap: self._on_snap, Hello: self._on_hello, Spare: self._on_spare, Up: self._on_up,
+            Restore: self._on_restore, Discard: self._on_discard, ListCheckpoints: self._on_list,
+            SetPolicy: self._on_policy, Configure: self._on_configure}
+
+    # -- what the control server sees (``_control.Controlled``) ---------------------------------------
+    @property
+    def live_pid(self) -> int | None:
+        return self.live.pid if self.live is not None else None
+
+    def checkpoint_ids(self) -> list[int]:
+        return sorted(self.ckpts)
+
+    def history(self) -> list[HistoryRecord]:
+        return self.arena.history()
+
+    def quarantined(self) -> list[str]:
+        return load_quarantine(self.arena)
+
+    def nosuch(self, n: int) -> str:
+        have = ", ".join(map(str, sorted(self.ckpts))) or "none"
+        return f"no checkpoint {n} (live checkpoints: {have})"
+
+    def restore_by_operator(self, n: int, reason: str) -> None:
+        if self.live is not None:
+            live, self.live = self.live, None
+            self._retire(live)
+        self._failure(n, 0, f"operator: {reason}"[:64], None, operator=True)
+
+    def discard_by_operator(self, n: int, why: str) -> None:
+        self._discard(n, why)
+
+    def describe(self) -> list[dict[str, Any]]:
+        out = []
+        now = time.time()
+        for n in sorted(self.ckpts):
+            ck = self.ckpts[n]
+            uss, pss = self._memory(ck)
+            out.append({"id": n, "pid": ck.keeper.pid if ck.keeper else 0, "age": now - ck.taken,
+                        "pinned": ck.pinned, "spares": [p.pid for p in ck.spares], "uss": uss, "pss": pss})
+        return out
 
     # -- bookkeeping ----------------------------------------------------------------------------
-    def _add(self, pid: int, role: str, n: int, chan: socket.socket | None) -> Proc:
+    def _add(self, pid: int, role: Role, n: int, chan: socket.socket | None) -> Proc:
         """Track a process; a keeper is added with pid 0 until it introduces itself."""
-        proc = Proc(pid, role, n, chan, lived=(role == "live"))
+        proc = Proc(pid, role, n, chan, lived=(role is Role.LIVE))
         if pid:
             self.procs[pid] = proc
         if chan is not None:
             chan.setblocking(True)
-            self.sel.register(chan, selectors.EVENT_READ, lambda p=proc: self._on_message(p))
+            self.loop.add_reader(chan, functools.partial(self._on_message, proc))
         return proc
 
     def _close(self, proc: Proc) -> None:
         if proc.chan is not None:
-            try:
-                self.sel.unregister(proc.chan)
-            except (KeyError, ValueError):
-                pass
+            self.loop.remove(proc.chan)
             proc.chan.close()
             proc.chan = None
 
@@ -210,12 +238,12 @@ class Shepherd:
         process inside tlongjmp) must never see EOF while it can still run, or it would raise into
         program code next to the restored process.
         """
-        proc.role = "dying"
+        proc.role = Role.DYING
         if proc.pid <= 0:     # a keeper that has not introduced itself: EOF on its channel ends it
             self._close(proc)
             return
         if proc.lived:        # signals forwarded to it but still blocked there go to its successor
-            self.pending_signals.extend(s for s in _pending_signals(proc.pid) if s in FORWARDED)
+            self.pending_signals.extend(s for s in _procfs.pending_signals(proc.pid) if s in FORWARDED)
         try:
             os.sched_setscheduler(proc.pid, os.SCHED_IDLE, os.sched_param(0))
         except OSError:
@@ -227,7 +255,7 @@ class Shepherd:
         if not proc.lived:   # a live process's keepers may still introduce themselves on its channel
             self._close(proc)
 
-    def _send(self, proc: Proc, msg: dict[str, Any]) -> bool:
+    def _send(self, proc: Proc, msg: Message) -> bool:
         if proc.chan is None:
             return False
         try:
@@ -236,17 +264,21 @@ class Shepherd:
         except OSError:
             return False
 
-    def after(self, delay: float, fn: Callable[[], None]) -> None:
-        self.timers.append((time.monotonic() + delay, fn))
+    def _close_fds(self, fds: list[int]) -> None:
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     # -- main loop ------------------------------------------------------------------------------
-    def run(self) -> None:
+    def run(self) -> NoReturn:
         _prctl.set_child_subreaper(True)
         _prctl.set_name("fp-shepherd")
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:                 # two channels per checkpoint, and the operator's clients
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        for which in (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF):
+        for which in _sigutil.ITIMERS:
             signal.setitimer(which, 0)   # exec kept the program's timers; the live process has them
         watched = FORWARDED | {signal.SIGCHLD}
         _sigutil.block_all()
@@ -255,33 +287,26 @@ class Shepherd:
             signal.signal(s, signal.SIG_DFL)     # stop and continue with the job, like the program
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         _sigutil.restore_mask(_sigutil.mask_of(watched))
-        self.sel.register(self.sfd, selectors.EVENT_READ, self._on_signals)
-        if self.faults is not None:
-            os.set_blocking(self.faults, False)
-            self.sel.register(self.faults, selectors.EVENT_READ, self._on_fault_report)
+        self.loop.add_reader(self.sfd, self._on_signals)
+        if self.reports is not None:
+            self.loop.add_reader(self.reports.fd, self._on_fault_report)
         try:
-            from .operator import OperatorServer
-            self.operator = OperatorServer(self)
-        except ImportError:
-            pass
+            self.control = ControlServer(self, self.loop)
         except Exception as e:  # noqa: BLE001 - the program runs without operator control
             log.warning("operator socket unavailable: %s", e)
         self._reap()   # the live process may have died before we watched SIGCHLD
         if self.max_memory:
-            self.after(1.0, self._memory_tick)
-        while True:
-            timeout = None
-            if self.timers:
-                timeout = max(0.0, min(t for t, _ in self.timers) - time.monotonic())
-            for key, _ in self.sel.select(timeout):
-                key.data()
-            now = time.monotonic()
-            due = [t for t in self.timers if t[0] <= now]
-            if due:
-                self.timers = [t for t in self.timers if t[0] > now]
-                for _, fn in due:
-                    fn()
+            self.loop.after(_budget.INTERVAL, self._memory_tick)
+        self.loop.run_forever()
+        raise AssertionError("the shepherd's loop ended")  # pragma: no cover
 
+    def _after_internal_error(self) -> None:
+        """After a contained fault in the shepherd: go on only if the program still has a way on."""
+        if self.live is None and not self.restoring:
+            log.error("no live process and no restore under way after an internal error: ending")
+            self.shutdown(code=EX_SOFTWARE)
+
+    # -- signals, deaths and crash reports -------------------------------------------------------
     def _on_signals(self) -> None:
         reap = False
         for sig, code, _pid in _sigutil.read_signalfd(self.sfd):
@@ -294,6 +319,15 @@ class Shepherd:
         if reap:
             self._reap()
 
+    def _forward(self, sig: int) -> None:
+        if self.live is not None and self.live_up:
+            try:
+                os.kill(self.live.pid, sig)
+            except ProcessLookupError:
+                self.pending_signals.append(sig)
+        else:
+            self.pending_signals.append(sig)
+
     def _on_fault_report(self, act: bool = True) -> None:
         """faulthandler in the live process reports a fatal signal, before the process dies.
 
@@ -302,33 +336,20 @@ class Shepherd:
         ``act=False`` (the death is being handled already) the report is only passed on: it must
         never be taken for a fault of the process restored after it.
         """
-        if self.faults is None:
+        reports = self.reports
+        if reports is None:
             return
-        try:
-            chunk = os.read(self.faults, 65536)
-        except BlockingIOError:
+        had = bool(reports.pending)
+        sigs = reports.read()
+        if sigs is None:
+            self.loop.remove(reports.fd)
+            reports.close()
             return
-        if not chunk:
-            self.sel.unregister(self.faults)
-            self.faults = None
-            return
-        if not self.fault_report:
-            self.after(0.05, self._flush_fault_report)     # a report arrives in many small writes
-        self.fault_report += chunk
-        text = self.fault_tail + chunk
-        end = 0
-        for header in _FAULT_HEADER.finditer(text):
-            end = header.end()
-            if act:
-                self._on_fault(_FAULT_SIGNALS[header.group(1).decode()])
-        self.fault_tail = text[max(end, len(text) - 64):]     # a header split across two reads
-
-    def _flush_fault_report(self) -> None:
-        report, self.fault_report = self.fault_report, b""
-        try:
-            os.write(2, report)
-        except OSError:
-            pass
+        if reports.pending and not had:
+            self.loop.after(_REPORT_DELAY, reports.flush)
+        if act:
+            for sig in sigs:
+                self._on_fault(sig)
 
     def _on_fault(self, sig: int) -> None:
         live = self.live
@@ -343,16 +364,7 @@ class Shepherd:
         # beside the restored process, so it is killed now (its report may be cut short).
         self.live = None
         self._retire(live)
-        self._failure(target, sig, f"killed by {_signame(sig)}", None)
-
-    def _forward(self, sig: int) -> None:
-        if self.live is not None and self.live_up:
-            try:
-                os.kill(self.live.pid, sig)
-            except ProcessLookupError:
-                self.pending_signals.append(sig)
-        else:
-            self.pending_signals.append(sig)
+        self._failure(target, sig, f"killed by {signame(sig)}", None)
 
     def _reap(self) -> None:
         while True:
@@ -376,7 +388,7 @@ class Shepherd:
             return
         self._drain(proc)     # what it said before dying (a checkpoint it took) comes first
         self.procs.pop(pid, None)
-        if proc.role == "dying":
+        if proc.role is Role.DYING:
             return
         if proc is not self.live:
             self._close(proc)
@@ -384,15 +396,15 @@ class Shepherd:
         # on it, possibly after it died.
         if proc is self.live:
             self.live = None
-            proc.role = "dying"       # only its keepers' hellos may still arrive on its channel
+            proc.role = Role.DYING    # only its keepers' hellos may still arrive on its channel
             self._on_fault_report(act=False)   # its report, if any, is in the pipe by now
             self._on_live_death(status)
             return
         ck = self.ckpts.get(proc.n)
         if ck is None:
             return
-        log.warning("checkpoint %d lost its %s process %d (status %d)", proc.n, proc.role, pid, status)
-        if proc.role == "keeper":
+        log.warning("checkpoint %d lost its %s process %d (status %d)", proc.n, proc.role.value, pid, status)
+        if proc.role is Role.KEEPER:
             ck.keeper = None
             if not ck.spares:
                 self._discard(ck.n, "its processes died")
@@ -411,57 +423,48 @@ class Shepherd:
     def _on_message(self, proc: Proc) -> None:
         try:
             msg, fds = _channel.recv(proc.chan) if proc.chan is not None else (None, [])
-        except ValueError as e:             # a malformed message is dropped, the channel kept
+        except _channel.MalformedMessage as e:    # dropped, the channel kept
             log.error("dropped a malformed message from process %d: %s", proc.pid, e)
             return
         except OSError:
             msg, fds = None, []
-        if msg is None or not isinstance(msg, dict):
+        if msg is None:
             self._close(proc)
-            for fd in fds:
-                os.close(fd)
+            self._close_fds(fds)
             if proc.lived:                  # no keeper can introduce itself on this channel now
                 for ck in [c for c in self.ckpts.values() if c.awaiting and c.announcer is proc]:
                     self._discard(ck.n, "its keeper never introduced itself")
             return
-        op = msg.get("op")
-        if proc.role == "dying" and op != "hello":
-            for fd in fds:
-                os.close(fd)
+        if proc.role is Role.DYING and not isinstance(msg, Hello):
+            self._close_fds(fds)
             return
-        handler = getattr(self, f"_op_{op}", None)
+        handler = self._handlers.get(type(msg))
         if handler is None:
-            for fd in fds:
-                os.close(fd)
-            self._send(proc, {"op": "error", "message": f"unknown request {op!r}"})
+            self._close_fds(fds)
+            self._send(proc, _channel.Error(ErrorKind.UNKNOWN, f"unexpected message {msg.OP.value!r}"))
             return
         try:
             handler(proc, msg, fds)
         except (KeyError, IndexError, TypeError, ValueError) as e:
-            for fd in fds:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            log.error("could not handle %r from process %d: %r", op, proc.pid, e)
+            self._close_fds(fds)
+            log.error("could not handle %r from process %d: %r", msg.OP.value, proc.pid, e)
 
-    def _op_snap(self, proc: Proc, msg: dict[str, Any], fds: list[int]) -> None:
-        n = int(msg["n"])
+    def _on_snap(self, proc: Proc, msg: Snap, fds: list[int]) -> None:
+        n = msg.n
         if n in self.ckpts:                 # ids are never reused: only a corrupted arena does this
             self._discard(n, "its id was taken again")
-        self.ckpts[n] = Checkpoint(n, None, bool(msg.get("pin")), awaiting=True, announcer=proc,
-                                   want_spares=int(msg["spares"]))
+        self.ckpts[n] = Checkpoint(n, None, msg.pin, awaiting=True, announcer=proc, want_spares=msg.spares)
         self.current = n
         self._enforce_bounds()
 
-    def _op_hello(self, proc: Proc, msg: dict[str, Any], fds: list[int]) -> None:
+    def _on_hello(self, proc: Proc, msg: Hello, fds: list[int]) -> None:
         """A keeper introduces itself, on the channel of the live process that forked it."""
-        n, pid = int(msg["n"]), int(msg["pid"])
+        n, pid = msg.n, msg.pid
         if not fds:                                  # its channel was lost (EMFILE): it cannot serve
             os.kill(pid, signal.SIGKILL)
             self._discard(n, "its keeper's channel was lost")
             return
-        keeper = self._add(pid, "keeper", n, socket.socket(fileno=fds[0]))
+        keeper = self._add(pid, Role.KEEPER, n, socket.socket(fileno=fds[0]))
         ck = self.ckpts.get(n)
         died = [e for e in self.reaped_unknown if e[0] == pid]
         if died:                                     # it died before we read this
@@ -478,91 +481,87 @@ class Shepherd:
             self._urge(keeper)
         self._answer_list()
 
-    def _op_spare(self, proc: Proc, msg: dict[str, Any], fds: list[int]) -> None:
-        n = int(msg["n"])
+    def _on_spare(self, proc: Proc, msg: Spare, fds: list[int]) -> None:
         if not fds:
-            os.kill(int(msg["pid"]), signal.SIGKILL)
+            os.kill(msg.pid, signal.SIGKILL)
             return
-        spare = self._add(int(msg["pid"]), "spare", n, socket.socket(fileno=fds[0]))
-        ck = self.ckpts.get(n)
+        spare = self._add(msg.pid, Role.SPARE, msg.n, socket.socket(fileno=fds[0]))
+        ck = self.ckpts.get(msg.n)
         if ck is None:
             self._retire(spare)
             return
         ck.spares.append(spare)
         if ck.pending is not None:
-            info, ck.pending = ck.pending, None
-            self._wake(ck, info)
+            wake, ck.pending = ck.pending, None
+            self._wake(ck, wake)
 
-    def _op_up(self, proc: Proc, msg: dict[str, Any], fds: list[int]) -> None:
+    def _on_up(self, proc: Proc, msg: Up, fds: list[int]) -> None:
         if proc is self.live:
             self.live_up = True
             pending, self.pending_signals = self.pending_signals, []
             for sig in pending:
                 self._forward(sig)
 
-    def _op_restore(self, proc: Proc, msg: dict[str, Any], fds: list[int]) -> None:
-        n = int(msg["n"])
-        if n not in self.ckpts:
-            self._send(proc, {"op": "error", "kind": "nosuch", "message": self._nosuch(n)})
+    def _on_discard(self, proc: Proc, msg: Discard, fds: list[int]) -> None:
+        if msg.current is not None and proc is self.live:
+            self.current = msg.current
+        if msg.n not in self.ckpts:
+            if not msg.quiet:
+                self._send(proc, _channel.Error(ErrorKind.NOSUCH, self.nosuch(msg.n)))
             return
-        self._failure(n, int(msg.get("sig", 0)), str(msg.get("reason") or "tlongjmp"), proc)
+        self._discard(msg.n, "discarded by the program")
+        if not msg.quiet:
+            self._send(proc, _channel.Ok())
 
-    def _op_discard(self, proc: Proc, msg: dict[str, Any], fds: list[int]) -> None:
-        n = int(msg["n"])
-        quiet = bool(msg.get("quiet"))
-        if "current" in msg and proc is self.live:
-            self.current = int(msg["current"])
-        if n not in self.ckpts:
-            if not quiet:
-                self._send(proc, {"op": "error", "kind": "nosuch", "message": self._nosuch(n)})
-            return
-        self._discard(n, "discarded by the program")
-        if not quiet:
-            self._send(proc, {"op": "ok"})
-
-    def _op_list(self, proc: Proc, msg: dict[str, Any], fds: list[int]) -> None:
+    def _on_list(self, proc: Proc, msg: ListCheckpoints, fds: list[int]) -> None:
         # Answered once every keeper has introduced itself, so that each entry has its pid.
-        self.list_waiters.append(proc)
-        if len(self.list_waiters) == 1:     # a backstop for this batch of waiters only
-            batch = self.list_batch
-            self.after(1.0, lambda: self._answer_list(force=batch == self.list_batch))
+        lists = self.lists
+        lists.waiting.append(proc)
+        if len(lists.waiting) == 1:     # a backstop for this batch of waiters only
+            batch = lists.batch
+            self.loop.after(1.0, lambda: self._answer_list(force=batch == lists.batch))
         self._answer_list()
 
     def _answer_list(self, force: bool = False) -> None:
-        if not self.list_waiters or (not force and any(c.awaiting for c in self.ckpts.values())):
+        lists = self.lists
+        if not lists.waiting or (not force and any(c.awaiting for c in self.ckpts.values())):
             return
-        self.list_batch += 1
-        waiters, self.list_waiters = self.list_waiters, []
+        lists.batch += 1
+        waiters, lists.waiting = lists.waiting, []
         listing = self.describe()
         for proc in waiters:
-            self._send(proc, {"op": "ok", "checkpoints": listing})
+            self._send(proc, _channel.Ok({"checkpoints": listing}))
 
-    def _op_policy(self, proc: Proc, msg: dict[str, Any], fds: list[int]) -> None:
+    def _on_policy(self, proc: Proc, msg: SetPolicy, fds: list[int]) -> None:
         try:
-            if msg.get("merge"):
-                self.policy.policy = self.policy.policy.merged(msg)
+            if msg.merge:
+                self.policy.policy = self.policy.policy.merged(msg.signals, msg.settings)
             else:
-                self.policy.policy = Policy.from_message(msg)
+                self.policy.policy = Policy.build(msg.signals, msg.to, msg.settings)
         except (ValueError, TypeError) as e:
-            self._send(proc, {"op": "error", "kind": "config", "message": str(e)})
+            self._send(proc, _channel.Error(ErrorKind.CONFIG, str(e)))
             return
-        self._send(proc, {"op": "ok"})
+        self._send(proc, _channel.Ok())
 
-    def _op_configure(self, proc: Proc, msg: dict[str, Any], fds: list[int]) -> None:
-        self.max_checkpoints = msg.get("max_checkpoints", self.max_checkpoints)
-        if "max_snapshot_memory" in msg:
+    def _on_configure(self, proc: Proc, msg: Configure, fds: list[int]) -> None:
+        settings = msg.settings
+        self.max_checkpoints = settings.get("max_checkpoints", self.max_checkpoints)
+        if "max_snapshot_memory" in settings:
             first = not self.max_memory
-            self.max_memory = msg["max_snapshot_memory"]
+            self.max_memory = settings["max_snapshot_memory"]
             if self.max_memory and first:
-                self.after(0.0, self._memory_tick)
+                self.loop.after(0.0, self._memory_tick)
         self._enforce_bounds()
-        self._send(proc, {"op": "ok"})
+        self._send(proc, _channel.Ok())
 
-    def _nosuch(self, n: int) -> str:
-        have = ", ".join(map(str, sorted(self.ckpts))) or "none"
-        return f"no checkpoint {n} (live checkpoints: {have})"
+    # -- restores: a request, a crash report or a death, then _failure, then _wake ----------------
+    def _on_restore(self, proc: Proc, msg: Restore, fds: list[int]) -> None:
+        """``tlongjmp(n)``: the caller waits, signals blocked, until it is killed (or refused)."""
+        if msg.n not in self.ckpts:
+            self._send(proc, _channel.Error(ErrorKind.NOSUCH, self.nosuch(msg.n)))
+            return
+        self._failure(msg.n, msg.sig, msg.reason or "tlongjmp", proc)
 
-    # -- restores -------------------------------------------------------------------------------
     def _on_live_death(self, status: int) -> None:
         if os.WIFEXITED(status):
             self.shutdown(code=os.WEXITSTATUS(status))
@@ -578,10 +577,10 @@ class Shepherd:
         if sig in pol.signals:
             target = pol.to or self.current
             if target in self.ckpts:
-                self._failure(target, sig, f"killed by {_signame(sig)}", None)
+                self._failure(target, sig, f"killed by {signame(sig)}", None)
                 return
             log.error("live process died by %s and there is no checkpoint %sto restore: ending",
-                      _signame(sig), f"{target} " if target else "")
+                      signame(sig), f"{target} " if target else "")
         self.shutdown(sig=sig)
 
     def _failure(self, target: int, sig: int, cause: str, requester: Proc | None,
@@ -593,7 +592,7 @@ class Shepherd:
         self.arena.set_watchdog(None)
         from_state = self.current
         if operator:
-            decision = Decision("restore", target, 0.0, 1, cause, None)
+            decision = Decision(Action.RESTORE, target, 0.0, 1, cause, None)
         else:
             decision = self.policy.decide(target, sig, key, sorted(self.ckpts), time.time(), cause,
                                           budgeted=bool(sig))
@@ -601,57 +600,71 @@ class Shepherd:
             self.live = None
             self._retire(requester)
         if decision.quarantine is not None:
-            from .recovery import add_quarantine
-
-            add_quarantine(self.arena, decision.quarantine, self.policy.policy.quarantine_size)
-            self.arena.append_history(from_state, target, sig, "quarantined", decision.quarantine)
-            log.warning("quarantined input %r: it failed %d time(s) (%s)", decision.quarantine,
-                        self.policy.policy.quarantine_after, cause)
-        if decision.action == "give_up":
-            self.arena.append_history(from_state, target, sig, decision.reason[:64], key)
+            self._record_quarantine(decision.quarantine, from_state, target, sig, cause)
+        if decision.action is Action.GIVE_UP:
+            self._record_history(from_state, target, sig, decision.reason, key)
             log.error("%s", decision.reason)
             if sig:
                 self.shutdown(sig=sig)
             self.shutdown(code=EX_SOFTWARE)
         self.recoveries += 1
+        self.restoring = True
         escalated = decision.target != target
         log.log(logging.WARNING if escalated else logging.INFO, "restoring checkpoint %d from %d (%s)%s",
                 decision.target, from_state, decision.reason,
                 f" after {decision.delay:g}s backoff" if decision.delay else "")
-        info = {"op": "wake", "from": from_state, "sig": sig, "reason": decision.reason,
-                "attempt": decision.attempt, "t": detected}
+        wake = Wake(decision.target, from_state, sig, decision.reason, decision.attempt, detected)
         self.current = decision.target
         ck = self.ckpts[decision.target]
 
         def restore() -> None:
             # recorded when it happens, so the restored process finds it in history()
-            self.arena.append_history(from_state, decision.target, sig, decision.reason[:64], key)
-            self._wake(ck, info)
+            self._record_history(from_state, decision.target, sig, decision.reason, key)
+            self._wake(ck, wake)
 
         if decision.delay > 0:
-            self.after(decision.delay, restore)
+            self.loop.after(decision.delay, restore)
         else:
             restore()
 
-    def _wake(self, ck: Checkpoint, info: dict[str, Any]) -> None:
+    def _record_history(self, from_state: int, to_state: int, sig: int, reason: str,
+                        key: str | None) -> None:
+        """Append to the jump history; a damaged arena costs the record, never the restore."""
+        try:
+            self.arena.append_history(from_state, to_state, sig, reason[:64], key)
+        except Exception:  # noqa: BLE001 - contained: the restore matters more than its record
+            log.exception("could not record the restore to %d in the jump history", to_state)
+
+    def _record_quarantine(self, key: str, from_state: int, target: int, sig: int, cause: str) -> None:
+        try:
+            add_quarantine(self.arena, key, self.policy.policy.quarantine_size)
+        except Exception:  # noqa: BLE001 - contained: the restore matters more than the quarantine
+            log.exception("could not quarantine input %r", key)
+            return
+        self._record_history(from_state, target, sig, "quarantined", key)
+        log.warning("quarantined input %r: it failed %d time(s) (%s)", key,
+                    self.policy.policy.quarantine_after, cause)
+
+    def _wake(self, ck: Checkpoint, wake: Wake) -> None:
         if self.ckpts.get(ck.n) is not ck:
             log.error("checkpoint %d vanished before it could be restored: ending", ck.n)
-            self._give_up(info)
+            self._give_up(wake)
         while ck.spares:
             spare = ck.spares.pop(0)
-            if self._send(spare, dict(info, n=ck.n)):
-                spare.role, spare.lived = "live", True
+            if self._send(spare, wake):
+                spare.role, spare.lived = Role.LIVE, True
                 self.live, self.live_up = spare, False
+                self.restoring = False
                 self._replenish(ck)
                 return
             self._retire(spare)
-        ck.pending = info
+        ck.pending = wake
         if ck.awaiting:      # the keeper will be asked to fork as soon as it introduces itself
-            self.after(5.0, lambda: self._check_awaiting(ck, info))
+            self.loop.after(5.0, lambda: self._check_awaiting(ck, wake))
             return
         if ck.keeper is None or not self._urge(ck.keeper):
             log.error("checkpoint %d cannot be restored: its keeper is gone", ck.n)
-            self._give_up(info)
+            self._give_up(wake)
 
     def _urge(self, keeper: Proc) -> bool:
         """Ask a keeper for a copy that a restore is waiting for, at normal priority.
@@ -664,28 +677,22 @@ class Shepherd:
             os.sched_setscheduler(keeper.pid, os.SCHED_OTHER, os.sched_param(0))
         except OSError:
             pass
-        return self._send(keeper, {"op": "fork"})
+        return self._send(keeper, _channel.Fork())
 
-    def _check_awaiting(self, ck: Checkpoint, info: dict[str, Any]) -> None:
-        if ck.pending is info and (self.ckpts.get(ck.n) is not ck or ck.awaiting):
+    def _check_awaiting(self, ck: Checkpoint, wake: Wake) -> None:
+        if ck.pending is wake and (self.ckpts.get(ck.n) is not ck or ck.awaiting):
             log.error("checkpoint %d never got its keeper: ending", ck.n)
-            self._give_up(info)
+            self._give_up(wake)
 
-    def _give_up(self, info: dict[str, Any]) -> None:
+    def _give_up(self, wake: Wake) -> NoReturn:
         """A restore that was decided cannot happen: end as the failure would have ended it."""
-        if info.get("sig"):
-            self.shutdown(sig=int(info["sig"]))
+        if wake.sig:
+            self.shutdown(sig=wake.sig)
         self.shutdown(code=EX_SOFTWARE)
 
     def _replenish(self, ck: Checkpoint) -> None:
         if ck.keeper is not None and len(ck.spares) < ck.want_spares:
-            self._send(ck.keeper, {"op": "fork"})
-
-    def restore_by_operator(self, n: int, reason: str) -> None:
-        if self.live is not None:
-            live, self.live = self.live, None
-            self._retire(live)
-        self._failure(n, 0, f"operator: {reason}"[:64], None, operator=True)
+            self._send(ck.keeper, _channel.Fork())
 
     # -- registry -------------------------------------------------------------------------------
     def _discard(self, n: int, why: str) -> None:
@@ -693,7 +700,7 @@ class Shepherd:
         if ck is None:
             return
         log.info("discarding checkpoint %d: %s", n, why)
-        self.after(0.0, self._answer_list)
+        self.loop.after(0.0, self._answer_list)
         for proc in ([ck.keeper] if ck.keeper else []) + ck.spares:
             self._retire(proc)
         if ck.pending is not None:       # a restore was waiting for this checkpoint's spare
@@ -707,10 +714,10 @@ class Shepherd:
                 break
             self._discard(min(victims), f"more than {self.max_checkpoints} checkpoints")
 
-    def memory(self, ck: Checkpoint) -> tuple[int, int]:
+    def _memory(self, ck: Checkpoint) -> tuple[int, int]:
         uss = pss = 0
         for proc in ([ck.keeper] if ck.keeper else []) + ck.spares:
-            u, p = _smaps(proc.pid)
+            u, p = _procfs.smaps(proc.pid)
             uss += u
             pss += p
         return uss, pss
@@ -718,35 +725,19 @@ class Shepherd:
     def _memory_tick(self) -> None:
         if not self.max_memory:
             return
-        sizes = {n: self.memory(ck)[1] for n, ck in self.ckpts.items()}
-        total = sum(sizes.values())
-        for n in sorted(sizes):
-            if total <= self.max_memory:
-                break
-            ck = self.ckpts[n]
-            if ck.pinned or n == self.current:
-                continue
+        sizes = {n: self._memory(ck)[1] for n, ck in self.ckpts.items()}
+        keep = {n for n, ck in self.ckpts.items() if ck.pinned or n == self.current}
+        for n, total in _budget.victims(sizes, self.max_memory, keep.__contains__):
             log.warning("checkpoint %d discarded: snapshots hold %d bytes (PSS), budget %d",
                         n, total, self.max_memory)
             self._discard(n, "memory budget")
-            total -= sizes[n]
-        self.after(1.0, self._memory_tick)
-
-    def describe(self) -> list[dict[str, Any]]:
-        out = []
-        now = time.time()
-        for n in sorted(self.ckpts):
-            ck = self.ckpts[n]
-            uss, pss = self.memory(ck)
-            out.append({"id": n, "pid": ck.keeper.pid if ck.keeper else 0, "age": now - ck.taken,
-                        "pinned": ck.pinned, "spares": [p.pid for p in ck.spares], "uss": uss, "pss": pss})
-        return out
+        self.loop.after(_budget.INTERVAL, self._memory_tick)
 
     # -- the end --------------------------------------------------------------------------------
-    def shutdown(self, code: int = 0, sig: int = 0) -> None:
+    def shutdown(self, code: int = 0, sig: int = 0) -> NoReturn:
         """Kill every process of the program, reap them, and end as the program ended."""
         for proc in list(self.procs.values()):
-            if proc.role != "dying":
+            if proc.role is not Role.DYING:
                 self._retire(proc)
             try:        # the program is over: let the killed processes finish dying at once
                 os.sched_setscheduler(proc.pid, os.SCHED_OTHER, os.sched_param(0))
@@ -762,14 +753,11 @@ class Shepherd:
                 time.sleep(0.002)
             else:
                 self.procs.pop(pid, None)
-        if self.operator is not None:
-            self.operator.close()
-        if self.faults is not None:
-            try:
-                self.fault_report += os.read(self.faults, 65536)
-            except OSError:
-                pass
-            self._flush_fault_report()
+        if self.control is not None:
+            self.control.close()
+        if self.reports is not None:
+            self.reports.read()
+            self.reports.flush()
         if sig:
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
             if sig not in (signal.SIGKILL, signal.SIGSTOP):

@@ -11,6 +11,7 @@ import mmap
 import os
 import signal
 import struct
+import sys
 from collections.abc import Iterable
 
 SI_KERNEL = 0x80
@@ -23,6 +24,26 @@ _libc.signalfd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
 _libc.signalfd.restype = ctypes.c_int
 
 ALL_SIGNALS = set(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
+
+# What a program commonly dies of in native code: the default of recover_on() users and of
+# @checkpointed. faulthandler reports each of them from inside the dying process.
+FATAL_SIGNALS = (signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGABRT)
+REPORTED_SIGNALS = frozenset(FATAL_SIGNALS)
+# A real fault re-executes the faulting instruction, so a Python-level handler for one never runs.
+FAULT_SIGNALS = REPORTED_SIGNALS - {signal.SIGABRT}
+ITIMERS = (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF)
+# What the shepherd passes on to the live process when it is sent to the program's PID.
+FORWARDED = frozenset({signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1,
+                       signal.SIGUSR2, signal.SIGWINCH, signal.SIGALRM})
+# The terminal sends these to its whole foreground process group, the live process included.
+TTY_SIGNALS = frozenset({signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGWINCH})
+
+
+def signame(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
 
 
 def _sigset_bytes(sigs: Iterable[int]) -> bytes:
@@ -77,6 +98,17 @@ def block_all(old: ctypes.Array[ctypes.c_char] | None = None) -> ctypes.Array[ct
 
 def restore_mask(mask: ctypes.Array[ctypes.c_char]) -> None:
     _libc.pthread_sigmask(signal.SIG_SETMASK, mask, None)
+
+
+def flush_stdio() -> None:
+    """Flush Python's and C's stdio so that no buffered output is copied into a fork."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    _libc.fflush(None)
 
 
 def mask_of(sigs: Iterable[int]) -> ctypes.Array[ctypes.c_char]:

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import forkpoint as fp
+
 MB = 1 << 20
 GB = 1 << 30
 FULL_SIZES = (10 * MB, 100 * MB, GB)
@@ -144,8 +146,6 @@ def _proc_mem(pid: int) -> tuple[int, int]:
 
 
 def _snapshot_pids(n: int) -> list[int]:
-    import forkpoint as fp
-
     for c in fp.checkpoints():
         if c.id == n:
             return [c.pid, *c.spares]
@@ -154,8 +154,6 @@ def _snapshot_pids(n: int) -> list[int]:
 
 def _wait_spare(n: int, timeout: float = 60.0) -> list[int]:
     """Wait until checkpoint ``n`` has its spare ready (a restore is then a wake-up)."""
-    import forkpoint as fp
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for c in fp.checkpoints():
@@ -194,8 +192,6 @@ def _fork_floor() -> float:
 
 
 def _memory_stage(emit: _Emitter, phase: str, stage: str, n: int, live_pid: int) -> None:
-    import forkpoint as fp
-
     pids = _snapshot_pids(n)
     mems = [_proc_mem(p) for p in pids]
     emit(m="mem", phase=phase, stage=stage, snap_uss=sum(u for u, _ in mems),
@@ -216,8 +212,6 @@ def _worker(spec_json: str) -> None:
     rss0 = psutil.Process().memory_info().rss
     heap = _build(spec["kind"], spec["size"])
     emit(m="heap", rss=psutil.Process().memory_info().rss - rss0, items=len(heap))
-
-    import forkpoint as fp
 
     fp.configure(shepherd_exec=spec.get("shepherd_exec", True), max_checkpoints=64)
     fp.start()                                # the original process (with the heap) becomes the shepherd

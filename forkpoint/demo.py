@@ -18,6 +18,8 @@ import sys
 import time
 from typing import Any
 
+import forkpoint as fp
+
 TIMEOUT = 0.5          # the server's watchdog, seconds
 
 
@@ -28,8 +30,6 @@ def _key(conn: socket.socket, req: dict[str, Any]) -> str:
 
 
 def serve() -> int:
-    import forkpoint as fp
-
     logging.basicConfig(level=logging.WARNING, format="    server: %(message)s", stream=sys.stderr)
     store: dict[str, str] = {}
     meta = {"size": 0}

@@ -20,9 +20,16 @@ once a day is never given up on. This module is pure logic; the shepherd feeds i
 """
 from __future__ import annotations
 
+import enum
 from collections import deque
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
+
+from .arena import QUARANTINE_SIZE
+
+_COUNTS = ("max_recoveries", "quarantine_after", "quarantine_size")
+_SECONDS = ("within", "backoff", "backoff_max")
 
 
 @dataclass
@@ -34,40 +41,43 @@ class Policy:
     backoff: float = 0.0
     backoff_max: float = 30.0
     quarantine_after: int = 2
-    quarantine_size: int = 1024
+    quarantine_size: int = QUARANTINE_SIZE
 
     @classmethod
-    def from_message(cls, msg: dict) -> Policy:
-        p = cls(signals=set(msg.get("signals", ())), to=int(msg.get("to", 0)))
-        for name in ("max_recoveries", "quarantine_after", "quarantine_size"):
-            if name in msg:
-                v = msg[name]
+    def build(cls, signals: Iterable[int], to: int, settings: Mapping[str, Any]) -> Policy:
+        """A policy from ``recover_on()``'s arguments; ValueError names a bad setting."""
+        unknown = set(settings) - set(_COUNTS) - set(_SECONDS)
+        if unknown:
+            raise ValueError(f"unknown recovery policy setting(s): {', '.join(sorted(unknown))}")
+        p = cls(signals=set(signals), to=int(to))
+        for name in _COUNTS:
+            if name in settings:
+                v = settings[name]
                 if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                     raise ValueError(f"{name} must be a positive int, got {v!r}")
                 setattr(p, name, v)
-        for name in ("within", "backoff", "backoff_max"):
-            if name in msg:
-                v = msg[name]
+        for name in _SECONDS:
+            if name in settings:
+                v = settings[name]
                 bad = not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0
                 if bad or (name == "within" and v == 0):
                     raise ValueError(f"{name} must be a non-negative number of seconds, got {v!r}")
                 setattr(p, name, float(v))
-        unknown = set(msg) - {"op", "merge", "signals", "to", "max_recoveries", "quarantine_after",
-                              "quarantine_size", "within", "backoff", "backoff_max"}
-        if unknown:
-            raise ValueError(f"unknown recovery policy setting(s): {', '.join(sorted(unknown))}")
         return p
 
+    def merged(self, signals: Iterable[int], settings: Mapping[str, Any]) -> Policy:
+        """This policy with ``signals`` added and ``settings`` applied over its own."""
+        base = {name: getattr(self, name) for name in _COUNTS + _SECONDS}
+        return Policy.build(self.signals | set(signals), self.to, {**base, **settings})
 
-    def merged(self, msg: dict) -> Policy:
-        """This policy with ``msg``'s signals added and its explicit settings applied."""
-        base = {k: v for k, v in self.__dict__.items() if k != "signals"}
-        new = Policy.from_message({**base, **msg, "signals": set(msg.get("signals", ())) | self.signals})
-        return new
+
+class Action(enum.Enum):
+    RESTORE = "restore"
+    GIVE_UP = "give_up"
 
 
 class Decision(NamedTuple):
-    action: str          # "restore" or "give_up"
+    action: Action
     target: int
     delay: float
     attempt: int
@@ -119,16 +129,16 @@ class RecoveryPolicy:
         attempt = len(q)
         if attempt <= p.max_recoveries or quarantine is not None or not budgeted:
             delay = min(p.backoff * 2 ** (attempt - 2), p.backoff_max) if attempt > 1 and p.backoff else 0.0
-            return Decision("restore", target, delay, attempt, cause, quarantine)
+            return Decision(Action.RESTORE, target, delay, attempt, cause, quarantine)
         q.clear()
         esc = self._escalated.get(sig)
         older = [c for c in checkpoints if c < target]
         if older and (esc is None or now - esc > p.within):
             self._escalated[sig] = now
-            return Decision("restore", older[-1], 0.0, attempt,
+            return Decision(Action.RESTORE, older[-1], 0.0, attempt,
                             f"{cause}; {p.max_recoveries} recoveries to {target} within "
                             f"{p.within:g}s, escalated to older checkpoint {older[-1]}", quarantine)
-        return Decision("give_up", target, 0.0, attempt,
+        return Decision(Action.GIVE_UP, target, 0.0, attempt,
                         f"{cause}; recovery budget exhausted ({p.max_recoveries} within "
                         f"{p.within:g}s{', after escalation' if esc is not None else ''}): giving up",
                         quarantine)

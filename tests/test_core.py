@@ -404,7 +404,7 @@ def test_file_offsets_rewind_and_sockets_survive(tmp_path):
 
 
 def test_threads_are_refused_clearly(tmp_path):
-    """Invariant 8: fork copies one thread; a checkpoint with others alive is refused unless allowed."""
+    """Invariant 13: fork copies one thread; a checkpoint with others alive is refused unless allowed."""
     r = run_py(HEADER + """
     import threading
     ev = threading.Event()
@@ -442,7 +442,7 @@ def test_threads_are_refused_clearly(tmp_path):
 
 
 def test_snapshots_have_recognizable_names(tmp_path):
-    """Invariant 9: an operator sees the snapshots in ps."""
+    """An operator sees every role in ps (fp-shepherd, fp-snap-N, fp-spare-N)."""
     proc = start_py(HEADER + """
     from forkpoint import _prctl
     fp.tsetjmp(); fp.tsetjmp()

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, Lines, clean_env, run_py, start_py, wait_for
 
-from forkpoint import operator
+from forkpoint import _control as operator
 
 NOBODY = 65534
 

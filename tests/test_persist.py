@@ -62,9 +62,9 @@ def test_cache_returns_only_what_was_put_in(tmp_path):
 
 def test_corrupted_cache_entry_is_refused(tmp_path):
     r = run_py(HEADER + """
-    from forkpoint import snapshots
+    from forkpoint._runtime import runtime
     fp.cache(fp.IN, "data", b"x" * 1000)
-    arena = snapshots.runtime().arena
+    arena = runtime().arena
     raw = bytes(arena.map)
     off = raw.index(b"B" + b"x" * 1000)
     arena.map[off + 500] = ord("y")          # a stray write into the stored copy
@@ -126,7 +126,7 @@ def test_writers_killed_at_random_points_never_tear_entries(tmp_path):
     r = run_py(HEADER + """
     import hashlib
     fp.start()
-    arena = fp.snapshots.runtime().arena
+    arena = fp._runtime.runtime().arena
     rng = random.Random(7)
     def payload(i):
         body = hashlib.sha256(str(i).encode()).digest() * rng.choice([1, 30, 3000])
@@ -190,7 +190,7 @@ def test_arena_is_invisible_to_other_users(tmp_path):
     import subprocess, pwd
     fp.persist("secret", 16)[:6] = b"secret"
     fp.tsetjmp()
-    fd = fp.snapshots.runtime().arena.fd
+    fd = fp._runtime.runtime().arena.fd
     print("link", os.readlink(f"/proc/self/fd/{fd}"))
     nobody = pwd.getpwnam("nobody")
     probe = subprocess.run(

@@ -6,7 +6,7 @@ import signal
 import pytest
 from conftest import run_py
 
-from forkpoint.policy import Policy, RecoveryPolicy
+from forkpoint.policy import Action, Policy, RecoveryPolicy
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -198,14 +198,14 @@ def test_policy_counts_per_checkpoint_and_signal():
     rp = RecoveryPolicy()
     rp.policy = Policy(signals={11}, max_recoveries=2, within=10)
     d = [rp.decide(5, 11, None, [3, 5], now=t, cause="c") for t in (0, 1, 2)]
-    assert [x.action for x in d] == ["restore", "restore", "restore"]
+    assert [x.action for x in d] == [Action.RESTORE] * 3
     assert [x.target for x in d] == [5, 5, 3]
     other_signal = rp.decide(5, 6, None, [3, 5], now=3, cause="c")
     assert other_signal.target == 5 and other_signal.attempt == 1
     d2 = [rp.decide(7, 11, None, [3, 5, 7], now=t, cause="c") for t in (4, 5, 6)]
-    assert [x.action for x in d2] == ["restore", "restore", "give_up"]
+    assert [x.action for x in d2] == [Action.RESTORE, Action.RESTORE, Action.GIVE_UP]
     later = rp.decide(7, 11, None, [3, 5, 7], now=100, cause="c")
-    assert later.action == "restore" and later.attempt == 1
+    assert later.action is Action.RESTORE and later.attempt == 1
 
 
 def test_watchdog_kills_a_hang_its_handler_cannot_reach(tmp_path):

@@ -107,8 +107,8 @@ def test_a_damaged_directory_never_hands_out_a_fresh_region(tmp_path):
     r = run_py(HEADER + """
     region = fp.persist("precious", 16)
     region[:4] = b"data"
-    arena = fp.snapshots.runtime().arena
-    P = sys.modules["forkpoint.persist"]      # (forkpoint.persist is also the function)
+    arena = fp._runtime.runtime().arena
+    P = sys.modules["forkpoint.arena"]
     arena._slot_of.clear()
     name_at = P._DIR_OFF + 2 * 8               # slot 0's name bytes
     arena.map[name_at] ^= 0xFF                 # a stray write over the entry's name
@@ -131,3 +131,29 @@ def test_an_oversized_restore_reason_is_truncated_not_fatal(tmp_path):
     """, tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "restored True"
+
+
+def test_a_failure_to_record_a_quarantine_never_costs_the_restore(tmp_path):
+    """Invariant 11: bookkeeping that fails inside the shepherd's handling of a crash (here the
+    arena is too full to store the quarantine) is logged, and the restore still happens."""
+    r = run_py(HEADER + """
+    fp.configure(arena_size=1 << 20)
+    fp.recover_on(signal.SIGSEGV)
+    tries = fp.persist_int("tries")
+    size, i = 1 << 20, 0
+    while size:                               # fill the arena: no room for the quarantine's entry
+        try:
+            fp.persist(f"ballast{i}", size)
+            i += 1
+        except fp.ArenaFull:
+            size //= 2
+    n = fp.tsetjmp()
+    if tries.add() <= 2:
+        with fp.processing("poison"):
+            ctypes.string_at(0)
+    print("restored", fp.chkpt_status(fp.CHKPT_RECOVERED), "tries", tries.value,
+          "quarantined", fp.quarantined(), flush=True)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["restored", "1", "tries", "3", "quarantined", "[]"], r.stdout
+    assert "could not quarantine input 'poison'" in r.stderr and "ArenaFull" in r.stderr

@@ -18,7 +18,8 @@ HEADER = """
 # for a Ctrl-C typed at that moment; if signals are blocked there, it runs once they are unblocked.
 INJECT = """
     import inspect
-    import forkpoint.recovery as rec
+    import sys
+    rec = sys.modules["forkpoint.watchdog"]      # (forkpoint.watchdog is also the function)
     def inject_at(snippet, occurrence=-1):
         src, first = inspect.getsourcelines(rec.watchdog.__wrapped__)
         hits = [first + i for i, l in enumerate(src) if snippet in l]
@@ -91,7 +92,7 @@ def test_ctrl_c_during_watchdog_setup_leaves_no_armed_watchdog(tmp_path):
 
 
 def test_ctrl_c_inside_release_desynchronises_current_state(tmp_path):
-    """A KeyboardInterrupt between the two statements of snapshots._release() (rt.current is reset,
+    """A KeyboardInterrupt between the two statements of snapshots.end_transaction() (rt.current is reset,
     the discard message with the new current state is never sent) leaves the shepherd's current
     state at the committed call's entry checkpoint while the program's is the state before the
     call. The entry checkpoint leaks, and the next crash under recover_on() is restored into the
@@ -112,7 +113,7 @@ def test_ctrl_c_inside_release_desynchronises_current_state(tmp_path):
     def txn(x):
         return x + 1
 
-    src, first = inspect.getsourcelines(snapshots._release)
+    src, first = inspect.getsourcelines(snapshots.end_transaction)
     target = first + next(i for i, l in enumerate(src) if "_channel.send" in l)
     me = os.getpid()
     def local(frame, event, arg):
@@ -120,7 +121,7 @@ def test_ctrl_c_inside_release_desynchronises_current_state(tmp_path):
             sys.settrace(None)
             os.kill(me, signal.SIGINT)          # a real Ctrl-C, delivered at this line
         return local
-    code = snapshots._release.__code__
+    code = snapshots.end_transaction.__code__
     sys.settrace(lambda f, e, a: local if f.f_code is code else None)
     try:
         print("txn", txn(1), flush=True)
@@ -142,7 +143,7 @@ def test_ctrl_c_inside_release_desynchronises_current_state(tmp_path):
 
 
 def test_checkpoints_never_lists_a_keeper_without_pid(tmp_path):
-    """_op_list (forkpoint/_shepherd.py) arms a 1 s "force" timer when the first waiter arrives, but
+    """_on_list (forkpoint/_shepherd.py) arms a 1 s "force" timer when the first waiter arrives, but
     the timer is not tied to that request: if the request is answered at once, the stale timer
     still fires one second later and answers whatever list request is waiting then, even one made
     a few ms earlier while a keeper has not introduced itself yet, so checkpoints() returns an

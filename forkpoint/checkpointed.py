@@ -30,7 +30,9 @@ from typing import Any, TypeVar, overload
 
 from . import snapshots
 from ._errors import Quarantined, Recovered
-from .recovery import is_quarantined, processing, watchdog
+from ._runtime import runtime
+from .recovery import is_quarantined, processing
+from .watchdog import watchdog
 
 log = logging.getLogger("forkpoint")
 
@@ -49,7 +51,7 @@ def _restored_into(n: int) -> bool:
 
 
 def _recovered(n: int) -> Recovered:
-    rt = snapshots.runtime()
+    rt = runtime()
     exc: dict[str, Any] = {}
     if rt.reason.startswith("exception") and rt.arena is not None:
         try:
@@ -105,9 +107,9 @@ def checkpointed(func: Any = None, *, recover_on: tuple[int, ...] = snapshots.FA
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             nonlocal armed
-            if armed != snapshots.runtime().policy_generation:   # recover_on() replaced the policy
-                snapshots._merge_policy(tuple(recover_on), **policy)
-                armed = snapshots.runtime().policy_generation
+            if armed != runtime().policy_generation:   # recover_on() replaced the policy
+                snapshots.merge_policy(tuple(recover_on), **policy)
+                armed = runtime().policy_generation
             k = None
             if key is not None:
                 k = key(*args, **kwargs)
@@ -120,7 +122,7 @@ def checkpointed(func: Any = None, *, recover_on: tuple[int, ...] = snapshots.FA
                 info = _recovered(n)
                 log.info("%s rolled back to its entry checkpoint %d: %s", fn.__qualname__, n, info.reason)
                 if not again:
-                    snapshots._release(n, before)
+                    snapshots.end_transaction(n, before)
                     if on_recover is not None:
                         return on_recover(args, kwargs, info)
                     raise info
@@ -140,7 +142,7 @@ def checkpointed(func: Any = None, *, recover_on: tuple[int, ...] = snapshots.FA
                         snapshots.tlongjmp(n, reason=f"exception: {type(e).__name__}")
                         raise  # pragma: no cover - tlongjmp does not return
             finally:
-                snapshots._release(n, before)
+                snapshots.end_transaction(n, before)
 
         return wrapper  # type: ignore[return-value]
 
@@ -150,7 +152,7 @@ def checkpointed(func: Any = None, *, recover_on: tuple[int, ...] = snapshots.FA
 
 
 def _save_exception(n: int, e: BaseException) -> None:
-    arena = snapshots.runtime().arena
+    arena = runtime().arena
     if arena is None:
         return
     try:

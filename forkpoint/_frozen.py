@@ -1,0 +1,177 @@
+"""The frozen side of a checkpoint: the keeper's and the spare's loops, and the spare's resume.
+
+Roles, all direct children of the shepherd (see ``_clone``):
+
+* a **keeper** is checkpoint *n* itself: forked by ``tsetjmp()``, it never runs program code again.
+  It waits on its channel and forks spares when the shepherd asks.
+* a **spare** is a ready copy of a keeper. A restore wakes a spare, which returns from the same
+  ``tsetjmp()`` call as the new live process; the keeper then forks a replacement in the background.
+  A restore is therefore a wake-up, not a fork, and a checkpoint can be restored any number of times.
+
+Frozen processes block every signal, sit in a process group of their own (so terminal and group
+signals never reach them), die with the shepherd (``PR_SET_PDEATHSIG``), and, where the process may
+later leave it, run the keeper's background forks under ``SCHED_IDLE``.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from . import _channel, _clone, _prctl, _sigutil
+from ._runtime import _Runtime
+
+log = logging.getLogger("forkpoint")
+
+
+class Role(enum.Enum):
+    KEEPER = "keeper"
+    SPARE = "spare"
+
+
+@dataclass
+class Saved:
+    """What a snapshot must put back when it wakes, beyond its memory."""
+
+    mask: Any
+    offsets: dict[int, int]
+    itimer: tuple[float, float]
+    key: str | None = None
+
+
+def set_idle(pid: int = 0) -> None:
+    try:
+        os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
+    except OSError:
+        pass
+
+
+def frozen(rt: _Runtime, n: int, spares: int) -> _channel.Wake:
+    """Run as keeper of checkpoint ``n``; return the wake-up message in a spare that goes live.
+
+    Only a woken spare returns. Every other way out ends the process here, so a snapshot can
+    never run program code by accident.
+    """
+    role = Role.KEEPER
+    try:
+        if rt.unidle:
+            set_idle()          # first: the live process must get the CPU back at once
+        shepherd = rt.shepherd_pid
+        _prctl.set_pdeathsig(signal.SIGKILL)
+        if os.getppid() != shepherd:
+            os._exit(0)
+        os.setpgid(0, 0)
+        _prctl.set_name(f"fp-snap-{n}")
+        # Introduce ourselves on the live process's channel (inherited), with a channel of our
+        # own: this work is ours, not the live process's, so it stays off tsetjmp()'s path.
+        chan, theirs = _channel.pair()
+        _channel.send(rt.chan, _channel.Hello(n, os.getpid()), (theirs.fileno(),))
+        theirs.close()
+        rt.chan.close()
+        rt.chan = chan
+        forks_owed = spares
+        warm = False
+        while True:
+            if role is Role.SPARE and warm:
+                warm = False
+                _prewarm(rt)
+                continue
+            if role is Role.KEEPER and forks_owed:
+                forks_owed -= 1
+                msg: _channel.Message | None = _channel.Fork()
+            else:
+                msg, _ = _channel.recv(chan)
+                if msg is None:
+                    os._exit(0)
+            if role is Role.SPARE and isinstance(msg, _channel.Wake):
+                return msg
+            if role is Role.KEEPER and isinstance(msg, _channel.Fork):
+                mine, theirs = _channel.pair()
+                pid = _clone.clone(sibling=True)
+                if pid == 0:
+                    role = Role.SPARE
+                    chan.close()
+                    theirs.close()
+                    chan = mine
+                    _prctl.set_pdeathsig(signal.SIGKILL)
+                    if os.getppid() != shepherd:
+                        os._exit(0)
+                    _prctl.set_name(f"fp-spare-{n}")
+                    if rt.unidle:
+                        try:
+                            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+                        except OSError:      # privileges dropped since start: stay, but serve
+                            pass
+                    rt.chan = chan
+                    warm = True
+                    continue
+                mine.close()
+                _channel.send(chan, _channel.Spare(n, pid), (theirs.fileno(),))
+                theirs.close()
+                if rt.unidle:
+                    set_idle()          # the shepherd may have raised us for an urgent copy
+    except BaseException:  # noqa: BLE001 - a snapshot must never fall back into program code
+        os._exit(70)
+
+
+def _prewarm(rt: _Runtime) -> None:
+    """Touch, while frozen, what a wake-up will touch.
+
+    A spare shares every page with its keeper; the first write to each one after the wake-up is a
+    copy-on-write fault on the restore path. Running the wake-up's machinery once without effect
+    (same name, same process group, same mask, a message encoded and decoded) takes those faults
+    now, in the background, for a few dozen private pages per spare.
+    """
+    try:
+        _channel.decode(_channel.encode(_channel.Wake(0, 0, 0, "x", 1, time.monotonic())))
+        _prctl.set_name(_prctl.get_name())
+        os.setpgid(0, os.getpgid(0))
+        mask = _sigutil.new_mask()
+        _sigutil.block_all(mask)
+        _sigutil.restore_mask(mask)
+        _sigutil.drain_pending()
+        signal.getitimer(signal.ITIMER_REAL)
+        log.isEnabledFor(logging.WARNING)
+        for name in ("recovered", "from_state", "to_state", "sigtype", "reason", "attempt",
+                     "recovery_seconds", "current", "owner_pid"):
+            setattr(rt, name, getattr(rt, name))
+    except Exception:  # noqa: BLE001 - warming is an optimisation only
+        pass
+
+
+def resume(rt: _Runtime, saved: Saved, wake: _channel.Wake) -> None:
+    """Turn a woken spare into the live program."""
+    n = wake.n
+    rt.owner_pid = os.getpid()
+    _sigutil.drain_pending()        # before rejoining the terminal's group: what comes later is real
+    try:
+        os.setpgid(0, rt.pgid)
+    except OSError as e:
+        log.warning("restored process could not rejoin process group %d: %s", rt.pgid, e)
+    _prctl.set_name(rt.comm)
+    for fd, off in saved.offsets.items():
+        try:
+            os.lseek(fd, off, os.SEEK_SET)
+        except OSError:
+            pass
+    if saved.itimer[0] > 0:
+        signal.setitimer(signal.ITIMER_REAL, *saved.itimer)
+    rt.current = n
+    rt.recovered = True
+    rt.from_state = wake.from_state
+    rt.to_state = n
+    rt.sigtype = wake.sig
+    rt.reason = wake.reason
+    rt.attempt = wake.attempt
+    rt.recovery_seconds = time.monotonic() - wake.t
+    if saved.key is not None and rt.arena is not None:
+        rt.arena.set_processing(saved.key)   # the checkpoint was taken inside processing(key)
+    _sigutil.restore_mask(saved.mask)
+    _channel.send(rt.chan, _channel.Up())
+    level = logging.INFO if rt.sigtype == 0 and rt.reason == "tlongjmp" else logging.WARNING
+    log.log(level, "restored checkpoint %d (from state %d, signal %d: %s)",
+            n, rt.from_state, rt.sigtype, rt.reason)

@@ -1,0 +1,167 @@
+"""Everything forkpoint reads from ``/proc``, in one place.
+
+Each reader tolerates a process that vanishes while it is read (it is a race the kernel allows at
+any moment): a reader answers "gone" or an empty value instead of raising.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import resource
+import stat
+import threading
+import time
+
+_CAP_SYS_NICE = 1 << 23
+
+
+def read_stat(pid: int) -> list[str] | None:
+    """Fields 3.. of /proc/PID/stat (after the command name), or None if the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rindex(")") + 2:].split()
+
+
+def parent_of(pid: int) -> int | None:
+    """The parent PID of ``pid`` now, or None if it is gone."""
+    fields = read_stat(pid)
+    return int(fields[1]) if fields else None
+
+
+def process_start(pid: int) -> float | None:
+    """When process ``pid`` started (epoch seconds), or None if it is gone or a zombie."""
+    fields = read_stat(pid)
+    if fields is None or fields[0] in ("Z", "X", "x"):
+        return None
+    try:
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, StopIteration, ValueError, IndexError):
+        return 0.0   # alive, start unknown: treat as older than anything
+
+
+def comm(pid: int) -> str:
+    """The command name of ``pid`` (what ``ps -o comm`` shows), or '?' if it is gone."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def owner_of(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
+def environ_of(pid: int) -> dict[str, str]:
+    """The environment ``pid`` started with, if this user may read it; else empty."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            data = f.read()
+    except OSError:
+        return {}
+    out = {}
+    for item in data.split(b"\0"):
+        k, sep, v = item.partition(b"=")
+        if sep:
+            out[k.decode(errors="replace")] = v.decode(errors="replace")
+    return out
+
+
+def pending_signals(pid: int) -> list[int]:
+    """Signals pending (blocked, not yet delivered) in process ``pid``, from /proc/PID/status."""
+    mask = 0
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("SigPnd:", "ShdPnd:")):
+                    mask |= int(line.split()[1], 16)
+    except (OSError, ValueError):
+        return []
+    return [sig for sig in range(1, 65) if mask >> (sig - 1) & 1]
+
+
+def smaps(pid: int) -> tuple[int, int]:
+    """(USS, PSS) of a process in bytes, from /proc/PID/smaps_rollup; (0, 0) if it is gone."""
+    uss = pss = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("Private_Clean", "Private_Dirty"):
+                    uss += int(rest.split()[0]) * 1024
+                elif key == "Pss":
+                    pss = int(rest.split()[0]) * 1024
+    except (OSError, ValueError):
+        pass
+    return uss, pss
+
+
+def can_leave_sched_idle() -> bool:
+    """SCHED_IDLE -> SCHED_OTHER needs CAP_SYS_NICE or an RLIMIT_NICE of at least 20 - nice."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:") and int(line.split()[1], 16) & _CAP_SYS_NICE:
+                    return True
+        return resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20 - os.getpriority(os.PRIO_PROCESS, 0)
+    except (OSError, ValueError):
+        return False
+
+
+def file_offsets() -> dict[int, int]:
+    """Offsets of the regular files this process has open for reading now.
+
+    fork() shares open file descriptions, so the live process moves the snapshot's offsets too;
+    a restore puts them back. Write-only and append-mode files are left alone: they are logs and
+    redirected output, which a rewind would overwrite.
+    """
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            if flags & os.O_ACCMODE == os.O_WRONLY or flags & os.O_APPEND:
+                continue
+            out[fd] = os.lseek(fd, 0, os.SEEK_CUR)   # pipes, sockets and ttys fail with ESPIPE
+        except OSError:
+            continue
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            del out[fd]
+    return out
+
+
+def other_threads() -> int:
+    """Threads of this process besides the caller, native ones included.
+
+    A thread that ``join()`` has just returned for may still be leaving the kernel's list for a
+    moment, so when Python knows of no other thread the count is given a few milliseconds to settle.
+    """
+    deadline = time.monotonic() + 0.1
+    while True:
+        n = os.stat("/proc/self/task").st_nlink - 3      # ".", ".." and one entry per thread
+        if n == 0 or threading.active_count() > 1 or time.monotonic() > deadline:
+            return n
+        time.sleep(0.001)
+
+
+def listening_unix_sockets(suffix: str) -> list[str]:
+    """Paths of bound Unix sockets ending in ``suffix`` (/proc/net/unix is readable by anyone)."""
+    out: list[str] = []
+    try:
+        with open("/proc/net/unix") as f:
+            next(f, None)
+            for line in f:
+                parts = line.rstrip("\n").split(None, 7)
+                if len(parts) == 8 and parts[7].endswith(suffix):
+                    out.append(parts[7])
+    except OSError:
+        pass
+    return out

@@ -1,0 +1,233 @@
+"""forkpoint's state inside one process of the program, and the start that creates the shepherd.
+
+There is one ``_Runtime`` per process (``runtime()``). Its ``ensure_started`` is the program's
+first use of forkpoint: the original process clones the live program and becomes the shepherd
+(``_shepherd.become_shepherd``), so the PID the outside world knows stays with the shepherd.
+"""
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from . import _channel, _clone, _prctl, _procfs, _sigutil
+from ._errors import ConfigurationError, ForkpointError, NoSuchCheckpoint, ThreadsAlive, WrongThread
+from ._shepherd import become_shepherd
+from .arena import DEFAULT_SIZE, Arena
+
+log = logging.getLogger("forkpoint")
+
+
+@dataclass
+class Config:
+    """Settings; see ``forkpoint.configure``."""
+
+    max_checkpoints: int = 16
+    arena_size: int = DEFAULT_SIZE
+    spares: int = 1
+    allow_threads: bool = False
+    shepherd_exec: bool = True
+    max_snapshot_memory: int | None = None
+    gc_freeze: bool = False
+
+
+class _Runtime:
+    """forkpoint's state inside one process of the program."""
+
+    def __init__(self) -> None:
+        self.config = Config()
+        self.arena: Arena | None = None
+        self.chan: Any = None
+        self.shepherd_pid = 0
+        self.owner_pid = 0
+        self.pgid = 0
+        self.comm = ""
+        self.current = 0
+        self.recovered = False
+        self.from_state: int | None = None
+        self.to_state: int | None = None
+        self.sigtype = 0
+        self.reason = ""
+        self.attempt = 0
+        self.recovery_seconds = 0.0
+        self.unidle = False
+        self.keeper: tuple[int, int] | None = None     # (checkpoint, pidfd) of the newest keeper
+        self.fault_fd: int | None = None                # faulthandler's pipe to the shepherd
+        self.altstack: Any = None
+        self.policy_generation = 0                      # bumped by recover_on(), which replaces
+
+    # -- checks -----------------------------------------------------------------------------------
+    @property
+    def started(self) -> bool:
+        return self.chan is not None
+
+    def check_caller(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise WrongThread("forkpoint checkpoints can only be taken and restored from the main thread")
+        if self.started and os.getpid() != self.owner_pid:
+            raise ForkpointError(
+                f"process {os.getpid()} is a child the program forked; only the program's live "
+                f"process ({self.owner_pid}) can use its checkpoints")
+
+    def check_threads(self, allow: bool | None) -> None:
+        allow = self.config.allow_threads if allow is None else allow
+        n = _procfs.other_threads() + 1
+        if n > 1 and not allow:
+            names = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+            raise ThreadsAlive(
+                f"{n - 1} other thread(s) alive ({', '.join(names) or 'native threads'}): fork() "
+                "copies only this thread, so a snapshot would lose them; stop them, or pass "
+                "allow_threads=True if the snapshot does not need them")
+
+    def arena_or_create(self) -> Arena:
+        if self.arena is None:
+            self.arena = Arena.create(self.config.arena_size)
+        return self.arena
+
+    # -- start: the original process becomes the shepherd -----------------------------------------
+    def ensure_started(self) -> None:
+        if self.started:
+            return
+        if not _clone.SUPPORTED:
+            raise ForkpointError("forkpoint supports Linux on x86_64 and aarch64 only")
+        n = _procfs.other_threads() + 1
+        if n > 1:
+            raise ThreadsAlive(
+                f"{n - 1} other thread(s) alive: forkpoint's first use turns this process into the "
+                "shepherd and continues the program in a forked copy, which threads cannot follow; "
+                "call forkpoint.start() before starting threads")
+        arena = self.arena_or_create()
+        self.pgid = os.getpgrp()
+        self.comm = _prctl.get_name()
+        self.unidle = _procfs.can_leave_sched_idle()
+        mine, theirs = _channel.pair()
+        fault_r, fault_w = os.pipe()
+        _sigutil.flush_stdio()
+        old = _sigutil.block_all()
+        timers = [(w, signal.getitimer(w)) for w in _sigutil.ITIMERS]
+        parent = os.getpid()
+        _prctl.set_child_subreaper(True)
+        try:
+            pid = _clone.clone(sibling=False)
+        except BaseException:
+            _sigutil.restore_mask(old)
+            os.close(fault_r)
+            os.close(fault_w)
+            raise
+        if pid == 0:  # the live program goes on here
+            theirs.close()
+            os.close(fault_r)
+            self.fault_fd = fault_w
+            os.register_at_fork(after_in_child=_forget_in_forked_child)
+            self.chan = mine
+            self.shepherd_pid = parent
+            self.owner_pid = os.getpid()
+            _prctl.set_pdeathsig(signal.SIGKILL)
+            if os.getppid() != parent:
+                os._exit(70)
+            for which, value in timers:      # fork() does not copy interval timers; exec keeps them
+                if value[0] > 0:
+                    signal.setitimer(which, *value)
+            _sigutil.restore_mask(old)
+            log.debug("started: shepherd %d, live %d", parent, self.owner_pid)
+            return
+        mine.close()
+        os.close(fault_w)
+        become_shepherd(theirs, arena, pid, self.pgid, self.config, fault_r)
+
+    def watch_faults(self) -> None:
+        """Report fatal signals to the shepherd the moment they happen, through faulthandler.
+
+        The kernel tells the shepherd of a death only after it has torn the dead process's memory
+        down (62 ms for a 1 GB heap the process had written). faulthandler's C-level handler writes
+        "Fatal Python error: Segmentation fault" and the traceback to this pipe while the process is
+        still in the handler, so the shepherd can wake the checkpoint at once; the process then dies
+        by the signal as usual. Every process of the program inherits the write end; only the live
+        one runs code. The shepherd copies the text to the program's stderr, where it would have
+        gone.
+        """
+        if self.fault_fd is None or self.altstack is not None:
+            return
+        if faulthandler.is_enabled():
+            log.info("faulthandler was enabled: forkpoint sends its reports through the shepherd")
+        faulthandler.enable(file=self.fault_fd, all_threads=True)
+        self.altstack = _sigutil.large_altstack()
+
+    # -- the newest keeper, which a committing transaction kills itself --------------------------
+    def hold_keeper(self, n: int, pid: int) -> None:
+        """Keep a pidfd of checkpoint ``n``'s keeper (a pidfd cannot hit a recycled pid)."""
+        if self.keeper is not None:
+            os.close(self.keeper[1])
+            self.keeper = None
+        try:
+            self.keeper = (n, os.pidfd_open(pid))
+        except (OSError, AttributeError):      # before Linux 5.3: the shepherd kills it alone
+            pass
+
+    def kill_keeper(self, n: int) -> None:
+        if self.keeper is None or self.keeper[0] != n:
+            return
+        _, fd = self.keeper
+        self.keeper = None
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    # -- requests to the shepherd -----------------------------------------------------------------
+    def request(self, msg: _channel.Message) -> dict[str, Any]:
+        """Send ``msg`` and wait for the shepherd's answer: ``Ok``'s data, or the error it names."""
+        # Signals wait until the reply is in: a handler that raised between the send and the recv
+        # would leave the reply queued, and every later request would read its predecessor's.
+        old = _sigutil.block_all()
+        try:
+            _channel.send(self.chan, msg)
+            reply, _ = _channel.recv(self.chan)
+        finally:
+            _sigutil.restore_mask(old)
+        if reply is None:
+            raise ForkpointError("the shepherd is gone")
+        if isinstance(reply, _channel.Error):
+            if reply.kind is _channel.ErrorKind.NOSUCH:
+                raise NoSuchCheckpoint(reply.message)
+            if reply.kind is _channel.ErrorKind.CONFIG:
+                raise ConfigurationError(reply.message)
+            raise ForkpointError(reply.message)
+        if not isinstance(reply, _channel.Ok):
+            raise ForkpointError(f"the shepherd answered {type(reply).__name__} to {type(msg).__name__}")
+        return reply.data
+
+
+_rt = _Runtime()
+
+
+def runtime() -> _Runtime:
+    return _rt
+
+
+def _forget_in_forked_child() -> None:
+    """In a child the program forks itself (os.fork, multiprocessing): it is not part of forkpoint.
+
+    Its copies of the channel and of the fault pipe are closed, so that it can neither be mistaken
+    for the live process nor keep a dead live process's channel open; its fatal errors go to stderr.
+    (forkpoint's own snapshots are made with a raw clone that runs no at-fork hooks.)
+    """
+    rt = _rt
+    if rt.chan is not None:
+        rt.chan.close()
+        rt.chan = None
+    if rt.keeper is not None:
+        os.close(rt.keeper[1])
+        rt.keeper = None
+    if rt.fault_fd is not None:
+        if rt.altstack is not None:
+            faulthandler.enable(file=sys.stderr, all_threads=True)
+        os.close(rt.fault_fd)
+        rt.fault_fd = None
