@@ -5,8 +5,6 @@ docs/architecture.md for the process model.
 """
 from __future__ import annotations
 
-import logging
-
 from ._errors import (
     ArenaFull,
     CacheCorrupted,
@@ -59,8 +57,8 @@ from .watchdog import watchdog
 
 __version__ = "0.1.0"
 
-# A library stays quiet unless the application configures logging (logger "forkpoint").
-logging.getLogger("forkpoint").addHandler(logging.NullHandler())
+# No NullHandler on logger "forkpoint": until the application configures logging, its warnings
+# (one line per recovery) reach stderr through logging's last-resort handler, as a crash would have.
 
 __all__ = [
     "ArenaFull", "CacheCorrupted", "ConfigurationError", "ForkpointError", "NoSuchCheckpoint",

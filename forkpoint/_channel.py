@@ -46,6 +46,7 @@ class Op(str, Enum):
     LIST = "list"
     POLICY = "policy"
     CONFIGURE = "configure"
+    CHILD = "child"
     WAKE = "wake"
     FORK = "fork"
     OK = "ok"
@@ -149,6 +150,16 @@ class Configure(Message):
     settings: dict[str, Any]
 
 
+@dataclass
+class ChildQuery(Message):
+    """What became of child ``pid`` (pid <= 0: of any child) that the shepherd holds? Answered by
+    ``Ok``: ``pid`` and ``status`` (claimed: asked once), or ``alive`` with a pidfd per running
+    child, or nothing at all (no such child)."""
+
+    OP = Op.CHILD
+    pid: int
+
+
 # ---- from the shepherd to the program ---------------------------------------------------------------
 @dataclass
 class Wake(Message):
@@ -185,7 +196,7 @@ class Error(Message):
 
 _CLASSES: dict[str, type[Message]] = {
     cls.OP.value: cls for cls in (Snap, Hello, Spare, Up, Restore, Discard, ListCheckpoints, SetPolicy,
-                                  Configure, Wake, Fork, Ok, Error)}
+                                  Configure, ChildQuery, Wake, Fork, Ok, Error)}
 # The JSON types each field may hold, read once from the annotations.
 _TYPES = {"int": (int,), "bool": (bool,), "str": (str,), "float": (int, float),
           "int | None": (int, type(None)), "list[int]": (list,), "dict[str, Any]": (dict,),

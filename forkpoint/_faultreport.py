@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
+import time
+
+from . import _procfs
 
 # faulthandler's first line names the signal (Python/faulthandler.c: faulthandler_handlers).
 _HEADER = re.compile(rb"Fatal Python error: (Segmentation fault|Bus error|Floating point "
@@ -49,16 +53,50 @@ class FaultReports:
         self._tail = text[max(end, len(text) - 64):]
         return sigs
 
+    def collect(self, pid: int, quiet: float = 0.005, limit: float = 0.05) -> None:
+        """Read until dying process ``pid`` has written its whole report.
+
+        faulthandler writes the report, then re-raises the signal; once the kernel has the
+        process in exit (or it is gone) nothing more can come. A process that does not exit (a
+        Python handler it chains to swallowed the signal) is given ``quiet`` seconds of silence,
+        and the whole wait at most ``limit``: the shepherd's loop is held meanwhile.
+        """
+        start = last = time.monotonic()
+        while self.fd is not None:
+            if _procfs.exiting(pid):
+                self.read()
+                return
+            now = time.monotonic()
+            if now - last > quiet or now - start > limit:
+                return
+            if select.select([self.fd], [], [], 0.0002)[0]:
+                if self.read() is None:
+                    return
+                last = time.monotonic()
+
+    def take(self) -> bytes:
+        """The report text read so far, which the caller now owns."""
+        report, self.pending = self.pending, b""
+        return report
+
     def close(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
 
-    def flush(self) -> None:
-        """Copy what was read to the program's stderr, where faulthandler would have written it."""
-        report, self.pending = self.pending, b""
+    def flush(self, header: str = "") -> None:
+        """Copy what was read to the program's stderr, where faulthandler would have written it,
+        in one write, after ``header`` (a line saying what became of the crash)."""
+        report = self.take()
         if report:
-            try:
-                os.write(2, report)
-            except OSError:
-                pass
+            write_stderr(header.encode() + report)
+
+
+def write_stderr(data: bytes) -> None:
+    while data:
+        try:
+            data = data[os.write(2, data):]
+        except InterruptedError:
+            continue
+        except OSError:
+            return

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import _channel, _clone, _prctl, _sigutil
+from . import _channel, _clone, _eventloop, _identity, _prctl, _sigutil
 from ._runtime import _Runtime
 
 log = logging.getLogger("forkpoint")
@@ -41,7 +41,7 @@ class Saved:
     offsets: dict[int, int]
     itimer: tuple[float, float]
     key: str | None = None
-
+    loop: Any = None                 # the asyncio loop running at the checkpoint
 
 def set_idle(pid: int = 0) -> None:
     try:
@@ -62,14 +62,14 @@ def frozen(rt: _Runtime, n: int, spares: int) -> _channel.Wake:
             set_idle()          # first: the live process must get the CPU back at once
         shepherd = rt.shepherd_pid
         _prctl.set_pdeathsig(signal.SIGKILL)
-        if os.getppid() != shepherd:
+        if _identity.real_ppid() != shepherd:
             os._exit(0)
         os.setpgid(0, 0)
         _prctl.set_name(f"fp-snap-{n}")
         # Introduce ourselves on the live process's channel (inherited), with a channel of our
         # own: this work is ours, not the live process's, so it stays off tsetjmp()'s path.
         chan, theirs = _channel.pair()
-        _channel.send(rt.chan, _channel.Hello(n, os.getpid()), (theirs.fileno(),))
+        _channel.send(rt.chan, _channel.Hello(n, _identity.real_pid()), (theirs.fileno(),))
         theirs.close()
         rt.chan.close()
         rt.chan = chan
@@ -98,7 +98,7 @@ def frozen(rt: _Runtime, n: int, spares: int) -> _channel.Wake:
                     theirs.close()
                     chan = mine
                     _prctl.set_pdeathsig(signal.SIGKILL)
-                    if os.getppid() != shepherd:
+                    if _identity.real_ppid() != shepherd:
                         os._exit(0)
                     _prctl.set_name(f"fp-spare-{n}")
                     if rt.unidle:
@@ -146,7 +146,7 @@ def _prewarm(rt: _Runtime) -> None:
 def resume(rt: _Runtime, saved: Saved, wake: _channel.Wake) -> None:
     """Turn a woken spare into the live program."""
     n = wake.n
-    rt.owner_pid = os.getpid()
+    rt.owner_pid = _identity.real_pid()
     _sigutil.drain_pending()        # before rejoining the terminal's group: what comes later is real
     try:
         os.setpgid(0, rt.pgid)
@@ -170,8 +170,11 @@ def resume(rt: _Runtime, saved: Saved, wake: _channel.Wake) -> None:
     rt.recovery_seconds = time.monotonic() - wake.t
     if saved.key is not None and rt.arena is not None:
         rt.arena.set_processing(saved.key)   # the checkpoint was taken inside processing(key)
+    _eventloop.rejoin(saved.loop, moved_heap=True)
     _sigutil.restore_mask(saved.mask)
     _channel.send(rt.chan, _channel.Up())
+    # A recovery is worth a warning; a plain tlongjmp() is the program's own control flow.
     level = logging.INFO if rt.sigtype == 0 and rt.reason == "tlongjmp" else logging.WARNING
-    log.log(level, "restored checkpoint %d (from state %d, signal %d: %s)",
-            n, rt.from_state, rt.sigtype, rt.reason)
+    if log.isEnabledFor(level):
+        log.log(level, "recovered (%s): forkpoint restored checkpoint %d (from state %d) in %.1f ms",
+                rt.reason, n, rt.from_state, rt.recovery_seconds * 1e3)

@@ -13,6 +13,7 @@ import threading
 import time
 
 _CAP_SYS_NICE = 1 << 23
+_PF_EXITING = 0x4              # include/linux/sched.h: the task is in do_exit()
 
 
 def read_stat(pid: int) -> list[str] | None:
@@ -29,6 +30,37 @@ def parent_of(pid: int) -> int | None:
     """The parent PID of ``pid`` now, or None if it is gone."""
     fields = read_stat(pid)
     return int(fields[1]) if fields else None
+
+
+def exiting(pid: int) -> bool:
+    """Whether ``pid`` is gone, a zombie, or already inside exit (its user-space work is over)."""
+    fields = read_stat(pid)
+    if fields is None or fields[0] in ("Z", "X", "x"):
+        return True
+    try:
+        return bool(int(fields[6]) & _PF_EXITING)
+    except (IndexError, ValueError):
+        return False
+
+
+def children_of(parents: set[int]) -> list[tuple[int, int]]:
+    """(pid, process group) of every process whose parent is in ``parents``.
+
+    The kernel has no cheap list of a process's children here (CONFIG_PROC_CHILDREN is often
+    off), so this reads /proc/*/stat: about 10 us a process.
+    """
+    out: list[tuple[int, int]] = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return out
+    for name in names:
+        if not name.isdigit():
+            continue
+        fields = read_stat(int(name))
+        if fields is not None and len(fields) > 2 and int(fields[1]) in parents:
+            out.append((int(name), int(fields[2])))
+    return out
 
 
 def process_start(pid: int) -> float | None:
@@ -117,18 +149,18 @@ def can_leave_sched_idle() -> bool:
 
 
 def file_offsets() -> dict[int, int]:
-    """Offsets of the regular files this process has open for reading now.
+    """Offsets of the regular files this process has open only for reading now.
 
     fork() shares open file descriptions, so the live process moves the snapshot's offsets too;
-    a restore puts them back. Write-only and append-mode files are left alone: they are logs and
-    redirected output, which a rewind would overwrite.
+    a restore puts them back, so that input can be read again. A file open for writing (write-only,
+    read-write, or append) keeps the offset the rolled-back process left: a rewind would make the
+    restored process's next write overwrite bytes already written (a log, a temporary file).
     """
     out = {}
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         try:
-            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-            if flags & os.O_ACCMODE == os.O_WRONLY or flags & os.O_APPEND:
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
                 continue
             out[fd] = os.lseek(fd, 0, os.SEEK_CUR)   # pipes, sockets and ttys fail with ESPIPE
         except OSError:

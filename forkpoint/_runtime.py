@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from . import _channel, _clone, _prctl, _procfs, _sigutil
+from . import _channel, _children, _clone, _eventloop, _identity, _prctl, _procfs, _sigutil
 from ._errors import ConfigurationError, ForkpointError, NoSuchCheckpoint, ThreadsAlive, WrongThread
 from ._shepherd import become_shepherd
 from .arena import DEFAULT_SIZE, Arena
@@ -69,10 +69,10 @@ class _Runtime:
     def check_caller(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             raise WrongThread("forkpoint checkpoints can only be taken and restored from the main thread")
-        if self.started and os.getpid() != self.owner_pid:
+        if self.started and _identity.real_pid() != self.owner_pid:
             raise ForkpointError(
-                f"process {os.getpid()} is a child the program forked; only the program's live "
-                f"process ({self.owner_pid}) can use its checkpoints")
+                f"process {_identity.real_pid()} is a child the program forked; only the program's "
+                "live process can use its checkpoints")
 
     def check_threads(self, allow: bool | None) -> None:
         allow = self.config.allow_threads if allow is None else allow
@@ -102,6 +102,8 @@ class _Runtime:
                 "shepherd and continues the program in a forked copy, which threads cannot follow; "
                 "call forkpoint.start() before starting threads")
         arena = self.arena_or_create()
+        arena.set_face_ppid(os.getppid())      # the shepherd keeps it up to date from now on
+        loop = _eventloop.running_loop()
         self.pgid = os.getpgrp()
         self.comm = _prctl.get_name()
         self.unidle = _procfs.can_leave_sched_idle()
@@ -126,10 +128,13 @@ class _Runtime:
             os.register_at_fork(after_in_child=_forget_in_forked_child)
             self.chan = mine
             self.shepherd_pid = parent
-            self.owner_pid = os.getpid()
+            self.owner_pid = _identity.real_pid()
             _prctl.set_pdeathsig(signal.SIGKILL)
             if os.getppid() != parent:
                 os._exit(70)
+            _identity.install(parent, arena)
+            _children.install(arena, self.exchange)
+            _eventloop.rejoin(loop, moved_heap=False)
             for which, value in timers:      # fork() does not copy interval timers; exec keeps them
                 if value[0] > 0:
                     signal.setitimer(which, *value)
@@ -184,12 +189,19 @@ class _Runtime:
     # -- requests to the shepherd -----------------------------------------------------------------
     def request(self, msg: _channel.Message) -> dict[str, Any]:
         """Send ``msg`` and wait for the shepherd's answer: ``Ok``'s data, or the error it names."""
+        data, fds = self.exchange(msg)
+        for fd in fds:
+            os.close(fd)
+        return data
+
+    def exchange(self, msg: _channel.Message) -> tuple[dict[str, Any], list[int]]:
+        """``request``, also returning the descriptors that came with the answer."""
         # Signals wait until the reply is in: a handler that raised between the send and the recv
         # would leave the reply queued, and every later request would read its predecessor's.
         old = _sigutil.block_all()
         try:
             _channel.send(self.chan, msg)
-            reply, _ = _channel.recv(self.chan)
+            reply, fds = _channel.recv(self.chan)
         finally:
             _sigutil.restore_mask(old)
         if reply is None:
@@ -202,7 +214,7 @@ class _Runtime:
             raise ForkpointError(reply.message)
         if not isinstance(reply, _channel.Ok):
             raise ForkpointError(f"the shepherd answered {type(reply).__name__} to {type(msg).__name__}")
-        return reply.data
+        return reply.data, fds
 
 
 _rt = _Runtime()
@@ -220,6 +232,8 @@ def _forget_in_forked_child() -> None:
     (forkpoint's own snapshots are made with a raw clone that runs no at-fork hooks.)
     """
     rt = _rt
+    _identity.forget_in_forked_child()
+    _children.forget_in_forked_child()
     if rt.chan is not None:
         rt.chan.close()
         rt.chan = None

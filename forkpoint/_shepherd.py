@@ -35,6 +35,7 @@ from typing import Any, NoReturn
 
 from . import _budget, _channel, _prctl, _procfs, _sigutil
 from ._channel import (
+    ChildQuery,
     Configure,
     Discard,
     ErrorKind,
@@ -51,7 +52,8 @@ from ._channel import (
 from ._control import ControlServer
 from ._faultreport import FaultReports
 from ._loop import EventLoop
-from ._sigutil import FORWARDED, TTY_SIGNALS, signame
+from ._orphans import Orphans
+from ._sigutil import FORWARDED, REPORTED_SIGNALS, TTY_SIGNALS, signame
 from .arena import Arena, HistoryRecord, add_quarantine, load_quarantine
 from .policy import Action, Decision, Policy, RecoveryPolicy
 
@@ -60,7 +62,8 @@ log = logging.getLogger("forkpoint")
 EX_SOFTWARE = 70
 _ENV = "FORKPOINT_SHEPHERD_ARGS"
 _BOOT = "import sys;sys.path.insert(0,sys.argv[1]);from forkpoint._shepherd import main;main()"
-_REPORT_DELAY = 0.05          # a report arrives in many small writes: copy it out this much later
+_REPORT_BACKSTOP = 1.0        # a crash report nothing claimed is written out after this long
+_OUTSIDE_WINDOW = 1.0         # a fault signal this recent from outside is no crash of the program
 
 
 class Role(enum.Enum):
@@ -165,17 +168,22 @@ class Shepherd:
         self.recoveries = 0
         self.restoring = False                  # a restore was decided and no spare woken yet
         self.pending_signals: list[int] = []
+        self.forwarded_fatal: dict[int, float] = {}   # fault signal -> when one was forwarded
         self.live: Proc | None = self._add(args["live"], Role.LIVE, 0, chan)
         self.live_up = True
         self.control: ControlServer | None = None
         self.reaped_unknown: list[tuple[int, float]] = []   # recently reaped pids we did not know
         self.lists = _ListWaiters()
+        self.orphans = Orphans(arena)
+        self.retired_live: set[int] = set()     # live processes killed since the last orphan scan
+        self.scan_pending = False
+        self.parent_fd: int | None = None       # a pidfd of the face's parent
         faults = args.get("faults")
         self.reports = FaultReports(faults) if faults is not None else None
         self._handlers: dict[type[Message], Callable[[Proc, Any, list[int]], None]] = {
             Snap: self._on_snap, Hello: self._on_hello, Spare: self._on_spare, Up: self._on_up,
             Restore: self._on_restore, Discard: self._on_discard, ListCheckpoints: self._on_list,
-            SetPolicy: self._on_policy, Configure: self._on_configure}
+            SetPolicy: self._on_policy, Configure: self._on_configure, ChildQuery: self._on_child}
 
     # -- what the control server sees (``_control.Controlled``) ---------------------------------------
     @property
@@ -244,6 +252,7 @@ class Shepherd:
             return
         if proc.lived:        # signals forwarded to it but still blocked there go to its successor
             self.pending_signals.extend(s for s in _procfs.pending_signals(proc.pid) if s in FORWARDED)
+            self._orphans_of(proc.pid)
         try:
             os.sched_setscheduler(proc.pid, os.SCHED_IDLE, os.sched_param(0))
         except OSError:
@@ -294,6 +303,8 @@ class Shepherd:
             self.control = ControlServer(self, self.loop)
         except Exception as e:  # noqa: BLE001 - the program runs without operator control
             log.warning("operator socket unavailable: %s", e)
+        self.orphans.scan(set(), self.procs.__contains__)   # children the program started before us
+        self._watch_parent()
         self._reap()   # the live process may have died before we watched SIGCHLD
         if self.max_memory:
             self.loop.after(_budget.INTERVAL, self._memory_tick)
@@ -320,6 +331,8 @@ class Shepherd:
             self._reap()
 
     def _forward(self, sig: int) -> None:
+        if sig in REPORTED_SIGNALS:     # sent from outside: a command to the program, not a crash
+            self.forwarded_fatal[sig] = time.monotonic()
         if self.live is not None and self.live_up:
             try:
                 os.kill(self.live.pid, sig)
@@ -328,13 +341,18 @@ class Shepherd:
         else:
             self.pending_signals.append(sig)
 
+    def _sent_from_outside(self, sig: int) -> bool:
+        """Whether ``sig`` was forwarded to the live process a moment ago (kill -ABRT PID)."""
+        return time.monotonic() - self.forwarded_fatal.get(sig, float("-inf")) < _OUTSIDE_WINDOW
+
     def _on_fault_report(self, act: bool = True) -> None:
         """faulthandler in the live process reports a fatal signal, before the process dies.
 
-        The text goes on to the program's stderr, where faulthandler would have written it; a
-        report's first line names the signal, which decides at once whether to restore. With
-        ``act=False`` (the death is being handled already) the report is only passed on: it must
-        never be taken for a fault of the process restored after it.
+        A report's first line names the signal, which decides at once whether to restore. With
+        ``act=False`` (the death is being handled already) the report is only read: it must never
+        be taken for a fault of the process restored after it. The text goes to the program's
+        stderr once the shepherd knows what became of the crash (``_failure``, ``shutdown``), in
+        one piece; a report nothing claims within a second is written as it is, never lost.
         """
         reports = self.reports
         if reports is None:
@@ -346,22 +364,33 @@ class Shepherd:
             reports.close()
             return
         if reports.pending and not had:
-            self.loop.after(_REPORT_DELAY, reports.flush)
+            self.loop.after(_REPORT_BACKSTOP, self._unclaimed_report)
         if act:
             for sig in sigs:
                 self._on_fault(sig)
 
+    def _unclaimed_report(self) -> None:
+        if self.reports is None or not self.reports.pending:
+            return
+        if any(self._sent_from_outside(s) for s in REPORTED_SIGNALS):
+            self.reports.take()     # the program handled a signal sent to it: it did not crash
+        else:
+            self.reports.flush()
+
     def _on_fault(self, sig: int) -> None:
         live = self.live
-        if live is None:
-            return
+        if live is None or self._sent_from_outside(sig):
+            return                      # a signal sent to the program: it dies or copes as it would
         self._drain(live)               # a checkpoint it took just before comes first
         pol = self.policy.policy
         target = pol.to or self.current
         if sig not in pol.signals or target not in self.ckpts:
             return                      # it dies as it would have; the reaper takes it from there
-        # It is inside faulthandler's C handler; a handler it chains to must not run program code
-        # beside the restored process, so it is killed now (its report may be cut short).
+        # It is inside faulthandler's C handler. The whole report comes first (it is written in
+        # microseconds, then the process enters exit); then the process is killed, because a
+        # Python handler faulthandler chains to must not run program code beside the restored one.
+        assert self.reports is not None
+        self.reports.collect(live.pid)
         self.live = None
         self._retire(live)
         self._failure(target, sig, f"killed by {signame(sig)}", None)
@@ -382,6 +411,7 @@ class Shepherd:
         proc = self.procs.get(pid)
         if proc is None:
             log.debug("reaped adopted orphan %d", pid)
+            self.orphans.reaped(pid, status)
             now = time.monotonic()
             self.reaped_unknown = [(p, t) for p, t in self.reaped_unknown if now - t < 10.0][-63:]
             self.reaped_unknown.append((pid, now))
@@ -397,6 +427,7 @@ class Shepherd:
         if proc is self.live:
             self.live = None
             proc.role = Role.DYING    # only its keepers' hellos may still arrive on its channel
+            self._orphans_of(pid)
             self._on_fault_report(act=False)   # its report, if any, is in the pipe by now
             self._on_live_death(status)
             return
@@ -554,6 +585,73 @@ class Shepherd:
         self._enforce_bounds()
         self._send(proc, _channel.Ok())
 
+    def _on_child(self, proc: Proc, msg: ChildQuery, fds: list[int]) -> None:
+        """The live process waits for a child the kernel says is not its own (see ``_children``)."""
+        self._reap()
+        group = os.getpgid(0)
+        got = self.orphans.claim(msg.pid, group)
+        if got is not None:
+            self._send(proc, _channel.Ok({"pid": got[0], "status": got[1]}))
+            return
+        dying = {p.pid for p in self.procs.values() if p.lived and p.role is Role.DYING}
+        running = [p for p in self.orphans.running(msg.pid, group, dying) if p not in self.procs]
+        for pid in dying:        # the program waits for its teardown now: no longer idle work
+            try:
+                os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
+            except OSError:
+                pass
+        pidfds = []
+        for pid in running:
+            try:
+                pidfds.append(os.pidfd_open(pid))
+            except OSError:
+                pass
+        try:
+            if proc.chan is not None and running:
+                _channel.send(proc.chan, _channel.Ok({"alive": len(running)}), tuple(pidfds))
+            else:
+                self._send(proc, _channel.Ok({}))
+        except OSError:
+            pass
+        finally:
+            self._close_fds(pidfds)
+
+    def _orphans_of(self, live_pid: int) -> None:
+        """A live process is gone or going: its children become the shepherd's (scanned soon)."""
+        self.retired_live.add(live_pid)
+        if not self.scan_pending:
+            self.scan_pending = True
+            self.loop.after(0.05, self._scan_orphans)    # off the restore's path; batched
+
+    def _scan_orphans(self) -> None:
+        self.scan_pending = False
+        parents, self.retired_live = self.retired_live, set()
+        self.orphans.scan(parents, self.procs.__contains__)
+
+    def _watch_parent(self) -> None:
+        """Keep the face's parent in the arena (``os.getppid()`` in the program) as it changes.
+
+        A pidfd of the parent turns readable when the parent dies; the kernel has re-parented us
+        by then. Checking ``getppid()`` again after opening the pidfd rules out a recycled PID.
+        """
+        if self.parent_fd is not None:
+            self.loop.remove(self.parent_fd)
+            os.close(self.parent_fd)
+            self.parent_fd = None
+        while True:
+            ppid = os.getppid()
+            try:
+                fd = os.pidfd_open(ppid)
+            except OSError:         # no pidfds (Linux < 5.3): the program sees the first parent
+                self.arena.set_face_ppid(ppid)
+                return
+            if os.getppid() == ppid:
+                break
+            os.close(fd)
+        self.arena.set_face_ppid(ppid)
+        self.parent_fd = fd
+        self.loop.add_reader(fd, self._watch_parent)
+
     # -- restores: a request, a crash report or a death, then _failure, then _wake ----------------
     def _on_restore(self, proc: Proc, msg: Restore, fds: list[int]) -> None:
         """``tlongjmp(n)``: the caller waits, signals blocked, until it is killed (or refused)."""
@@ -574,7 +672,7 @@ class Shepherd:
             if target in self.ckpts:      # the watchdog's kill timer: a hang the handler could not cut
                 self._failure(target, signal.SIGALRM, "timeout (stuck in native code: killed)", None)
                 return
-        if sig in pol.signals:
+        if sig in pol.signals and not self._sent_from_outside(sig):
             target = pol.to or self.current
             if target in self.ckpts:
                 self._failure(target, sig, f"killed by {signame(sig)}", None)
@@ -613,6 +711,10 @@ class Shepherd:
         log.log(logging.WARNING if escalated else logging.INFO, "restoring checkpoint %d from %d (%s)%s",
                 decision.target, from_state, decision.reason,
                 f" after {decision.delay:g}s backoff" if decision.delay else "")
+        if self.reports is not None and sig:
+            # Before the restored process runs, so that its output comes after the report.
+            self.reports.flush(f"forkpoint: recovered from {signame(sig)}: restoring checkpoint "
+                               f"{decision.target} (from state {from_state}); the crash:\n")
         wake = Wake(decision.target, from_state, sig, decision.reason, decision.attempt, detected)
         self.current = decision.target
         ck = self.ckpts[decision.target]
@@ -757,6 +859,8 @@ class Shepherd:
             self.control.close()
         if self.reports is not None:
             self.reports.read()
+            if any(self._sent_from_outside(s) for s in REPORTED_SIGNALS) and sig not in REPORTED_SIGNALS:
+                self.reports.take()     # handled a signal sent to it, then ended another way
             self.reports.flush()
         if sig:
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))

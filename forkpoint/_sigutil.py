@@ -34,7 +34,7 @@ FAULT_SIGNALS = REPORTED_SIGNALS - {signal.SIGABRT}
 ITIMERS = (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF)
 # What the shepherd passes on to the live process when it is sent to the program's PID.
 FORWARDED = frozenset({signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1,
-                       signal.SIGUSR2, signal.SIGWINCH, signal.SIGALRM})
+                       signal.SIGUSR2, signal.SIGWINCH, signal.SIGALRM, signal.SIGABRT})
 # The terminal sends these to its whole foreground process group, the live process included.
 TTY_SIGNALS = frozenset({signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGWINCH})
 

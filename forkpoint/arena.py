@@ -39,8 +39,12 @@ MIN_SIZE = 1 << 20
 MAX_NAME = 64
 
 # Header words (8 bytes each) at offset 0.
-_H_MAGIC, _H_VERSION, _H_SIZE, _H_NEXT_ID, _H_TOP, _H_HISTORY, _H_START, _H_WD_AT, _H_WD_TO = range(9)
+(_H_MAGIC, _H_VERSION, _H_SIZE, _H_NEXT_ID, _H_TOP, _H_HISTORY, _H_START, _H_WD_AT, _H_WD_TO,
+ _H_FACE_PPID, _H_ORPHANS, _H_REAPED) = range(12)
 _PROCESSING_OFF = 512          # generation word, length word, then up to 256 bytes of key
+# Children the live process reaped itself, newest last: (pid, status) word pairs, a ring.
+_REAPED_OFF = 2048
+_REAPED_CAP = 128
 _PROCESSING_MAX = 256
 _HEADER_SIZE = 4096
 
@@ -160,6 +164,43 @@ class Arena:
         if raw == 0:
             return None
         return struct.unpack("d", struct.pack("Q", raw))[0], int(self.words[_H_WD_TO])
+
+    # -- what the program sees of its own process (see _identity and _children) -----------------
+    def set_face_ppid(self, ppid: int) -> None:
+        """The face PID's parent now (written by the original process, then by the shepherd)."""
+        self.words[_H_FACE_PPID] = ppid
+
+    def face_ppid(self) -> int:
+        return int(self.words[_H_FACE_PPID])
+
+    def set_orphans(self, n: int) -> None:
+        """How many of the program's children the shepherd holds (written by the shepherd only)."""
+        self.words[_H_ORPHANS] = n
+
+    def orphans(self) -> int:
+        return int(self.words[_H_ORPHANS])
+
+    def note_reaped(self, pid: int, status: int) -> None:
+        """Record that the live process reaped child ``pid`` (single writer: the live process).
+
+        A restored process may still hold a ``Popen`` for a child that a rolled-back process
+        reaped; the status is kept here so that it never has to guess one.
+        """
+        seq = int(self.words[_H_REAPED])
+        w = (_REAPED_OFF + (seq % _REAPED_CAP) * 16) // 8
+        self.words[w] = 0                      # invalid while it is rewritten
+        self.words[w + 1] = status & 0xFFFFFFFF
+        self.words[w] = pid
+        self.words[_H_REAPED] = seq + 1
+
+    def reaped(self, pid: int) -> int | None:
+        """The status the live process collected for child ``pid`` most recently, if any."""
+        seq = int(self.words[_H_REAPED])
+        for i in range(seq - 1, max(seq - _REAPED_CAP, 0) - 1, -1):
+            w = (_REAPED_OFF + (i % _REAPED_CAP) * 16) // 8
+            if self.words[w] == pid:
+                return int(self.words[w + 1])
+        return None
 
     # -- history (single writer: the shepherd) ----------------------------------------------------
     def append_history(self, from_state: int, to_state: int, sig: int, reason: str,

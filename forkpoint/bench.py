@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import forkpoint as fp
+from forkpoint._identity import real_pid
 
 MB = 1 << 20
 GB = 1 << 30
@@ -215,7 +216,7 @@ def _worker(spec_json: str) -> None:
 
     fp.configure(shepherd_exec=spec.get("shepherd_exec", True), max_checkpoints=64)
     fp.start()                                # the original process (with the heap) becomes the shepherd
-    me = os.getpid()
+    me = real_pid()
     emit(m="shepherd", uss=_proc_mem(fp.shepherd_pid())[0], pss=_proc_mem(fp.shepherd_pid())[1])
     phases = spec["phases"]
     repeats = spec.get("repeats", 5)
@@ -230,7 +231,7 @@ def _worker(spec_json: str) -> None:
                 t0 = time.perf_counter()
                 n = fp.tsetjmp()
                 dt = time.perf_counter() - t0
-                if os.getpid() != me:        # never restored; defensive
+                if real_pid() != me:        # never restored; defensive
                     os._exit(0)
                 emit(m="tsetjmp", v=dt)
                 pids = _wait_spare(n)
@@ -251,10 +252,10 @@ def _worker(spec_json: str) -> None:
             _wait_spare(n)
             if k > repeats:
                 _write(heap, 1.0)
-            stamp[1] = os.getpid()
+            stamp[1] = real_pid()
             stamp[0] = time.perf_counter()  # type: ignore[call-overload]
             fp.tlongjmp(n)
-        me = os.getpid()
+        me = real_pid()
         pids = _snapshot_pids(n)
         fp.discard(n)
         _wait_gone(pids)

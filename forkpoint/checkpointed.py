@@ -96,6 +96,13 @@ def checkpointed(func: Any = None, *, recover_on: tuple[int, ...] = snapshots.FA
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
 
     def decorate(fn: F) -> F:
+        if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+            raise TypeError(
+                f"@checkpointed cannot protect the coroutine function {fn.__qualname__}: a checkpoint "
+                "would freeze the whole event loop mid-await, and rolling back would undo every other "
+                "task's work too. Put the crash-prone part in a synchronous function decorated with "
+                "@checkpointed and call it from the coroutine, or protect the whole ASGI app with "
+                "forkpoint.asgi.protect(app)")
         takes_args = bool(inspect.signature(fn).parameters)
         again = (not takes_args) if restart is None else restart
         per_call_spares = spares if spares is not None else (None if again else 0)

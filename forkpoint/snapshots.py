@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from . import _channel, _clone, _procfs, _sigutil
+from . import _channel, _clone, _eventloop, _procfs, _sigutil
 from ._errors import ConfigurationError, NoSuchCheckpoint
 from ._frozen import Saved, frozen, resume
 from ._runtime import runtime
@@ -102,7 +102,8 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int
     n = rt.arena.take_id()
     _sigutil.flush_stdio()
     saved = Saved(mask=_sigutil.new_mask(), offsets=_procfs.file_offsets(),
-                  itimer=signal.getitimer(signal.ITIMER_REAL), key=rt.arena.processing())
+                  itimer=signal.getitimer(signal.ITIMER_REAL), key=rt.arena.processing(),
+                  loop=_eventloop.running_loop())
     # The shepherd hears of the checkpoint before the fork: after it, every page this process
     # touches is copied on first write, so the parent's side of the fork does as little as it
     # can. The keeper introduces itself (pid and channel) from its own side.

@@ -96,7 +96,7 @@ def test_bad_checkpoint_numbers_raise_and_change_nothing(tmp_path):
             call()
         except fp.NoSuchCheckpoint as e:
             print("discarded:", e)
-    print("ids", [c.id for c in fp.checkpoints()], "pid unchanged", os.getppid() == fp.shepherd_pid())
+    print("ids", [c.id for c in fp.checkpoints()], "pid unchanged", os.getpid() == fp.shepherd_pid())
     """, tmp_path)
     assert r.returncode == 0, r.stderr
     out = r.stdout
@@ -123,12 +123,13 @@ def test_exit_status_and_pid_are_the_programs(tmp_path):
     assert r.returncode == -signal.SIGSEGV, "an unrecovered crash must look like one to the parent"
     proc = start_py(HEADER + """
     fp.tsetjmp()
-    print("ready", os.getppid(), flush=True)
+    print("ready", os.getpid(), os.getppid(), fp.shepherd_pid(), flush=True)
     time.sleep(60)
     """, tmp_path)
     lines = Lines(proc)
-    _, face = lines.until("ready").split()
-    assert int(face) == proc.pid
+    _, pid, ppid, face = lines.until("ready").split()
+    assert int(face) == int(pid) == proc.pid          # Invariant 10: one PID, the face's
+    assert int(ppid) == os.getpid()                   # and the face's real parent
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(10) == -signal.SIGTERM
 
@@ -155,7 +156,7 @@ def test_signals_to_the_pid_reach_the_live_program_exactly_once(tmp_path):
     n = fp.tsetjmp()
     while True:
         got.clear()
-        print("ready", rounds.value, os.getpid(), flush=True)
+        print("ready", rounds.value, os.readlink("/proc/self"), flush=True)   # the real process
         deadline = time.time() + 1.0
         while time.time() < deadline:
             time.sleep(0.01)

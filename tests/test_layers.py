@@ -18,8 +18,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "forkpoint"
 LAYERS: dict[str, list[str]] = {
     "os": ["_errors", "_clone", "_prctl", "_sigutil", "_procfs"],
     "data and wire": ["_channel", "arena", "policy", "_rundir"],
-    "shepherd": ["_loop", "_faultreport", "_budget", "_control", "_shepherd"],
-    "program side": ["_runtime", "_frozen"],
+    "shepherd": ["_loop", "_faultreport", "_budget", "_orphans", "_control", "_shepherd"],
+    "program side": ["_identity", "_children", "_eventloop", "_runtime", "_frozen"],
     "public api": ["snapshots", "persist", "recovery", "watchdog", "checkpointed"],
     "faces": ["__init__", "__main__", "operator", "cli", "demo", "bench"],
 }

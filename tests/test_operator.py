@@ -38,7 +38,7 @@ PROG = """
               "history": [[h.to_state, h.signal, h.reason] for h in fp.history()]}), flush=True)
     else:
         n2 = fp.tsetjmp()
-    print("ready", os.getpid(), flush=True)
+    print("ready", os.readlink("/proc/self"), flush=True)   # the live process's real PID
     for line in sys.stdin:
         cmd = line.strip()
         if cmd == "exit":

@@ -115,7 +115,7 @@ def test_server_loop_restarts_warm(tmp_path):
             ctypes.string_at(0)
         return "done"
 
-    print(serve(), "pid", os.getppid() == fp.shepherd_pid())
+    print(serve(), "pid", os.getpid() == fp.shepherd_pid())
     """, tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["serving, round 1 warm 100000", "serving, round 2 warm 100000",

@@ -1,0 +1,188 @@
+"""The program's children keep their true exit statuses across ``start()`` and every restore.
+
+A child started before ``start()`` is a child of the original process, which became the shepherd;
+a child started by a live process that a restore then killed is re-parented to the shepherd (it is
+the child subreaper). Either way ``waitpid`` in the live process fails with ECHILD, and Python's
+``subprocess`` turns that ECHILD into a silent exit status 0. So the live process replaces the
+``os`` wait functions (``install``): when the kernel says "not your child", they ask the shepherd,
+which reaps such children and keeps their statuses (``_shepherd``: ``ChildQuery``), and then a ring
+in the arena where every live process records the children it reaped itself (a restored process can
+hold a ``Popen`` for a child that a rolled-back process had already waited for).
+
+Where it ends: only a child nobody recorded (for example one reaped by ``os.waitid`` or by C code)
+still gets ECHILD, as it would without forkpoint. ``os.waitid`` itself is not replaced. A blocking
+wait for "any child" while the shepherd holds some of them polls every 50 ms for the real ones.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import select
+import sys
+from collections.abc import Callable
+
+from ._channel import ChildQuery, Message
+from .arena import Arena
+
+_real_waitpid = os.waitpid
+_real_wait = os.wait
+_real_wait3 = os.wait3
+_real_wait4 = os.wait4
+
+Ask = Callable[[Message], tuple[dict, list[int]]]
+_arena: Arena | None = None
+_ask: Ask | None = None
+_POLL = 0.05          # seconds between looks at the real children while waiting for "any child"
+
+
+def _note(pid: int, status: int) -> None:
+    if pid > 0 and _arena is not None and (os.WIFEXITED(status) or os.WIFSIGNALED(status)):
+        _arena.note_reaped(pid, status)
+
+
+def _echild() -> ChildProcessError:
+    return ChildProcessError(errno.ECHILD, os.strerror(errno.ECHILD))
+
+
+def _query(pid: int) -> tuple[dict, list[int]]:
+    """What the shepherd knows of child ``pid`` (or of any child, for pid <= 0), with a pidfd for
+    each child it holds that is still running. An empty answer means it knows of none."""
+    if _ask is None:
+        raise _echild()
+    return _ask(ChildQuery(pid))
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def _block(fds: list[int], timeout: float | None) -> None:
+    """Sleep until one of the pidfds turns readable (its process exited), or ``timeout``."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    try:
+        if not fds and timeout is None:
+            timeout = _POLL             # no pidfd to wait on (pidfd_open failed): look again later
+        poller.poll(None if timeout is None else timeout * 1000)
+    finally:
+        _close(fds)
+
+
+def _wait_held(pid: int, options: int) -> tuple[int, int]:
+    """waitpid for a child the kernel says is not ours (pid > 0)."""
+    pause = 0.0
+    while True:
+        if pause:                       # it exited, but its dying parent still holds its status
+            _block([], pause)
+        pause = min(2 * pause or 0.002, _POLL)
+        data, fds = _query(pid)
+        if "status" in data:
+            return pid, int(data["status"])
+        if not data.get("alive"):
+            status = _arena.reaped(pid) if _arena is not None else None
+            if status is None:
+                raise _echild()
+            return pid, status
+        if options & os.WNOHANG:
+            _close(fds)
+            return 0, 0
+        _block(fds, None)               # until it exits (its pidfd turns readable)
+
+
+def _wait_any(pid: int, options: int) -> tuple[int, int]:
+    """waitpid for any child (pid <= 0) while the shepherd holds some of the program's children."""
+    while True:
+        real_alive = True
+        try:
+            got = _real_waitpid(pid, options | os.WNOHANG)
+        except ChildProcessError:
+            real_alive = False
+        else:
+            if got[0] > 0:
+                _note(*got)
+                return got
+        data, fds = _query(pid)
+        if "status" in data:
+            _close(fds)
+            return int(data["pid"]), int(data["status"])
+        if not real_alive and not data.get("alive"):
+            raise _echild()
+        if options & os.WNOHANG:
+            _close(fds)
+            return 0, 0
+        _block(fds, _POLL if real_alive else None)
+
+
+def _waitpid(pid: int, options: int, /) -> tuple[int, int]:
+    if pid <= 0 and _arena is not None and _arena.orphans():
+        return _wait_any(pid, options)
+    try:
+        got = _real_waitpid(pid, options)
+    except ChildProcessError:
+        # The shepherd may hold children it has not counted in the arena yet (it scans for them
+        # when it starts and after each restore): ask before answering ECHILD.
+        return _wait_held(pid, options) if pid > 0 else _wait_any(pid, options)
+    _note(*got)
+    return got
+
+
+def _wait() -> tuple[int, int]:
+    return _waitpid(-1, 0)
+
+
+
+def _wait4(pid: int, options: int) -> tuple[int, int, resource.struct_rusage]:
+    if not (pid <= 0 and _arena is not None and _arena.orphans()):
+        try:
+            got = _real_wait4(pid, options)
+        except ChildProcessError:
+            pass
+        else:
+            _note(got[0], got[1])
+            return got
+    p, status = _waitpid(pid, options)      # held by the shepherd: no resource usage to report
+    # (made here: a struct_rusage kept at module level trips CPython 3.11 at interpreter exit)
+    return p, status, resource.struct_rusage((0.0, 0.0) + (0,) * 14)
+
+
+def _wait3(options: int) -> tuple[int, int, resource.struct_rusage]:
+    return _wait4(-1, options)
+
+
+for _mine, _theirs in ((_waitpid, _real_waitpid), (_wait, _real_wait), (_wait3, _real_wait3),
+                       (_wait4, _real_wait4)):
+    _mine.__doc__ = _theirs.__doc__
+
+
+def install(arena: Arena, ask: Ask) -> None:
+    """Let this (live) process wait for the children the shepherd holds."""
+    global _arena, _ask
+    _arena, _ask = arena, ask
+    os.waitpid, os.wait, os.wait3, os.wait4 = _waitpid, _wait, _wait3, _wait4
+    _patch_subprocess(_real_waitpid, _waitpid)
+
+
+def forget_in_forked_child() -> None:
+    """A child the program forks has children of its own, none of them held by the shepherd."""
+    global _arena, _ask
+    _arena = _ask = None
+    os.waitpid, os.wait, os.wait3, os.wait4 = _real_waitpid, _real_wait, _real_wait3, _real_wait4
+    _patch_subprocess(_waitpid, _real_waitpid)
+
+
+def _patch_subprocess(old: object, new: object) -> None:
+    """``subprocess`` binds ``os.waitpid`` once, as a default argument (3.10-3.12) or in a class
+    (3.13+), for use from ``__del__``. A later import binds the replacement by itself."""
+    sub = sys.modules.get("subprocess")
+    if sub is None:
+        return
+    safe = getattr(sub, "_del_safe", None)
+    if safe is not None and getattr(safe, "waitpid", None) is old:
+        safe.waitpid = new
+    poll = getattr(getattr(sub, "Popen", None), "_internal_poll", None)
+    defaults = getattr(poll, "__defaults__", None)
+    if poll is not None and defaults and any(d is old for d in defaults):
+        poll.__defaults__ = tuple(new if d is old else d for d in defaults)

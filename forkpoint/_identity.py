@@ -1,0 +1,98 @@
+"""One process, as Python code sees it: the face PID, the face's parent, and signals to itself.
+
+After ``start()`` the program runs in a child of the shepherd, and after every restore in another
+child; only the shepherd keeps the PID the outside world knows (the *face* PID). Real software
+notices the move: gunicorn's worker compares ``os.getppid()`` with its master's PID and exits when
+it changes, programs write ``os.getpid()`` to PID files and logs, and a program that signals itself
+with ``os.kill(os.getpid(), sig)`` expects the signal before the call returns.
+
+So the live process replaces three functions of the ``os`` module (``install``):
+
+* ``os.getpid()`` returns the face PID, before and after any number of restores;
+* ``os.getppid()`` returns the face's parent *now*: the shepherd keeps it in the arena and rewrites
+  it when that parent dies (so gunicorn's orphan check still works when its master is killed);
+* ``os.kill(face, sig)`` signals the calling process itself, so a signal a program sends itself
+  arrives before the call returns, as it would without forkpoint; any other target is unchanged.
+
+A child the program forks itself (``os.fork``, ``multiprocessing``) gets the real functions back
+through an at-fork hook: it sees its own PID, and its parent as the face PID while the live process
+that forked it runs (after a restore it is the shepherd's child, whose PID is the face PID anyway).
+
+Where it ends: C code that calls ``getpid(2)`` directly, ``/proc/self`` (the real process), code
+that took a reference to the function before forkpoint started (``from os import getpid``), and
+tools that look a PID up in ``/proc`` (``psutil.Process()`` describes the shepherd).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .arena import Arena
+
+_real_getpid = os.getpid
+_real_getppid = os.getppid
+_real_kill = os.kill
+
+_face = 0                  # the face PID; 0 until install()
+_arena: Arena | None = None
+_parent_live = 0           # in a forked child: the real PID of the live process that forked it
+
+
+def real_pid() -> int:
+    """This process's own PID, whatever ``os.getpid()`` says."""
+    return _real_getpid()
+
+
+def real_ppid() -> int:
+    """This process's real parent (the shepherd, for the program's own processes)."""
+    return _real_getppid()
+
+
+def _getpid() -> int:
+    return _face
+
+
+def _getppid() -> int:
+    arena = _arena
+    ppid = arena.face_ppid() if arena is not None else 0
+    return ppid if ppid else _real_getppid()
+
+
+def _kill(pid: int, sig: int, /) -> None:
+    _real_kill(_real_getpid() if pid == _face else pid, sig)
+
+
+def _child_getppid() -> int:
+    ppid = _real_getppid()
+    return _face if ppid == _parent_live else ppid
+
+
+_getpid.__doc__ = _real_getpid.__doc__
+_getppid.__doc__ = _real_getppid.__doc__
+_kill.__doc__ = _real_kill.__doc__
+
+
+def install(face: int, arena: Arena) -> None:
+    """Make this (live) process answer as the face PID."""
+    global _face, _arena
+    _face, _arena = face, arena
+    _set(getpid=_getpid, getppid=_getppid, kill=_kill)
+
+
+def forget_in_forked_child() -> None:
+    """In a child the live process forked: its own PID again, and the face PID as its parent.
+
+    (At-fork hooks are inherited: in a grandchild this hook runs again and restores the real
+    ``os.getppid`` as well.)
+    """
+    global _parent_live
+    if os.getpid is _getpid:
+        _parent_live = _real_getppid()
+        _set(getpid=_real_getpid, getppid=_child_getppid, kill=_real_kill)
+    else:
+        _set(getpid=_real_getpid, getppid=_real_getppid, kill=_real_kill)
+
+
+def _set(**functions: Any) -> None:
+    for name, fn in functions.items():
+        setattr(os, name, fn)

@@ -1,0 +1,388 @@
+"""Invariant 10: the program cannot tell it was moved to another process.
+
+After ``start()`` and after every restore the program runs in another process. Python code in it
+must still see one PID (the face's), the face's real parent, signals it sends itself before the
+call returns, its children's true exit statuses, a running asyncio loop, whole files, and a crash
+report that says what happened. Each scenario is a real program run in a subprocess.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import Lines, run_py, start_py, wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+HEADER = """
+    import os, sys, signal, time, ctypes, subprocess
+    import forkpoint as fp
+    def real_pid():
+        return int(os.readlink("/proc/self"))
+"""
+
+
+def test_one_pid_and_the_real_parent_before_and_after_restores(tmp_path):
+    r = run_py(HEADER + """
+    before = (os.getpid(), os.getppid())
+    fp.recover_on(signal.SIGSEGV, max_recoveries=10)
+    seen = fp.persist_array("seen", 8, "q")
+    step = fp.persist_int("step")
+    n = fp.tsetjmp()
+    i = step.add()
+    seen[2 * i - 2], seen[2 * i - 1] = os.getpid(), os.getppid()
+    if i == 1:
+        fp.tlongjmp(n)
+    if i == 2:
+        ctypes.string_at(0)                       # a real fault, recovered by the shepherd
+    reals = set()
+    print("before", *before)
+    print("after", *seen[:6])
+    print("real differs", real_pid() != os.getpid(), flush=True)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    before, after, moved = r.stdout.splitlines()
+    _, face, parent = before.split()
+    assert int(parent) == os.getpid()
+    assert after.split()[1:] == [face, parent] * 3
+    assert moved == "real differs True"         # the live process is a child of the face: it moved
+
+
+def test_getppid_follows_the_faces_parent_when_it_dies(tmp_path):
+    """gunicorn's orphan check: a worker exits when os.getppid() changes (its master died)."""
+    (tmp_path / "face.py").write_text(
+        "import os, time, forkpoint as fp\n"
+        "fp.start()\n"
+        "while True:\n"
+        "    print('parent', os.getppid(), flush=True)\n"
+        "    time.sleep(0.05)\n")
+    middle = start_py(f"""
+    import subprocess, sys, time
+    child = subprocess.Popen([sys.executable, {str(tmp_path / "face.py")!r}], stdout=sys.stdout)
+    print("middle", child.pid, flush=True)
+    time.sleep(60)
+    """, tmp_path)
+    lines = Lines(middle)
+    _, face = lines.until("middle").split()
+    assert lines.until("parent") == f"parent {middle.pid}"
+    middle.kill()                                  # the face is re-parented: to us, the subreaper
+    middle.wait()
+    wait_for(lambda: lines.next() == f"parent {os.getpid()}", timeout=10)
+    os.kill(int(face), signal.SIGTERM)
+    wait_for(lambda: not os.path.exists(f"/proc/{face}") or _zombie(int(face)), timeout=10)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, ChildProcessError):
+        return True
+
+
+def test_signals_the_program_sends_itself_arrive_before_the_call_returns(tmp_path):
+    r = run_py(HEADER + """
+    got = []
+    signal.signal(signal.SIGUSR1, lambda s, f: got.append("kill"))
+    signal.signal(signal.SIGUSR2, lambda s, f: got.append("raise"))
+    n = fp.tsetjmp()
+    for round in range(2):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        first = list(got)
+        signal.raise_signal(signal.SIGUSR2)
+        print("round", round, first, got, flush=True)
+        got.clear()
+        if round == 0 and not fp.chkpt_status(fp.CHKPT_RECOVERED):
+            fp.tlongjmp(n)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-2:] == ["round 0 ['kill'] ['kill', 'raise']",
+                                          "round 1 ['kill'] ['kill', 'raise']"]
+
+
+def test_processes_the_program_forks_see_their_own_pids(tmp_path):
+    r = run_py(HEADER + """
+    fp.tsetjmp()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(w, f"{os.getpid()} {real_pid()} {os.getppid()}".encode())
+        grandchild = os.fork()
+        if grandchild == 0:
+            os.write(w, f" {os.getpid()} {real_pid()} {os.getppid()}".encode())
+            os._exit(0)
+        os.waitpid(grandchild, 0)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    os.close(w)
+    print(pid, os.getpid(), os.read(r, 200).decode(), flush=True)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    child, face, c_pid, c_real, c_ppid, g_pid, g_real, g_ppid = map(int, r.stdout.split())
+    assert c_pid == c_real == child and c_ppid == face
+    assert g_pid == g_real and g_ppid == child
+
+
+ASYNC_PROGRAM = HEADER + """
+    import asyncio
+    async def handle(reader, writer):
+        line = await reader.readline()
+        writer.write(b"echo " + line)
+        await writer.drain()
+        writer.close()
+
+    async def main():
+        fp.recover_on(signal.SIGSEGV, max_recoveries=10)
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        n = fp.tsetjmp()                          # the first checkpoint starts forkpoint in the loop
+        await asyncio.sleep(0.01)
+        step = fp.persist_int("step")
+        m = fp.tsetjmp()
+        i = step.add()
+        if i <= 2:
+            # The process to be rolled back opens a connection the loop serves, then fails.
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"doomed\\n")
+            await r.readline()
+            if i == 1:
+                fp.tlongjmp(m)
+            ctypes.string_at(0)
+        await asyncio.sleep(0.01)
+        for k in range(3):                        # the restored loop serves new connections
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"alive %d\\n" % k)
+            print((await r.readline()).decode().strip(), flush=True)
+            w.close()
+        print("done", step.value, os.getpid() == fp.shepherd_pid(), flush=True)
+
+    asyncio.run(main())
+"""
+
+
+def _pythons() -> list[str]:
+    """This interpreter, and those named in FORKPOINT_TEST_PYTHONS (e.g. pyenv's 3.10 and 3.12)."""
+    extra = [p for p in os.environ.get("FORKPOINT_TEST_PYTHONS", "").split(os.pathsep) if p]
+    return [sys.executable, *extra]
+
+
+@pytest.mark.parametrize("python", _pythons())
+def test_a_running_asyncio_loop_survives_start_and_restores(tmp_path, python):
+    """CPython 3.10 and 3.11 tie the running loop to the PID it was set in; and the loop's epoll set
+    is shared with the rolled-back process, which changed it after the checkpoint."""
+    path = tmp_path / "prog.py"
+    import textwrap
+
+    path.write_text(textwrap.dedent(ASYNC_PROGRAM))
+    from conftest import clean_env
+
+    r = subprocess.run([python, str(path)], capture_output=True, text=True, timeout=30, env=clean_env())
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["echo alive 0", "echo alive 1", "echo alive 2", "done 3 True"], r.stderr
+
+
+def test_checkpointed_refuses_a_coroutine_function(tmp_path):
+    r = run_py(HEADER + """
+    for make in ("async def f(x):\\n    return x", "async def f(x):\\n    yield x"):
+        space = {}
+        exec(make, space)
+        try:
+            fp.checkpointed(space["f"])
+        except TypeError as e:
+            print("refused:", e)
+        try:
+            fp.checkpointed(timeout=1.0)(space["f"])
+        except TypeError as e:
+            print("refused too")
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("refused:") == 2 and r.stdout.count("refused too") == 2
+    assert "synchronous function" in r.stdout and "forkpoint.asgi.protect" in r.stdout
+
+
+CHILDREN = HEADER + """
+    def child(code, delay=0.0):
+        return subprocess.Popen([sys.executable, "-c", f"import time, sys; time.sleep({delay}); sys.exit({code})"])
+    early = child(7)                   # started before start(): a child of the shepherd-to-be
+    early_poll = child(9)
+    fp.recover_on(signal.SIGSEGV, max_recoveries=10)
+    step = fp.persist_int("step")
+    before = child(5, 0.3)             # started by the live process before the checkpoint
+    reaped = child(11)                 # ... and reaped by the process that is rolled back
+    n = fp.tsetjmp()
+    i = step.add()
+    if i == 1:
+        reaped.wait()
+        fp.tlongjmp(n)
+    if i == 2:
+        ctypes.string_at(0)            # the live process dies: its children go to the shepherd
+    while early_poll.poll() is None:
+        time.sleep(0.01)
+    print("statuses", early.wait(), early_poll.returncode, before.wait(), reaped.wait(), flush=True)
+    try:
+        os.waitpid(os.getpid(), 0)
+    except ChildProcessError:
+        print("not my child: ECHILD", flush=True)
+"""
+
+
+def test_children_report_their_true_exit_status_after_start_and_restores(tmp_path):
+    """subprocess turns an ECHILD into a silent exit status 0: never a wrong status."""
+    r = run_py(CHILDREN, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["statuses 7 9 5 11", "not my child: ECHILD"]
+
+
+@pytest.mark.parametrize("forkpoint", [True, False])
+def test_os_wait_collects_children_the_shepherd_holds(tmp_path, forkpoint):
+    """A job runner that reaps with os.wait() sees every child it started, with its status, as it
+    does without forkpoint."""
+    r = run_py(HEADER + f"""
+    use_forkpoint = {forkpoint}
+    """ + """
+    procs = [subprocess.Popen([sys.executable, "-c", f"import sys; sys.exit({c})"]) for c in (3, 4)]
+    if use_forkpoint:
+        fp.start()
+    procs.append(subprocess.Popen([sys.executable, "-c", "import time, sys; time.sleep(0.2); sys.exit(6)"]))
+    kids = {p.pid: c for p, c in zip(procs, (3, 4, 6))}
+    got = {}
+    while len(got) < 3:
+        pid, status = os.wait()
+        got[pid] = os.waitstatus_to_exitcode(status)
+    print(got == kids, sorted(got.values()), flush=True)
+    try:
+        os.wait()
+    except ChildProcessError:
+        print("no more children")
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["True [3, 4, 6]", "no more children"]
+
+
+@pytest.mark.parametrize("mode", ["w+", "r+", "tempfile", "w"])
+def test_files_written_after_a_checkpoint_are_never_spliced(tmp_path, mode):
+    """Invariant 7: the restored process writes after every byte already written."""
+    target = tmp_path / "data.bin"
+    target.write_bytes(b"")
+    r = run_py(HEADER + f"""
+    import tempfile
+    mode = {mode!r}
+    if mode == "tempfile":
+        f = tempfile.NamedTemporaryFile(dir={str(tmp_path)!r}, delete=False)
+        path = f.name
+    else:
+        path = {str(target)!r}
+        f = open(path, mode + "b") if mode != "w" else open(path, "wb")
+    f.write(b"A" * 100)
+    f.flush()
+    n = fp.tsetjmp()
+    if not fp.chkpt_status(fp.CHKPT_RECOVERED):
+        f.write(b"B" * 50)                # written by the process that is rolled back
+        f.flush()
+        fp.tlongjmp(n)
+    f.write(b"C" * 50)
+    f.close()
+    print(path, flush=True)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    with open(r.stdout.strip(), "rb") as f:
+        data = f.read()
+    assert data == b"A" * 100 + b"B" * 50 + b"C" * 50
+
+
+def test_a_file_open_only_for_reading_is_read_again_after_a_restore(tmp_path):
+    src = tmp_path / "input.txt"
+    src.write_text("one\ntwo\nthree\n")
+    r = run_py(HEADER + f"""
+    f = open({str(src)!r})
+    f.readline()
+    n = fp.tsetjmp()
+    line = f.readline()
+    print("read", line.strip(), flush=True)
+    if not fp.chkpt_status(fp.CHKPT_RECOVERED):
+        f.readline()
+        fp.tlongjmp(n)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["read two", "read two"]
+
+
+CRASHY = HEADER + """
+    fp.recover_on(signal.SIGSEGV, max_recoveries=1000)
+    crashes = fp.persist_int("crashes")
+    total = int(sys.argv[1])
+    n = fp.tsetjmp()
+    if crashes.value:
+        print(f"restored after crash {crashes.value}", file=sys.stderr, flush=True)
+    def deep_in_the_handler(k):
+        if k:
+            return deep_in_the_handler(k - 1)
+        crashes.add()
+        ctypes.string_at(0)
+    if crashes.value < total:
+        deep_in_the_handler(5)
+    print("done", crashes.value, flush=True)
+"""
+
+
+def test_a_recovered_crash_is_reported_first_once_and_whole(tmp_path):
+    r = run_py(CRASHY, tmp_path, "1")
+    assert r.returncode == 0, r.stderr
+    err = r.stderr
+    header = "forkpoint: recovered from SIGSEGV: restoring checkpoint 1 (from state 1); the crash:\n"
+    assert err.count(header) == 1, err
+    report = err[err.index(header) + len(header):]
+    assert report.startswith("Fatal Python error: Segmentation fault"), err
+    # the whole traceback, down to the module level, before the restored process's own output
+    assert report.index(" in <module>") < report.index("restored after crash 1"), err
+    assert report.count("in deep_in_the_handler") == 6, err
+    # one WARNING line through logging (no logging configured: logging's last resort prints it)
+    assert len(re.findall(r"^recovered \(killed by SIGSEGV\): forkpoint restored checkpoint 1", err,
+                          re.M)) == 1, err
+
+
+def test_no_report_is_lost_when_the_program_exits_right_after(tmp_path):
+    r = run_py(CRASHY, tmp_path, "20")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "done 20"
+    err = r.stderr
+    assert err.count("forkpoint: recovered from SIGSEGV") == 20, err
+    assert err.count("Fatal Python error: Segmentation fault") == 20, err
+    assert err.count(" in <module>") == 20, err       # each report whole
+    for k in range(1, 21):      # and each before the output of the process restored after it
+        assert err.index(f"restored after crash {k}\n") > _nth(err, " in <module>", k)
+
+
+def _nth(text: str, needle: str, k: int) -> int:
+    pos = -1
+    for _ in range(k):
+        pos = text.index(needle, pos + 1)
+    return pos
+
+
+def test_a_fault_signal_sent_from_outside_is_not_taken_for_a_crash(tmp_path):
+    """gunicorn's master sends SIGABRT to a worker that timed out; the worker handles it and exits.
+    Without forkpoint that is what happens; the program must not be rolled back instead."""
+    proc = start_py(HEADER + """
+    fp.recover_on(signal.SIGABRT, signal.SIGSEGV)
+    def handle_abort(signum, frame):
+        print("aborting", flush=True)
+        sys.exit(1)
+    signal.signal(signal.SIGABRT, handle_abort)
+    fp.tsetjmp()
+    print("ready", flush=True)
+    time.sleep(30)
+    """, tmp_path)
+    lines = Lines(proc)
+    lines.until("ready")
+    time.sleep(0.2)                        # let the shepherd come up
+    os.kill(proc.pid, signal.SIGABRT)
+    assert lines.until("aborting") == "aborting"
+    assert proc.wait(10) == 1
+    assert "recovered" not in proc.stderr.read()
