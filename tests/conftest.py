@@ -138,3 +138,69 @@ class Lines:
                 return line
             if line == "<EOF>":
                 raise AssertionError(f"program ended before {prefix!r}; output: {self.seen}")
+
+
+# ---- real servers (gunicorn, uvicorn) ------------------------------------------------------------
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(port: int, path: str = "/", timeout: float = 10.0, method: str = "GET") -> tuple[int, str]:
+    """One request on a fresh connection: (status, body); (0, error) if the connection failed."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path)
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode(errors="replace")
+    except (OSError, http.client.HTTPException) as e:
+        return 0, f"{type(e).__name__}: {e}"
+    finally:
+        conn.close()
+
+
+def start_server(argv: list[str], cwd: Path, port: int, timeout: float = 20.0,
+                 **extra_env: str) -> subprocess.Popen[str]:
+    """Start a server as its own process group and wait until it answers on ``port``.
+
+    stdout and stderr go to ``cwd/server.log`` (read it with ``server_log``), so that a chatty
+    server can never block on a full pipe.
+    """
+    log = open(cwd / "server.log", "w")
+    proc = subprocess.Popen(argv, cwd=str(cwd), stdout=log, stderr=subprocess.STDOUT, text=True,
+                            env=clean_env(**extra_env), process_group=0)
+    log.close()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited {proc.returncode}:\n{server_log(cwd)}")
+        if http(port, "/__ready__", timeout=1.0)[0]:
+            return proc
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"server did not answer on port {port}:\n{server_log(cwd)}")
+
+
+def server_log(cwd: Path) -> str:
+    try:
+        return (cwd / "server.log").read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def stop_server(proc: subprocess.Popen[str], sig: int = 15, timeout: float = 20.0) -> int:
+    """Signal the server's process and wait for it; on a timeout kill its whole group."""
+    import signal as _signal
+
+    proc.send_signal(sig)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, _signal.SIGKILL)
+        proc.wait()
+        raise
