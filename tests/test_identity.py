@@ -386,3 +386,30 @@ def test_a_fault_signal_sent_from_outside_is_not_taken_for_a_crash(tmp_path):
     assert lines.until("aborting") == "aborting"
     assert proc.wait(10) == 1
     assert "recovered" not in proc.stderr.read()
+
+
+def test_pid_files_and_log_records_carry_the_face_pid(tmp_path):
+    """A PID file written at start, and every log record, name a PID that lives as long as the
+    program (the face), before and after restores."""
+    pidfile = tmp_path / "prog.pid"
+    r = run_py(HEADER + f"""
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(process)d %(message)s", stream=sys.stdout)
+    logging.info("before start")
+    fp.recover_on(signal.SIGSEGV)
+    with open({str(pidfile)!r}, "w") as f:
+        f.write(str(os.getpid()))
+    step = fp.persist_int("step")
+    n = fp.tsetjmp()
+    logging.info("step %d", step.add())
+    if step.value == 1:
+        ctypes.string_at(0)
+    with open({str(pidfile)!r}) as f:
+        print("pidfile", f.read(), "alive", os.path.exists("/proc/" + str(int(open({str(pidfile)!r}).read()))),
+              flush=True)
+    sys.stdout.flush()
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    pids = {line.split()[0] for line in lines if not line.startswith("pidfile")}
+    assert len(pids) == 1 and lines[-1] == f"pidfile {pids.pop()} alive True", r.stdout
