@@ -18,6 +18,7 @@ import enum
 import logging
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -147,6 +148,7 @@ def resume(rt: _Runtime, saved: Saved, wake: _channel.Wake) -> None:
     """Turn a woken spare into the live program."""
     n = wake.n
     rt.owner_pid = _identity.real_pid()
+    rt.chan_lock = threading.Lock()
     _sigutil.drain_pending()        # before rejoining the terminal's group: what comes later is real
     try:
         os.setpgid(0, rt.pgid)

@@ -60,6 +60,10 @@ class _Runtime:
         self.fault_fd: int | None = None                # faulthandler's pipe to the shepherd
         self.altstack: Any = None
         self.policy_generation = 0                      # bumped by recover_on(), which replaces
+        # One request on the channel at a time: a thread may wait for a child the shepherd holds
+        # (asyncio's child watcher on 3.10/3.11 calls waitpid from a thread). A restored process
+        # makes a new one: a thread the snapshot did not copy may have held this one.
+        self.chan_lock = threading.Lock()
 
     # -- checks -----------------------------------------------------------------------------------
     @property
@@ -200,8 +204,9 @@ class _Runtime:
         # would leave the reply queued, and every later request would read its predecessor's.
         old = _sigutil.block_all()
         try:
-            _channel.send(self.chan, msg)
-            reply, fds = _channel.recv(self.chan)
+            with self.chan_lock:
+                _channel.send(self.chan, msg)
+                reply, fds = _channel.recv(self.chan)
         finally:
             _sigutil.restore_mask(old)
         if reply is None:
