@@ -64,6 +64,7 @@ _ENV = "FORKPOINT_SHEPHERD_ARGS"
 _BOOT = "import sys;sys.path.insert(0,sys.argv[1]);from forkpoint._shepherd import main;main()"
 _REPORT_BACKSTOP = 1.0        # a crash report nothing claimed is written out after this long
 _OUTSIDE_WINDOW = 1.0         # a fault signal this recent from outside is no crash of the program
+_WATCHDOG_TICK = 0.05         # how often the watchdog's hard deadline in the arena is checked
 
 
 class Role(enum.Enum):
@@ -308,6 +309,7 @@ class Shepherd:
         self._reap()   # the live process may have died before we watched SIGCHLD
         if self.max_memory:
             self.loop.after(_budget.INTERVAL, self._memory_tick)
+        self.loop.after(_WATCHDOG_TICK, self._watchdog_tick)
         self.loop.run_forever()
         raise AssertionError("the shepherd's loop ended")  # pragma: no cover
 
@@ -834,6 +836,43 @@ class Shepherd:
                         n, total, self.max_memory)
             self._discard(n, "memory budget")
         self.loop.after(_budget.INTERVAL, self._memory_tick)
+
+    # -- the watchdog's hard deadline ------------------------------------------------------------
+    def _watchdog_tick(self) -> None:
+        """Cut a live process that is past the deadline recorded in the arena (``forkpoint.watchdog``).
+
+        A watchdog records its deadline plus ``hard_after`` for code stuck in C, which never runs
+        its SIGALRM handler; a protected call (``@checkpointed(timeout=...)``, the WSGI and ASGI
+        wrappers) records its timeout itself, and nothing else cuts it. Either way the live
+        process is killed here and the recorded checkpoint restored as a timeout. A word of shared
+        memory costs the call next to nothing; a POSIX timer set through ctypes and a SIGALRM
+        handler cost every call some 30 copy-on-write faults after its checkpoint's fork.
+        """
+        self.loop.after(_WATCHDOG_TICK, self._watchdog_tick)
+        live, armed = self.live, self.arena.watchdog()
+        if armed is None or live is None or not self.live_up or time.monotonic() < armed[0]:
+            return
+        self._drain(live)               # a transaction it committed meanwhile comes first
+        handled = self.arena.watchdog_handled()
+        if self.live is not live or self.arena.watchdog() != armed:
+            return                      # the block ended, or the process moved on
+        target = armed[1] or self.current
+        if target in self.ckpts and self.ckpts[target].awaiting:
+            return                      # inside tsetjmp, before its keeper exists: next tick
+        if target not in self.ckpts:    # nothing to restore: it dies, as a hang would end it
+            log.error("live process %d is past its watchdog deadline and checkpoint %d is gone",
+                      live.pid, target)
+            os.kill(live.pid, signal.SIGKILL)
+            return
+        reason = "timeout (stuck in native code: killed)" if handled else "timeout"
+        log.warning("live process %d is past its deadline: %s", live.pid, reason)
+        self.live = None
+        held = len(self.pending_signals)
+        self._retire(live)
+        # A SIGALRM pending there is the watchdog's own timer, blocked by the stuck code: it is not
+        # passed on to the restored process (where it would find no watchdog, or end it).
+        self.pending_signals[held:] = [s for s in self.pending_signals[held:] if s != signal.SIGALRM]
+        self._failure(target, signal.SIGALRM, reason, None)
 
     # -- the end --------------------------------------------------------------------------------
     def shutdown(self, code: int = 0, sig: int = 0) -> NoReturn:

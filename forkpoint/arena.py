@@ -46,6 +46,9 @@ _PROCESSING_OFF = 512          # generation word, length word, then up to 256 by
 _REAPED_OFF = 2048
 _REAPED_CAP = 128
 _PROCESSING_MAX = 256
+_WD_UNHANDLED = 1 << 62         # flag in the watchdog's target word: see Arena.set_watchdog
+_Q = struct.Struct("Q")
+_D = struct.Struct("d")
 _HEADER_SIZE = 4096
 
 _HIST_OFF = _HEADER_SIZE
@@ -150,20 +153,29 @@ class Arena:
         return self.map[_PROCESSING_OFF + 16:_PROCESSING_OFF + 16 + n].decode(errors="replace")
 
     # -- the armed watchdog's hard deadline (written by the live process, read by the shepherd) ---
-    def set_watchdog(self, kill_at: float | None, target: int = 0) -> None:
-        """Record that the live process will be SIGKILLed at ``kill_at`` (CLOCK_MONOTONIC) if a
-        watchdog's handler cannot run, and which checkpoint to restore then; None clears it."""
+    def set_watchdog(self, kill_at: float | None, target: int = 0, handled: bool = True) -> None:
+        """Record that the shepherd must SIGKILL the live process at ``kill_at`` (CLOCK_MONOTONIC)
+        and restore checkpoint ``target`` (0: its current one) as a timeout; None clears it.
+
+        ``handled``: a watchdog's own SIGALRM handler rolls back before that, unless the process
+        is stuck in C (the deadline is its last resort); False: nothing else cuts the block, the
+        deadline is the timeout itself (a protected call's ``timeout=``).
+        """
         if kill_at is None:
             self.words[_H_WD_AT] = 0
             return
-        self.words[_H_WD_TO] = target
-        self.words[_H_WD_AT] = struct.unpack("Q", struct.pack("d", kill_at))[0]
+        self.words[_H_WD_TO] = target | (0 if handled else _WD_UNHANDLED)
+        self.words[_H_WD_AT] = _Q.unpack(_D.pack(kill_at))[0]
 
     def watchdog(self) -> tuple[float, int] | None:
         raw = int(self.words[_H_WD_AT])
         if raw == 0:
             return None
-        return struct.unpack("d", struct.pack("Q", raw))[0], int(self.words[_H_WD_TO])
+        return _D.unpack(_Q.pack(raw))[0], int(self.words[_H_WD_TO]) & ~_WD_UNHANDLED
+
+    def watchdog_handled(self) -> bool:
+        """Whether the recorded deadline is a watchdog's last resort (see ``set_watchdog``)."""
+        return not int(self.words[_H_WD_TO]) & _WD_UNHANDLED
 
     # -- what the program sees of its own process (see _identity and _children) -----------------
     def set_face_ppid(self, ppid: int) -> None:
@@ -381,6 +393,15 @@ class Arena:
         finally:
             payload.release()
         raise CacheCorrupted(f"cache entry {name!r} has an unknown type tag")
+
+    def generation_word(self, name: str) -> int | None:
+        """The index in ``words`` of cache entry ``name``'s commit counter, or None if there is no
+        such entry. The counter changes with every ``cache_in``, and a slot never moves, so a
+        reader can keep what it decoded from the entry until that one word changes."""
+        slot = self._find(name)
+        if slot is None:
+            return None
+        return self._slot_word(slot, _GEN)
 
     def names(self) -> list[str]:
         return [n for n in (self._slot_name(s) for s in range(_DIR_SLOTS)) if n is not None]

@@ -19,35 +19,24 @@ checkpoint of a restarting loop keeps the configured spare, since it is restored
 """
 from __future__ import annotations
 
-import errno
 import functools
 import inspect
 import logging
 import traceback
 from collections.abc import Callable
-from contextlib import ExitStack
 from typing import Any, TypeVar, overload
 
 from . import snapshots
-from ._errors import Quarantined, Recovered
+from ._errors import Recovered
 from ._runtime import runtime
-from .recovery import is_quarantined, processing
-from .watchdog import watchdog
+from .recovery import _key, mark, unmark
+from .watchdog import Deadline
 
 log = logging.getLogger("forkpoint")
+_rt = runtime()
 
 F = TypeVar("F", bound=Callable[..., Any])
 _EXC_ENTRY = "forkpoint:exception"
-
-
-def _restored_into(n: int) -> bool:
-    """True in the process that a restore to checkpoint ``n`` created (ids are never reused)."""
-    try:
-        return snapshots.chkpt_status(snapshots.CKPT_TO_STATE) == n
-    except OSError as e:
-        if e.errno == errno.EINVAL:
-            return False
-        raise
 
 
 def _recovered(n: int) -> Recovered:
@@ -110,46 +99,59 @@ def checkpointed(func: Any = None, *, recover_on: tuple[int, ...] = snapshots.FA
         if quarantine_after is not None:
             policy["quarantine_after"] = quarantine_after
         armed = -1          # the policy generation our signals were merged into
+        seconds = float(timeout) if timeout is not None else 0.0
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             nonlocal armed
-            if armed != runtime().policy_generation:   # recover_on() replaced the policy
+            rt = _rt
+            if armed != rt.policy_generation:   # recover_on() replaced the policy
                 snapshots.merge_policy(tuple(recover_on), **policy)
-                armed = runtime().policy_generation
+                armed = rt.policy_generation
             k = None
             if key is not None:
                 k = key(*args, **kwargs)
-                k = k if isinstance(k, str) else repr(k)
-                if is_quarantined(k):           # refused before paying for a checkpoint
-                    raise Quarantined(k)
-            before = snapshots.current_state()
-            n = snapshots.tsetjmp(spares=per_call_spares)
-            if _restored_into(n):
-                info = _recovered(n)
-                log.info("%s rolled back to its entry checkpoint %d: %s", fn.__qualname__, n, info.reason)
-                if not again:
-                    snapshots.end_transaction(n, before)
-                    if on_recover is not None:
-                        return on_recover(args, kwargs, info)
-                    raise info
+                if type(k) is not str or not 0 < len(k) <= 64:    # (64 chars fit in 256 bytes)
+                    k = _key(k)
+            marked = None
+            deadline = Deadline() if seconds else None
+            before = rt.current
+            n = 0
             try:
-                with ExitStack() as stack:
-                    if k is not None:
-                        stack.enter_context(processing(k))
-                    if timeout is not None:
-                        stack.enter_context(watchdog(timeout, to=n))
-                    try:
-                        return fn(*args, **kwargs)
-                    except Exception as e:
-                        if not rollback_on_exception:
-                            raise
-                        _save_exception(n, e)
-                        # the input key stays marked, so the shepherd can quarantine it
-                        snapshots.tlongjmp(n, reason=f"exception: {type(e).__name__}")
-                        raise  # pragma: no cover - tlongjmp does not return
+                # Marked and timed before the checkpoint's fork: the pages this touches are then
+                # not copied on write while the checkpoint exists.
+                if k is not None:
+                    marked = mark(k)            # a quarantined key is refused before any checkpoint
+                if deadline is not None:
+                    deadline.set(seconds)     # target 0: the shepherd's current state, i.e. n
+                n = snapshots.tsetjmp(spares=per_call_spares)
+                if rt.recovered and rt.to_state == n:       # the restored process: the call failed
+                    info = _recovered(n)
+                    log.info("%s rolled back to its entry checkpoint %d: %s", fn.__qualname__, n,
+                             info.reason)
+                    if not again:
+                        if on_recover is not None:
+                            return on_recover(args, kwargs, info)
+                        raise info
+                    if deadline is not None:    # restarted warm: a fresh deadline
+                        deadline.clear()
+                        deadline.set(seconds)
+                try:
+                    return fn(*args, **kwargs)
+                except Exception as e:
+                    if not rollback_on_exception:
+                        raise
+                    _save_exception(n, e)
+                    # the input key stays marked, so the shepherd can quarantine it
+                    snapshots.tlongjmp(n, reason=f"exception: {type(e).__name__}")
+                    raise  # pragma: no cover - tlongjmp does not return
             finally:
-                snapshots.end_transaction(n, before)
+                if deadline is not None:
+                    deadline.clear()
+                if marked is not None:
+                    unmark(marked)
+                if n:
+                    snapshots.end_transaction(n, before)
 
         return wrapper  # type: ignore[return-value]
 

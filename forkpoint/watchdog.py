@@ -1,12 +1,24 @@
-"""``watchdog(seconds)``: roll back a block of code that runs too long.
+"""``watchdog(seconds)`` and ``Deadline``: roll back code that runs too long.
 
-A SIGALRM handler rolls back with ``tlongjmp``; a POSIX timer that SIGKILLs the process is armed
-behind it for code stuck in C, where no Python handler can run (see ``_KillTimer``).
+Both record a deadline in the arena, a word of shared memory the shepherd checks every 50 ms: past
+it, the shepherd kills the live process and restores the recorded checkpoint as a timeout
+(``_shepherd.Shepherd._watchdog_tick``). SIGKILL reaches the process whatever it is doing, so
+this also cuts code stuck in C.
+
+* ``watchdog(seconds)`` (the public context manager) first tries a SIGALRM handler that rolls back
+  with ``tlongjmp``; the deadline recorded is ``seconds + hard_after``, the last resort.
+* ``Deadline`` guards every protected call (``@checkpointed(timeout=...)``, the WSGI and ASGI
+  wrappers) and records the timeout itself: no handler, no timer. With a checkpoint per call,
+  every page a call writes after the checkpoint's fork is a copy-on-write fault (2.4 us each on
+  the development machine); a SIGALRM handler and timer installed and removed per call wrote some
+  20 pages more, a POSIX kill timer set through ctypes 10 more. Setting and clearing a deadline
+  writes two words of the arena and touches a handful of objects. docs/architecture.md has the
+  measurements.
 """
 from __future__ import annotations
 
+import _signal
 import contextlib
-import ctypes
 import logging
 import signal
 import sys
@@ -21,40 +33,161 @@ from .snapshots import current_state, tlongjmp
 
 log = logging.getLogger("forkpoint")
 
-__all__ = ["watchdog"]
+__all__ = ["Alarm", "Deadline", "watchdog"]
+
+_ITIMER_REAL = signal.ITIMER_REAL
+_SIGALRM = int(signal.SIGALRM)
+_ALRM_ONLY = (_SIGALRM,)
+_DFL = signal.SIG_DFL
+_setitimer = _signal.setitimer
+_set_handler = _signal.signal          # the C function: no enum conversion
+_sigtimedwait = _signal.sigtimedwait
+_monotonic = time.monotonic
+_block_all = _sigutil.block_all
+_restore_mask = _sigutil.restore_mask
+_rt = runtime()
 
 
-class _KillTimer:
-    """A POSIX timer that SIGKILLs this process: the watchdog's last resort.
+class Alarm:
+    """One armed watchdog: a SIGALRM timer that rolls back, and the hard deadline behind it.
 
-    A Python signal handler only runs between bytecodes; code stuck in C (a regular expression that
-    backtracks forever, a native library spinning) never returns to the interpreter, so the SIGALRM
-    handler never runs. The kernel delivers SIGKILL regardless, and the shepherd, which sees the
-    death and the deadline recorded in the arena, restores the checkpoint as for a timeout.
+    ``arm()`` installs the handler and the timer, and records the hard deadline in the arena for
+    the shepherd; ``disarm()`` puts back whatever was there before (the program's own SIGALRM
+    handler and timer, an enclosing watchdog's deadline). Both run with every signal blocked, so a
+    Ctrl-C cannot leave half of it armed; ``disarm()`` of an alarm that is not armed does nothing,
+    so ``try: alarm.arm() ... finally: alarm.disarm()`` is safe wherever an interrupt lands.
+
+    ``target`` is the checkpoint to roll back to (0: the current one at expiry); it may be set after
+    ``arm()``, for a checkpoint taken inside the guarded section. ``record`` is the checkpoint the
+    shepherd restores if it has to kill the process at the hard deadline (0: its current one
+    then; default ``target``). ``owner``, if given, is the frame that must still be on the stack
+    when the timer fires (see ``watchdog``).
     """
 
-    class _SigEvent(ctypes.Structure):
-        _fields_ = [("value", ctypes.c_void_p), ("signo", ctypes.c_int), ("notify", ctypes.c_int),
-                    ("_pad", ctypes.c_byte * 48)]
+    __slots__ = ("seconds", "hard_after", "target", "record", "owner", "armed", "old_handler",
+                 "old_timer", "started", "outer", "arena", "reason", "mask")
 
-    class _ITimerSpec(ctypes.Structure):
-        _fields_ = [("interval", ctypes.c_long * 2), ("value", ctypes.c_long * 2)]
+    def __init__(self, seconds: float, hard_after: float = 1.0, target: int = 0, owner: Any = None,
+                 reason: str = "timeout", record: int | None = None) -> None:
+        self.seconds = seconds
+        self.hard_after = hard_after
+        self.target = target
+        self.record = target if record is None else record
+        self.owner = owner
+        self.armed = False
+        self.reason = reason
+        self.old_handler: Any = None
+        self.old_timer: tuple[float, float] = (0.0, 0.0)
+        self.started = 0.0
+        self.outer: tuple[float, int] | None = None
+        self.arena: Any = None
+        self.mask = _sigutil.new_mask()
 
-    _libc = ctypes.CDLL(None, use_errno=True)
+    def arm(self) -> None:
+        mask = _block_all(self.mask)
+        try:
+            self.arena = arena = _rt.arena if _rt.chan is not None else None    # (started)
+            self.outer = outer = arena.watchdog() if arena is not None else None
+            self.old_handler = _set_handler(_SIGALRM, self._expired)   # main thread only
+            try:
+                self.old_timer = _setitimer(_ITIMER_REAL, self.seconds)
+                self.started = now = _monotonic()
+                if arena is not None:
+                    kill_at = now + self.seconds + self.hard_after
+                    if outer is None or kill_at < outer[0]:   # else the enclosing deadline stays
+                        arena.set_watchdog(kill_at, self.record)
+                self.armed = True
+            except BaseException:           # undo whatever was armed, then let the error through
+                _setitimer(_ITIMER_REAL, 0)
+                self._restore_record()
+                _set_handler(_SIGALRM, self.old_handler if self.old_handler is not None else _DFL)
+                raise
+        finally:
+            _restore_mask(mask)      # a signal that arrived meanwhile runs here
 
-    def __init__(self, seconds: float) -> None:
-        self.id = ctypes.c_void_p()
-        ev = self._SigEvent(signo=signal.SIGKILL, notify=0)          # SIGEV_SIGNAL
-        if self._libc.timer_create(time.CLOCK_MONOTONIC, ctypes.byref(ev), ctypes.byref(self.id)) != 0:
-            raise OSError(ctypes.get_errno(), "timer_create")
-        whole = int(seconds)
-        spec = self._ITimerSpec(value=(ctypes.c_long * 2)(whole, int((seconds - whole) * 1e9)))
-        if self._libc.timer_settime(self.id, 0, ctypes.byref(spec), None) != 0:
-            self.cancel()
-            raise OSError(ctypes.get_errno(), "timer_settime")
+    def _restore_record(self) -> None:
+        arena = self.arena
+        if arena is not None:
+            outer = self.outer
+            if outer is None:
+                arena.set_watchdog(None)
+            else:
+                arena.set_watchdog(*outer)
 
-    def cancel(self) -> None:
-        self._libc.timer_delete(self.id)
+    def disarm(self) -> None:
+        if not self.armed:
+            return
+        mask = _block_all(self.mask)
+        try:
+            self.armed = False
+            if _setitimer(_ITIMER_REAL, 0)[0] == 0.0:    # it expired as the block ended:
+                _sigtimedwait(_ALRM_ONLY, 0)                # the block did end, drop its signal
+            self._restore_record()
+            old = self.old_handler
+            _set_handler(_SIGALRM, old if old is not None else _DFL)
+            left, interval = self.old_timer
+            if left > 0:
+                left = max(left - (_monotonic() - self.started), 1e-6)
+                _setitimer(_ITIMER_REAL, left, interval)
+        finally:
+            _restore_mask(mask)
+
+    def _expired(self, signum: int, frame: Any) -> None:
+        if not self.armed:          # disarmed already (the expiry raced the end of the block)
+            return
+        # A with block interrupted right after __enter__ never runs __exit__ (CPython bpo-29988):
+        # a timer that outlived its block must not roll back code that has moved on.
+        owner = self.owner
+        if owner is not None:
+            f = frame
+            while f is not None and f is not owner:
+                f = f.f_back
+            if f is None:
+                log.warning("watchdog: a timer outlived its block (interrupted on entry); ignored")
+                self.armed = False
+                _setitimer(_ITIMER_REAL, 0)
+                self._restore_record()
+                return
+        log.warning("watchdog: block ran longer than %gs, rolling back", self.seconds)
+        tlongjmp(self.target, sig=signal.SIGALRM, reason=self.reason)
+
+
+class Deadline:
+    """A protected call's timeout: recorded in the arena, enforced by the shepherd (see module doc).
+
+    ``set(seconds, target)`` before the call (before its checkpoint's fork, when there is one),
+    ``clear()`` after it; an enclosing deadline (a ``watchdog()`` around the call) is put back, and
+    an earlier one is left in place. ``target`` 0 is the shepherd's current checkpoint when the
+    deadline passes: the call's own checkpoint, taken after ``set``.
+    """
+
+    __slots__ = ("arena", "outer")
+
+    def __init__(self) -> None:
+        self.arena: Any = None
+        self.outer: tuple[float, int] | None = None
+
+    def set(self, seconds: float, target: int = 0) -> None:
+        arena = _rt.arena
+        if arena is None or _rt.chan is None:
+            raise RuntimeError("a deadline needs forkpoint started (the shepherd enforces it)")
+        outer = arena.watchdog()
+        at = _monotonic() + seconds
+        if outer is not None and outer[0] <= at:
+            self.arena, self.outer = None, None     # the enclosing deadline comes first: it stays
+            return
+        self.arena, self.outer = arena, outer
+        arena.set_watchdog(at, target, handled=False)
+
+    def clear(self) -> None:
+        arena = self.arena
+        if arena is not None:
+            self.arena = None
+            outer = self.outer
+            if outer is None:
+                arena.set_watchdog(None)
+            else:
+                arena.set_watchdog(outer[0], outer[1])
 
 
 @contextmanager
@@ -71,67 +204,14 @@ def watchdog(seconds: float, *, to: int = 0, hard_after: float = 1.0) -> Iterato
         raise ValueError(f"watchdog needs a positive number of seconds, got {seconds!r}")
     if not hard_after > 0:
         raise ValueError(f"hard_after must be a positive number of seconds, got {hard_after!r}")
-
     owner: Any = sys._getframe(1)    # the frame running the with statement, past contextlib's
     while owner is not None and owner.f_code.co_filename == contextlib.__file__:  # (ExitStack too)
         owner = owner.f_back
-
-    def _expired(signum: int, frame: Any) -> None:
-        # A with block interrupted right after __enter__ never runs __exit__ (CPython bpo-29988):
-        # a timer that outlived its block must not roll back code that has moved on.
-        f = frame
-        while f is not None and f is not owner:
-            f = f.f_back
-        if f is None:
-            log.warning("watchdog: a timer outlived its block (interrupted on entry); ignored")
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            if killer is not None:
-                killer.cancel()
-            if arena is not None:
-                arena.set_watchdog(*outer) if outer is not None else arena.set_watchdog(None)
-            return
-        log.warning("watchdog: block ran longer than %gs, rolling back", seconds)
-        tlongjmp(to, sig=signal.SIGALRM, reason="timeout")
-
-    arena = runtime().arena if runtime().started else None
-    outer = arena.watchdog() if arena is not None else None    # an enclosing watchdog's record
-    killer = None
-    unset = object()
-    old_handler: Any = unset
-    # Set up and torn down with every signal blocked: a handler that raises (Ctrl-C) must not
-    # land between two of these steps and leave a timer, a kill timer or the handler behind.
-    mask = _sigutil.block_all()
+    # tlongjmp(to) rolls back to the state current at expiry when ``to`` is 0; the kill timer's
+    # record names the state current on entry, as the shepherd cannot know better.
+    alarm = Alarm(seconds, hard_after, to, owner, record=to or current_state())
     try:
-        old_handler = signal.signal(signal.SIGALRM, _expired)   # raises outside the main thread
-        old_timer = signal.setitimer(signal.ITIMER_REAL, seconds)
-        started = time.monotonic()
-        if arena is not None:
-            arena.set_watchdog(started + seconds + hard_after, to or current_state())
-            killer = _KillTimer(seconds + hard_after)
-    except BaseException:               # undo whatever was armed, then let the error through
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        if arena is not None:
-            arena.set_watchdog(*outer) if outer is not None else arena.set_watchdog(None)
-        if old_handler is not unset:
-            signal.signal(signal.SIGALRM, old_handler if old_handler is not None else signal.SIG_DFL)
-        _sigutil.restore_mask(mask)
-        raise
-    try:
-        _sigutil.restore_mask(mask)     # a signal that arrived meanwhile runs here, inside the try
+        alarm.arm()         # inside the try: an interrupt as it unblocks signals is cleaned up
         yield
     finally:
-        mask = _sigutil.block_all()
-        try:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            if killer is not None:
-                killer.cancel()
-            if arena is not None:
-                arena.set_watchdog(*outer) if outer is not None else arena.set_watchdog(None)
-            if signal.SIGALRM in signal.sigpending():       # expired as the block ended: it did end
-                signal.sigtimedwait({signal.SIGALRM}, 0)
-            signal.signal(signal.SIGALRM, old_handler if old_handler is not None else signal.SIG_DFL)
-            if old_timer[0] > 0:
-                left = max(old_timer[0] - (time.monotonic() - started), 1e-6)
-                signal.setitimer(signal.ITIMER_REAL, left, old_timer[1])
-        finally:
-            _sigutil.restore_mask(mask)
+        alarm.disarm()

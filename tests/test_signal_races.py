@@ -13,18 +13,20 @@ HEADER = """
     import forkpoint as fp
 """
 
-# Send a real SIGINT (default handler: KeyboardInterrupt) when watchdog()'s setup or cleanup reaches
-# one exact line: Python runs the handler at the next bytecode boundary that checks for signals, as
-# for a Ctrl-C typed at that moment; if signals are blocked there, it runs once they are unblocked.
+# Send a real SIGINT (default handler: KeyboardInterrupt) when watchdog()'s setup (Alarm.arm) or
+# cleanup (Alarm.disarm) reaches one exact line: Python runs the handler at the next bytecode
+# boundary that checks for signals, as for a Ctrl-C typed at that moment; if signals are blocked
+# there, it runs once they are unblocked.
 INJECT = """
     import inspect
     import sys
     rec = sys.modules["forkpoint.watchdog"]      # (forkpoint.watchdog is also the function)
-    def inject_at(snippet, occurrence=-1):
-        src, first = inspect.getsourcelines(rec.watchdog.__wrapped__)
+    def inject_at(snippet, occurrence=-1, where="disarm"):
+        fn = getattr(rec.Alarm, where)
+        src, first = inspect.getsourcelines(fn)
         hits = [first + i for i, l in enumerate(src) if snippet in l]
         target = hits[occurrence]
-        code = rec.watchdog.__wrapped__.__code__
+        code = fn.__code__
         done = []
         def local(frame, event, arg):
             if event == "line" and frame.f_lineno == target and not done:
@@ -38,15 +40,14 @@ INJECT = """
 
 
 @pytest.mark.parametrize("line", [
-    "signal.setitimer(signal.ITIMER_REAL, 0)",     # first line of the cleanup
-    "if killer is not None:",                      # after the itimer is cleared, before the kill timer
+    "_setitimer(_ITIMER_REAL, 0)",                 # first line of the cleanup
+    "self._restore_record()",                      # after the itimer is cleared, before the deadline
 ])
 def test_ctrl_c_during_watchdog_cleanup_leaves_no_armed_watchdog(tmp_path, line):
     """A KeyboardInterrupt that lands in watchdog()'s `finally` skips the rest of the cleanup: the
-    POSIX kill timer stays armed (SIGKILL hard_after later), the arena keeps the watchdog record
-    (so the shepherd takes that SIGKILL for a watchdog timeout and rolls the program back to a
-    checkpoint it left long ago), and SIGALRM keeps watchdog's handler. Found by the soak as
-    spurious "timeout (stuck in native code: killed)" rollbacks and NoSuchCheckpoint raised out of
+    arena keeps the watchdog record (the shepherd SIGKILLs the program hard_after later and rolls
+    it back to a checkpoint it left long ago, as a timeout), and SIGALRM keeps watchdog's handler.
+    Found by the soak as spurious "timeout (stuck in native code: killed)" rollbacks and NoSuchCheckpoint raised out of
     a stale `_expired` handler. Reproduced with real signals by flooding SIGINT (see report)."""
     r = run_py(HEADER + INJECT + f"""
     n = fp.tsetjmp()
@@ -77,7 +78,7 @@ def test_ctrl_c_during_watchdog_setup_leaves_no_armed_watchdog(tmp_path):
     if fp.chkpt_status(fp.CHKPT_RECOVERED):
         print("spurious rollback:", fp.restore_reason(), flush=True)
         sys.exit(3)
-    inject_at("started = time.monotonic()")
+    inject_at("self.started = now = _monotonic()", where="arm")
     try:
         with fp.watchdog(0.2):
             pass
