@@ -454,6 +454,12 @@ class Shepherd:
             self._on_message(proc)
 
     def _on_message(self, proc: Proc) -> None:
+        # A channel reported ready in this select() batch may have been drained since by an earlier
+        # callback of the same batch (_on_exit drains the live channel): a blocking recv would then
+        # wait forever, with the whole loop (seen under gunicorn: a transaction's keeper reaped in
+        # the same batch as the live process's next message).
+        if proc.chan is not None and not select.select([proc.chan], [], [], 0)[0]:
+            return
         try:
             msg, fds = _channel.recv(proc.chan) if proc.chan is not None else (None, [])
         except _channel.MalformedMessage as e:    # dropped, the channel kept

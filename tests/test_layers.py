@@ -19,8 +19,8 @@ LAYERS: dict[str, list[str]] = {
     "os": ["_errors", "_clone", "_prctl", "_sigutil", "_procfs"],
     "data and wire": ["_channel", "arena", "policy", "_rundir"],
     "shepherd": ["_loop", "_faultreport", "_budget", "_orphans", "_control", "_shepherd"],
-    "program side": ["_identity", "_children", "_eventloop", "_runtime", "_frozen"],
-    "public api": ["snapshots", "persist", "recovery", "watchdog", "checkpointed"],
+    "program side": ["_identity", "_children", "_eventloop", "_asgiloop", "_runtime", "_frozen"],
+    "public api": ["snapshots", "persist", "recovery", "watchdog", "checkpointed", "_serving", "wsgi", "asgi"],
     "faces": ["__init__", "__main__", "operator", "cli", "demo", "bench"],
 }
 RANK = {mod: i for i, mods in enumerate(LAYERS.values()) for mod in mods}

@@ -1,0 +1,117 @@
+"""What the ASGI wrapper needs to know about the asyncio loop it runs in, and the threads beside it.
+
+A restart checkpoint of an ASGI worker must hold no client connection: the checkpoint's frozen
+copies would keep every such socket open, so a connection the server closes later would never see
+FIN (asyncio closes without ``shutdown``) and its client would wait forever. So the checkpoint is
+taken from a loop callback once the server listens and no connection is open (at startup).
+
+forkpoint refuses to checkpoint beside other threads (fork copies one). Two are common in a
+uvicorn worker and are dealt with here: the default executor's idle threads (asyncio resolves host
+names there), which are shut down (a new executor starts on next use), and the health-check thread
+of ``uvicorn --workers N``, which answers its supervisor's pings over a socketpair; its duty moves
+into the event loop (``take_over_uvicorn_pings``), where it survives checkpoints and restores.
+
+Only asyncio's selector loops are covered (as by ``_eventloop``); uvloop is not.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from asyncio import selector_events
+from typing import Any
+
+log = logging.getLogger("forkpoint")
+
+__all__ = ["client_connections", "listening", "quiesce_threads", "unsupported"]
+
+
+def unsupported(loop: asyncio.AbstractEventLoop) -> str | None:
+    """Why forkpoint cannot protect an application running on ``loop`` (None: it can)."""
+    if isinstance(loop, selector_events.BaseSelectorEventLoop):
+        return None
+    name = f"{type(loop).__module__}.{type(loop).__qualname__}"
+    hint = " (uvicorn chose it: run uvicorn with --loop asyncio)" if "uvloop" in name else ""
+    return (f"forkpoint.asgi.protect needs an asyncio selector event loop; this one is {name}{hint}: "
+            "its state in the kernel cannot be carried over a restore")
+
+
+def listening(loop: Any) -> bool:
+    """Whether a server accepts connections on ``loop`` (a listening socket is registered)."""
+    for key in list(loop._selector.get_map().values()):
+        reader = key.data[0]
+        if reader is not None and getattr(reader._callback, "__name__", "") == "_accept_connection":
+            return True
+    return False
+
+
+def client_connections(loop: Any) -> int:
+    """The socket transports ``loop`` holds a socket for (closing ones included).
+
+    ``loop._transports`` is asyncio's own registry of them; it is weak, and a transport that has
+    lost its connection stays there until it is collected, without its socket.
+    """
+    kind = selector_events._SelectorTransport  # type: ignore[attr-defined]
+    return sum(1 for t in list(loop._transports.values())
+               if isinstance(t, kind) and getattr(t, "_sock", None) is not None)
+
+
+def quiesce_threads(loop: Any) -> list[str]:
+    """Stop the threads a checkpoint cannot copy, where that is safe; return those left running."""
+    executor = getattr(loop, "_default_executor", None)
+    if executor is not None and getattr(executor, "_work_queue", None) is not None \
+            and executor._work_queue.empty():
+        loop._default_executor = None        # asyncio starts a new one on next use
+        executor.shutdown(wait=True)
+    for t in threading.enumerate():
+        if t is not threading.main_thread() and _is_uvicorn_ping_thread(t):
+            take_over_uvicorn_pings(loop, t)
+    return [t.name for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()]
+
+
+def _is_uvicorn_ping_thread(t: threading.Thread) -> bool:
+    target = getattr(t, "_target", None)
+    owner = getattr(target, "__self__", None)
+    return (getattr(target, "__name__", "") == "always_pong" and owner is not None
+            and type(owner).__module__.startswith("uvicorn.") and hasattr(owner, "child_conn"))
+
+
+class _Stop:
+    """Stands in for the uvicorn server while its ping thread answers its last ping: reading
+    ``started`` raises SystemExit, which ends a thread without a traceback."""
+
+    @property
+    def started(self) -> bool:
+        raise SystemExit
+
+
+def take_over_uvicorn_pings(loop: Any, thread: threading.Thread) -> None:
+    """Answer ``uvicorn --workers N``'s health checks from the event loop instead of ``thread``.
+
+    The thread waits in ``child_conn.recv()``. It is sent one message of its own (through the copy
+    of the supervisor's end this process holds) and ends as it reads its answer from ``_Stop``.
+    If it took a real ping instead, that ping's answer comes from the loop with the rest: every
+    message read leaves one answer, except the thread's last, which was ours.
+    """
+    owner = thread._target.__self__  # type: ignore[attr-defined]
+    server = owner._server
+    owner._server = _Stop()
+    try:
+        owner.parent_conn.send(b"ping")
+        thread.join(10)
+    finally:
+        owner._server = server
+    if thread.is_alive():
+        log.warning("forkpoint: uvicorn's health-check thread did not stop")
+        return
+    conn = owner.child_conn
+
+    def pong() -> None:
+        try:
+            conn.recv()
+            conn.send(owner.server.started)
+        except (OSError, EOFError):
+            loop.remove_reader(conn.fileno())
+
+    loop.add_reader(conn.fileno(), pong)
+    log.info("forkpoint: uvicorn's health checks are answered from the event loop")

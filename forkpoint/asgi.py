@@ -1,0 +1,346 @@
+"""``forkpoint.asgi.protect(app)``: an ASGI application whose worker restarts warm after a crash or a hang.
+
+Wrap the application where it is defined; the command line does not change (``uvicorn app:app``,
+any ``--workers``). An event loop runs many requests at once, so there is no per-request
+transaction: the worker is checkpointed once, as soon as it listens and before it holds any
+connection (right after the ASGI lifespan startup), and every ``refresh`` seconds after that
+whenever no request is in flight and no connection is open. A segfault or abort anywhere in the
+worker, or a request whose code runs (without yielding to the loop) longer than ``timeout``,
+restores that checkpoint: the worker serves on warm, under the same PID.
+
+* Every request in flight on the worker fails the same way: its client gets a 500 from the
+  restored process (or a closed connection if its response had started; ``_serving.Rescue``).
+* Only the request whose code was running is blamed: its key is written to the arena at every step
+  of its coroutine and cleared when the step yields, so the shepherd knows whose step crashed.
+  A key that failed ``quarantine_after`` times is answered 503 without running the application.
+* A request that merely waits longer than ``timeout`` (the loop is fine) is cancelled and answered
+  500 without a restore and without blame.
+
+Costs a few microseconds per request and per step. Needs asyncio's own event loop: under uvloop
+(``uvicorn[standard]`` picks it), the lifespan startup fails with a message saying to run uvicorn
+with ``--loop asyncio``.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Generator, MutableMapping
+from typing import Any
+
+from . import _asgiloop, snapshots
+from ._runtime import runtime
+from ._serving import (
+    FAILED,
+    REFUSED,
+    Refresh,
+    Rescue,
+    check_common,
+    is_async,
+    key_from,
+    merge_policy,
+    restored_into,
+)
+from .recovery import _key, is_quarantined
+from .watchdog import Deadline
+
+log = logging.getLogger("forkpoint")
+
+__all__ = ["protect"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+SLOTS = 64              # requests in flight whose clients a restored process can still answer
+_POLL = 0.05            # seconds between looks for a moment without connections (refresh)
+
+
+def protect(app: ASGIApp, *, timeout: float | None = None, key: Callable[[Scope], Any] | None = None,
+            quarantine_after: int = 2, refresh: float | None = None) -> ASGIApp:
+    """Wrap ASGI application ``app`` (see the module docstring).
+
+    ``timeout``: seconds a request's code may run without yielding, and a request may take in all
+    (None: no limit). ``key``: a function of the ASGI scope naming the input, for quarantine (by
+    default method, path and query). ``quarantine_after``: failures of one key before it is
+    refused with 503. ``refresh``: seconds after which the checkpoint is taken again, at a moment
+    with no connection open, so that caches warmed since are kept.
+    """
+    check_common(app, timeout, key, quarantine_after, refresh)
+    if not is_async(app) and _looks_like_wsgi(app):
+        raise TypeError(f"{getattr(app, '__qualname__', type(app).__qualname__)} looks like a WSGI "
+                        "application (a plain function of environ and start_response), not an ASGI "
+                        "one: use forkpoint.wsgi.protect")
+    return _Protected(app, timeout, key, quarantine_after, refresh)
+
+
+def _looks_like_wsgi(app: Any) -> bool:
+    try:
+        params = list(inspect.signature(app).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    plain = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(plain) == 2 and len(params) == 2
+
+
+def _default_key(scope: Scope) -> str:
+    qs = scope.get("query_string", b"")
+    return key_from(scope.get("method", "WS" if scope["type"] == "websocket" else "GET"),
+                    scope.get("path", ""), qs.decode("latin-1") if qs else "")
+
+
+def _client_fd(send: Any) -> int:
+    """The client socket's descriptor, where the server exposes it (uvicorn's send is a method of
+    its request cycle, which holds the transport); -1 elsewhere (the client then sees a closed
+    connection instead of a 500 if the worker fails)."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    try:
+        return sock.fileno() if sock is not None else -1
+    except (AttributeError, OSError):
+        return -1
+
+
+class _Protected:
+    def __init__(self, app: ASGIApp, timeout: float | None, key: Callable[[Scope], Any] | None,
+                 quarantine_after: int, refresh: float | None) -> None:
+        self.app = app
+        self.timeout = timeout
+        self.keyfn = key
+        self.quarantine_after = quarantine_after
+        self.refresh = Refresh(refresh)
+        self.__wrapped__ = app
+        self.n = 0                      # the worker's checkpoint
+        self.seq = 0
+        self.inflight = 0
+        self.rescue: Rescue | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.watching = False
+        self.eager = False
+        self.refused: str | None = None
+        self.warned = False
+
+    # -- the worker's checkpoint -------------------------------------------------------------------
+    def _checked_loop(self) -> str | None:
+        """On this process's first call: is its loop one forkpoint can carry over a restore?"""
+        loop = asyncio.get_running_loop()
+        if loop is not self.loop:
+            self.loop = loop
+            self.refused = _asgiloop.unsupported(loop)
+            if self.refused:
+                log.error("%s", self.refused)
+        return self.refused
+
+    def _watch(self, eager: bool = False) -> None:
+        """Take the checkpoint from a loop callback as soon as it may be taken (module docstring).
+
+        ``eager``: the server is about to listen (its lifespan startup is complete). The check then
+        runs at every turn of the loop until it does: a turn that registers the listening socket
+        runs no accept, and the next one runs callbacks queued before (this one) ahead of the
+        accepts its select() found. So the checkpoint comes before any connection, even one that
+        waited in the backlog of a socket bound by uvicorn's supervisor.
+        """
+        if self.loop is None:
+            return
+        self.eager = self.eager or eager
+        if not self.watching:
+            self.watching = True
+            self.loop.call_soon(self._poll)
+
+    def _poll(self) -> None:
+        loop = self.loop
+        assert loop is not None
+        if not _asgiloop.listening(loop):
+            if self.eager:
+                loop.call_soon(self._poll)
+            else:
+                loop.call_later(_POLL, self._poll)
+            return
+        if self.inflight or _asgiloop.client_connections(loop):
+            loop.call_later(_POLL, self._poll)
+            return
+        if runtime().chan is None:      # forkpoint starts here: no thread may run beside it
+            left = _asgiloop.quiesce_threads(loop)
+            if left:
+                log.warning("forkpoint: waiting for threads to end before the worker's checkpoint: %s",
+                            ", ".join(left))
+                loop.call_later(1.0, self._poll)
+                return
+        self.watching = self.eager = False
+        self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        old = self.n
+        merge_policy(self.quarantine_after)
+        if self.rescue is None:
+            self.rescue = Rescue(SLOTS, "asgi-inflight")
+        self.n = snapshots.tsetjmp(pin=True)
+        self.refresh.mark()
+        if restored_into(self.n):
+            answered, closed = self.rescue.rescue()
+            log.warning("forkpoint: worker restored to checkpoint %d (%s); %d client(s) answered 500, "
+                        "%d closed", self.n, snapshots.restore_reason(), answered, closed)
+            return
+        if old:
+            try:
+                snapshots.discard(old)
+            except Exception as e:  # noqa: BLE001 - the new checkpoint is taken; the old one costs memory only
+                log.warning("forkpoint: could not discard the previous worker checkpoint %d: %s", old, e)
+        log.info("forkpoint: worker checkpoint %d taken", self.n)
+
+    # -- ASGI ---------------------------------------------------------------------------------------
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            return await self._lifespan(scope, receive, send)
+        if kind not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        if self._checked_loop():
+            raise RuntimeError(self.refused)
+        if self.n == 0 and not self.watching:
+            if not self.warned:
+                self.warned = True
+                log.warning("forkpoint: no ASGI lifespan startup was seen (lifespan off?): the worker "
+                            "is checkpointed the first time it holds no connection")
+            self._watch()
+        k = _default_key(scope) if self.keyfn is None else self.keyfn(scope)
+        if type(k) is not str or not 0 < len(k) <= 64:
+            k = _key(k)
+        if is_quarantined(k):
+            if kind == "http":
+                await _respond(send, REFUSED)
+            return None
+        return await self._serve(scope, receive, send, k)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, k: str) -> None:
+        self.seq += 1
+        self.inflight += 1
+        rescue = self.rescue if self.n else None
+        http = scope["type"] == "http"
+        slot = rescue.hold(_client_fd(send), self.seq) if rescue is not None and http else -1
+        started = False
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            if not started and message.get("type") == "http.response.start":
+                started = True
+                if rescue is not None:
+                    rescue.started(slot)
+            await send(message)
+
+        steps = _Steps(self.app(scope, receive, tracked_send), k, self)
+        expired: list[bool] = []
+        timer = None
+        if self.timeout is not None:
+            task = asyncio.current_task()
+            loop = asyncio.get_running_loop()
+
+            def expire() -> None:
+                expired.append(True)
+                if task is not None:
+                    task.cancel()
+
+            timer = loop.call_later(self.timeout, expire)
+        try:
+            await steps
+        except asyncio.CancelledError:
+            if not expired:
+                raise
+            log.warning("forkpoint: request %r waited longer than %gs: cancelled", k, self.timeout)
+            if not started and scope["type"] == "http":
+                await _respond(send, FAILED)
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if rescue is not None:
+                rescue.release(slot)
+            self.inflight -= 1
+            if self.n and not self.inflight and not self.watching and self.refresh.due():
+                self._watch()
+        return None
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refused = self._checked_loop()
+        if refused:
+            message = await receive()
+            if message.get("type") == "lifespan.startup":
+                await send({"type": "lifespan.startup.failed", "message": refused})
+            return None
+        async def startup_send(message: Message) -> None:
+            await send(message)
+            if message.get("type") == "lifespan.startup.complete":
+                self._watch(eager=True)     # the server listens next
+
+        try:
+            return await self.app(scope, receive, startup_send)
+        except Exception:
+            if self.n == 0:
+                self._watch(eager=True)     # no lifespan support: uvicorn goes on starting
+            raise
+
+
+async def _respond(send: Send, what: tuple[str, int, bytes]) -> None:
+    _, status, body = what
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _Steps:
+    """Drive a request's coroutine one step at a time, marking the request as the one running.
+
+    Each step (from a resumption to the next suspension) writes the request's key to the arena
+    and sets its deadline; both are cleared when the step yields. A crash or a hang inside a step
+    is then blamed on this request only, and a restore cuts a step that runs past ``timeout``.
+    """
+
+    __slots__ = ("coro", "key", "owner", "deadline", "arena")
+
+    def __init__(self, coro: Any, key: str, owner: _Protected) -> None:
+        self.coro = coro
+        self.key = key
+        self.owner = owner
+        self.deadline = Deadline() if owner.timeout is not None and owner.n else None
+        self.arena = runtime().arena if owner.n else None
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        return self  # type: ignore[return-value]
+
+    def __iter__(self) -> _Steps:
+        return self
+
+    def __next__(self) -> Any:
+        return self.send(None)
+
+    def _enter(self) -> None:
+        if self.arena is not None:
+            self.arena.set_processing(self.key)
+            if self.deadline is not None:
+                assert self.owner.timeout is not None
+                self.deadline.set(self.owner.timeout, self.owner.n)
+
+    def _leave(self) -> None:
+        if self.arena is not None:
+            if self.deadline is not None:
+                self.deadline.clear()
+            self.arena.set_processing(None)
+
+    def send(self, value: Any) -> Any:
+        self._enter()
+        try:
+            return self.coro.send(value)
+        finally:
+            self._leave()
+
+    def throw(self, *exc: Any) -> Any:
+        self._enter()
+        try:
+            return self.coro.throw(*exc)
+        finally:
+            self._leave()
+
+    def close(self) -> None:
+        self.coro.close()

@@ -1,0 +1,301 @@
+"""``forkpoint.wsgi.protect(app)``: a WSGI application that survives crashes, hangs and poisoned requests.
+
+Wrap the application where it is defined; the server's command line does not change
+(``gunicorn app:app``, any ``--workers``). Each worker process becomes its own forkpoint program the
+first time it serves, so gunicorn still sees its worker under the same PID.
+
+* ``mode="transaction"``: every request is a checkpointed transaction (as ``@checkpointed``). A
+  segfault or abort in the application, a hang past ``timeout``, or an exception that escapes it
+  undoes every change the request made; the client gets a 500. The response is produced inside the
+  transaction and buffered (a ``wsgi.file_wrapper`` response is passed through), so a request
+  that fails never sends half a response. Costs a fork per request.
+* ``mode="restart"``: one checkpoint, taken when the worker first serves (before the first
+  request runs), replaced every ``refresh`` seconds after a request while no other runs. A crash
+  or a timeout restores the worker to it, warm and under the same PID; the client of the request
+  that failed gets a 500 (``_serving.Rescue``), and that request's key is blamed. A few
+  microseconds per request. Built for gunicorn's sync worker (one request at a time per worker).
+
+In both modes a key (``key(environ)``, by default method, path and query) that failed
+``quarantine_after`` times is answered 503 without running the application.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from . import snapshots
+from ._errors import Quarantined, Recovered
+from ._serving import (
+    FAILED,
+    MODES,
+    REFUSED,
+    Refresh,
+    Rescue,
+    check_common,
+    is_async,
+    key_from,
+    merge_policy,
+    restored_into,
+)
+from .checkpointed import checkpointed
+from .recovery import _key, is_quarantined, mark, unmark
+from .watchdog import Deadline
+
+log = logging.getLogger("forkpoint")
+
+__all__ = ["protect"]
+
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+
+def protect(app: WSGIApp, *, mode: str = "transaction", timeout: float | None = None,
+            key: Callable[[dict[str, Any]], Any] | None = None, quarantine_after: int = 2,
+            refresh: float | None = None) -> WSGIApp:
+    """Wrap WSGI application ``app`` (see the module docstring for the two modes).
+
+    ``timeout``: seconds a request may run before it is cut (None: no limit). ``key``: a function
+    of the WSGI environ naming the input, for quarantine. ``quarantine_after``: failures of one key
+    before it is refused with 503. ``refresh``: in restart mode, seconds after which the checkpoint
+    is taken again (between requests), so that caches warmed since are kept.
+    """
+    check_common(app, timeout, key, quarantine_after, refresh)
+    if is_async(app):
+        raise TypeError(f"{_name(app)} is an ASGI application (a coroutine function), not a WSGI "
+                        "one: use forkpoint.asgi.protect")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
+    if mode == "transaction":
+        if refresh is not None:
+            raise ValueError("refresh= applies to mode='restart' (a transaction keeps no checkpoint "
+                             "between requests)")
+        return _Transaction(app, timeout, key, quarantine_after)
+    return _Restart(app, timeout, key, quarantine_after, refresh)
+
+
+def _name(app: Any) -> str:
+    return getattr(app, "__qualname__", None) or type(app).__qualname__
+
+
+def _default_key(environ: dict[str, Any]) -> str:
+    return key_from(environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", ""),
+                    environ.get("QUERY_STRING", ""))
+
+
+def _answer(start_response: StartResponse, what: tuple[str, int, bytes]) -> list[bytes]:
+    line, _, body = what
+    start_response(line, [("Content-Type", "text/plain; charset=utf-8"),
+                          ("Content-Length", str(len(body)))])
+    return [body]
+
+
+class _Base:
+    def __init__(self, app: WSGIApp, timeout: float | None, key: Callable[..., Any] | None,
+                 quarantine_after: int) -> None:
+        self.app = app
+        self.timeout = timeout
+        self.keyfn = key
+        self.quarantine_after = quarantine_after
+        self.__wrapped__ = app
+
+    def key(self, environ: dict[str, Any]) -> str:
+        if self.keyfn is None:
+            return _default_key(environ)
+        k = self.keyfn(environ)
+        return k if type(k) is str and 0 < len(k) <= 64 else _key(k)
+
+
+# ---- transaction mode -----------------------------------------------------------------------------
+def _txn_key(environ: dict[str, Any], k: str) -> str:
+    return k
+
+
+class _Transaction(_Base):
+    """Each request a transaction: ``@checkpointed`` around the application and its response."""
+
+    def __init__(self, app: WSGIApp, timeout: float | None, key: Callable[..., Any] | None,
+                 quarantine_after: int) -> None:
+        super().__init__(app, timeout, key, quarantine_after)
+        self._call = checkpointed(timeout=timeout, rollback_on_exception=True, key=_txn_key,
+                                  quarantine_after=quarantine_after)(self._run)
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        k = self.key(environ)
+        try:
+            status, headers, exc_info, body = self._call(environ, k)
+        except Quarantined:
+            return _answer(start_response, REFUSED)
+        except Recovered as e:
+            log.warning("request %r failed (%s): its changes were undone", k, e.reason)
+            return _answer(start_response, FAILED)
+        if exc_info is not None:
+            start_response(status, headers, exc_info)
+        else:
+            start_response(status, headers)
+        return body
+
+    def _run(self, environ: dict[str, Any], k: str) -> tuple[str, list[Any], Any, Iterable[bytes]]:
+        """The application and its whole response, inside the transaction."""
+        got: list[Any] = []
+        written: list[bytes] = []
+
+        def start_response(status: str, headers: list[Any], exc_info: Any = None) -> Callable[[bytes], None]:
+            if got and exc_info is None:
+                raise AssertionError("start_response called twice without exc_info (PEP 3333)")
+            got[:] = [status, headers, exc_info]
+            return written.append
+
+        result = self.app(environ, start_response)
+        wrapper = environ.get("wsgi.file_wrapper")
+        if isinstance(wrapper, type) and isinstance(result, wrapper):
+            if not got:
+                raise RuntimeError("the application returned a file without calling start_response")
+            return got[0], got[1], got[2], result     # sent by the server after the commit
+        try:
+            body = written + [bytes(chunk) for chunk in result]
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        if not got:
+            raise RuntimeError("the application returned without calling start_response")
+        return got[0], got[1], got[2], body
+
+
+# ---- restart mode ---------------------------------------------------------------------------------
+class _Abandon(StopIteration):
+    """Raised into the server for the request a restored process was checkpointed in, when another
+    request failed: that request was answered long ago. gunicorn closes the (already closed)
+    connection quietly on StopIteration, without writing or logging it again."""
+
+
+class _Restart(_Base):
+    """One checkpoint per worker; a failure restores it (see the module docstring)."""
+
+    def __init__(self, app: WSGIApp, timeout: float | None, key: Callable[..., Any] | None,
+                 quarantine_after: int, refresh: float | None) -> None:
+        super().__init__(app, timeout, key, quarantine_after)
+        self.n = 0                      # the restart checkpoint, in this worker
+        self.seq = 0                    # requests started in this process
+        self.rescue: Rescue | None = None
+        self.refresh = Refresh(refresh)
+        self.deadline = Deadline()
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        k = self.key(environ)
+        if is_quarantined(k):
+            return _answer(start_response, REFUSED)
+        self.seq += 1
+        seq = self.seq
+        if self.n == 0:
+            failed_here = self._checkpoint(seq)
+            if failed_here is not None:     # the restored process, inside this very request
+                if failed_here:
+                    return _answer(start_response, FAILED)
+                raise _Abandon("forkpoint: restored into a request that was answered before")
+        try:
+            marked = mark(k)
+        except Quarantined:
+            return _answer(start_response, REFUSED)
+        sock = environ.get("gunicorn.socket")
+        rescue = self.rescue
+        assert rescue is not None
+        slot = rescue.hold(sock.fileno() if sock is not None else -1, seq)
+        if self.timeout is not None:
+            self.deadline.set(self.timeout, self.n)
+        try:
+            result = self.app(environ, start_response)
+        except BaseException:
+            self._done(marked, slot)
+            raise
+        wrapper = environ.get("wsgi.file_wrapper")
+        if isinstance(result, (list, tuple)) or (isinstance(wrapper, type) and isinstance(result, wrapper)):
+            self._done(marked, slot)            # the application's part is over
+            if self.refresh.due():
+                return _Closing(self, result, None, None)
+            return result
+        return _Closing(self, result, marked, slot)
+
+    def _done(self, marked: Any, slot: int) -> None:
+        if self.timeout is not None:
+            self.deadline.clear()
+        unmark(marked)
+        assert self.rescue is not None
+        self.rescue.release(slot)
+
+    def _checkpoint(self, seq: int) -> bool | None:
+        """Take the restart checkpoint before request ``seq`` runs.
+
+        Returns None in the process that goes on serving; in a restored process, whether the
+        request that failed is this one (True: answer it 500 here) or another (False).
+        """
+        merge_policy(self.quarantine_after)         # starts forkpoint in this worker
+        if self.rescue is None:
+            self.rescue = Rescue(1, "wsgi-inflight")
+        self.n = snapshots.tsetjmp(pin=True)
+        self.refresh.mark()
+        log.info("forkpoint: worker checkpoint %d taken before request %d", self.n, seq)
+        if not restored_into(self.n):
+            return None
+        return self._after_restore(seq)
+
+    def _after_restore(self, own: int) -> bool:
+        """In the restored process: answer the clients of the requests that failed."""
+        rescue = self.rescue
+        assert rescue is not None
+        own_failed = any(int(rescue.words[2 * s]) != rescue.FREE and int(rescue.words[2 * s + 1]) == own
+                         for s in range(len(rescue.pairs)))
+        answered, closed = rescue.rescue(own)
+        log.warning("forkpoint: worker restored to checkpoint %d (%s); %d client(s) answered 500, "
+                    "%d closed", self.n, snapshots.restore_reason(), answered + int(own_failed), closed)
+        return own_failed
+
+    def refresh_now(self) -> None:
+        """Between requests (the response's close()): replace the checkpoint with one taken now."""
+        old = self.n
+        self.n = snapshots.tsetjmp(pin=True)
+        self.refresh.mark()
+        if restored_into(self.n):
+            self._after_restore(-1)
+            return
+        try:
+            snapshots.discard(old)
+        except Exception as e:  # noqa: BLE001 - the new checkpoint is taken; the old one only costs memory
+            log.warning("forkpoint: could not discard the previous worker checkpoint %d: %s", old, e)
+        log.info("forkpoint: worker checkpoint %d replaces %d", self.n, old)
+
+
+class _Closing:
+    """The response of a request in restart mode: the application's code may still run while it
+    is iterated, so the request stays marked until ``close()``; a due refresh happens there."""
+
+    def __init__(self, owner: _Restart, result: Iterable[bytes], marked: Any, slot: int | None) -> None:
+        self.owner = owner
+        self.result = result
+        self.marked = marked
+        self.slot = slot
+        self.closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        first = True
+        for chunk in self.result:
+            if first and self.slot is not None and chunk:
+                first = False
+                assert self.owner.rescue is not None
+                self.owner.rescue.started(self.slot)
+            yield chunk
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            close = getattr(self.result, "close", None)
+            if close is not None:
+                close()
+        finally:
+            if self.slot is not None:
+                self.owner._done(self.marked, self.slot)
+        if self.owner.refresh.due():
+            self.owner.refresh_now()

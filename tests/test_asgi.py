@@ -1,0 +1,232 @@
+"""forkpoint.asgi.protect under real uvicorn and Starlette: what a client sees.
+
+Each scenario runs ``uvicorn app:app`` as a user would (no ``--loop`` flag, uvicorn's own defaults),
+drives it with real HTTP clients, concurrent ones where it matters, and where it makes sense
+compares with the same app without forkpoint (FORKPOINT_OFF=1). Crashes are real segfaults.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import clean_env, free_port, http, server_log, start_server, stop_server, wait_for
+
+from forkpoint import operator
+
+pytestmark = pytest.mark.timeout(120)
+
+STARLETTE_APP = """
+    import asyncio, ctypes, os
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, PlainTextResponse
+    from starlette.routing import Route
+    import forkpoint.asgi
+
+    state = {"served": 0}
+
+    async def ready(request):
+        return PlainTextResponse("ready")
+
+    async def count(request):
+        state["served"] += 1
+        await asyncio.sleep(0.001)
+        return JSONResponse({"pid": os.getpid(), "served": state["served"]})
+
+    async def crash(request):
+        state["served"] += 1000
+        await asyncio.sleep(float(request.query_params.get("after", "0")))
+        ctypes.string_at(0)
+
+    async def hang(request):
+        state["served"] += 1000
+        while True:
+            pass
+
+    async def slow(request):
+        await asyncio.sleep(float(request.query_params.get("s", "1")))
+        return PlainTextResponse("slow done")
+
+    star = Starlette(routes=[Route("/__ready__", ready), Route("/count", count), Route("/crash", crash),
+                             Route("/hang", hang), Route("/slow", slow)])
+    REFRESH = float(os.environ["REFRESH"]) if os.environ.get("REFRESH") else None
+    if os.environ.get("FORKPOINT_OFF"):
+        app = star
+    else:
+        app = forkpoint.asgi.protect(star, timeout=float(os.environ.get("TIMEOUT", "1")), refresh=REFRESH)
+"""
+
+
+def _uvicorn(tmp_path: Path, *args: str, **env: str):
+    (tmp_path / "app.py").write_text(textwrap.dedent(STARLETTE_APP))
+    port = free_port()
+    argv = [sys.executable, "-m", "uvicorn", "--port", str(port), *args, "app:app"]
+    return start_server(argv, tmp_path, port, **env), port
+
+
+def _get(port: int, path: str = "/count", timeout: float = 10.0) -> tuple[int, dict | str]:
+    status, body = http(port, path, timeout=timeout)
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, body
+
+
+def _tree(pid: int) -> list[int]:
+    return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+
+
+def _all_gone(pids: list[int]) -> bool:
+    return not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                   for p in pids)
+
+
+def _in_background(port: int, path: str) -> tuple[threading.Thread, list]:
+    got: list = []
+    t = threading.Thread(target=lambda: got.append(_get(port, path)))
+    t.start()
+    return t, got
+
+
+def test_a_crash_restores_the_worker_warm_under_the_same_pid(tmp_path):
+    proc, port = _uvicorn(tmp_path)
+    try:
+        first = [_get(port) for _ in range(3)]
+        assert [b["served"] for _, b in first] == [1, 2, 3]
+        assert {b["pid"] for _, b in first} == {proc.pid}
+        status, body = _get(port, "/crash")
+        assert status == 500 and "rolled back" in body, (status, body, server_log(tmp_path))
+        status, after = _get(port)
+        # restart mode: back at the checkpoint taken at startup, the crash's change gone too
+        assert status == 200 and after == {"pid": proc.pid, "served": 1}
+        assert _get(port, "/crash")[0] == 500
+        status, body = _get(port, "/crash")
+        assert status == 503 and "quarantined" in body
+        assert _get(port, "/hang")[0] == 500                  # cut at the 1 s timeout
+        assert _get(port)[1] == {"pid": proc.pid, "served": 1}
+        assert "no running event loop" not in server_log(tmp_path)
+    finally:
+        assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
+    assert "Finished server process" in server_log(tmp_path)
+
+
+def test_without_forkpoint_the_crash_takes_the_server(tmp_path):
+    proc, port = _uvicorn(tmp_path, FORKPOINT_OFF="1")
+    try:
+        assert _get(port)[0] == 200
+        assert _get(port, "/crash")[0] == 0
+        assert proc.wait(10) == -signal.SIGSEGV
+    finally:
+        if proc.poll() is None:
+            stop_server(proc)
+
+
+def test_requests_in_flight_fail_with_the_crash_but_are_not_blamed(tmp_path):
+    """Every request in flight on the worker fails with it (500 from the restored process); only
+    the request whose code crashed is quarantined. A request that merely waits past the timeout
+    is cancelled with a 500, without a restore (the worker's state is kept)."""
+    proc, port = _uvicorn(tmp_path, TIMEOUT="1.5")
+    try:
+        for _ in range(2):
+            slow, got = _in_background(port, "/slow?s=0.8")
+            time.sleep(0.2)                                   # the slow request is waiting
+            assert _get(port, "/crash?after=0.1")[0] == 500
+            slow.join(10)
+            assert got and got[0][0] == 500, got             # failed with the worker
+        assert _get(port, "/crash?after=0.1")[0] == 503      # the crashing key, twice: quarantined
+        status, body = _get(port, "/slow?s=0.8")
+        assert (status, body) == (200, "slow done")           # the innocent one: never quarantined
+        assert _get(port)[1]["served"] == 1
+        assert _get(port, "/slow?s=5")[0] == 500              # waits past 1.5 s: cancelled
+        assert _get(port)[1]["served"] == 2                   # no restore: the state is kept
+        assert "waited longer than 1.5s: cancelled" in server_log(tmp_path)
+    finally:
+        assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
+
+
+def test_refresh_keeps_what_the_worker_learned(tmp_path):
+    proc, port = _uvicorn(tmp_path, REFRESH="0.3")
+    try:
+        assert [_get(port)[1]["served"] for _ in range(2)] == [1, 2]
+        time.sleep(0.4)
+        assert _get(port)[1]["served"] == 3       # a new checkpoint is taken after this, unconnected
+        wait_for(lambda: [c["id"] for c in operator.request(proc.pid, "ls")["checkpoints"]] == [2])
+        assert _get(port, "/crash")[0] == 500
+        assert _get(port)[1]["served"] == 4                   # back to 3, then this request
+    finally:
+        assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
+
+
+def test_two_workers_keep_their_pids_and_answer_health_checks(tmp_path):
+    """uvicorn --workers 2 spawns its workers with multiprocessing; each answers its supervisor's
+    health checks from a thread, which forkpoint moves into the event loop (a checkpoint cannot
+    copy a thread). A worker that stopped answering would be killed and replaced."""
+    proc, port = _uvicorn(tmp_path, "--workers", "2", "--timeout-worker-healthcheck", "1")
+    try:
+        wait_for(lambda: len({_get(port)[1]["pid"] for _ in range(8)}) == 2, timeout=20)
+        workers = {_get(port)[1]["pid"] for _ in range(16)}
+        assert _get(port, "/crash")[0] == 500
+        time.sleep(3)                                         # several health checks
+        seen = {_get(port)[1]["pid"] for _ in range(16)}
+        assert seen <= workers and len(workers) == 2, (workers, seen)
+        log = server_log(tmp_path)
+        assert "died" not in log and "not ready" not in log, log
+        for pid in workers:
+            assert psutil.Process(pid).num_threads() == 1   # the live process is single-threaded
+    finally:
+        assert stop_server(proc) == 0, server_log(tmp_path)
+
+
+def test_ctrl_c_in_a_terminal_stops_every_worker(tmp_path):
+    import pty
+
+    (tmp_path / "app.py").write_text(textwrap.dedent(STARLETTE_APP))
+    port = free_port()
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(tmp_path)
+        os.execve(sys.executable, [sys.executable, "-m", "uvicorn", "--port", str(port), "--workers", "2",
+                                   "app:app"], clean_env())
+    out = b""
+    try:
+        wait_for(lambda: http(port, "/__ready__", timeout=1)[0] == 200, timeout=20)
+        assert _get(port, "/crash")[0] == 500
+        tree = _tree(pid)
+        assert any(psutil.Process(p).name().startswith("fp-") for p in tree)
+        os.write(fd, b"\x03")
+        while True:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, out.decode(errors="replace")[-3000:]
+        wait_for(lambda: _all_gone(tree), timeout=10)
+    finally:
+        os.close(fd)
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
+def test_uvloop_is_refused_with_a_clear_message(tmp_path):
+    pytest.importorskip("uvloop")
+    (tmp_path / "app.py").write_text(textwrap.dedent(STARLETTE_APP))
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-m", "uvicorn", "--port", str(free_port()), "--loop", "uvloop",
+                        "app:app"], cwd=tmp_path, capture_output=True, text=True, timeout=30, env=clean_env())
+    assert r.returncode != 0
+    assert "run uvicorn with --loop asyncio" in r.stderr + r.stdout

@@ -1,0 +1,299 @@
+"""forkpoint.wsgi.protect under real gunicorn and Flask: what a client sees, in both modes.
+
+Each scenario runs ``gunicorn app:app`` exactly as a user would (sync workers, no hook, no special
+worker class), drives it with a real HTTP client, and where it makes sense compares with the same
+app without forkpoint (FORKPOINT_OFF=1). Crashes are real segfaults (``ctypes.string_at(0)``),
+hangs are real endless loops.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import free_port, http, server_log, start_server, stop_server, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+FLASK_APP = """
+    import ctypes, json, os, re
+    from flask import Flask
+    import forkpoint.wsgi
+
+    flask_app = Flask(__name__)
+    state = {"served": 0}
+
+    @flask_app.route("/__ready__")
+    def ready():
+        return "ready"
+
+    @flask_app.route("/count")
+    def count():
+        state["served"] += 1
+        return {"pid": os.getpid(), "served": state["served"]}
+
+    @flask_app.route("/crash")
+    def crash():
+        state["served"] += 1000            # a change the failed request must not leave behind
+        ctypes.string_at(0)
+
+    @flask_app.route("/hang")
+    def hang():
+        state["served"] += 1000
+        while True:
+            pass
+
+    @flask_app.route("/stuck")
+    def stuck():                           # stuck in C: no Python code runs until it returns
+        re.match(r"(a+)+$", "a" * 64 + "!")
+        return "never"
+
+    MODE = os.environ.get("MODE", "transaction")
+    TIMEOUT = float(os.environ.get("TIMEOUT", "2"))
+    REFRESH = float(os.environ["REFRESH"]) if os.environ.get("REFRESH") else None
+    if os.environ.get("FORKPOINT_OFF"):
+        app = flask_app
+    else:
+        app = forkpoint.wsgi.protect(flask_app, mode=MODE, timeout=TIMEOUT, refresh=REFRESH)
+"""
+
+
+def _gunicorn(tmp_path: Path, *args: str, **env: str):
+    (tmp_path / "app.py").write_text(textwrap.dedent(FLASK_APP))
+    port = free_port()
+    argv = [sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{port}", *args, "app:app"]
+    return start_server(argv, tmp_path, port, **env), port
+
+
+def _get(port: int, path: str = "/count") -> tuple[int, dict | str]:
+    status, body = http(port, path)
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, body
+
+
+def _booted(tmp_path: Path) -> list[int]:
+    """PIDs of the workers gunicorn booted, from its log."""
+    return [int(line.rsplit(":", 1)[1]) for line in server_log(tmp_path).splitlines()
+            if "Booting worker with pid:" in line]
+
+
+def _forkpoint_processes(pid: int) -> list[str]:
+    try:
+        kids = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    out = []
+    for p in kids:
+        try:
+            if p.name().startswith("fp-"):
+                out.append(f"{p.pid} {p.name()}")
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.mark.parametrize("mode", ["transaction", "restart"])
+def test_a_crash_costs_one_request_not_the_worker(tmp_path, mode):
+    """200s before and after; 500 for the crashing request; 503 once its key is quarantined; the
+    state kept (transaction) or back at the checkpoint (restart); one worker, one PID."""
+    proc, port = _gunicorn(tmp_path, "-w", "1", MODE=mode)
+    try:
+        before = [_get(port) for _ in range(3)]
+        assert [s for s, _ in before] == [200] * 3, before
+        pid = before[0][1]["pid"]
+        assert [b["served"] for _, b in before] == [1, 2, 3]
+
+        status, body = _get(port, "/crash")
+        assert status == 500 and "rolled back" in body, (status, body, server_log(tmp_path))
+        status, after = _get(port)
+        assert status == 200 and after["pid"] == pid
+        # transaction: every change of the failed request undone, the others kept;
+        # restart: the worker is back at its checkpoint, taken before it served
+        assert after["served"] == (4 if mode == "transaction" else 1), after
+
+        assert _get(port, "/crash")[0] == 500              # the second failure quarantines the key
+        status, body = _get(port, "/crash")
+        assert status == 503 and "quarantined" in body, (status, body)
+        status, last = _get(port)
+        assert status == 200 and last["pid"] == pid
+        assert _booted(tmp_path) == [pid], server_log(tmp_path)
+    finally:
+        assert stop_server(proc) == 0, server_log(tmp_path)
+    assert _forkpoint_processes(proc.pid) == []
+
+
+def test_without_forkpoint_the_crash_takes_the_worker(tmp_path):
+    """The baseline: the same app under plain gunicorn loses the request, the worker and its state."""
+    proc, port = _gunicorn(tmp_path, "-w", "1", FORKPOINT_OFF="1")
+    try:
+        status, first = _get(port)
+        assert status == 200
+        assert _get(port, "/crash")[0] == 0                # the connection dies with the worker
+        status, after = wait_for(lambda: (r := _get(port))[0] == 200 and r, timeout=20)
+        assert after["pid"] != first["pid"] and after["served"] == 1
+        assert len(_booted(tmp_path)) == 2
+    finally:
+        stop_server(proc)
+
+
+@pytest.mark.parametrize("mode", ["transaction", "restart"])
+def test_a_hang_is_cut_at_the_timeout(tmp_path, mode):
+    """A Python hang and a hang inside C code (a regular expression) both end in a 500 at the
+    timeout, and the worker serves on with the same PID."""
+    proc, port = _gunicorn(tmp_path, "-w", "1", "--timeout", "30", MODE=mode, TIMEOUT="0.5")
+    try:
+        status, first = _get(port)
+        for path in ("/hang", "/stuck"):
+            status, body = _get(port, path)
+            assert status == 500, (path, status, body, server_log(tmp_path))
+        status, after = _get(port)
+        assert status == 200 and after["pid"] == first["pid"]
+        assert after["served"] == (2 if mode == "transaction" else 1)
+        assert "timeout" in server_log(tmp_path)
+    finally:
+        assert stop_server(proc) == 0, server_log(tmp_path)
+
+
+def test_restart_mode_refresh_keeps_what_the_worker_learned(tmp_path):
+    """With refresh=, a new checkpoint is taken after a request once that much time has passed, so
+    a crash rolls back to recent state, not to the worker's first request."""
+    proc, port = _gunicorn(tmp_path, "-w", "1", MODE="restart", REFRESH="0.3")
+    try:
+        assert [_get(port)[1]["served"] for _ in range(2)] == [1, 2]
+        time.sleep(0.4)
+        assert _get(port)[1]["served"] == 3                # the checkpoint is taken again after this
+        assert _get(port)[1]["served"] == 4
+        assert _get(port, "/crash")[0] == 500
+        status, after = _get(port)
+        assert status == 200 and after["served"] == 4, after    # back to 3, then this request
+    finally:
+        assert stop_server(proc) == 0, server_log(tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["transaction", "restart"])
+def test_two_workers(tmp_path, mode):
+    proc, port = _gunicorn(tmp_path, "-w", "2", MODE=mode)
+    try:
+        pids = {_get(port)[1]["pid"] for _ in range(12)}
+        assert _get(port, "/crash")[0] == 500
+        pids |= {_get(port)[1]["pid"] for _ in range(12)}
+        booted = _booted(tmp_path)
+        assert len(booted) == 2 and pids <= set(booted), (pids, booted)
+    finally:
+        assert stop_server(proc) == 0, server_log(tmp_path)
+    assert _forkpoint_processes(proc.pid) == []
+
+
+@pytest.mark.parametrize("off", [False, True], ids=["forkpoint", "plain"])
+def test_gunicorn_timeout_shorter_than_forkpoints_replaces_the_worker(tmp_path, off):
+    """gunicorn's --timeout (2 s) fires before forkpoint's (30 s): its master sends SIGABRT to the
+    worker, which exits, and a new worker is booted, as gunicorn documents. forkpoint forwards the
+    SIGABRT and does not take a fault signal sent from outside for a crash."""
+    env = {"FORKPOINT_OFF": "1"} if off else {}
+    proc, port = _gunicorn(tmp_path, "-w", "1", "--timeout", "2", MODE="restart", TIMEOUT="30", **env)
+    try:
+        status, first = _get(port)
+        status, body = _get(port, "/hang")
+        assert status in (0, 500), (status, body)
+        status, after = wait_for(lambda: (r := _get(port))[0] == 200 and r, timeout=20)
+        assert after["pid"] != first["pid"], server_log(tmp_path)
+        log = server_log(tmp_path)
+        assert "WORKER TIMEOUT" in log and len(_booted(tmp_path)) == 2
+        assert "recovered" not in log                      # a command from outside, not a crash
+        return_status = status
+    finally:
+        assert stop_server(proc) == 0, server_log(tmp_path)
+    assert return_status == 200
+    assert _forkpoint_processes(proc.pid) == []
+
+
+def _all_gone(pids: list[int]) -> bool:
+    return not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                   for p in pids)
+
+
+def _tree(pid: int) -> list[int]:
+    return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+
+
+def test_sighup_reload_then_sigterm_leave_nothing_behind(tmp_path):
+    proc, port = _gunicorn(tmp_path, "-w", "1", MODE="restart")
+    try:
+        assert _get(port, "/crash")[0] == 500             # the worker has a checkpoint and a history
+        old = _get(port)[1]["pid"]
+        old_tree = _tree(old)
+        assert any(psutil.Process(p).name().startswith("fp-") for p in old_tree)
+        os.kill(proc.pid, signal.SIGHUP)                   # graceful reload: new workers, old ones go
+        wait_for(lambda: _get(port)[1]["pid"] != old if _get(port)[0] == 200 else False, timeout=30)
+        wait_for(lambda: _all_gone([old, *old_tree]), timeout=20)
+        new = _get(port)[1]["pid"]
+        assert _get(port, "/crash")[0] == 500 and _get(port)[1]["pid"] == new
+    finally:
+        assert stop_server(proc) == 0, server_log(tmp_path)
+
+
+def test_ctrl_c_in_a_terminal_stops_everything(tmp_path):
+    """Ctrl-C typed at the terminal gunicorn runs in: the kernel signals the whole foreground
+    group (master and live worker; snapshots sit in groups of their own)."""
+    import pty
+
+    (tmp_path / "app.py").write_text(textwrap.dedent(FLASK_APP))
+    port = free_port()
+    from conftest import clean_env
+
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(tmp_path)
+        env = clean_env(MODE="restart")
+        os.execve(sys.executable, [sys.executable, "-m", "gunicorn", "-w", "2", "-b",
+                                   f"127.0.0.1:{port}", "app:app"], env)
+    out = b""
+    try:
+        wait_for(lambda: http(port, "/__ready__", timeout=1)[0] == 200, timeout=20)
+        assert _get(port, "/crash")[0] == 500
+        tree = _tree(pid)
+        assert any(psutil.Process(p).name().startswith("fp-") for p in tree)
+        os.write(fd, b"\x03")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, out.decode(errors="replace")[-3000:]
+        wait_for(lambda: _all_gone(tree), timeout=10)
+    finally:
+        os.close(fd)
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
+@pytest.mark.parametrize("off", [False, True], ids=["forkpoint", "plain"])
+def test_sigkill_of_the_master_leaves_no_worker_serving(tmp_path, off):
+    """Plain gunicorn workers notice their master is gone (their parent changed) and exit; under
+    forkpoint the worker's face PID is re-parented, the live process sees it through os.getppid(),
+    and the worker, its checkpoint and spare all go."""
+    env = {"FORKPOINT_OFF": "1"} if off else {}
+    proc, port = _gunicorn(tmp_path, "-w", "1", "--timeout", "4", MODE="restart", **env)
+    assert _get(port, "/crash")[0] == (0 if off else 500)
+    status, body = wait_for(lambda: (r := _get(port))[0] == 200 and r, timeout=20)
+    tree = _tree(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    wait_for(lambda: _all_gone(tree), timeout=15)
+    assert http(port, "/count", timeout=2)[0] == 0
