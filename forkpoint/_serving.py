@@ -37,6 +37,10 @@ MODES = ("transaction", "restart")
 MAX_KEY = 200           # bytes; longer keys keep a prefix and a digest (the arena keeps 256)
 
 FAILED = ("500 Internal Server Error", 500, b"forkpoint: the request failed and was rolled back\n")
+_ONE = [b"r"]
+_SOL_SOCKET, _SCM_RIGHTS = socket.SOL_SOCKET, socket.SCM_RIGHTS
+_FD_SPACE = socket.CMSG_SPACE(4)
+
 REFUSED = ("503 Service Unavailable", 503,
            b"forkpoint: this request is quarantined: it failed the server repeatedly\n")
 
@@ -124,7 +128,7 @@ class Rescue:
         slot = self.free.pop()
         self.fds[0] = fd
         try:
-            self.pairs[slot][0].sendmsg([b"r"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, self.fds)])
+            self.pairs[slot][0].sendmsg(_ONE, [(_SOL_SOCKET, _SCM_RIGHTS, self.fds)])
         except OSError:
             self.free.append(slot)
             return -1
@@ -137,10 +141,18 @@ class Rescue:
             self.words[2 * slot] = self.STARTED
 
     def release(self, slot: int) -> None:
+        """The request is done: take its socket out of the slot (first: a death in between then
+        answers no one), and free the slot. One ``recvmsg``: the slot holds one socket."""
         if slot < 0:
             return
-        for fd in self._drain(slot):        # taken out first: a death in between answers no one
-            _close(fd)
+        try:
+            _, anc, _, _ = self.pairs[slot][1].recvmsg(1, _FD_SPACE)
+            for level, kind, data in anc:
+                if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
+                    for fd in array.array("i", data[:len(data) - len(data) % 4]):
+                        _close(fd)
+        except OSError:             # (nothing queued: cannot happen, but a slot must never leak)
+            pass
         self.words[2 * slot] = self.FREE
         self.free.append(slot)
 

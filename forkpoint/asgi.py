@@ -41,7 +41,7 @@ from ._serving import (
     merge_policy,
     restored_into,
 )
-from .recovery import _key, is_quarantined
+from .recovery import _key, _known
 from .watchdog import Deadline
 
 log = logging.getLogger("forkpoint")
@@ -116,6 +116,7 @@ class _Protected:
         self.seq = 0
         self.inflight = 0
         self.rescue: Rescue | None = None
+        self.arena: Any = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.watching = False
         self.eager = False
@@ -177,6 +178,7 @@ class _Protected:
         if self.rescue is None:
             self.rescue = Rescue(SLOTS, "asgi-inflight")
         self.n = snapshots.tsetjmp(pin=True)
+        self.arena = runtime().arena
         self.refresh.mark()
         if restored_into(self.n):
             answered, closed = self.rescue.rescue()
@@ -208,26 +210,23 @@ class _Protected:
         k = _default_key(scope) if self.keyfn is None else self.keyfn(scope)
         if type(k) is not str or not 0 < len(k) <= 64:
             k = _key(k)
-        if is_quarantined(k):
+        if k in _known.keys_of(self.arena or runtime().arena_or_create()):
             if kind == "http":
                 await _respond(send, REFUSED)
             return None
-        return await self._serve(scope, receive, send, k)
-
-    async def _serve(self, scope: Scope, receive: Receive, send: Send, k: str) -> None:
         self.seq += 1
         self.inflight += 1
         rescue = self.rescue if self.n else None
-        http = scope["type"] == "http"
+        http = kind == "http"
         slot = rescue.hold(_client_fd(send), self.seq) if rescue is not None and http else -1
         started = False
 
         async def tracked_send(message: Message) -> None:
             nonlocal started
-            if not started and message.get("type") == "http.response.start":
+            if not started and message["type"] == "http.response.start":
                 started = True
-                if rescue is not None:
-                    rescue.started(slot)
+                if slot >= 0:
+                    rescue.started(slot)  # type: ignore[union-attr]
             await send(message)
 
         steps = _Steps(self.app(scope, receive, tracked_send), k, self)
@@ -235,27 +234,26 @@ class _Protected:
         timer = None
         if self.timeout is not None:
             task = asyncio.current_task()
-            loop = asyncio.get_running_loop()
 
             def expire() -> None:
                 expired.append(True)
                 if task is not None:
                     task.cancel()
 
-            timer = loop.call_later(self.timeout, expire)
+            timer = self.loop.call_later(self.timeout, expire)  # type: ignore[union-attr]
         try:
             await steps
         except asyncio.CancelledError:
             if not expired:
                 raise
             log.warning("forkpoint: request %r waited longer than %gs: cancelled", k, self.timeout)
-            if not started and scope["type"] == "http":
+            if not started and http:
                 await _respond(send, FAILED)
         finally:
             if timer is not None:
                 timer.cancel()
-            if rescue is not None:
-                rescue.release(slot)
+            if slot >= 0:
+                rescue.release(slot)  # type: ignore[union-attr]
             self.inflight -= 1
             if self.n and not self.inflight and not self.watching and self.refresh.due():
                 self._watch()

@@ -69,3 +69,24 @@ def test_crash_recovery_bench_small(tmp_path):
     assert [(row["mb"], row["state"]) for row in rows] == [(1, "clean"), (1, "dirty")]
     for row in rows:
         assert row["segfault"]["median"] > 0 and row["sigkill"]["median"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_servers_quick(tmp_path):
+    """benchmarks/servers.py with tiny settings: real gunicorn and uvicorn, plain and protected, the
+    Python client (the fallback where wrk is missing), and the per-call table."""
+    out = tmp_path / "servers.json"
+    r = _run("servers.py", "--quick", "--client", "python", "--seconds", "0.5", "--handlers", "trivial",
+             "--percall", "20", "--json", str(out), timeout=110)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| server | handler | protection |" in r.stdout and "| call | us (median) |" in r.stdout
+    data = json.loads(out.read_text())
+    assert data["client"] == "python" and data["leaked"] == []
+    rows = {(row["server"], row["mode"]): row for row in data["rows"]}
+    assert set(rows) == {("gunicorn", "plain"), ("gunicorn", "restart"), ("gunicorn", "transaction"),
+                         ("uvicorn", "plain"), ("uvicorn", "restart")}
+    for row in rows.values():
+        assert row["rps_median"] > 0 and row["ratio"] > 0 and row["non_2xx"] == 0, row
+    assert rows[("gunicorn", "plain")]["ratio"] == 1.0
+    assert set(data["percall"]) >= {"@checkpointed", "@checkpointed(timeout=, key=)",
+                                    "WSGI request, restart mode, timeout="}
