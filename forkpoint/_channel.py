@@ -78,6 +78,11 @@ class Snap(Message):
     n: int
     pin: bool
     spares: int
+    # A protected call checkpointed for itself (@checkpointed, WSGI transactions) says here which
+    # input it processes and when it must be over: riding on this message costs it nothing after
+    # the fork, where every page it writes is copied.
+    key: str | None = None
+    deadline: float = 0.0         # CLOCK_MONOTONIC; 0: none
 
 
 @dataclass
@@ -199,8 +204,8 @@ _CLASSES: dict[str, type[Message]] = {
                                   Configure, ChildQuery, Wake, Fork, Ok, Error)}
 # The JSON types each field may hold, read once from the annotations.
 _TYPES = {"int": (int,), "bool": (bool,), "str": (str,), "float": (int, float),
-          "int | None": (int, type(None)), "list[int]": (list,), "dict[str, Any]": (dict,),
-          "ErrorKind": (str,)}
+          "int | None": (int, type(None)), "str | None": (str, type(None)), "list[int]": (list,),
+          "dict[str, Any]": (dict,), "ErrorKind": (str,)}
 _FIELDS: dict[type[Message], list[tuple[str, tuple[type, ...]]]] = {
     cls: [(f.name, _TYPES[str(f.type)]) for f in fields(cls)] for cls in _CLASSES.values()}  # type: ignore[arg-type]
 

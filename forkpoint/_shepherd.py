@@ -94,6 +94,8 @@ class Checkpoint:
     want_spares: int = 1
     awaiting: bool = False        # the keeper has not introduced itself yet
     announcer: Proc | None = None  # the live process that took it: its keeper says hello on its channel
+    key: str | None = None        # a protected call's input and deadline (see _channel.Snap)
+    deadline: float = 0.0
 
 
 def become_shepherd(chan: socket.socket, arena: Arena, live_pid: int, pgid: int, config: Any,
@@ -492,7 +494,8 @@ class Shepherd:
         n = msg.n
         if n in self.ckpts:                 # ids are never reused: only a corrupted arena does this
             self._discard(n, "its id was taken again")
-        self.ckpts[n] = Checkpoint(n, None, msg.pin, awaiting=True, announcer=proc, want_spares=msg.spares)
+        self.ckpts[n] = Checkpoint(n, None, msg.pin, awaiting=True, announcer=proc, want_spares=msg.spares,
+                                   key=msg.key, deadline=msg.deadline)
         self.current = n
         self._enforce_bounds()
 
@@ -694,6 +697,9 @@ class Shepherd:
         """The live process failed (or asked to go back): decide, record, and restore or give up."""
         detected = time.monotonic()
         key = self.arena.processing()
+        ck_failed = self.ckpts.get(self.current)
+        if ck_failed is not None and ck_failed.key is not None:
+            key = ck_failed.key         # a protected call failed inside its own checkpoint
         self.arena.set_processing(None)
         self.arena.set_watchdog(None)
         from_state = self.current
@@ -726,6 +732,7 @@ class Shepherd:
         wake = Wake(decision.target, from_state, sig, decision.reason, decision.attempt, detected)
         self.current = decision.target
         ck = self.ckpts[decision.target]
+        ck.deadline = 0.0               # the restored process answers for the call, in time
 
         def restore() -> None:
             # recorded when it happens, so the restored process finds it in history()
@@ -845,24 +852,39 @@ class Shepherd:
 
     # -- the watchdog's hard deadline ------------------------------------------------------------
     def _watchdog_tick(self) -> None:
-        """Cut a live process that is past the deadline recorded in the arena (``forkpoint.watchdog``).
+        """Cut a live process past its deadline (``forkpoint.watchdog``, protected calls).
 
-        A watchdog records its deadline plus ``hard_after`` for code stuck in C, which never runs
-        its SIGALRM handler; a protected call (``@checkpointed(timeout=...)``, the WSGI and ASGI
-        wrappers) records its timeout itself, and nothing else cuts it. Either way the live
-        process is killed here and the recorded checkpoint restored as a timeout. A word of shared
-        memory costs the call next to nothing; a POSIX timer set through ctypes and a SIGALRM
-        handler cost every call some 30 copy-on-write faults after its checkpoint's fork.
+        Two kinds of deadline: one recorded in the arena (a watchdog's deadline plus ``hard_after``,
+        for code stuck in C that never runs its SIGALRM handler; or a restart-mode request's
+        timeout), and the one a protected call sent with its own checkpoint (``Snap.deadline``).
+        Past either, the live process is killed here and the checkpoint restored as a timeout.
+        Neither costs the call a timer or a handler: a POSIX timer set through ctypes and a
+        SIGALRM handler cost every checkpointed call some 30 copy-on-write faults.
         """
         self.loop.after(_WATCHDOG_TICK, self._watchdog_tick)
-        live, armed = self.live, self.arena.watchdog()
-        if armed is None or live is None or not self.live_up or time.monotonic() < armed[0]:
+        live = self.live
+        if live is None or not self.live_up:
+            return
+        now = time.monotonic()
+        armed, ck = self.arena.watchdog(), self.ckpts.get(self.current)
+        own = ck is not None and 0 < ck.deadline <= now
+        if not own and (armed is None or now < armed[0]):
             return
         self._drain(live)               # a transaction it committed meanwhile comes first
-        handled = self.arena.watchdog_handled()
-        if self.live is not live or self.arena.watchdog() != armed:
-            return                      # the block ended, or the process moved on
-        target = armed[1] or self.current
+        if self.live is not live:
+            return
+        if own:
+            if ck is None or self.ckpts.get(self.current) is not ck:
+                return                  # committed: the checkpoint is gone
+            target, reason = ck.n, "timeout"
+        else:
+            if armed is None:
+                return
+            handled = self.arena.watchdog_handled()
+            if self.arena.watchdog() != armed:
+                return                  # the block ended, or the process moved on
+            target = armed[1] or self.current
+            reason = "timeout (stuck in native code: killed)" if handled else "timeout"
         if target in self.ckpts and self.ckpts[target].awaiting:
             return                      # inside tsetjmp, before its keeper exists: next tick
         if target not in self.ckpts:    # nothing to restore: it dies, as a hang would end it
@@ -870,7 +892,6 @@ class Shepherd:
                       live.pid, target)
             os.kill(live.pid, signal.SIGKILL)
             return
-        reason = "timeout (stuck in native code: killed)" if handled else "timeout"
         log.warning("live process %d is past its deadline: %s", live.pid, reason)
         self.live = None
         held = len(self.pending_signals)

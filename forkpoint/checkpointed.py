@@ -22,18 +22,20 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
 from . import snapshots
-from ._errors import Recovered
+from ._errors import Quarantined, Recovered
 from ._runtime import runtime
-from .recovery import _key, mark, unmark
+from .recovery import _key, _known
 from .watchdog import Deadline
 
 log = logging.getLogger("forkpoint")
 _rt = runtime()
+_monotonic = time.monotonic
 
 F = TypeVar("F", bound=Callable[..., Any])
 _EXC_ENTRY = "forkpoint:exception"
@@ -100,6 +102,7 @@ def checkpointed(func: Any = None, *, recover_on: tuple[int, ...] = snapshots.FA
             policy["quarantine_after"] = quarantine_after
         armed = -1          # the policy generation our signals were merged into
         seconds = float(timeout) if timeout is not None else 0.0
+        restarted = Deadline()              # a restarting loop's deadline after a restore
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -113,18 +116,16 @@ def checkpointed(func: Any = None, *, recover_on: tuple[int, ...] = snapshots.FA
                 k = key(*args, **kwargs)
                 if type(k) is not str or not 0 < len(k) <= 64:    # (64 chars fit in 256 bytes)
                     k = _key(k)
-            marked = None
-            deadline = Deadline() if seconds else None
+                if k in _known.keys_of(rt.arena or rt.arena_or_create()):
+                    raise Quarantined(k)        # refused before paying for a checkpoint
             before = rt.current
             n = 0
             try:
-                # Marked and timed before the checkpoint's fork: the pages this touches are then
-                # not copied on write while the checkpoint exists.
-                if k is not None:
-                    marked = mark(k)            # a quarantined key is refused before any checkpoint
-                if deadline is not None:
-                    deadline.set(seconds)     # target 0: the shepherd's current state, i.e. n
-                n = snapshots.tsetjmp(spares=per_call_spares)
+                # The key and the deadline travel with the checkpoint's announcement to the
+                # shepherd: nothing more is written per call (after the fork, every page written is
+                # copied on write).
+                n = snapshots.tsetjmp(spares=per_call_spares, key=k,
+                                      deadline=_monotonic() + seconds if seconds else 0.0)
                 if rt.recovered and rt.to_state == n:       # the restored process: the call failed
                     info = _recovered(n)
                     log.info("%s rolled back to its entry checkpoint %d: %s", fn.__qualname__, n,
@@ -133,23 +134,20 @@ def checkpointed(func: Any = None, *, recover_on: tuple[int, ...] = snapshots.FA
                         if on_recover is not None:
                             return on_recover(args, kwargs, info)
                         raise info
-                    if deadline is not None:    # restarted warm: a fresh deadline
-                        deadline.clear()
-                        deadline.set(seconds)
+                    if seconds:                 # restarted warm: a fresh deadline, in the arena
+                        restarted.clear()
+                        restarted.set(seconds)
                 try:
                     return fn(*args, **kwargs)
                 except Exception as e:
                     if not rollback_on_exception:
                         raise
                     _save_exception(n, e)
-                    # the input key stays marked, so the shepherd can quarantine it
+                    # the checkpoint names the input, so the shepherd can quarantine it
                     snapshots.tlongjmp(n, reason=f"exception: {type(e).__name__}")
                     raise  # pragma: no cover - tlongjmp does not return
             finally:
-                if deadline is not None:
-                    deadline.clear()
-                if marked is not None:
-                    unmark(marked)
+                restarted.clear()
                 if n:
                     snapshots.end_transaction(n, before)
 

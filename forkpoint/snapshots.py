@@ -79,7 +79,8 @@ def _handler_signal() -> int:
 
 
 # ---- the public API ------------------------------------------------------------------------------
-def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int | None = None) -> int:
+def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int | None = None,
+            key: str | None = None, deadline: float = 0.0) -> int:
     """Take checkpoint *n* (1, 2, 3, ... over the program's life) and return *n*.
 
     When the program is later restored to *n*, execution goes on by returning *n* from this same
@@ -87,6 +88,9 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int
     checkpoint when older ones are discarded to stay within ``max_checkpoints``. ``spares`` (default
     ``configure(spares=...)``, 1) is how many ready copies are kept so that a restore is a wake-up;
     0 makes a restore fork the copy on demand (slower, but the checkpoint costs one fork, not two).
+    ``key`` and ``deadline`` are for a protected call checkpointed for itself: the input to blame if
+    the process fails while this checkpoint is current, and the ``time.monotonic()`` past which the
+    shepherd restores it as a timeout.
     """
     rt = _rt
     rt.check_caller()
@@ -108,7 +112,7 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int
     # touches is copied on first write, so the parent's side of the fork does as little as it
     # can. The keeper introduces itself (pid and channel) from its own side.
     _sigutil.block_all(saved.mask)      # from the announcement to the fork, nothing interrupts
-    _channel.send(rt.chan, _channel.Snap(n, bool(pin), spares))
+    _channel.send(rt.chan, _channel.Snap(n, bool(pin), spares, key, deadline))
     try:
         pid = _clone.clone(sibling=True)
     except BaseException:

@@ -184,11 +184,11 @@ class _Restart(_Base):
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         k = self.key(environ)
-        if is_quarantined(k):
-            return _answer(start_response, REFUSED)
         self.seq += 1
         seq = self.seq
         if self.n == 0:
+            if is_quarantined(k):
+                return _answer(start_response, REFUSED)
             failed_here = self._checkpoint(seq)
             if failed_here is not None:     # the restored process, inside this very request
                 if failed_here:
