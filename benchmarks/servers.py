@@ -229,8 +229,10 @@ def measure(server: str, mode: str, handler: str, client: str, seconds: float, c
 
 
 # ---- per-call overhead (``--percall-child``) ----------------------------------------------------
-def percall_child(n: int) -> int:
-    """In a fresh process: what timeout= and key= add to a call, and a restart-mode WSGI request."""
+def percall_child(n: int, what: str) -> int:
+    """In a fresh process: what timeout= and key= add to a @checkpointed call (``what`` "calls"), or
+    what restart mode adds to a WSGI request (``what`` "requests"; its worker checkpoint and rescue
+    slots would change the first measurement, so each has its own process)."""
     import resource
 
     import forkpoint as fp
@@ -242,52 +244,46 @@ def percall_child(n: int) -> int:
         store[x] = store.get(x, 0) + 1
         return 1
 
-    variants = {"@checkpointed": fp.checkpointed(work),
-                "@checkpointed(timeout=)": fp.checkpointed(timeout=30.0)(work),
-                "@checkpointed(key=)": fp.checkpointed(key=lambda x: x)(work),
-                "@checkpointed(timeout=, key=)": fp.checkpointed(timeout=30.0, key=lambda x: x)(work)}
-
     def wsgi(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         start_response("200 OK", [("Content-Length", "2")])
         return [b"ok"]
 
-    a, b = socket.socketpair()
-    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/k", "QUERY_STRING": "", "gunicorn.socket": a,
-               "wsgi.file_wrapper": type(None)}
-    plain_req = wsgi
-    restart_req = forkpoint.wsgi.protect(wsgi, mode="restart")
-    restart_t = forkpoint.wsgi.protect(wsgi, mode="restart", timeout=30.0)
-
     def start_response(status: str, headers: list[Any], exc_info: Any = None) -> None:
         return None
 
+    if what == "calls":
+        variants: dict[str, Any] = {
+            "@checkpointed": fp.checkpointed(work),
+            "@checkpointed(timeout=)": fp.checkpointed(timeout=30.0)(work),
+            "@checkpointed(key=)": fp.checkpointed(key=lambda x: x)(work),
+            "@checkpointed(timeout=, key=)": fp.checkpointed(timeout=30.0, key=lambda x: x)(work)}
+        repeat = 1
+    else:
+        a, b = socket.socketpair()
+        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/k", "QUERY_STRING": "",
+                   "gunicorn.socket": a, "wsgi.file_wrapper": type(None)}
+        apps = {"WSGI request, bare application": wsgi,
+                "WSGI request, restart mode": forkpoint.wsgi.protect(wsgi, mode="restart"),
+                "WSGI request, restart mode, timeout=": forkpoint.wsgi.protect(wsgi, mode="restart",
+                                                                                timeout=30.0)}
+        variants = {name: (lambda x, f=f: f(environ, start_response)) for name, f in apps.items()}
+        repeat = 10
     fp.start()
-    req_variants = {"WSGI request, bare application": lambda: plain_req(environ, start_response),
-                    "WSGI request, restart mode": lambda: restart_req(environ, start_response),
-                    "WSGI request, restart mode, timeout=": lambda: restart_t(environ, start_response)}
     for f in variants.values():
-        for _ in range(20):
+        for _ in range(50):
             f("/w")
-    for g in req_variants.values():
-        for _ in range(200):
-            g()
-    times: dict[str, list[float]] = {k: [] for k in [*variants, *req_variants]}
-    faults: dict[str, list[int]] = {k: [] for k in times}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    faults: dict[str, list[int]] = {k: [] for k in variants}
     pc, gr = time.perf_counter, resource.getrusage
     for _ in range(n):
         for name, f in variants.items():
             f0 = gr(0).ru_minflt
             t = pc()
-            f("/k")
-            times[name].append(pc() - t)
+            for _ in range(repeat):
+                f("/k")
+            times[name].append((pc() - t) / repeat)
             faults[name].append(gr(0).ru_minflt - f0)
-        for name, g in req_variants.items():
-            t = pc()
-            for _ in range(10):
-                g()
-            times[name].append((pc() - t) / 10)
-            faults[name].append(0)
-    out = {k: {"us": statistics.median(v) * 1e6, "minflt": statistics.mean(faults[k])}
+    out = {k: {"us": statistics.median(v) * 1e6, "minflt": statistics.mean(faults[k]) / repeat}
            for k, v in times.items()}
     print(json.dumps(out), flush=True)
     return 0
@@ -296,11 +292,14 @@ def percall_child(n: int) -> int:
 def percall(n: int) -> dict[str, Any]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--percall-child", str(n)],
-                         capture_output=True, text=True, env=env, timeout=600)
-    if out.returncode != 0:
-        raise RuntimeError(f"per-call measurement failed: {out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = {}
+    for what in ("calls", "requests"):
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--percall-child", str(n), what],
+                             capture_output=True, text=True, env=env, timeout=600)
+        if out.returncode != 0:
+            raise RuntimeError(f"per-call measurement failed: {out.stderr[-3000:]}")
+        result.update(json.loads(out.stdout.strip().splitlines()[-1]))
+    return result
 
 
 def percall_table(p: dict[str, Any]) -> str:
@@ -310,8 +309,7 @@ def percall_table(p: dict[str, Any]) -> str:
     for name, v in p.items():
         ref = base if name.startswith("@") else bare
         added = v["us"] - ref
-        lines.append(f"| {name} | {v['us']:.1f} | {added:+.1f} | {v['minflt']:.0f} |"
-                     if name.startswith("@") else f"| {name} | {v['us']:.1f} | {added:+.1f} | - |")
+        lines.append(f"| {name} | {v['us']:.1f} | {added:+.1f} | {v['minflt']:.1f} |")
     return "\n".join(lines)
 
 
@@ -414,10 +412,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--percall", type=int, help="interleaved calls for the per-call table "
                                                  "(default 2000; quick: 100; 0: skip)")
     ap.add_argument("--note", default="", help="a line about the machine's load, for the record")
-    ap.add_argument("--percall-child", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--percall-child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.percall_child:
-        return percall_child(args.percall_child)
+        return percall_child(int(args.percall_child[0]), args.percall_child[1])
 
     client = args.client
     if client == "auto":

@@ -23,6 +23,7 @@ with ``--loop asyncio``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Generator, MutableMapping
@@ -91,18 +92,6 @@ def _default_key(scope: Scope) -> str:
                     scope.get("path", ""), qs.decode("latin-1") if qs else "")
 
 
-def _client_fd(send: Any) -> int:
-    """The client socket's descriptor, where the server exposes it (uvicorn's send is a method of
-    its request cycle, which holds the transport); -1 elsewhere (the client then sees a closed
-    connection instead of a 500 if the worker fails)."""
-    transport = getattr(getattr(send, "__self__", None), "transport", None)
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    try:
-        return sock.fileno() if sock is not None else -1
-    except (AttributeError, OSError):
-        return -1
-
-
 class _Protected:
     def __init__(self, app: ASGIApp, timeout: float | None, key: Callable[[Scope], Any] | None,
                  quarantine_after: int, refresh: float | None) -> None:
@@ -116,6 +105,7 @@ class _Protected:
         self.seq = 0
         self.inflight = 0
         self.rescue: Rescue | None = None
+        self.slots: dict[Any, int] = {}         # connection (transport) -> its rescue slot
         self.arena: Any = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.watching = False
@@ -175,6 +165,8 @@ class _Protected:
     def _checkpoint(self) -> None:
         old = self.n
         merge_policy(self.quarantine_after)
+        if not old:
+            gc.freeze()         # the worker's heap at startup: see wsgi._freeze
         if self.rescue is None:
             self.rescue = Rescue(SLOTS, "asgi-inflight")
         self.n = snapshots.tsetjmp(pin=True)
@@ -218,7 +210,9 @@ class _Protected:
         self.inflight += 1
         rescue = self.rescue if self.n else None
         http = kind == "http"
-        slot = rescue.hold(_client_fd(send), self.seq) if rescue is not None and http else -1
+        slot = conn = -1
+        if rescue is not None and http:
+            conn, slot = self._slot(send, rescue)
         started = False
 
         async def tracked_send(message: Message) -> None:
@@ -252,12 +246,45 @@ class _Protected:
         finally:
             if timer is not None:
                 timer.cancel()
-            if slot >= 0:
-                rescue.release(slot)  # type: ignore[union-attr]
+            if slot >= 0 and self.slots.get(conn) == slot:    # (still held: not lost meanwhile)
+                rescue.idle(slot)  # type: ignore[union-attr]
             self.inflight -= 1
             if self.n and not self.inflight and not self.watching and self.refresh.due():
                 self._watch()
         return None
+
+    def _slot(self, send: Send, rescue: Rescue) -> tuple[Any, int]:
+        """The rescue slot of the request's connection: held from its first request until it is
+        lost (its protocol's ``connection_lost``), so a keep-alive connection costs one
+        ``sendmsg`` and one ``recvmsg`` in all. (-1, -1) where the server hides the socket."""
+        transport = getattr(getattr(send, "__self__", None), "transport", None)
+        if transport is None:
+            return -1, -1
+        slot = self.slots.get(transport)
+        if slot is None:
+            sock = transport.get_extra_info("socket")
+            protocol = transport.get_protocol()
+            try:
+                fd = sock.fileno() if sock is not None else -1
+            except OSError:
+                fd = -1
+            slot = rescue.hold(fd, self.seq)
+            if slot < 0 or protocol is None:
+                rescue.release(slot)
+                return -1, -1
+            lost = protocol.connection_lost
+            slots = self.slots
+
+            def connection_lost(exc: BaseException | None) -> None:
+                if slots.pop(transport, None) is not None:
+                    rescue.release(slot)
+                lost(exc)
+
+            protocol.connection_lost = connection_lost
+            slots[transport] = slot
+        else:
+            rescue.busy(slot, self.seq)
+        return transport, slot
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         refused = self._checked_loop()
@@ -295,14 +322,15 @@ class _Steps:
     is then blamed on this request only, and a restore cuts a step that runs past ``timeout``.
     """
 
-    __slots__ = ("coro", "key", "owner", "deadline", "arena")
+    __slots__ = ("coro", "key", "deadline", "arena", "timeout", "n")
 
     def __init__(self, coro: Any, key: str, owner: _Protected) -> None:
         self.coro = coro
         self.key = key
-        self.owner = owner
+        self.n = owner.n
+        self.timeout = owner.timeout or 0.0
         self.deadline = Deadline() if owner.timeout is not None and owner.n else None
-        self.arena = runtime().arena if owner.n else None
+        self.arena = owner.arena if owner.n else None
 
     def __await__(self) -> Generator[Any, Any, Any]:
         return self  # type: ignore[return-value]
@@ -313,32 +341,35 @@ class _Steps:
     def __next__(self) -> Any:
         return self.send(None)
 
-    def _enter(self) -> None:
-        if self.arena is not None:
-            self.arena.set_processing(self.key)
-            if self.deadline is not None:
-                assert self.owner.timeout is not None
-                self.deadline.set(self.owner.timeout, self.owner.n)
-
-    def _leave(self) -> None:
-        if self.arena is not None:
-            if self.deadline is not None:
-                self.deadline.clear()
-            self.arena.set_processing(None)
-
     def send(self, value: Any) -> Any:
-        self._enter()
+        arena = self.arena
+        if arena is None:
+            return self.coro.send(value)
+        arena.set_processing(self.key)
+        deadline = self.deadline
+        if deadline is not None:
+            deadline.set(self.timeout, self.n)
         try:
             return self.coro.send(value)
         finally:
-            self._leave()
+            if deadline is not None:
+                deadline.clear()
+            arena.set_processing(None)
 
     def throw(self, *exc: Any) -> Any:
-        self._enter()
+        arena = self.arena
+        if arena is None:
+            return self.coro.throw(*exc)
+        arena.set_processing(self.key)
+        deadline = self.deadline
+        if deadline is not None:
+            deadline.set(self.timeout, self.n)
         try:
             return self.coro.throw(*exc)
         finally:
-            self._leave()
+            if deadline is not None:
+                deadline.clear()
+            arena.set_processing(None)
 
     def close(self) -> None:
         self.coro.close()

@@ -20,6 +20,7 @@ In both modes a key (``key(environ)``, by default method, path and query) that f
 """
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -83,6 +84,17 @@ def _default_key(environ: dict[str, Any]) -> str:
                     environ.get("QUERY_STRING", ""))
 
 
+def _freeze() -> None:
+    """Move the worker's heap, as it is when it first serves, out of the cyclic GC's way.
+
+    A collection writes the header of every object it examines; after a checkpoint's fork each of
+    those pages is copied. The objects alive at the first request (the application, the server,
+    their modules) live as long as the worker, so, as CPython's documentation advises for pre-fork
+    servers, ``gc.freeze()`` moves them to the permanent generation that later collections skip.
+    """
+    gc.freeze()
+
+
 def _answer(start_response: StartResponse, what: tuple[str, int, bytes]) -> list[bytes]:
     line, _, body = what
     start_response(line, [("Content-Type", "text/plain; charset=utf-8"),
@@ -119,9 +131,13 @@ class _Transaction(_Base):
         super().__init__(app, timeout, key, quarantine_after)
         self._call = checkpointed(timeout=timeout, rollback_on_exception=True, key=_txn_key,
                                   quarantine_after=quarantine_after)(self._run)
+        self.frozen = False
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         k = self.key(environ)
+        if not self.frozen:
+            self.frozen = True
+            _freeze()
         try:
             status, headers, exc_info, body = self._call(environ, k)
         except Quarantined:
@@ -231,6 +247,7 @@ class _Restart(_Base):
         request that failed is this one (True: answer it 500 here) or another (False).
         """
         merge_policy(self.quarantine_after)         # starts forkpoint in this worker
+        _freeze()
         if self.rescue is None:
             self.rescue = Rescue(1, "wsgi-inflight")
         self.n = snapshots.tsetjmp(pin=True)

@@ -151,6 +151,41 @@ def test_requests_in_flight_fail_with_the_crash_but_are_not_blamed(tmp_path):
         assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
 
 
+def test_keep_alive_connections_are_answered_or_closed_never_left_hanging(tmp_path):
+    """A keep-alive connection holds its rescue slot between requests. When the worker fails, the
+    one with a request in flight gets a 500 and the idle one is closed (FIN): neither client waits."""
+    import http.client
+
+    proc, port = _uvicorn(tmp_path, TIMEOUT="5")
+    busy = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    idle = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        for conn in (busy, idle):
+            conn.request("GET", "/count")
+            assert conn.getresponse().read()
+        got: list = []
+
+        def slow() -> None:
+            busy.request("GET", "/slow?s=1")
+            r = busy.getresponse()
+            got.append((r.status, r.read()))
+
+        t = threading.Thread(target=slow)
+        t.start()
+        time.sleep(0.3)
+        assert _get(port, "/crash")[0] == 500
+        t.join(15)
+        assert got and got[0][0] == 500, got
+        idle.request("GET", "/count")
+        with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
+            idle.getresponse()                                 # closed at once, not a 10 s timeout
+        assert _get(port)[1]["served"] == 1
+    finally:
+        busy.close()
+        idle.close()
+        assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
+
+
 def test_refresh_keeps_what_the_worker_learned(tmp_path):
     proc, port = _uvicorn(tmp_path, REFRESH="0.3")
     try:
