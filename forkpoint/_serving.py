@@ -39,7 +39,6 @@ MAX_KEY = 200           # bytes; longer keys keep a prefix and a digest (the are
 FAILED = ("500 Internal Server Error", 500, b"forkpoint: the request failed and was rolled back\n")
 _ONE = [b"r"]
 _SOL_SOCKET, _SCM_RIGHTS = socket.SOL_SOCKET, socket.SCM_RIGHTS
-_FD_SPACE = socket.CMSG_SPACE(4)
 
 REFUSED = ("503 Service Unavailable", 503,
            b"forkpoint: this request is quarantined: it failed the server repeatedly\n")
@@ -153,15 +152,12 @@ class Rescue:
 
     def release(self, slot: int) -> None:
         """The request is done: take its socket out of the slot (first: a death in between then
-        answers no one), and free the slot. One ``recvmsg``: the slot holds one socket."""
+        answers no one), and free the slot. One ``recv`` without room for descriptors: the kernel
+        drops the socket it carried, with no descriptor installed and closed here."""
         if slot < 0:
             return
         try:
-            _, anc, _, _ = self.pairs[slot][1].recvmsg(1, _FD_SPACE)
-            for level, kind, data in anc:
-                if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
-                    for fd in array.array("i", data[:len(data) - len(data) % 4]):
-                        _close(fd)
+            self.pairs[slot][1].recv(1)
         except OSError:             # (nothing queued: cannot happen, but a slot must never leak)
             pass
         self.words[2 * slot] = self.FREE
