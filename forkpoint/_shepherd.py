@@ -181,6 +181,7 @@ class Shepherd:
         self.retired_live: set[int] = set()     # live processes killed since the last orphan scan
         self.scan_pending = False
         self.parent_fd: int | None = None       # a pidfd of the face's parent
+        self.next_deadline = float("inf")      # when the pending _deadline_due timer fires
         faults = args.get("faults")
         self.reports = FaultReports(faults) if faults is not None else None
         self._handlers: dict[type[Message], Callable[[Proc, Any, list[int]], None]] = {
@@ -496,6 +497,8 @@ class Shepherd:
             self._discard(n, "its id was taken again")
         self.ckpts[n] = Checkpoint(n, None, msg.pin, awaiting=True, announcer=proc, want_spares=msg.spares,
                                    key=msg.key, deadline=msg.deadline)
+        if msg.deadline:
+            self._at_deadline(n, msg.deadline)
         self.current = n
         self._enforce_bounds()
 
@@ -859,9 +862,27 @@ class Shepherd:
         timeout), and the one a protected call sent with its own checkpoint (``Snap.deadline``).
         Past either, the live process is killed here and the checkpoint restored as a timeout.
         Neither costs the call a timer or a handler: a POSIX timer set through ctypes and a
-        SIGALRM handler cost every checkpointed call some 30 copy-on-write faults.
+        SIGALRM handler cost every checkpointed call some 30 copy-on-write faults. The arena is
+        read every 50 ms; a checkpoint's own deadline also gets a timer of its own (``_at_deadline``).
         """
         self.loop.after(_WATCHDOG_TICK, self._watchdog_tick)
+        self._check_deadlines()
+
+    def _at_deadline(self, n: int, deadline: float) -> None:
+        """Check a protected call's deadline on time, not at the next tick (one timer at a time:
+        the shepherd's timers cannot be cancelled, and a committed call's timer finds nothing)."""
+        if deadline < self.next_deadline and deadline > 0:
+            self.next_deadline = deadline
+            self.loop.after(max(0.0, deadline - time.monotonic()), self._deadline_due)
+
+    def _deadline_due(self) -> None:
+        self.next_deadline = float("inf")
+        self._check_deadlines()
+        ck = self.ckpts.get(self.current)
+        if ck is not None and ck.deadline > time.monotonic():
+            self._at_deadline(ck.n, ck.deadline)
+
+    def _check_deadlines(self) -> None:
         live = self.live
         if live is None or not self.live_up:
             return
@@ -892,7 +913,7 @@ class Shepherd:
                       live.pid, target)
             os.kill(live.pid, signal.SIGKILL)
             return
-        log.warning("live process %d is past its deadline: %s", live.pid, reason)
+        log.info("live process %d is past its deadline: %s", live.pid, reason)
         self.live = None
         held = len(self.pending_signals)
         self._retire(live)
