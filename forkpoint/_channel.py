@@ -47,6 +47,7 @@ class Op(str, Enum):
     POLICY = "policy"
     CONFIGURE = "configure"
     CHILD = "child"
+    QUARANTINE = "quarantine"
     WAKE = "wake"
     FORK = "fork"
     OK = "ok"
@@ -165,6 +166,16 @@ class ChildQuery(Message):
     pid: int
 
 
+@dataclass
+class QuarantineOp(Message):
+    """``forkpoint.quarantine(key)`` (``action`` "add") or ``release(key)`` ("release") by hand:
+    the shepherd is the one writer of the quarantine tables. Answered by ``Ok`` (``found``)."""
+
+    OP = Op.QUARANTINE
+    action: str
+    key: str
+
+
 # ---- from the shepherd to the program ---------------------------------------------------------------
 @dataclass
 class Wake(Message):
@@ -201,7 +212,7 @@ class Error(Message):
 
 _CLASSES: dict[str, type[Message]] = {
     cls.OP.value: cls for cls in (Snap, Hello, Spare, Up, Restore, Discard, ListCheckpoints, SetPolicy,
-                                  Configure, ChildQuery, Wake, Fork, Ok, Error)}
+                                  Configure, ChildQuery, Wake, Fork, Ok, Error, QuarantineOp)}
 # The JSON types each field may hold, read once from the annotations.
 _TYPES = {"int": (int,), "bool": (bool,), "str": (str,), "float": (int, float),
           "int | None": (int, type(None)), "str | None": (str, type(None)), "list[int]": (list,),

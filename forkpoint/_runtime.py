@@ -15,10 +15,12 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from . import _channel, _children, _clone, _eventloop, _identity, _prctl, _procfs, _sigutil
+from . import _channel, _children, _clone, _eventloop, _identity, _prctl, _procfs, _qkeys, _sigutil
 from ._errors import ConfigurationError, ForkpointError, NoSuchCheckpoint, ThreadsAlive, WrongThread
+from ._qhost import HostStore
+from ._qtable import LOCAL, MIRROR, arena_table
 from ._shepherd import become_shepherd
-from .arena import DEFAULT_SIZE, Arena
+from .arena import DEFAULT_SIZE, MIRROR_REGION, QUARANTINE_REGION, Arena
 
 log = logging.getLogger("forkpoint")
 
@@ -34,6 +36,11 @@ class Config:
     shepherd_exec: bool = True
     max_snapshot_memory: int | None = None
     gc_freeze: bool = False
+    # The quarantine (``_qkeys``); None: from the environment, else the default.
+    quarantine: str | None = None
+    service: str | None = None
+    quarantine_ttl: float | None = None
+    quarantine_keys: str | None = None
 
 
 class _Runtime:
@@ -60,6 +67,7 @@ class _Runtime:
         self.fault_fd: int | None = None                # faulthandler's pipe to the shepherd
         self.altstack: Any = None
         self.policy_generation = 0                      # bumped by recover_on(), which replaces
+        self.qsettings: _qkeys.Settings | None = None   # resolved at first use, fixed at start
         # One request on the channel at a time: a thread may wait for a child the shepherd holds
         # (asyncio's child watcher on 3.10/3.11 calls waitpid from a thread). A restored process
         # makes a new one: a thread the snapshot did not copy may have held this one.
@@ -90,8 +98,18 @@ class _Runtime:
 
     def arena_or_create(self) -> Arena:
         if self.arena is None:
-            self.arena = Arena.create(self.config.arena_size)
+            arena = Arena.create(self.config.arena_size)
+            # The program's quarantine table, made while this process is the arena's only writer.
+            arena_table(arena, QUARANTINE_REGION, LOCAL, create=True)
+            self.arena = arena
         return self.arena
+
+    def quarantine_settings(self) -> _qkeys.Settings:
+        """The quarantine's scope, service and time to live (``_qkeys``), resolved once."""
+        if self.qsettings is None:
+            c = self.config
+            self.qsettings = _qkeys.resolve(c.quarantine, c.service, c.quarantine_ttl, c.quarantine_keys)
+        return self.qsettings
 
     # -- start: the original process becomes the shepherd -----------------------------------------
     def ensure_started(self) -> None:
@@ -106,6 +124,14 @@ class _Runtime:
                 "shepherd and continues the program in a forked copy, which threads cannot follow; "
                 "call forkpoint.start() before starting threads")
         arena = self.arena_or_create()
+        qs = self.quarantine_settings()
+        if qs.parsed.kind == "redis":     # the shepherd's copy of the store, which the program reads
+            arena_table(arena, MIRROR_REGION, MIRROR, create=True)
+        elif qs.parsed.kind == "host":
+            try:                          # so that every reader finds it from the first request
+                HostStore(qs.service).ensure()
+            except OSError as e:
+                log.debug("host quarantine store not created yet: %s", e)
         arena.set_face_ppid(os.getppid())      # the shepherd keeps it up to date from now on
         loop = _eventloop.running_loop()
         self.pgid = os.getpgrp()
@@ -147,7 +173,7 @@ class _Runtime:
             return
         mine.close()
         os.close(fault_w)
-        become_shepherd(theirs, arena, pid, self.pgid, self.config, fault_r)
+        become_shepherd(theirs, arena, pid, self.pgid, self.config, fault_r, qs.to_args())
 
     def watch_faults(self) -> None:
         """Report fatal signals to the shepherd the moment they happen, through faulthandler.

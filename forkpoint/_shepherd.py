@@ -42,6 +42,7 @@ from ._channel import (
     Hello,
     ListCheckpoints,
     Message,
+    QuarantineOp,
     Restore,
     SetPolicy,
     Snap,
@@ -53,8 +54,10 @@ from ._control import ControlServer
 from ._faultreport import FaultReports
 from ._loop import EventLoop
 from ._orphans import Orphans
+from ._qkeeper import Keeper
+from ._qkeys import Settings
 from ._sigutil import FORWARDED, REPORTED_SIGNALS, TTY_SIGNALS, signame
-from .arena import Arena, HistoryRecord, add_quarantine, load_quarantine
+from .arena import QUARANTINE_SIZE, Arena, HistoryRecord
 from .policy import Action, Decision, Policy, RecoveryPolicy
 
 log = logging.getLogger("forkpoint")
@@ -99,12 +102,12 @@ class Checkpoint:
 
 
 def become_shepherd(chan: socket.socket, arena: Arena, live_pid: int, pgid: int, config: Any,
-                    faults: int) -> NoReturn:
+                    faults: int, quarantine: dict[str, Any] | None = None) -> NoReturn:
     """Turn the original process into the shepherd."""
     args = {"chan": chan.fileno(), "arena_fd": arena.fd, "arena_size": arena.size, "faults": faults,
             "live": live_pid, "pgid": pgid, "max_checkpoints": config.max_checkpoints,
             "max_snapshot_memory": config.max_snapshot_memory,
-            "level": logging.getLogger("forkpoint").getEffectiveLevel()}
+            "level": logging.getLogger("forkpoint").getEffectiveLevel(), "quarantine": quarantine or {}}
     try:
         if config.shepherd_exec and sys.executable:
             os.set_inheritable(chan.fileno(), True)
@@ -184,10 +187,13 @@ class Shepherd:
         self.next_deadline = float("inf")      # when the pending _deadline_due timer fires
         faults = args.get("faults")
         self.reports = FaultReports(faults) if faults is not None else None
+        self.quarantine = Keeper(arena, Settings.from_args(args.get("quarantine") or {}), self.loop,
+                                 os.getpid())
         self._handlers: dict[type[Message], Callable[[Proc, Any, list[int]], None]] = {
             Snap: self._on_snap, Hello: self._on_hello, Spare: self._on_spare, Up: self._on_up,
             Restore: self._on_restore, Discard: self._on_discard, ListCheckpoints: self._on_list,
-            SetPolicy: self._on_policy, Configure: self._on_configure, ChildQuery: self._on_child}
+            SetPolicy: self._on_policy, Configure: self._on_configure, ChildQuery: self._on_child,
+            QuarantineOp: self._on_quarantine}
 
     # -- what the control server sees (``_control.Controlled``) ---------------------------------------
     @property
@@ -201,7 +207,14 @@ class Shepherd:
         return self.arena.history()
 
     def quarantined(self) -> list[str]:
-        return load_quarantine(self.arena)
+        return self.quarantine.listing()
+
+    def quarantine_report(self) -> dict[str, Any]:
+        return self.quarantine.report()
+
+    def release_by_operator(self, key: str, pid: int, uid: int) -> bool:
+        return self.quarantine.release(key, f"operator uid {uid} (pid {pid}) via program {os.getpid()} "
+                                            f"on {self.quarantine.s.host}", pid, uid)
 
     def nosuch(self, n: int) -> str:
         have = ", ".join(map(str, sorted(self.ckpts))) or "none"
@@ -308,6 +321,7 @@ class Shepherd:
         except Exception as e:  # noqa: BLE001 - the program runs without operator control
             log.warning("operator socket unavailable: %s", e)
         self.orphans.scan(set(), self.procs.__contains__)   # children the program started before us
+        self.quarantine.start()
         self._watch_parent()
         self._reap()   # the live process may have died before we watched SIGCHLD
         if self.max_memory:
@@ -591,6 +605,8 @@ class Shepherd:
     def _on_configure(self, proc: Proc, msg: Configure, fds: list[int]) -> None:
         settings = msg.settings
         self.max_checkpoints = settings.get("max_checkpoints", self.max_checkpoints)
+        if "quarantine_ttl" in settings:
+            self.quarantine.s.ttl = settings["quarantine_ttl"]
         if "max_snapshot_memory" in settings:
             first = not self.max_memory
             self.max_memory = settings["max_snapshot_memory"]
@@ -598,6 +614,24 @@ class Shepherd:
                 self.loop.after(0.0, self._memory_tick)
         self._enforce_bounds()
         self._send(proc, _channel.Ok())
+
+    def _on_quarantine(self, proc: Proc, msg: QuarantineOp, fds: list[int]) -> None:
+        """``forkpoint.quarantine(key)`` or ``release(key)`` in the program (see ``_qkeeper``)."""
+        try:
+            if msg.action == "add":
+                self.quarantine.add(msg.key, QUARANTINE_SIZE)
+                found = True
+            elif msg.action == "release":
+                found = self.quarantine.release(msg.key, f"program {os.getpid()} on {self.quarantine.s.host}",
+                                                os.getpid(), os.geteuid())
+            else:
+                self._send(proc, _channel.Error(ErrorKind.CONFIG, f"unknown quarantine operation {msg.action!r}"))
+                return
+        except Exception as e:  # noqa: BLE001 - the program gets the error, the shepherd goes on
+            log.exception("quarantine %s of %r failed", msg.action, msg.key)
+            self._send(proc, _channel.Error(ErrorKind.UNKNOWN, f"quarantine {msg.action} failed: {e}"))
+            return
+        self._send(proc, _channel.Ok({"found": found}))
 
     def _on_child(self, proc: Proc, msg: ChildQuery, fds: list[int]) -> None:
         """The live process waits for a child the kernel says is not its own (see ``_children``)."""
@@ -709,8 +743,9 @@ class Shepherd:
         if operator:
             decision = Decision(Action.RESTORE, target, 0.0, 1, cause, None)
         else:
+            shared = self._count_failure(key, sig, cause) if key is not None else None
             decision = self.policy.decide(target, sig, key, sorted(self.ckpts), time.time(), cause,
-                                          budgeted=bool(sig))
+                                          budgeted=bool(sig), key_failures=shared)
         if requester is not None:
             self.live = None
             self._retire(requester)
@@ -755,9 +790,21 @@ class Shepherd:
         except Exception:  # noqa: BLE001 - contained: the restore matters more than its record
             log.exception("could not record the restore to %d in the jump history", to_state)
 
-    def _record_quarantine(self, key: str, from_state: int, target: int, sig: int, cause: str) -> None:
+    def _count_failure(self, key: str, sig: int, cause: str) -> int | None:
+        """Record the failure where the quarantine's scope shares it (before the restore); the
+        failures of ``key`` within the policy's window wherever they happened, or None."""
+        pol = self.policy.policy
         try:
-            add_quarantine(self.arena, key, self.policy.policy.quarantine_size)
+            return self.quarantine.failed(key, sig, cause[:64], pol.quarantine_after, pol.within,
+                                          pol.quarantine_size)
+        except Exception:  # noqa: BLE001 - contained: the restore matters more than the record
+            log.exception("could not record the failure of input %r", key)
+            return None
+
+    def _record_quarantine(self, key: str, from_state: int, target: int, sig: int, cause: str) -> None:
+        pol = self.policy.policy
+        try:
+            self.quarantine.quarantined(key, pol.quarantine_after, sig, pol.quarantine_size)
         except Exception:  # noqa: BLE001 - contained: the restore matters more than the quarantine
             log.exception("could not quarantine input %r", key)
             return

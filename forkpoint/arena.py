@@ -14,11 +14,11 @@ word is written last; a cache entry is double-buffered and a generation counter 
 is current, so a torn write only ever touches the inactive buffer; the space allocator is bumped
 before an entry that uses the space is committed (a kill leaks the space, never overlaps it). Two
 processes never write at once: only the live process writes regions and cache entries, and the
-shepherd writes the history (and quarantine) only while no live process runs program code.
+shepherd writes the history only while no live process runs program code (the quarantine
+tables, ``_qtable``, have their own single writer and lock-free readers).
 """
 from __future__ import annotations
 
-import json
 import logging
 import mmap
 import os
@@ -28,7 +28,7 @@ import time
 import zlib
 from typing import Any, NamedTuple
 
-from ._errors import ArenaFull, CacheCorrupted, ConfigurationError, ForkpointError, RegionMismatch
+from ._errors import ArenaFull, CacheCorrupted, ConfigurationError, RegionMismatch
 
 log = logging.getLogger("forkpoint")
 
@@ -394,52 +394,21 @@ class Arena:
             payload.release()
         raise CacheCorrupted(f"cache entry {name!r} has an unknown type tag")
 
-    def generation_word(self, name: str) -> int | None:
-        """The index in ``words`` of cache entry ``name``'s commit counter, or None if there is no
-        such entry. The counter changes with every ``cache_in``, and a slot never moves, so a
-        reader can keep what it decoded from the entry until that one word changes."""
-        slot = self._find(name)
-        if slot is None:
-            return None
-        return self._slot_word(slot, _GEN)
-
     def names(self) -> list[str]:
         return [n for n in (self._slot_name(s) for s in range(_DIR_SLOTS)) if n is not None]
 
 
-# ---- the quarantine store: a cache entry holding the quarantined keys, oldest first -----------------
-QUARANTINE_ENTRY = "forkpoint:quarantine"
+# ---- the quarantine tables (``_qtable``): regions of the arena, found by name ---------------------------
 QUARANTINE_SIZE = 1024          # keys kept; the oldest is released when a new one does not fit
+QUARANTINE_REGION = "forkpoint:quarantine"           # the program's own quarantine
+MIRROR_REGION = "forkpoint:quarantine-mirror"        # the shepherd's copy of a Redis store
 
 
-def load_quarantine(arena: Arena) -> list[str]:
-    try:
-        keys = json.loads(arena.cache_out(QUARANTINE_ENTRY))
-    except KeyError:
-        return []
-    except (ForkpointError, ValueError, TypeError) as e:
-        # A damaged quarantine must not take the program (or the shepherd) down: start afresh.
-        log.error("the quarantine store is unreadable (%s); it is reset", e)
-        return []
-    return [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else []
-
-
-def add_quarantine(arena: Arena, key: str, size: int = QUARANTINE_SIZE) -> list[str]:
-    """Add ``key``; when full, the oldest key is released (and logged). Returns the evicted keys."""
-    keys = [k for k in load_quarantine(arena) if k != key]
-    keys.append(key)
-    evicted = keys[:-size] if len(keys) > size else []
-    if evicted:
-        log.warning("quarantine full (%d keys): released the oldest %s", size, evicted)
-    arena.cache_in(QUARANTINE_ENTRY, json.dumps(keys[-size:]).encode())
-    return evicted
-
-
-def remove_quarantine(arena: Arena, key: str) -> bool:
-    """Take ``key`` out of quarantine; returns whether it was there."""
-    keys = load_quarantine(arena)
-    if key not in keys:
-        return False
-    keys.remove(key)
-    arena.cache_in(QUARANTINE_ENTRY, json.dumps(keys).encode())
-    return True
+def find_region(arena: Arena, name: str, size: int) -> memoryview | None:
+    """Region ``name`` of ``size`` bytes if it exists; never allocates (a reader's and the
+    shepherd's way in: only the live process, or a process with no live process beside it, may
+    allocate)."""
+    slot = arena._find(name)
+    if slot is None:
+        return None
+    return arena.persist(name, size)

@@ -55,6 +55,8 @@ class Policy:
                 v = settings[name]
                 if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                     raise ValueError(f"{name} must be a positive int, got {v!r}")
+                if name == "quarantine_size" and v > QUARANTINE_SIZE:
+                    raise ValueError(f"quarantine_size must be at most {QUARANTINE_SIZE}, got {v!r}")
                 setattr(p, name, v)
         for name in _SECONDS:
             if name in settings:
@@ -109,11 +111,13 @@ class RecoveryPolicy:
         return q
 
     def decide(self, target: int, sig: int, key: str | None, checkpoints: list[int],
-               now: float, cause: str, budgeted: bool = True) -> Decision:
+               now: float, cause: str, budgeted: bool = True, key_failures: int | None = None) -> Decision:
         """A failure at checkpoint ``target`` (by ``sig``, while processing ``key``): what now?
 
         ``budgeted=False`` is for a jump the program asked for without a signal: it counts towards
         quarantining the input being processed, but the program is never given up on for it.
+        ``key_failures``: the failures of ``key`` within the window wherever they happened, this
+        one included, as a shared quarantine store counted them; None counts this program's only.
         """
         p = self.policy
         self._prune(now)
@@ -121,7 +125,7 @@ class RecoveryPolicy:
         if key is not None:
             kq = self._window(self._key_events.setdefault(key, deque()), now)
             kq.append(now)
-            if len(kq) >= p.quarantine_after:
+            if (len(kq) if key_failures is None else key_failures) >= p.quarantine_after:
                 quarantine = key
                 kq.clear()
         q = self._window(self._events.setdefault((target, sig), deque()), now)

@@ -2,85 +2,82 @@
 
 ``processing(key)`` writes the key of the input being worked on into the arena, where the shepherd
 reads it when the live process dies or rolls back; a key that keeps failing is quarantined by the
-shepherd (see ``policy``), in the arena, so every later process of the program refuses it.
+shepherd (see ``policy`` and ``_qkeeper``), so every later process of the program refuses it, and
+at ``host`` or ``redis://`` scope every program of the service (``_qkeys``).
 
-A server asks ``is_quarantined(key)`` for every request, so the answer must not cost a decode of
-the store each time: the decoded keys are kept with the store's commit counter (one arena word)
-and decoded again only when the shepherd or ``quarantine()``/``release()`` changed it.
+A server asks whether a key is quarantined on every request, so the answer is a lock-free read that
+costs one word (or one 8-byte ``pread`` at host scope) while nothing changed (``_qlookup``).
+Quarantining and releasing by hand are done by the shepherd, the one writer of the program's
+quarantine tables.
 """
 from __future__ import annotations
 
+import os
 from types import TracebackType
 
-from ._errors import ForkpointError, Quarantined
+from . import _channel
+from ._errors import Quarantined
+from ._loop import EventLoop
+from ._qkeeper import Keeper
+from ._qkeys import check_key
+from ._qlookup import Lookup, lookup
 from ._runtime import runtime
-from .arena import QUARANTINE_ENTRY, Arena, add_quarantine, load_quarantine, remove_quarantine
+from .arena import QUARANTINE_SIZE, Arena
 
 __all__ = ["is_quarantined", "processing", "quarantine", "quarantined", "release"]
 
-
-def _arena() -> Arena:
-    return runtime().arena_or_create()
+_key = check_key
 
 
-def _key(key: object) -> str:
-    if not isinstance(key, str):
-        key = repr(key)
-    if not key or len(key.encode()) > 256:
-        raise ValueError("an input key must be a non-empty str of at most 256 bytes")
-    return key
+def _lookup() -> Lookup:
+    rt = runtime()
+    return lookup(rt.quarantine_settings(), rt.arena_or_create())
 
 
 class _Known:
-    """The quarantined keys as last decoded, and the commit counter they were decoded at."""
+    """For the protected-call paths (``@checkpointed``, ``asgi``): ``key in _known.keys_of(arena)``."""
 
-    def __init__(self) -> None:
-        self.arena: Arena | None = None
-        self.word = -1
-        self.generation = -1
-        self.keys: frozenset[str] = frozenset()
-
-    def keys_of(self, arena: Arena) -> frozenset[str]:
-        if arena is not self.arena:
-            self.arena, self.word, self.generation = arena, -1, -1
-        if self.word < 0:
-            try:
-                word = arena.generation_word(QUARANTINE_ENTRY)
-                if word is None:    # no store yet: an empty one, so that later calls read one word
-                    arena.cache_in(QUARANTINE_ENTRY, b"[]")
-                    word = arena.generation_word(QUARANTINE_ENTRY)
-            except ForkpointError:  # a full or damaged arena: decode every time (logged there)
-                word = None
-            if word is None:
-                return frozenset(load_quarantine(arena))
-            self.word = word
-        generation = int(arena.words[self.word])
-        if generation != self.generation:
-            self.keys = frozenset(load_quarantine(arena))
-            self.generation = generation
-        return self.keys
+    def keys_of(self, arena: Arena) -> Lookup:
+        return lookup(runtime().quarantine_settings(), arena)
 
 
 _known = _Known()
 
 
+def _by_hand(op: str, key: str) -> bool:
+    """Quarantine or release ``key``: through the shepherd once it runs, else in this process."""
+    rt = runtime()
+    settings = rt.quarantine_settings()
+    if not rt.started and settings.parsed.kind == "redis":
+        rt.check_caller()
+        rt.ensure_started()           # only the shepherd talks to Redis
+    if rt.started:
+        return bool(rt.request(_channel.QuarantineOp(op, key)).get("found"))
+    keeper = Keeper(rt.arena_or_create(), settings, EventLoop(), os.getpid())
+    if op == "add":
+        keeper.add(key, QUARANTINE_SIZE)
+        return True
+    return keeper.release(key, f"program {os.getpid()} on {settings.host}", os.getpid(), os.geteuid())
+
+
 def quarantine(key: str) -> None:
     """Quarantine ``key`` by hand (bounded: the oldest key is released when the store is full)."""
-    add_quarantine(_arena(), _key(key))
+    _by_hand("add", check_key(key))
 
 
 def is_quarantined(key: str) -> bool:
-    return _key(key) in _known.keys_of(_arena())
+    return _lookup().contains(check_key(key))
 
 
 def quarantined() -> list[str]:
-    """The quarantined keys, oldest first."""
-    return load_quarantine(_arena())
+    """The quarantined keys, oldest first (at a shared scope, a key whose text this program cannot
+    know is shown as its hex digest)."""
+    return _lookup().keys()
 
 
 def release(key: str) -> bool:
-    """Take ``key`` out of quarantine; returns whether it was there."""
-    return remove_quarantine(_arena(), _key(key))
+    """Take ``key`` (or the hex digest a listing shows) out of quarantine; returns whether it was."""
+    return _by_hand("release", check_key(key))
 
 
 def mark(key: str) -> tuple[Arena, str | None]:
@@ -90,9 +87,10 @@ def mark(key: str) -> tuple[Arena, str | None]:
     the WSGI and ASGI wrappers): with a checkpoint per call, every page this touches is copied on
     write, so it does the same work as ``processing`` without its layers of calls.
     """
-    arena = runtime().arena_or_create()
-    if key in _known.keys_of(arena):
+    lk = _lookup()
+    if lk.contains(key):
         raise Quarantined(key)
+    arena = lk.arena
     outer = arena.processing()
     arena.set_processing(key)
     return arena, outer
@@ -112,17 +110,12 @@ class processing:  # noqa: N801 - used as a function: ``with processing(key):``
     __slots__ = ("key", "_arena", "_outer")
 
     def __init__(self, key: str) -> None:
-        self.key = _key(key)
+        self.key = check_key(key)
         self._arena: Arena | None = None
         self._outer: str | None = None
 
     def __enter__(self) -> str:
-        arena = _arena()
-        if self.key in _known.keys_of(arena):
-            raise Quarantined(self.key)
-        self._outer = arena.processing()
-        self._arena = arena
-        arena.set_processing(self.key)
+        self._arena, self._outer = mark(self.key)
         return self.key
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from . import _channel, _clone, _eventloop, _procfs, _sigutil
+from . import _channel, _clone, _eventloop, _procfs, _qkeys, _sigutil
 from ._errors import ConfigurationError, NoSuchCheckpoint
 from ._frozen import Saved, frozen, resume
 from ._runtime import runtime
@@ -287,7 +287,9 @@ def checkpoints() -> list[CheckpointInfo]:
 
 def configure(**settings: Any) -> None:
     """Change settings: ``max_checkpoints``, ``spares``, ``allow_threads``, ``max_snapshot_memory``,
-    ``gc_freeze``, and before the first checkpoint ``arena_size`` and ``shepherd_exec``."""
+    ``gc_freeze``, ``quarantine_ttl``, and before the first checkpoint ``arena_size``,
+    ``shepherd_exec``, ``quarantine`` (``"process"``, ``"host"`` or ``"redis://HOST:PORT/DB"``),
+    ``service`` and ``quarantine_keys`` (``"hashed"`` or ``"plain"``); docs/architecture.md."""
     rt = _rt
     for key, value in settings.items():
         if not hasattr(rt.config, key):
@@ -301,11 +303,29 @@ def configure(**settings: Any) -> None:
             raise ConfigurationError(f"{key} must be an int >= {least}")
         if key == "max_snapshot_memory" and value is not None and (not isinstance(value, int) or value <= 0):
             raise ConfigurationError("max_snapshot_memory must be a positive int (bytes) or None")
+        if key in _QUARANTINE_SETTINGS:
+            if rt.started and key != "quarantine_ttl":
+                raise ConfigurationError(f"{key} can only be set before the first checkpoint")
+            _QUARANTINE_SETTINGS[key](value, key)
     for key, value in settings.items():
-        setattr(rt.config, key, value)
+        setattr(rt.config, key, _qkeys.parse_ttl(value) if key == "quarantine_ttl" else value)
+    if any(k in _QUARANTINE_SETTINGS for k in settings) and not rt.started:
+        rt.qsettings = None                # resolved again at the next use
     if rt.started:
-        rt.request(_channel.Configure({k: v for k, v in settings.items()
-                                       if k in ("max_checkpoints", "max_snapshot_memory")}))
+        if "quarantine_ttl" in settings:
+            assert rt.qsettings is not None
+            rt.qsettings.ttl = rt.config.quarantine_ttl
+        shepherds = ("max_checkpoints", "max_snapshot_memory", "quarantine_ttl")
+        rt.request(_channel.Configure({k: v for k, v in vars(rt.config).items()
+                                       if k in settings and k in shepherds}))
+
+
+_QUARANTINE_SETTINGS: dict[str, Any] = {
+    "quarantine": lambda v, k: v is None or _qkeys.parse_scope(v, k),
+    "service": lambda v, k: v is None or _qkeys.parse_service(v, k),
+    "quarantine_ttl": _qkeys.parse_ttl,
+    "quarantine_keys": lambda v, k: v is None or _qkeys.parse_keys(v, k),
+}
 
 
 def shepherd_pid() -> int:

@@ -17,9 +17,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "forkpoint"
 
 LAYERS: dict[str, list[str]] = {
     "os": ["_errors", "_clone", "_prctl", "_sigutil", "_procfs"],
-    "data and wire": ["_channel", "arena", "policy", "_rundir"],
-    "shepherd": ["_loop", "_faultreport", "_budget", "_orphans", "_control", "_shepherd"],
-    "program side": ["_identity", "_children", "_eventloop", "_asgiloop", "_runtime", "_frozen"],
+    "data and wire": ["_channel", "arena", "policy", "_rundir", "_qkeys", "_qtable", "_qhost"],
+    "shepherd": ["_loop", "_faultreport", "_budget", "_orphans", "_control", "_qredis", "_qkeeper",
+                 "_shepherd"],
+    "program side": ["_identity", "_children", "_eventloop", "_asgiloop", "_qlookup", "_runtime", "_frozen"],
     "public api": ["snapshots", "persist", "recovery", "watchdog", "checkpointed", "_serving", "wsgi", "asgi"],
     "faces": ["__init__", "__main__", "operator", "cli", "demo", "bench"],
 }
