@@ -17,6 +17,9 @@ Requests::
                                                     "current", "checkpoints", "quarantined", ...}
     {"op": "restore", "n": N, "reason": "..."}  -> {"ok": true, "restored": N, "from_state", "live", "reason"}
     {"op": "discard", "n": N}                   -> {"ok": true, "discarded": N, "checkpoints": [ids]}
+    {"op": "quarantine"}                        -> {"ok": true, "scope", "service", "quarantined": [...],
+                                                    "failures": [...], "releases": [...], ...}
+    {"op": "release", "key": KEY}               -> {"ok": true, "released": bool, "key": KEY}
 
 Errors are ``{"ok": false, "kind": KIND, "error": MESSAGE}`` with KIND one of ``malformed``,
 ``too_large``, ``truncated``, ``timeout``, ``unknown``, ``invalid``, ``nosuch``, ``busy``,
@@ -58,7 +61,7 @@ MAX_CONNECTIONS = 16
 ACCEPTS_PER_WAKEUP = 32
 CONNECTION_TIMEOUT = 5.0       # seconds to send a request, and again to read the reply
 BACKLOG = 64
-OPS = ("ls", "status", "restore", "discard")
+OPS = ("ls", "status", "restore", "discard", "quarantine", "release")
 
 
 class Controlled(Protocol):
@@ -80,6 +83,8 @@ class Controlled(Protocol):
     def nosuch(self, n: int) -> str: ...
     def restore_by_operator(self, n: int, reason: str) -> None: ...
     def discard_by_operator(self, n: int, why: str) -> None: ...
+    def quarantine_report(self) -> dict[str, Any]: ...
+    def release_by_operator(self, key: str, pid: int, uid: int) -> bool: ...
 
 
 def encode(msg: dict[str, Any]) -> bytes:
@@ -117,7 +122,7 @@ class ControlServer:
         self._refusals_unlogged = 0
         self._ops: dict[str, Callable[[dict[str, Any], int, int], dict[str, Any]]] = {
             "ls": self._op_ls, "status": self._op_status, "restore": self._op_restore,
-            "discard": self._op_discard}
+            "discard": self._op_discard, "quarantine": self._op_quarantine, "release": self._op_release}
         bases = _rundir.base_dirs()
         if not bases:
             raise OSError(errno.ENOENT, "no usable directory for the operator socket")
@@ -382,6 +387,17 @@ class ControlServer:
         log.warning("operator (process %d, uid %d) discards checkpoint %d", pid, uid, n)
         self.shepherd.discard_by_operator(n, f"discarded by the operator (uid {uid})")
         return {"ok": True, "discarded": n, "checkpoints": self.shepherd.checkpoint_ids()}
+
+    def _op_quarantine(self, req: dict[str, Any], pid: int, uid: int) -> dict[str, Any]:
+        return {"ok": True, **self.shepherd.quarantine_report()}
+
+    def _op_release(self, req: dict[str, Any], pid: int, uid: int) -> dict[str, Any]:
+        key = req.get("key")
+        if not isinstance(key, str) or not key or len(key.encode()) > 256:
+            raise OperatorError("invalid", "invalid key: expected a non-empty string of at most 256 bytes "
+                                           "(the key, or the digest 'forkpoint quarantine list' shows)")
+        log.warning("operator (process %d, uid %d) releases quarantined input %r", pid, uid, key)
+        return {"ok": True, "released": self.shepherd.release_by_operator(key, pid, uid), "key": key}
 
     # -- the end --------------------------------------------------------------------------------
     def close(self) -> None:

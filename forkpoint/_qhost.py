@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from . import _rundir
-from ._qkeys import service_id
+from ._qkeys import service_id, service_key
 from ._qtable import FileBacking, Reader, Table, TableCorrupted
 
 log = logging.getLogger("forkpoint")
@@ -70,16 +70,10 @@ def store_dir(create: bool = True) -> str:
                 return _private(os.path.join(xdg, DIR_NAME), create)
         except OSError:
             pass
-    errors = []
     for base in _rundir.temp_candidates(os.environ):
-        if not os.path.isdir(base):
-            continue
-        try:
+        if os.path.isdir(base):    # the first temporary directory only: every program must agree
             return _private(os.path.join(base, f"{DIR_NAME}-{os.geteuid()}"), create)
-        except OSError as e:
-            errors.append(str(e))
-    raise StoreUnavailable(errno.ENOENT, "no private directory for the host quarantine store"
-                                         + (f": {'; '.join(errors)}" if errors else ""))
+    raise StoreUnavailable(errno.ENOENT, "no temporary directory for the host quarantine store")
 
 
 def _open(path: str, write: bool) -> int:
@@ -169,8 +163,8 @@ class HostStore:
                 except OSError as e:
                     if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                         raise
-                table.format(self.service)
-            problems = table.begin(self.service)
+                table.format(self.service, service_key(self.service))
+            problems = table.begin(self.service, service_key(self.service))
             if problems and size == SIZE:
                 log.warning("host quarantine store %s was damaged (%s): rebuilt", self.path,
                             "; ".join(problems))

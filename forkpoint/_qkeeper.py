@@ -33,7 +33,7 @@ from typing import Any
 from ._loop import EventLoop
 from ._qhost import HostStore, StoreUnavailable
 from ._qkeys import Settings, as_digest, digest, service_id
-from ._qredis import RedisLink
+from ._qredis import RELEASES_KEEP, RedisLink
 from ._qtable import LOCAL, MIRROR, Entry, Failure, Release, Table, arena_table
 from .arena import MIRROR_REGION, QUARANTINE_REGION, Arena
 
@@ -61,6 +61,9 @@ class Keeper:
         self.down: str | None = None
         self.garbage = False
         self.retrying = False
+        self.watching = False
+        self.watched = -1
+        self.repushed: dict[bytes, float] = {}
         self.pending_failures: list[Failure] = []
         self.pending_releases: dict[bytes, Release] = {}
         self.recent: dict[bytes, deque[tuple[float, int, str]]] = {}   # redis: (t, pid, host)
@@ -226,11 +229,14 @@ class Keeper:
         return None
 
     def quarantined(self, key: str, failures: int, sig: int, size: int) -> None:
-        """The recovery policy quarantined ``key``: make it so wherever this scope shares it."""
+        """The recovery policy quarantined ``key``: make it so wherever this scope shares it.
+
+        The program's own table keeps it too, whatever becomes of the shared store (a Redis that
+        lost its data, a host store rebuilt empty): sharing never makes the program refuse less
+        than ``process`` scope would. A release anywhere takes it out again (``_watch``).
+        """
         dg = self.digest(key)
-        if dg in self.decided:
-            self.decided.discard(dg)
-            return
+        self.decided.discard(dg)
         now = time.time()
         with self._local_tx(create=True) as t:
             self._put(t, self._entry(dg, key, failures, sig, now, True), size, "quarantine")
@@ -238,6 +244,7 @@ class Keeper:
             self.link.submit({"op": "quarantine", "d": hexd(dg), "since": now,
                               "expires": now + self.s.ttl if self.s.ttl else 0.0, "failures": failures,
                               "sig": sig, "key": key if self.s.plain else None})
+        self._watch_later()
 
     # -- by hand: forkpoint.quarantine()/release() in the program, or an operator ---------------------
     def add(self, key: str, size: int) -> None:
@@ -250,12 +257,12 @@ class Keeper:
                     self._catch_up(t)
                     self._put(t, entry, size, "host quarantine")
                 self._available()
-                return
             except StoreUnavailable as e:
                 self._unavailable(str(e))
                 self._retry_later()
         with self._local_tx() as t:
             self._put(t, self._entry(dg, key, 0, 0, now, True), size, "quarantine")
+        self._watch_later()
         if self.link is not None:
             self.link.submit({"op": "quarantine", "d": hexd(dg), "since": now, "expires": entry.expires,
                               "failures": 0, "sig": 0, "key": key if self.s.plain else None})
@@ -318,9 +325,6 @@ class Keeper:
                 t.add_release(rec)
         self.pending_releases = {}
         t.store(entries)
-        if mine:
-            with self._local_tx() as lt:      # the host store has them now
-                lt.store([])
 
     def _retry_later(self) -> None:
         if self.retrying:
@@ -384,9 +388,10 @@ class Keeper:
             elif kind == "released":
                 dg, rec = data
                 self.remote.pop(dg, None)
+                self.remote_releases.append(rec)
+                del self.remote_releases[:-RELEASES_KEEP]
                 if dg in self.pending_releases and self.pending_releases[dg].t <= rec.t:
                     self.pending_releases.pop(dg, None)
-                self.remote_releases.append(rec)
                 changed = True
             elif kind == "failure":
                 f = data
@@ -399,7 +404,7 @@ class Keeper:
                 changed = True
         if changed:
             self._write_mirror()
-            self._confirm_local()
+            self._reconcile()
 
     def _garbage(self, what: str) -> None:
         if not self.garbage:
@@ -421,14 +426,65 @@ class Keeper:
         except Exception:  # noqa: BLE001 - contained: the program's own table still applies
             log.exception("could not update the quarantine mirror")
 
-    def _confirm_local(self) -> None:
-        """Drop from the program's own table what Redis now holds (it reaches us by the mirror)."""
+    def _reconcile(self) -> None:
+        """After news from Redis: drop from the program's own table what was released anywhere;
+        write again what Redis lost (a restart without persistence) and nobody released."""
+        now = time.time()
         mine = self._local_entries()
-        held = [e for e in mine if e.digest in self.remote]
-        if not held:
+        released = self._released(mine, self.remote_releases)
+        if released:
+            self._drop_local(released)
+        if self.link is None or self.down is not None:
             return
-        with self._local_tx() as t:
-            t.store([e for e in t.read_entries()[0] if e.digest not in self.remote])
+        for e in mine:
+            if e.digest in released or e.digest in self.remote or not e.live(now):
+                continue
+            if now - self.repushed.get(e.digest, 0.0) < _RETRY * 5:
+                continue
+            self.repushed[e.digest] = now
+            self.link.submit({"op": "quarantine", "d": hexd(e.digest), "since": e.since, "expires": e.expires,
+                              "failures": e.failures, "sig": e.sig,
+                              "key": e.key if self.s.plain else None})
+
+    @staticmethod
+    def _released(mine: list[Entry], releases: list[Release]) -> set[bytes]:
+        last: dict[bytes, float] = {}
+        for r in releases:
+            last[r.digest] = max(r.t, last.get(r.digest, 0.0))
+        return {e.digest for e in mine if last.get(e.digest, -1.0) >= e.since}
+
+    def _drop_local(self, digests: set[bytes]) -> None:
+        try:
+            with self._local_tx() as t:
+                t.store([e for e in t.read_entries()[0] if e.digest not in digests])
+        except StoreUnavailable:
+            pass
+
+    def _watch_later(self) -> None:
+        """At host scope: while the program's own table holds keys, follow the host store's
+        releases (an operator's ``forkpoint quarantine release`` reaches every program within a
+        second)."""
+        if self.store is None or self.watching:
+            return
+        self.watching = True
+        self.loop.after(_RETRY, self._watch)
+
+    def _watch(self) -> None:
+        self.watching = False
+        mine = self._local_entries()
+        if self.store is None or not mine:
+            return
+        try:
+            t = self.store.table()
+            gen = t.generation()
+            if gen != self.watched:
+                self.watched = gen
+                released = self._released(mine, t.releases())
+                if released:
+                    self._drop_local(released)
+        except Exception:  # noqa: BLE001 - the store is checked again in a second
+            pass
+        self._watch_later()
 
     # -- what operators see -------------------------------------------------------------------------------
     def listing(self) -> list[str]:
@@ -474,7 +530,8 @@ class Keeper:
             entries += [(e, "redis") for d, e in self.remote.items() if d not in self.pending_releases]
             failures = self.remote_failures[-256:] + [f for f in failures if self.down is not None]
             releases = self.remote_releases[-64:] + releases
-        entries += [(e, "local") for e in self._local_entries()]
+        shared = {e.digest for e, _ in entries}
+        entries += [(e, "local") for e in self._local_entries() if e.digest not in shared]
         return {"scope": str(self.scope), "service": self.s.service, "service_id": service_id(self.s.service),
                 "service_source": self.s.service_source, "store": self.where, "host": self.s.host,
                 "pid": self.face, "available": self.down is None, "error": self.down, "ttl": self.s.ttl,

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import time
 
+from ._errors import ForkpointError
 from ._qhost import HostReader, HostStore
 from ._qkeys import Settings, digest
-from ._errors import ForkpointError
 from ._qtable import LOCAL, MIRROR, Entry, Geometry, Reader, Table, arena_table
 from .arena import MIRROR_REGION, QUARANTINE_REGION, Arena
 

@@ -151,9 +151,9 @@ def parse_release(raw: Any) -> tuple[Release, str | None]:
 class Store:
     """Synchronous access to one service's quarantine in Redis (the link's threads and the CLI)."""
 
-    def __init__(self, client: Any, service: str) -> None:
+    def __init__(self, client: Any, sid: str) -> None:
         self.c = client
-        self.id = service_id(service)
+        self.id = sid
         p = f"forkpoint:q:{self.id}:"
         self.qkey, self.logkey, self.rkey, self.channel = p + "q", p + "log", p + "r", p + "events"
         self.fprefix = p + "f:"
@@ -322,7 +322,7 @@ class RedisLink:
         while True:
             if store is None:
                 try:
-                    store = Store(client(redis, self.s), self.s.service)
+                    store = Store(client(redis, self.s), service_id(self.s.service))
                     store.register(self.s.service if self.s.explicit else None)
                     self._sync(store)
                     if not listening:

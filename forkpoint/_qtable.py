@@ -17,7 +17,8 @@ Layout (native byte order; 8-byte words)::
 
     header (512 bytes): magic, generation, slot capacity, failure ring capacity, release ring
                         capacity, flags (1: key texts), slots used, failures written, releases
-                        written, header CRC, label length, label (the service)
+                        written, header CRC, label length, the service's hashing key, label
+                        (the service)
     slots   (capacity x 64): digest, since, expires (0: never), failures, signal, worker pid,
                              flags, text length, text CRC, CRC, marker
     texts   (capacity x 256, only with key texts): the key of the slot with the same index
@@ -37,7 +38,8 @@ from .arena import QUARANTINE_SIZE, Arena, find_region
 
 MAGIC = 0x314C4254515046  # "FPQTBL1"
 HEADER = 512
-LABEL_OFF = 96
+SKEY_OFF = 96                  # 32 bytes: the service's hashing key (host stores; see _qkeys)
+LABEL_OFF = 128
 LABEL_MAX = HEADER - LABEL_OFF
 (_W_MAGIC, _W_GEN, _W_QCAP, _W_FCAP, _W_RCAP, _W_FLAGS, _W_COUNT, _W_FSEQ, _W_RSEQ, _W_CRC,
  _W_LABEL) = range(11)
@@ -184,8 +186,8 @@ class Table:
     def _layout(self) -> tuple[int, ...]:
         return (MAGIC, self.q_cap, self.f_cap, self.r_cap, _F_TEXT if self.text else 0)
 
-    def _header_crc(self, label: bytes) -> int:
-        return zlib.crc32(struct.pack("=5Q", *self._layout()) + label)
+    def _header_crc(self, rest: bytes) -> int:
+        return zlib.crc32(struct.pack("=5Q", *self._layout()) + rest)
 
     def label(self) -> str:
         n = self.b.word(_W_LABEL)
@@ -202,12 +204,15 @@ class Table:
         n = w[_W_LABEL]
         if n > LABEL_MAX:
             raise TableCorrupted("bad label length")
-        if w[_W_CRC] != self._header_crc(head[LABEL_OFF:LABEL_OFF + n]):
+        if w[_W_CRC] != self._header_crc(head[SKEY_OFF:LABEL_OFF + n]):
             raise TableCorrupted("the header failed its checksum")
         if w[_W_COUNT] > self.q_cap:
             raise TableCorrupted(f"slot count {w[_W_COUNT]} beyond the capacity {self.q_cap}")
 
-    def format(self, label: str) -> None:
+    def skey(self) -> bytes:
+        return self.b.read(SKEY_OFF, 32)
+
+    def format(self, label: str, skey: bytes = b"") -> None:
         """Make an empty table (the caller writes alone). The generation keeps growing."""
         gen = self.b.word(_W_GEN) | 1
         self.b.set_word(_W_GEN, gen)                         # odd: readers keep their copy
@@ -219,9 +224,11 @@ class Table:
         raw = _fit(label, LABEL_MAX)
         for i, v in zip((_W_QCAP, _W_FCAP, _W_RCAP, _W_FLAGS), self._layout()[1:], strict=True):
             self.b.set_word(i, v)
+        key = skey[:32].ljust(32, b"\0")
+        self.b.write(SKEY_OFF, key)
         self.b.write(LABEL_OFF, raw)
         self.b.set_word(_W_LABEL, len(raw))
-        self.b.set_word(_W_CRC, self._header_crc(raw))
+        self.b.set_word(_W_CRC, self._header_crc(key + raw))
         self.b.set_word(_W_MAGIC, MAGIC)
         self.b.set_word(_W_GEN, gen + 1)
 
@@ -270,14 +277,14 @@ class Table:
         return g1, g2, entries
 
     # -- writing (one writer at a time: the caller serialises) ---------------------------------------
-    def begin(self, label: str) -> list[str]:
+    def begin(self, label: str, skey: bytes = b"") -> list[str]:
         """Start a write; rebuild first if the table is damaged. Returns what was found wrong."""
         problems: list[str] = []
         try:
             self.check_header()
         except TableCorrupted as e:
             problems.append(f"{e}: rebuilt empty")
-            self.format(label)
+            self.format(label, skey)
         gen = self.b.word(_W_GEN)
         if gen & 1:
             problems.append("a write was interrupted")
@@ -380,7 +387,10 @@ class Reader:
     def current(self) -> dict[bytes, float]:
         """Never waits: while a writer is at work, the union of the last good copy and a read."""
         t = self.table
-        g = t.b.word(_W_GEN)
+        try:
+            g = t.b.word(_W_GEN)
+        except (TableCorrupted, OSError):      # a truncated or vanished file: what we had
+            return self.map
         if g == self.gen:
             return self.map
         try:

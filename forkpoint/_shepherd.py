@@ -625,7 +625,8 @@ class Shepherd:
                 found = self.quarantine.release(msg.key, f"program {os.getpid()} on {self.quarantine.s.host}",
                                                 os.getpid(), os.geteuid())
             else:
-                self._send(proc, _channel.Error(ErrorKind.CONFIG, f"unknown quarantine operation {msg.action!r}"))
+                self._send(proc, _channel.Error(ErrorKind.CONFIG,
+                                                f"unknown quarantine operation {msg.action!r}"))
                 return
         except Exception as e:  # noqa: BLE001 - the program gets the error, the shepherd goes on
             log.exception("quarantine %s of %r failed", msg.action, msg.key)

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-from . import bench, demo, operator
+from . import _qadmin, bench, demo, operator
+from ._errors import ForkpointError
 
 
 def _positive(text: str) -> int:
@@ -133,6 +136,120 @@ def _operator_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _safe(text: object) -> str:
+    """Text that came from a program, fit for a terminal: control characters escaped."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "never"
+
+
+def _signame(n: int) -> str:
+    try:
+        return signal.Signals(n).name
+    except ValueError:
+        return f"signal {n}" if n else "no signal"
+
+
+def _quarantine_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument("action", choices=("list", "release"), help="list the quarantine, or release KEY")
+    parser.add_argument("key", nargs="?", metavar="KEY",
+                        help="release: the key's text, or the digest that 'list' shows")
+    parser.add_argument("--pid", type=_positive, help="ask this running program (works at every scope)")
+    parser.add_argument("--scope", help="process, host or redis://HOST:PORT/DB "
+                                        "(default: $FORKPOINT_QUARANTINE)")
+    parser.add_argument("--service", help="the service (default: $FORKPOINT_SERVICE; without it, every "
+                                          "service of the store)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--timeout", type=_seconds, default=10.0, help="seconds to wait for a program")
+
+
+def _print_quarantine(rep: dict[str, Any], out: Any) -> None:
+    src = rep.get("pid")
+    head = f"service {_safe(rep.get('service'))!r} ({rep.get('scope')}"
+    head += f", as program {src} on {_safe(rep.get('host'))} sees it)" if src else ")"
+    print(head, file=out)
+    print(f"  store: {_safe(rep.get('store'))}" + ("" if rep.get("available", True) else
+                                                   f"  UNAVAILABLE: {_safe(rep.get('error'))}"), file=out)
+    if rep.get("error") and rep.get("available", True):
+        print(f"  note: {_safe(rep['error'])}", file=out)
+    q = rep.get("quarantined", [])
+    failures = rep.get("failures", [])
+    print(f"  quarantined: {len(q) or 'none'}", file=out)
+    for e in q:
+        key = repr(e["key"]) if e.get("key") is not None else "(hashed key)"
+        print(f"    {_safe(key)}  digest {e['digest']}  since {_when(e['since'])}  "
+              f"expires {_when(e['expires'])}  failures {e['failures']}  [{e['where']}]", file=out)
+        for f in failures:
+            if f["digest"] == e["digest"]:
+                print(f"      failed {_when(f['time'])} on host {_safe(f['host'])} worker {f['pid']}: "
+                      f"{_signame(f['signal'])}, {_safe(f['reason'])}", file=out)
+    shown = {e["digest"] for e in q}
+    rest = [f for f in failures if f["digest"] not in shown]
+    if rest:
+        print(f"  other failures ({len(rest)}):", file=out)
+        for f in rest:
+            key = repr(f["key"]) if f.get("key") is not None else f["digest"]
+            print(f"    {_when(f['time'])} {_safe(key)} on host {_safe(f['host'])} worker {f['pid']}: "
+                  f"{_signame(f['signal'])}, {_safe(f['reason'])}", file=out)
+    rel = rep.get("releases", [])
+    if rel:
+        print(f"  released ({len(rel)}):", file=out)
+        for r in rel:
+            key = repr(r["key"]) if r.get("key") is not None else r["digest"]
+            print(f"    {_when(r['time'])} {_safe(key)} by {_safe(r['by'])}", file=out)
+
+
+def _quarantine_run(args: argparse.Namespace) -> int:
+    out = sys.stdout
+    scope = args.scope or os.environ.get("FORKPOINT_QUARANTINE") or "process"
+    service = args.service or os.environ.get("FORKPOINT_SERVICE") or None
+    if args.action == "release" and not args.key:
+        print("forkpoint quarantine release: KEY is required", file=sys.stderr)
+        return 2
+    try:
+        if args.pid is None and scope == "process":
+            print("forkpoint quarantine: at process scope each program keeps its own quarantine: "
+                  "pass --pid PID (or --scope host / --scope redis://HOST:PORT/DB)", file=sys.stderr)
+            return 2
+        if args.action == "list":
+            if args.pid is not None:
+                reports = _qadmin.program_report(args.pid, args.timeout)
+            elif scope == "host":
+                reports = _qadmin.host_report(service)
+            else:
+                reports = _qadmin.redis_report(scope, service)
+            if args.json:
+                json.dump(reports, out)
+                out.write("\n")
+            else:
+                if not reports:
+                    print(f"no quarantine store found ({_safe(scope)})", file=out)
+                for rep in reports:
+                    _print_quarantine(rep, out)
+            return 0
+        if args.pid is not None:
+            done = _qadmin.program_release(args.pid, args.key, args.timeout)
+        elif scope == "host":
+            done = _qadmin.host_release(args.key, service)
+        else:
+            done = _qadmin.redis_release(scope, args.key, service)
+        for where, released in done:
+            what = "released" if released else "was not quarantined"
+            print(f"{_safe(where)}: {_safe(args.key)!r} {what}", file=out)
+        return 0 if any(r for _, r in done) else 1
+    except operator.OperatorError as e:
+        print(f"forkpoint quarantine: {e}", file=sys.stderr)
+        return 1
+    except (ForkpointError, OSError) as e:
+        print(f"forkpoint quarantine: {_safe(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - a store that answers garbage: say so, do not trace back
+        print(f"forkpoint quarantine: {type(e).__name__}: {_safe(e)}", file=sys.stderr)
+        return 1
+
+
 _OPERATOR = {
     "ls": "list a running program's checkpoints and jump history",
     "restore": "restore a running program to one of its checkpoints",
@@ -147,6 +264,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser, str], None],
     "bench": ("compare checkpoint/restore with fork, pickle image files and CRIU",
               bench.add_arguments, bench.run),
     **{name: (text, _operator_arguments, _operator_run) for name, text in _OPERATOR.items()},
+    "quarantine": ("list or release quarantined inputs (a program's, this host's, or a Redis store's)",
+                   _quarantine_arguments, _quarantine_run),
 }
 
 

@@ -22,7 +22,7 @@ LAYERS: dict[str, list[str]] = {
                  "_shepherd"],
     "program side": ["_identity", "_children", "_eventloop", "_asgiloop", "_qlookup", "_runtime", "_frozen"],
     "public api": ["snapshots", "persist", "recovery", "watchdog", "checkpointed", "_serving", "wsgi", "asgi"],
-    "faces": ["__init__", "__main__", "operator", "cli", "demo", "bench"],
+    "faces": ["__init__", "__main__", "operator", "_qadmin", "cli", "demo", "bench"],
 }
 RANK = {mod: i for i, mods in enumerate(LAYERS.values()) for mod in mods}
 
