@@ -84,6 +84,11 @@ class Keeper:
             self.loop.add_reader(self.link.fd, self._on_link)
             self.link.start()
 
+    def close(self) -> None:
+        """The program ends: give Redis half a second to take what is still queued."""
+        if self.link is not None and self.down is None and not self.link.flush(0.5):
+            log.warning("quarantine store %s: records not written before the program ended", self.where)
+
     @property
     def where(self) -> str:
         if self.store is not None:
@@ -376,6 +381,7 @@ class Keeper:
                 self.remote = entries
                 self.remote_failures, self.remote_releases = failures, releases
                 self.remote_keys.update(keys)
+                self.remote_keys.update(keys)
                 for dg in [d for d, r in self.pending_releases.items() if r.t < data_time(releases, d)]:
                     self.pending_releases.pop(dg, None)
                 changed = True
@@ -394,7 +400,9 @@ class Keeper:
                     self.pending_releases.pop(dg, None)
                 changed = True
             elif kind == "failure":
-                f = data
+                f, key = data
+                if key:
+                    self.remote_keys[f.digest] = key
                 self.remote_failures.append(f)
                 del self.remote_failures[:-256]
                 if (f.pid, f.host) != (self.face, self.s.host):
@@ -535,6 +543,7 @@ class Keeper:
         return {"scope": str(self.scope), "service": self.s.service, "service_id": service_id(self.s.service),
                 "service_source": self.s.service_source, "store": self.where, "host": self.s.host,
                 "pid": self.face, "available": self.down is None, "error": self.down, "ttl": self.s.ttl,
+                "garbage": self.garbage,
                 "quarantined": [entry_json(e, where, self.text_of(e.digest, e.key), now)
                                 for e, where in entries if e.live(now)],
                 "failures": [failure_json(f, self.text_of(f.digest)) for f in failures],

@@ -280,6 +280,17 @@ class RedisLink:
                 self._ops.popleft()
             self._cv.notify()
 
+    def flush(self, timeout: float) -> bool:
+        """Wait (at most ``timeout`` seconds) until Redis has every queued record; False if not."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while self._ops and not self._down:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(min(left, 0.01))
+            return not self._ops
+
     def results(self) -> list[tuple[str, Any]]:
         try:
             while os.read(self.fd, 4096):
@@ -347,6 +358,7 @@ class RedisLink:
                     with self._cv:
                         if self._ops and self._ops[0] is op:
                             self._ops.popleft()
+                        self._cv.notify_all()
                     caught_up += self._down
                 if op is None or sync:
                     self._sync(store)
@@ -414,8 +426,7 @@ class RedisLink:
                 raise Garbage("not bytes")
             kind, _, rest = data.partition(b" ")
             if kind == b"f":
-                f, _key = parse_failure(rest)
-                self._post("failure", f)
+                self._post("failure", parse_failure(rest))
             elif kind in (b"q", b"r"):
                 hexd, _, body = rest.partition(b" ")
                 if kind == b"q":

@@ -992,6 +992,10 @@ class Shepherd:
                 self.procs.pop(pid, None)
         if self.control is not None:
             self.control.close()
+        try:
+            self.quarantine.close()
+        except Exception:  # noqa: BLE001 - the program's end never waits on its bookkeeping
+            log.exception("could not flush the quarantine store")
         if self.reports is not None:
             self.reports.read()
             if any(self._sent_from_outside(s) for s in REPORTED_SIGNALS) and sig not in REPORTED_SIGNALS:

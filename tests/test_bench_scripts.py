@@ -90,3 +90,18 @@ def test_servers_quick(tmp_path):
     assert rows[("gunicorn", "plain")]["ratio"] == 1.0
     assert set(data["percall"]) >= {"@checkpointed", "@checkpointed(timeout=, key=)",
                                     "WSGI request, restart mode, timeout="}
+
+
+@pytest.mark.timeout(120)
+def test_quarantine_bench_quick(tmp_path):
+    out = tmp_path / "quarantine.json"
+    r = _run("quarantine_bench.py", "--calls", "2000", "--rounds", "1", "--keys", "5", "--propagation", "2",
+             "--json", str(out), timeout=110)
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = json.loads(out.read_text())
+    scopes = {"process", "host"} | ({"redis"} if "redis" in data["lookup"] else set())
+    assert set(data["lookup"]) == scopes and set(data["propagation"]) == scopes - {"process"}
+    assert data["lookup"]["process"]["lookup_ratio"] == 1.0
+    for row in data["propagation"].values():
+        assert row["n"] == 2 and row["max_ms"] < float("inf")      # every quarantine was seen
+    assert "| scope | is_quarantined us |" in r.stdout
