@@ -180,7 +180,7 @@ def test_two_gunicorn_servers_share_one_redis_quarantine(tmp_path, redis_server)
         assert http(pa, "/poison-2")[0] == 500
         wait_for(lambda: any(f["key"] == "/poison-2" for f in report(wb)["failures"]), timeout=20)
         assert http(pb, "/poison-2")[0] == 500
-        wait_for(lambda: shared(wa, "/poison-2"), timeout=20)
+        wait_for(lambda: shared(wa, "/poison-2") and shared(wb, "/poison-2"), timeout=20)
         assert http(pa, "/poison-2")[0] == 503 and http(pb, "/poison-2")[0] == 503
         # Every failure is listed with the host and worker that saw it; Redis holds digests, and the
         # key text only because this deployment asked for it (FORKPOINT_QUARANTINE_KEYS=plain).
@@ -347,3 +347,52 @@ def test_without_the_redis_package_the_program_keeps_its_own_quarantine(tmp_path
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["refused poison", "served ok"]
     assert r.stderr.count("unavailable") == 1 and "pip install 'forkpoint[redis]'" in r.stderr, r.stderr
+
+
+def test_the_public_api_at_redis_scope(tmp_path, redis_server):
+    """quarantine(), is_quarantined(), quarantined(), release() and processing() work at Redis scope,
+    also before forkpoint started (they start it: only the shepherd talks to Redis), and reach
+    another program of the service."""
+    env = {"FORKPOINT_QUARANTINE": redis_server.url, "FORKPOINT_SERVICE": "svc"}
+    first = start_py("""
+    import os, sys, time
+    import forkpoint as fp
+    fp.quarantine("k1")                      # before any checkpoint
+    fp.quarantine("k2")
+    print(fp.is_quarantined("k1"), fp.quarantined(), flush=True)
+    sys.stdin.readline()
+    print("release", fp.release("k1"), fp.release("k1"), fp.is_quarantined("k1"), flush=True)
+    try:
+        with fp.processing("k2"):
+            pass
+    except fp.Quarantined as e:
+        print("refused", e.key, flush=True)
+    """, tmp_path, **env)
+    lines = Lines(first)
+    assert lines.next() == "True ['k1', 'k2']"
+    second = start_py("""
+    import sys, time
+    import forkpoint as fp
+    fp.start()
+    while not (fp.is_quarantined("k1") and fp.is_quarantined("k2")):
+        time.sleep(0.01)
+    print("both", flush=True)
+    sys.stdin.readline()
+    while fp.is_quarantined("k1"):
+        time.sleep(0.01)
+    print("k1 released", fp.is_quarantined("k2"), flush=True)
+    """, tmp_path, **env)
+    other = Lines(second)
+    try:
+        assert other.next(timeout=20) == "both"
+        first.stdin.write("\n")
+        first.stdin.flush()
+        assert lines.next() == "release True False False"
+        assert lines.next() == "refused k2"
+        second.stdin.write("\n")
+        second.stdin.flush()
+        assert other.next(timeout=20) == "k1 released True"
+    finally:
+        for p in (first, second):
+            p.stdin.close()
+            assert p.wait(20) == 0, p.stderr.read()
