@@ -381,8 +381,7 @@ class Keeper:
                 self.remote = entries
                 self.remote_failures, self.remote_releases = failures, releases
                 self.remote_keys.update(keys)
-                self.remote_keys.update(keys)
-                for dg in [d for d, r in self.pending_releases.items() if r.t < data_time(releases, d)]:
+                for dg in [d for d, r in self.pending_releases.items() if r.t <= data_time(releases, d)]:
                     self.pending_releases.pop(dg, None)
                 changed = True
             elif kind == "quarantined":

@@ -167,7 +167,7 @@ def _quarantine_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 def _print_quarantine(rep: dict[str, Any], out: Any) -> None:
     src = rep.get("pid")
-    head = f"service {_safe(rep.get('service'))!r} ({rep.get('scope')}"
+    head = f"service {_safe(repr(rep.get('service')))} ({_safe(rep.get('scope'))}"
     head += f", as program {src} on {_safe(rep.get('host'))} sees it)" if src else ")"
     print(head, file=out)
     print(f"  store: {_safe(rep.get('store'))}" + ("" if rep.get("available", True) else

@@ -417,3 +417,15 @@ def test_signals_still_reach_the_program_at_host_scope(tmp_path):
     assert lines.until("up") == "up False"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == -signal.SIGTERM
+
+
+def test_the_cli_escapes_what_came_from_a_program(tmp_path):
+    env = host_env(tmp_path, FORKPOINT_QUARANTINE_KEYS="plain", FORKPOINT_SERVICE="svc\x1b]0;owned\x07")
+    r = run_py(HEADER + """
+    fp.quarantine("GET /\\x1b[2J\\x1b[31mred")
+    """, tmp_path, **env)
+    assert r.returncode == 0, r.stderr
+    out = cli("quarantine", "list", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "\x1b" not in out.stdout and "\x07" not in out.stdout
+    assert "\\x1b[2J" in out.stdout and "svc\\x1b]0;owned\\x07" in out.stdout, out.stdout
