@@ -429,3 +429,40 @@ def test_the_cli_escapes_what_came_from_a_program(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "\x1b" not in out.stdout and "\x07" not in out.stdout
     assert "\\x1b[2J" in out.stdout and "svc\\x1b]0;owned\\x07" in out.stdout, out.stdout
+
+
+
+ASGI = """
+    import json, os
+    import forkpoint as fp
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        body = {"pid": os.getpid(), "service": fp._runtime.runtime().quarantine_settings().service}
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+"""
+
+
+def test_uvicorn_workers_are_one_service_with_no_configuration(tmp_path):
+    """uvicorn spawns its workers (their command lines differ), in its own process group: they
+    resolve the same service, the supervisor's command line. (forkpoint cannot start inside
+    uvicorn's multi-worker workers yet: they run a thread before the app is imported.)"""
+    (tmp_path / "asgiapp.py").write_text(textwrap.dedent(ASGI))
+    port = free_port()
+    argv = [sys.executable, "-m", "uvicorn", "--loop", "asyncio", "--workers", "2", "--port", str(port),
+            "asgiapp:app"]
+    proc = start_server(argv, tmp_path, port, XDG_RUNTIME_DIR=_rundir(tmp_path), FORKPOINT_QUARANTINE="host")
+    try:
+        seen: dict[int, str] = {}
+        for _ in range(400):
+            got = json.loads(http(port, "/")[1])
+            seen[got["pid"]] = got["service"]
+            if len(seen) == 2:
+                break
+        assert len(seen) == 2, seen
+        assert set(seen.values()) == {" ".join(argv)}, seen
+    finally:
+        stop_server(proc, signal.SIGINT)
