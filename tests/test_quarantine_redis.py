@@ -396,3 +396,66 @@ def test_the_public_api_at_redis_scope(tmp_path, redis_server):
         for p in (first, second):
             p.stdin.close()
             assert p.wait(20) == 0, p.stderr.read()
+
+
+def test_quarantine_ttl_at_redis_scope_and_who_let_it_out(tmp_path, redis_server):
+    r = run_py("""
+    import time
+    import forkpoint as fp
+    fp.configure(quarantine_ttl=0.5)
+    fp.quarantine("k")
+    print(fp.is_quarantined("k"), flush=True)
+    while fp.is_quarantined("k"):
+        time.sleep(0.02)
+    print("back", flush=True)
+    """, tmp_path, FORKPOINT_QUARANTINE=redis_server.url, FORKPOINT_SERVICE="svc")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["True", "back"]
+    def expired() -> bool:
+        out = cli("quarantine", "list", "--scope", redis_server.url, "--service", "svc").stdout
+        return "quarantined: none" in out and "expired (quarantine_ttl)" in out
+    # Redis keeps the entry until a program's next read of the store removes it (and says so)
+    keeper = start_py("""
+    import sys, forkpoint as fp
+    fp.start()
+    print("up", flush=True)
+    sys.stdin.readline()
+    """, tmp_path, FORKPOINT_QUARANTINE=redis_server.url, FORKPOINT_SERVICE="svc")
+    try:
+        Lines(keeper).until("up")
+        wait_for(expired, timeout=20)
+    finally:
+        keeper.stdin.close()
+        assert keeper.wait(20) == 0
+
+
+def test_cli_at_process_scope_asks_the_program(tmp_path):
+    proc = start_py("""
+    import ctypes, os, signal, sys
+    import forkpoint as fp
+    fp.recover_on(signal.SIGSEGV, quarantine_after=1)
+    fp.tsetjmp()
+    try:
+        with fp.processing("bad"):
+            ctypes.string_at(0)
+    except fp.Quarantined:
+        pass
+    print("up", os.getpid(), flush=True)
+    sys.stdin.readline()
+    print(fp.quarantined(), flush=True)
+    """, tmp_path)
+    lines = Lines(proc)
+    pid = lines.until("up").split()[1]
+    try:
+        refused = cli("quarantine", "list")
+        assert refused.returncode == 2 and "pass --pid PID" in refused.stderr
+        out = cli("quarantine", "list", "--pid", pid).stdout
+        assert "(process, as program" in out and "'bad'" in out and "[local]" in out, out
+        assert f"worker {pid}: SIGSEGV, killed by SIGSEGV" in out, out
+        assert "released" in cli("quarantine", "release", "bad", "--pid", pid).stdout
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert lines.next() == "[]"
+    finally:
+        proc.stdin.close()
+        assert proc.wait(20) == 0
