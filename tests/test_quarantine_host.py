@@ -466,3 +466,46 @@ def test_uvicorn_workers_are_one_service_with_no_configuration(tmp_path):
         assert set(seen.values()) == {" ".join(argv)}, seen
     finally:
         stop_server(proc, signal.SIGINT)
+
+
+PROTECTED = """
+    import ctypes, json, os
+    import forkpoint as fp
+    import forkpoint.wsgi
+
+    crashed = fp.persist_int("crashed")
+
+    def raw(environ, start_response):
+        # at most one crash per worker on the poisoned path, as above
+        if environ["PATH_INFO"] == "/poison" and not crashed.value:
+            crashed.add()
+            ctypes.string_at(0)
+        body = json.dumps({"pid": os.getpid()}).encode()
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    app = forkpoint.wsgi.protect(raw, mode=os.environ["MODE"], quarantine_after=2)
+"""
+
+
+@pytest.mark.parametrize("mode", ["transaction", "restart"])
+def test_gunicorn_wsgi_protect_shares_a_host_quarantine(tmp_path, mode):
+    """The same as above through ``forkpoint.wsgi.protect`` (issue 11), in both of its modes."""
+    pytest.importorskip("forkpoint.wsgi", reason="forkpoint.wsgi (issue 11) is not on this branch")
+    (tmp_path / "wsgiapp.py").write_text(textwrap.dedent(PROTECTED))
+    port = free_port()
+    proc = start_server([sys.executable, "-m", "gunicorn", "-w", "3", "--timeout", "30", "-b",
+                         f"127.0.0.1:{port}", "wsgiapp:app"], tmp_path, port, MODE=mode,
+                        XDG_RUNTIME_DIR=_rundir(tmp_path), FORKPOINT_QUARANTINE="host")
+    try:
+        statuses = []
+        for _ in range(300):
+            statuses.append(http(port, "/poison")[0])
+            if statuses[-1] == 503 or statuses.count(500) == 3:
+                break
+        assert statuses.count(500) == 2 and statuses[-1] == 503, (statuses, server_log(tmp_path))
+        assert {http(port, "/poison")[0] for _ in range(20)} == {503}
+        assert http(port, "/fine")[0] == 200
+        assert server_log(tmp_path).count("Booting worker") == 3
+    finally:
+        assert stop_server(proc) == 0, server_log(tmp_path)
