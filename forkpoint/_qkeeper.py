@@ -64,6 +64,7 @@ class Keeper:
         self.watching = False
         self.watched = -1
         self.repushed: dict[bytes, float] = {}
+        self.mirrored: tuple[Any, ...] | None = None
         self.pending_failures: list[Failure] = []
         self.pending_releases: dict[bytes, Release] = {}
         self.recent: dict[bytes, deque[tuple[float, int, str]]] = {}   # redis: (t, pid, host)
@@ -424,6 +425,10 @@ class Keeper:
         now = time.time()
         entries = sorted((e for d, e in self.remote.items()
                           if d not in self.pending_releases and e.live(now)), key=lambda e: e.since)
+        written = tuple((e.digest, e.expires, e.key) for e in entries)
+        if written == self.mirrored and self._mirror_intact(len(written)):
+            return                        # a periodic read that changed nothing: readers keep theirs
+        self.mirrored = written
         try:
             problems = self.mirror.begin(MIRROR_REGION)
             if problems:
@@ -432,6 +437,15 @@ class Keeper:
             self.mirror.commit()
         except Exception:  # noqa: BLE001 - contained: the program's own table still applies
             log.exception("could not update the quarantine mirror")
+
+    def _mirror_intact(self, n: int) -> bool:
+        assert self.mirror is not None
+        try:
+            self.mirror.check_header()
+            got, bad = self.mirror.read_entries()
+            return not bad and len(got) == n and not self.mirror.generation() & 1
+        except Exception:  # noqa: BLE001 - damaged: rewritten
+            return False
 
     def _reconcile(self) -> None:
         """After news from Redis: drop from the program's own table what was released anywhere;
