@@ -37,6 +37,10 @@ class Lookup:
         kind = settings.parsed.kind
         if kind == "host":
             self.host = HostStore(settings.service)
+            try:      # so that the reader opens it now: it looks again only once a second
+                self.host.ensure()
+            except OSError:
+                pass  # the shepherd says so, once, when it cannot record a failure there
             self.shared = HostReader(self.host)
         elif kind == "redis":
             mirror = _table(arena, MIRROR_REGION, MIRROR)
