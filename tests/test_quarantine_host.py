@@ -532,3 +532,50 @@ def test_a_lookup_made_before_the_store_existed_sees_a_quarantine_at_once(tmp_pa
     finally:
         proc.stdin.close()
         proc.wait(20)
+
+
+ASGI_PROTECTED = """
+    import ctypes, json, os
+    import forkpoint as fp
+    import forkpoint.asgi
+
+    crashed = fp.persist_int("crashed")
+
+    async def raw(scope, receive, send):
+        if scope["type"] == "lifespan":
+            while True:
+                msg = await receive()
+                await send({"type": msg["type"] + ".complete"})
+                if msg["type"] == "lifespan.shutdown":
+                    return
+        if scope["path"] == "/poison" and not crashed.value:      # at most once per worker
+            crashed.add()
+            ctypes.string_at(0)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": json.dumps({"pid": os.getpid()}).encode()})
+
+    app = forkpoint.asgi.protect(raw, quarantine_after=2)
+"""
+
+
+def test_uvicorn_workers_with_asgi_protect_share_a_host_quarantine(tmp_path):
+    """uvicorn --workers 2 and forkpoint.asgi.protect (issue 11): the failed requests for one
+    poisoned key before the first 503, across both workers, are quarantine_after."""
+    (tmp_path / "asgiapp.py").write_text(textwrap.dedent(ASGI_PROTECTED))
+    port = free_port()
+    proc = start_server([sys.executable, "-m", "uvicorn", "--loop", "asyncio", "--workers", "2", "--port",
+                         str(port), "asgiapp:app"], tmp_path, port,
+                        XDG_RUNTIME_DIR=_rundir(tmp_path), FORKPOINT_QUARANTINE="host")
+    try:
+        statuses = []
+        for _ in range(300):
+            statuses.append(http(port, "/poison")[0])
+            if statuses[-1] == 503 or len([s for s in statuses if s != 200]) == 3:
+                break
+        failed = [s for s in statuses if s not in (200, 503)]      # a 500, or a closed connection
+        assert len(failed) == 2 and statuses[-1] == 503, (statuses, server_log(tmp_path))
+        assert {http(port, "/poison")[0] for _ in range(10)} == {503}
+        assert http(port, "/fine")[0] == 200
+    finally:
+        stop_server(proc, signal.SIGINT)
