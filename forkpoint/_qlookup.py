@@ -97,3 +97,9 @@ def lookup(settings: Settings, arena: Arena) -> Lookup:
     if _current is None or _current[0] != id(settings) or _current[1] != id(arena):
         _current = (id(settings), id(arena), Lookup(settings, arena))
     return _current[2]
+
+
+def forget() -> None:
+    """Make the next lookup start afresh (the shepherd's mirror of Redis now exists)."""
+    global _current
+    _current = None

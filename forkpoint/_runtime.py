@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from . import _channel, _children, _clone, _eventloop, _identity, _prctl, _procfs, _qkeys, _sigutil
+from . import _channel, _children, _clone, _eventloop, _identity, _prctl, _procfs, _qkeys, _qlookup, _sigutil
 from ._errors import ConfigurationError, ForkpointError, NoSuchCheckpoint, ThreadsAlive, WrongThread
 from ._qhost import HostStore
 from ._qtable import LOCAL, MIRROR, arena_table
@@ -127,6 +127,7 @@ class _Runtime:
         qs = self.quarantine_settings()
         if qs.parsed.kind == "redis":     # the shepherd's copy of the store, which the program reads
             arena_table(arena, MIRROR_REGION, MIRROR, create=True)
+            _qlookup.forget()             # a lookup made before had no mirror to read
         elif qs.parsed.kind == "host":
             try:                          # so that every reader finds it from the first request
                 HostStore(qs.service).ensure()

@@ -459,3 +459,43 @@ def test_cli_at_process_scope_asks_the_program(tmp_path):
     finally:
         proc.stdin.close()
         assert proc.wait(20) == 0
+
+
+PROTECTED = """
+    import ctypes, json, os
+    import forkpoint.wsgi
+
+    def raw(environ, start_response):
+        if environ["PATH_INFO"].startswith("/poison"):
+            ctypes.string_at(0)
+        body = json.dumps({"pid": os.getpid()}).encode()
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    app = forkpoint.wsgi.protect(raw, mode=os.environ["MODE"], quarantine_after=2)
+"""
+
+
+@pytest.mark.parametrize("mode", ["transaction", "restart"])
+def test_two_gunicorn_servers_with_wsgi_protect_share_one_redis_quarantine(tmp_path, redis_server, mode):
+    servers = []
+    try:
+        for name in ("a", "b"):
+            d = tmp_path / name
+            d.mkdir()
+            (d / "wsgiapp.py").write_text(textwrap.dedent(PROTECTED))
+            port = free_port()
+            proc = start_server([sys.executable, "-m", "gunicorn", "-w", "1", "--timeout", "60", "-b",
+                                 f"127.0.0.1:{port}", "wsgiapp:app"], d, port, MODE=mode,
+                                FORKPOINT_QUARANTINE=redis_server.url, FORKPOINT_SERVICE="api")
+            servers.append((proc, port, d))
+        (_, pa, _), (_, pb, db) = servers
+        wb = _worker(pb)
+        assert [http(pa, "/poison")[0] for _ in range(3)] == [500, 500, 503]
+        wait_for(lambda: any(e["where"] == "redis" for e in report(wb)["quarantined"]), timeout=20)
+        assert http(pb, "/poison")[0] == 503                   # B's first request with that key
+        assert "recovered" not in server_log(db).lower()
+        assert http(pb, "/fine")[0] == 200
+    finally:
+        for proc, _, d in servers:
+            assert stop_server(proc) == 0, server_log(d)
