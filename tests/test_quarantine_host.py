@@ -447,8 +447,8 @@ ASGI = """
 
 def test_uvicorn_workers_are_one_service_with_no_configuration(tmp_path):
     """uvicorn spawns its workers (their command lines differ), in its own process group: they
-    resolve the same service, the supervisor's command line. (forkpoint cannot start inside
-    uvicorn's multi-worker workers yet: they run a thread before the app is imported.)"""
+    resolve the same service, the supervisor's command line. (The app only asks; forkpoint starts in
+    such workers through forkpoint.asgi.protect, which deals with their thread: the test below.)"""
     (tmp_path / "asgiapp.py").write_text(textwrap.dedent(ASGI))
     port = free_port()
     argv = [sys.executable, "-m", "uvicorn", "--loop", "asyncio", "--workers", "2", "--port", str(port),
