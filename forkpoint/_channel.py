@@ -16,10 +16,17 @@ The restore protocol, top to bottom::
                                      <------------------------------ (on the live process's channel)
                                      Fork --------------------------> keeper forks a spare:
                                      <------------------------------ Spare(n, pid)+channel
+                                                                      (or ForkFailed: it stays)
     tlongjmp: Restore(n) --------->  decides (policy), kills the caller,
                                      Wake(n, ...) ------------------> spare returns from tsetjmp
                                      <------------------------------ Up (it runs as the live process)
                                      Fork --------------------------> keeper replaces the spare
+
+Hello and Spare carry a pidfd of the new process besides its channel: the shepherd checks with it
+that the process is still there (not already reaped, its pid possibly recycled) before it takes
+the pid into its registry. A keeper that dies while a spare lives is replaced by that spare
+(``Promote``); a restore that cannot get a spare at all (no fork possible) wakes the keeper
+itself, which consumes the checkpoint.
 """
 from __future__ import annotations
 
@@ -47,8 +54,10 @@ class Op(str, Enum):
     POLICY = "policy"
     CONFIGURE = "configure"
     CHILD = "child"
+    FORK_FAILED = "forkfailed"
     WAKE = "wake"
     FORK = "fork"
+    PROMOTE = "promote"
     OK = "ok"
     ERROR = "error"
 
@@ -93,6 +102,7 @@ class Hello(Message):
     OP = Op.HELLO
     n: int
     pid: int
+    error: str = ""          # it could not make its channel (sent without one), and exits
 
 
 @dataclass
@@ -105,10 +115,23 @@ class Spare(Message):
 
 
 @dataclass
+class ForkFailed(Message):
+    """A keeper could not fork a spare of checkpoint ``n`` (``errno``); it goes on serving."""
+
+    OP = Op.FORK_FAILED
+    n: int
+    errno: int
+    error: str
+
+
+@dataclass
 class Up(Message):
-    """A woken spare now runs as the live process."""
+    """A woken spare now runs as the live process. ``pending``: the signals (bit ``s - 1`` for
+    signal ``s``) that reached it after it rejoined the program's process group and before it
+    unblocked them; it handles those itself."""
 
     OP = Op.UP
+    pending: int = 0
 
 
 @dataclass
@@ -187,6 +210,13 @@ class Fork(Message):
 
 
 @dataclass
+class Promote(Message):
+    """To a spare whose keeper died: become the checkpoint's keeper."""
+
+    OP = Op.PROMOTE
+
+
+@dataclass
 class Ok(Message):
     OP = Op.OK
     data: dict[str, Any] = field(default_factory=dict)
@@ -200,8 +230,8 @@ class Error(Message):
 
 
 _CLASSES: dict[str, type[Message]] = {
-    cls.OP.value: cls for cls in (Snap, Hello, Spare, Up, Restore, Discard, ListCheckpoints, SetPolicy,
-                                  Configure, ChildQuery, Wake, Fork, Ok, Error)}
+    cls.OP.value: cls for cls in (Snap, Hello, Spare, ForkFailed, Up, Restore, Discard, ListCheckpoints,
+                                  SetPolicy, Configure, ChildQuery, Wake, Fork, Promote, Ok, Error)}
 # The JSON types each field may hold, read once from the annotations.
 _TYPES = {"int": (int,), "bool": (bool,), "str": (str,), "float": (int, float),
           "int | None": (int, type(None)), "str | None": (str, type(None)), "list[int]": (list,),

@@ -109,6 +109,7 @@ class ControlServer:
         self.pid = os.getpid()
         self.uid = os.geteuid()
         self.conns: dict[int, _Conn] = {}
+        self.max_connections = MAX_CONNECTIONS    # the shepherd lowers it under a tight ulimit -n
         self.sock: socket.socket | None = None
         self.dir = self.path = ""
         self._ident: tuple[int, int] | None = None
@@ -204,9 +205,9 @@ class ControlServer:
                 "denied", f"permission denied: uid {uid} may not control forkpoint program {self.pid}"
                           f" (only uid {self.uid}, its owner, or root may)"))
             return
-        if len(self.conns) >= MAX_CONNECTIONS:
+        if len(self.conns) >= self.max_connections:
             self._send_and_close(conn, _error(
-                "busy", f"too many operator connections ({MAX_CONNECTIONS} open); try again"))
+                "busy", f"too many operator connections ({self.max_connections} open); try again"))
             return
         c = _Conn(conn, pid, uid, time.monotonic() + CONNECTION_TIMEOUT)
         self.conns[conn.fileno()] = c

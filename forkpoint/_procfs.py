@@ -170,6 +170,11 @@ def file_offsets() -> dict[int, int]:
     return out
 
 
+def open_fd_count() -> int:
+    """Descriptors this process has open (the one that reads the count included)."""
+    return len(os.listdir("/proc/self/fd"))
+
+
 def other_threads() -> int:
     """Threads of this process besides the caller, native ones included.
 

@@ -16,7 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _channel, _children, _clone, _eventloop, _identity, _prctl, _procfs, _sigutil
-from ._errors import ConfigurationError, ForkpointError, NoSuchCheckpoint, ThreadsAlive, WrongThread
+from ._errors import (
+    ConfigurationError,
+    ForkpointError,
+    NoSuchCheckpoint,
+    ThreadsAlive,
+    WrongThread,
+    resource_error,
+)
 from ._shepherd import become_shepherd
 from .arena import DEFAULT_SIZE, Arena
 
@@ -111,8 +118,16 @@ class _Runtime:
         self.pgid = os.getpgrp()
         self.comm = _prctl.get_name()
         self.unidle = _procfs.can_leave_sched_idle()
-        mine, theirs = _channel.pair()
-        fault_r, fault_w = os.pipe()
+        try:
+            mine, theirs = _channel.pair()
+        except OSError as e:
+            raise resource_error("could not start forkpoint: no channel to the shepherd", e) from e
+        try:
+            fault_r, fault_w = os.pipe()
+        except OSError as e:
+            mine.close()
+            theirs.close()
+            raise resource_error("could not start forkpoint: no pipe for crash reports", e) from e
         _sigutil.flush_stdio()
         old = _sigutil.block_all()
         timers = [(w, signal.getitimer(w)) for w in _sigutil.ITIMERS]
@@ -120,10 +135,16 @@ class _Runtime:
         _prctl.set_child_subreaper(True)
         try:
             pid = _clone.clone(sibling=False)
-        except BaseException:
+        except BaseException as e:
             _sigutil.restore_mask(old)
             os.close(fault_r)
             os.close(fault_w)
+            mine.close()
+            theirs.close()
+            _prctl.set_child_subreaper(False)
+            if isinstance(e, OSError):
+                raise resource_error("could not start forkpoint: the fork of the live program failed",
+                                     e) from e
             raise
         if pid == 0:  # the live program goes on here
             theirs.close()
@@ -168,15 +189,12 @@ class _Runtime:
         self.altstack = _sigutil.large_altstack()
 
     # -- the newest keeper, which a committing transaction kills itself --------------------------
-    def hold_keeper(self, n: int, pid: int) -> None:
-        """Keep a pidfd of checkpoint ``n``'s keeper (a pidfd cannot hit a recycled pid)."""
+    def hold_keeper(self, n: int, pidfd: int) -> None:
+        """Keep the pidfd of checkpoint ``n``'s keeper, made by its clone (a pidfd cannot hit a
+        recycled pid)."""
         if self.keeper is not None:
             os.close(self.keeper[1])
-            self.keeper = None
-        try:
-            self.keeper = (n, os.pidfd_open(pid))
-        except (OSError, AttributeError):      # before Linux 5.3: the shepherd kills it alone
-            pass
+        self.keeper = (n, pidfd)
 
     def kill_keeper(self, n: int) -> None:
         if self.keeper is None or self.keeper[0] != n:

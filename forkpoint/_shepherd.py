@@ -39,6 +39,7 @@ from ._channel import (
     Configure,
     Discard,
     ErrorKind,
+    ForkFailed,
     Hello,
     ListCheckpoints,
     Message,
@@ -65,6 +66,11 @@ _BOOT = "import sys;sys.path.insert(0,sys.argv[1]);from forkpoint._shepherd impo
 _REPORT_BACKSTOP = 1.0        # a crash report nothing claimed is written out after this long
 _OUTSIDE_WINDOW = 1.0         # a fault signal this recent from outside is no crash of the program
 _WATCHDOG_TICK = 0.05         # how often the watchdog's hard deadline in the arena is checked
+_UNKNOWN_TTL = 10.0           # seconds a reaped unknown pid is remembered (see Shepherd._alive)
+_AWAIT_KEEPER = 5.0           # seconds a restore waits for a keeper's hello or copy before it falls back
+# Descriptors the shepherd keeps free beyond its channels: a message's two descriptors (a channel
+# and a pidfd), the channel of a live process that died and is not at EOF yet, and a /proc read.
+_FD_RESERVE = 4
 
 
 class Role(enum.Enum):
@@ -96,6 +102,8 @@ class Checkpoint:
     announcer: Proc | None = None  # the live process that took it: its keeper says hello on its channel
     key: str | None = None        # a protected call's input and deadline (see _channel.Snap)
     deadline: float = 0.0
+    forking: int = 0              # spares asked of the keeper (or owed by a new one) not yet arrived
+    fork_failures: int = 0        # failed forks in a row (the process limit): asked again later
 
 
 def become_shepherd(chan: socket.socket, arena: Arena, live_pid: int, pgid: int, config: Any,
@@ -138,6 +146,7 @@ def main() -> NoReturn:
     logger.setLevel(max(logging.WARNING, args["level"]) if args["level"] else logging.WARNING)
     chan = socket.socket(fileno=args["chan"])
     arena = Arena(args["arena_fd"], args["arena_size"], create=False)
+    os.close(args["arena_fd"])       # the mapping keeps its own descriptor: one fewer to hold
     try:
         Shepherd(chan, arena, args).run()
     except BaseException:
@@ -145,6 +154,19 @@ def main() -> NoReturn:
         raise
     finally:
         os._exit(EX_SOFTWARE)
+
+
+def _describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signame(os.WTERMSIG(status))}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Whether ``sock`` has a message (or EOF) now; poll, since select() fails past fd 1023."""
+    p = select.poll()
+    p.register(sock, select.POLLIN)
+    return bool(p.poll(0))
 
 
 class _ListWaiters:
@@ -172,10 +194,16 @@ class Shepherd:
         self.restoring = False                  # a restore was decided and no spare woken yet
         self.pending_signals: list[int] = []
         self.forwarded_fatal: dict[int, float] = {}   # fault signal -> when one was forwarded
-        self.live: Proc | None = self._add(args["live"], Role.LIVE, 0, chan)
         self.live_up = True
         self.control: ControlServer | None = None
-        self.reaped_unknown: list[tuple[int, float]] = []   # recently reaped pids we did not know
+        # Recently reaped pids we did not know: only consulted for a keeper or spare that came
+        # without a pidfd (before Linux 5.3), and trimmed by age on every use.
+        self.reaped_unknown: list[tuple[int, float]] = []
+        self.channels = 0                       # channels open here (descriptors, see _fd_room)
+        self.fd_limit = 0
+        self.fd_base = 0
+        self.fd_warned = 0.0
+        self.live: Proc | None = self._add(args["live"], Role.LIVE, 0, chan)
         self.lists = _ListWaiters()
         self.orphans = Orphans(arena)
         self.retired_live: set[int] = set()     # live processes killed since the last orphan scan
@@ -187,7 +215,8 @@ class Shepherd:
         self._handlers: dict[type[Message], Callable[[Proc, Any, list[int]], None]] = {
             Snap: self._on_snap, Hello: self._on_hello, Spare: self._on_spare, Up: self._on_up,
             Restore: self._on_restore, Discard: self._on_discard, ListCheckpoints: self._on_list,
-            SetPolicy: self._on_policy, Configure: self._on_configure, ChildQuery: self._on_child}
+            SetPolicy: self._on_policy, Configure: self._on_configure, ChildQuery: self._on_child,
+            ForkFailed: self._on_fork_failed}
 
     # -- what the control server sees (``_control.Controlled``) ---------------------------------------
     @property
@@ -234,6 +263,7 @@ class Shepherd:
             self.procs[pid] = proc
         if chan is not None:
             chan.setblocking(True)
+            self.channels += 1
             self.loop.add_reader(chan, functools.partial(self._on_message, proc))
         return proc
 
@@ -242,6 +272,28 @@ class Shepherd:
             self.loop.remove(proc.chan)
             proc.chan.close()
             proc.chan = None
+            self.channels -= 1
+
+    def _alive(self, pid: int, pidfd: int | None) -> bool:
+        """Whether the process that just introduced itself as ``pid`` is still ours to track.
+
+        With its pidfd the answer is exact: a pidfd refers to that very process, so it reports
+        ESRCH once the process was reaped here, even if its pid already belongs to another. Without
+        one, a pid reaped here in the last seconds is taken for it.
+        """
+        if pidfd is not None:
+            try:
+                signal.pidfd_send_signal(pidfd, 0)
+                return True
+            except ProcessLookupError:
+                return False
+            except OSError:
+                pass
+            finally:
+                os.close(pidfd)
+        now = time.monotonic()
+        self.reaped_unknown = [(p, t) for p, t in self.reaped_unknown if now - t < _UNKNOWN_TTL]
+        return not any(p == pid for p, _ in self.reaped_unknown)
 
     def _retire(self, proc: Proc) -> None:
         """Kill a process whose work is over, its teardown kept out of the live process's way.
@@ -291,6 +343,7 @@ class Shepherd:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:                 # two channels per checkpoint, and the operator's clients
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        self.fd_limit = hard if hard != resource.RLIM_INFINITY else 1 << 20
         for which in _sigutil.ITIMERS:
             signal.setitimer(which, 0)   # exec kept the program's timers; the live process has them
         watched = FORWARDED | {signal.SIGCHLD}
@@ -309,6 +362,10 @@ class Shepherd:
             log.warning("operator socket unavailable: %s", e)
         self.orphans.scan(set(), self.procs.__contains__)   # children the program started before us
         self._watch_parent()
+        self.fd_base = _procfs.open_fd_count() - self.channels - 1
+        if self.control is not None:     # its connections come out of what checkpoints leave free
+            self.control.max_connections = max(1, min(self.control.max_connections,
+                                                      (self.fd_limit - self.fd_base - _FD_RESERVE) // 8))
         self._reap()   # the live process may have died before we watched SIGCHLD
         if self.max_memory:
             self.loop.after(_budget.INTERVAL, self._memory_tick)
@@ -418,12 +475,14 @@ class Shepherd:
             log.debug("reaped adopted orphan %d", pid)
             self.orphans.reaped(pid, status)
             now = time.monotonic()
-            self.reaped_unknown = [(p, t) for p, t in self.reaped_unknown if now - t < 10.0][-63:]
+            self.reaped_unknown = [(p, t) for p, t in self.reaped_unknown if now - t < _UNKNOWN_TTL][-255:]
             self.reaped_unknown.append((pid, now))
+            self._retry_forks()
             return
         self._drain(proc)     # what it said before dying (a checkpoint it took) comes first
         self.procs.pop(pid, None)
         if proc.role is Role.DYING:
+            self._retry_forks()      # a process slot is free again
             return
         if proc is not self.live:
             self._close(proc)
@@ -439,21 +498,33 @@ class Shepherd:
         ck = self.ckpts.get(proc.n)
         if ck is None:
             return
-        log.warning("checkpoint %d lost its %s process %d (status %d)", proc.n, proc.role.value, pid, status)
-        if proc.role is Role.KEEPER:
+        log.warning("checkpoint %d lost its %s process %d (%s)", proc.n, proc.role.value, pid,
+                    _describe_status(status))
+        if proc is ck.keeper:
             ck.keeper = None
-            if not ck.spares:
-                self._discard(ck.n, "its processes died")
+            ck.forking = 0                  # what it had forked was drained above; the rest is lost
+            self._promote(ck)
         elif proc in ck.spares:
             ck.spares.remove(proc)
-            if ck.keeper is None and not ck.spares and not ck.awaiting:
-                self._discard(ck.n, "its processes died")
-            else:
+            self._replenish(ck)
+        self._retry_forks()
+
+    def _promote(self, ck: Checkpoint) -> None:
+        """A checkpoint whose keeper died lives on in a spare, which becomes its keeper."""
+        while ck.spares:
+            heir = ck.spares.pop(0)
+            if self._send(heir, _channel.Promote()):
+                heir.role = Role.KEEPER
+                ck.keeper = heir
+                log.warning("checkpoint %d: spare %d is its keeper now", ck.n, heir.pid)
                 self._replenish(ck)
+                return
+            self._retire(heir)
+        self._discard(ck.n, "its keeper died and no spare was left")
 
     # -- messages -------------------------------------------------------------------------------
     def _drain(self, proc: Proc) -> None:
-        while proc.chan is not None and select.select([proc.chan], [], [], 0)[0]:
+        while proc.chan is not None and _readable(proc.chan):
             self._on_message(proc)
 
     def _on_message(self, proc: Proc) -> None:
@@ -496,49 +567,95 @@ class Shepherd:
         if n in self.ckpts:                 # ids are never reused: only a corrupted arena does this
             self._discard(n, "its id was taken again")
         self.ckpts[n] = Checkpoint(n, None, msg.pin, awaiting=True, announcer=proc, want_spares=msg.spares,
-                                   key=msg.key, deadline=msg.deadline)
+                                   key=msg.key, deadline=msg.deadline, forking=msg.spares)
         if msg.deadline:
             self._at_deadline(n, msg.deadline)
         self.current = n
         self._enforce_bounds()
 
     def _on_hello(self, proc: Proc, msg: Hello, fds: list[int]) -> None:
-        """A keeper introduces itself, on the channel of the live process that forked it."""
+        """A keeper introduces itself, on the channel of the live process that forked it.
+
+        Its channel and a pidfd come with it. Without a channel (the keeper could not make one, or
+        the descriptor did not fit here) the keeper cannot serve and exits by itself (it sees EOF).
+        """
         n, pid = msg.n, msg.pid
-        if not fds:                                  # its channel was lost (EMFILE): it cannot serve
-            os.kill(pid, signal.SIGKILL)
-            self._discard(n, "its keeper's channel was lost")
+        ck = self.ckpts.get(n)
+        if not fds:
+            self._discard(n, f"its keeper {msg.error or 'could not hand its channel over'}"
+                             f"{'' if msg.error else ' (' + self._fd_note() + ')'}", level=logging.ERROR)
+            return
+        if not self._alive(pid, fds[1] if len(fds) > 1 else None):   # it died before we read this
+            self._close_fds(fds[:1])
+            self._discard(n, "its keeper died before it introduced itself")
             return
         keeper = self._add(pid, Role.KEEPER, n, socket.socket(fileno=fds[0]))
-        ck = self.ckpts.get(n)
-        died = [e for e in self.reaped_unknown if e[0] == pid]
-        if died:                                     # it died before we read this
-            self.reaped_unknown.remove(died[0])
-            self.procs.pop(pid, None)
-            self._close(keeper)
-            self._discard(n, "its keeper died")
-            return
         if ck is None or not ck.awaiting:
             self._retire(keeper)
             return
         ck.keeper, ck.awaiting = keeper, False
         if ck.pending is not None:
-            self._urge(keeper)
+            self._urge(ck)
         self._answer_list()
 
     def _on_spare(self, proc: Proc, msg: Spare, fds: list[int]) -> None:
-        if not fds:
-            os.kill(msg.pid, signal.SIGKILL)
+        ck = self.ckpts.get(msg.n)
+        if ck is not None and proc is ck.keeper:
+            ck.forking = max(0, ck.forking - 1)
+        if not fds:        # the descriptor did not fit here; the spare sees EOF and exits
+            log.error("a spare of checkpoint %d was lost: %s", msg.n, self._fd_note())
+            self._fork_lost(ck)
+            return
+        if not self._alive(msg.pid, fds[1] if len(fds) > 1 else None):
+            self._close_fds(fds[:1])
+            self._fork_lost(ck)
             return
         spare = self._add(msg.pid, Role.SPARE, msg.n, socket.socket(fileno=fds[0]))
-        ck = self.ckpts.get(msg.n)
-        if ck is None:
+        if ck is None or proc is not ck.keeper:
             self._retire(spare)
             return
+        ck.fork_failures = 0
         ck.spares.append(spare)
         if ck.pending is not None:
             wake, ck.pending = ck.pending, None
             self._wake(ck, wake)
+        elif len(ck.spares) > ck.want_spares:     # asked for by a restore that another copy served
+            self._retire(ck.spares.pop())
+
+    def _on_fork_failed(self, proc: Proc, msg: ForkFailed, fds: list[int]) -> None:
+        """A keeper could not fork a spare (the process limit, memory): it goes on serving."""
+        ck = self.ckpts.get(msg.n)
+        if ck is None or proc is not ck.keeper:
+            return
+        ck.forking = max(0, ck.forking - 1)
+        ck.fork_failures += 1
+        log.warning("checkpoint %d: its keeper could not fork a spare (%s)%s", ck.n, msg.error,
+                    "; the restore waiting for it wakes the keeper itself" if ck.pending is not None
+                    and not self._dying() else "")
+        self._fork_lost(ck)
+
+    def _fork_lost(self, ck: Checkpoint | None) -> None:
+        """A spare asked for did not come. A restore waiting for it asks again once a killed
+        process is gone (freeing a process slot), and wakes the keeper itself when no fork can
+        succeed; otherwise the spare is asked for again later."""
+        if ck is None or self.ckpts.get(ck.n) is not ck:
+            return
+        if ck.pending is None:
+            delay = min(5.0, 0.05 * 2 ** min(ck.fork_failures, 7))
+            self.loop.after(delay, lambda: self._replenish(ck))
+            return
+        if self._dying() and ck.fork_failures <= 3:
+            return              # _retry_forks asks again after the next death is reaped
+        self._wake_keeper(ck)
+
+    def _retry_forks(self) -> None:
+        for ck in list(self.ckpts.values()):
+            if ck.pending is not None and ck.keeper is not None and not ck.forking:
+                self._urge(ck)
+
+    def _dying(self) -> int:
+        """Processes killed here and not reaped yet."""
+        return sum(1 for p in self.procs.values() if p.role is Role.DYING)
 
     def _on_up(self, proc: Proc, msg: Up, fds: list[int]) -> None:
         if proc is self.live:
@@ -682,18 +799,42 @@ class Shepherd:
         armed = self.arena.watchdog()
         self.arena.set_watchdog(None)
         if sig == signal.SIGKILL and armed is not None and time.monotonic() >= armed[0] - 0.05:
-            target = armed[1] or self.current
-            if target in self.ckpts:      # the watchdog's kill timer: a hang the handler could not cut
+            target = self._usable(armed[1] or self.current)
+            if target:                    # the watchdog's kill timer: a hang the handler could not cut
                 self._failure(target, signal.SIGALRM, "timeout (stuck in native code: killed)", None)
                 return
         if sig in pol.signals and not self._sent_from_outside(sig):
-            target = pol.to or self.current
-            if target in self.ckpts:
+            wanted = pol.to or self.current
+            target = self._usable(wanted)
+            if target:
                 self._failure(target, sig, f"killed by {signame(sig)}", None)
                 return
             log.error("live process died by %s and there is no checkpoint %sto restore: ending",
-                      signame(sig), f"{target} " if target else "")
+                      signame(sig), f"{wanted} " if wanted else "")
         self.shutdown(sig=sig)
+
+    def _usable(self, wanted: int) -> int:
+        """``wanted`` if it is a checkpoint, else the one to restore instead (0: none).
+
+        A checkpoint can be gone because forkpoint's own machinery failed (its keeper was killed
+        before it introduced itself: the OOM killer during a large fork); the program then goes
+        back to the newest checkpoint before it, or failing that the oldest after it.
+        """
+        if not wanted or wanted in self.ckpts:
+            return wanted
+        alt = self._alternative(wanted)
+        if alt:
+            log.warning("checkpoint %d is gone: restoring checkpoint %d instead", wanted, alt)
+        return alt
+
+    def _alternative(self, lost: int) -> int:
+        """The checkpoint to use in place of ``lost``: settled ones first, older before newer."""
+        def rank(m: int) -> tuple[bool, bool, int]:
+            ck = self.ckpts[m]
+            settled = not ck.awaiting and (ck.keeper is not None or bool(ck.spares))
+            return (settled, m < lost, m if m < lost else -m)
+        others = [m for m in self.ckpts if m != lost]
+        return max(others, key=rank) if others else 0
 
     def _failure(self, target: int, sig: int, cause: str, requester: Proc | None,
                  operator: bool = False) -> None:
@@ -767,42 +908,99 @@ class Shepherd:
 
     def _wake(self, ck: Checkpoint, wake: Wake) -> None:
         if self.ckpts.get(ck.n) is not ck:
-            log.error("checkpoint %d vanished before it could be restored: ending", ck.n)
-            self._give_up(wake)
+            self._fall_back(wake, ck.n, "it vanished")
+            return
         while ck.spares:
             spare = ck.spares.pop(0)
             if self._send(spare, wake):
-                spare.role, spare.lived = Role.LIVE, True
-                self.live, self.live_up = spare, False
-                self.restoring = False
+                self._went_live(spare)
                 self._replenish(ck)
                 return
             self._retire(spare)
         ck.pending = wake
         if ck.awaiting:      # the keeper will be asked to fork as soon as it introduces itself
-            self.loop.after(5.0, lambda: self._check_awaiting(ck, wake))
+            self.loop.after(_AWAIT_KEEPER, lambda: self._check_pending(ck, wake))
             return
-        if ck.keeper is None or not self._urge(ck.keeper):
-            log.error("checkpoint %d cannot be restored: its keeper is gone", ck.n)
-            self._give_up(wake)
+        if ck.keeper is None:
+            self._discard(ck.n, "its processes are gone")   # falls back to another checkpoint
+            return
+        self._urge(ck)
+        self.loop.after(_AWAIT_KEEPER, lambda: self._check_pending(ck, wake))
 
-    def _urge(self, keeper: Proc) -> bool:
+    def _went_live(self, proc: Proc) -> None:
+        proc.role, proc.lived = Role.LIVE, True
+        self.live, self.live_up = proc, False
+        self.restoring = False
+
+    def _urge(self, ck: Checkpoint) -> None:
         """Ask a keeper for a copy that a restore is waiting for, at normal priority.
 
         Keepers fork in the background under SCHED_IDLE; on a machine whose CPUs are busy that
         work barely runs, and here the program itself waits for it. The keeper goes back to
         SCHED_IDLE after the fork.
         """
+        keeper = ck.keeper
+        if keeper is None:
+            return
         try:
             os.sched_setscheduler(keeper.pid, os.SCHED_OTHER, os.sched_param(0))
         except OSError:
             pass
-        return self._send(keeper, _channel.Fork())
+        if not ck.forking:
+            if self._send(keeper, _channel.Fork()):
+                ck.forking += 1
+            # else its channel is gone: it is dying, and its death (reaped) decides what comes next
 
-    def _check_awaiting(self, ck: Checkpoint, wake: Wake) -> None:
-        if ck.pending is wake and (self.ckpts.get(ck.n) is not ck or ck.awaiting):
-            log.error("checkpoint %d never got its keeper: ending", ck.n)
+    def _wake_keeper(self, ck: Checkpoint) -> None:
+        """No spare can be forked for a restore: the keeper itself becomes the live process.
+
+        The checkpoint is used up by this (there is nothing left to copy it from), which is still
+        better than ending a program that has it.
+        """
+        wake, ck.pending = ck.pending, None
+        keeper = ck.keeper
+        if wake is None or keeper is None:
+            return
+        self.ckpts.pop(ck.n, None)
+        ck.keeper = None
+        for spare in ck.spares:
+            self._retire(spare)
+        if not self._send(keeper, wake):
+            self._retire(keeper)
+            self._fall_back(wake, ck.n, "its keeper is gone")
+            return
+        log.warning("checkpoint %d restored from its keeper itself: no copy could be forked; "
+                    "the checkpoint is used up", ck.n)
+        self._went_live(keeper)
+        self.loop.after(0.0, self._answer_list)
+
+    def _check_pending(self, ck: Checkpoint, wake: Wake) -> None:
+        """A restore still waits for this checkpoint's keeper: it never introduced itself, or it
+        forks nothing (stopped, starved). Restore another checkpoint rather than wait forever."""
+        if ck.pending is not wake or self.ckpts.get(ck.n) is not ck:
+            return
+        if not self._alternative(ck.n):     # nothing else to go to: it is still the best hope
+            log.warning("a restore has waited %gs for checkpoint %d; still waiting", _AWAIT_KEEPER, ck.n)
+            self.loop.after(_AWAIT_KEEPER, lambda: self._check_pending(ck, wake))
+            return
+        ck.pending = None
+        if ck.awaiting:
+            self._discard(ck.n, f"its keeper never introduced itself within {_AWAIT_KEEPER:g}s")
+        self._fall_back(wake, ck.n, f"no copy of it came within {_AWAIT_KEEPER:g}s")
+
+    def _fall_back(self, wake: Wake, lost: int, why: str) -> None:
+        """A restore to checkpoint ``lost`` cannot happen: restore the best other one, or end as
+        the failure would have ended the program if none is left."""
+        alt = self._alternative(lost)
+        if not alt:
+            log.error("checkpoint %d was lost (%s) while a restore to it was pending, and no other "
+                      "checkpoint is left: ending", lost, why)
             self._give_up(wake)
+        log.warning("checkpoint %d was lost (%s) while a restore to it was pending: restoring "
+                    "checkpoint %d instead", lost, why, alt)
+        self.current = alt
+        self._record_history(wake.from_state, alt, wake.sig, f"fell back from {lost}", None)
+        self._wake(self.ckpts[alt], Wake(alt, wake.from_state, wake.sig, wake.reason, wake.attempt, wake.t))
 
     def _give_up(self, wake: Wake) -> NoReturn:
         """A restore that was decided cannot happen: end as the failure would have ended it."""
@@ -811,21 +1009,25 @@ class Shepherd:
         self.shutdown(code=EX_SOFTWARE)
 
     def _replenish(self, ck: Checkpoint) -> None:
-        if ck.keeper is not None and len(ck.spares) < ck.want_spares:
-            self._send(ck.keeper, _channel.Fork())
+        """Ask the keeper for the spares the checkpoint is short of (none while a fork is out)."""
+        if self.ckpts.get(ck.n) is not ck or ck.keeper is None or ck.awaiting:
+            return
+        if len(ck.spares) + ck.forking < ck.want_spares:
+            if self._send(ck.keeper, _channel.Fork()):
+                ck.forking += 1
 
     # -- registry -------------------------------------------------------------------------------
-    def _discard(self, n: int, why: str) -> None:
+    def _discard(self, n: int, why: str, level: int = logging.INFO) -> None:
         ck = self.ckpts.pop(n, None)
         if ck is None:
             return
-        log.info("discarding checkpoint %d: %s", n, why)
+        log.log(level, "discarding checkpoint %d: %s", n, why)
         self.loop.after(0.0, self._answer_list)
         for proc in ([ck.keeper] if ck.keeper else []) + ck.spares:
             self._retire(proc)
         if ck.pending is not None:       # a restore was waiting for this checkpoint's spare
-            log.error("checkpoint %d was lost (%s) while a restore to it was pending: ending", n, why)
-            self._give_up(ck.pending)
+            wake, ck.pending = ck.pending, None
+            self._fall_back(wake, n, why)
 
     def _enforce_bounds(self) -> None:
         while len(self.ckpts) > self.max_checkpoints:
@@ -833,6 +1035,47 @@ class Shepherd:
             if not victims:
                 break
             self._discard(min(victims), f"more than {self.max_checkpoints} checkpoints")
+        self._fit_descriptors()
+
+    # -- descriptors: a channel per keeper and spare must fit under the shepherd's ulimit -n ----------
+    def _fd_need(self) -> int:
+        """Descriptors the shepherd needs once every checkpoint has its keeper and spares."""
+        conns = len(self.control.conns) if self.control is not None else 0
+        held = self.channels - sum(1 for p in self.procs.values() if p.chan is not None
+                                   and p.role in (Role.KEEPER, Role.SPARE))
+        return (self.fd_base + held + conns + _FD_RESERVE
+                + sum(1 + ck.want_spares for ck in self.ckpts.values()))
+
+    def _fd_note(self) -> str:
+        return (f"the shepherd holds {self.channels + self.fd_base} descriptors of its {self.fd_limit} "
+                "(ulimit -n)")
+
+    def _fit_descriptors(self) -> None:
+        """Keep checkpoints within the descriptors the shepherd has, oldest unpinned ones first,
+        and say so: a channel that does not fit would silently lose its checkpoint."""
+        if not self.fd_limit:
+            return
+        dropped = []
+        while self._fd_need() > self.fd_limit:
+            victims = [n for n, ck in self.ckpts.items() if not ck.pinned and n != self.current]
+            if victims:
+                dropped.append(min(victims))
+                self._discard(min(victims), "out of descriptors", level=logging.DEBUG)
+                continue
+            thin = [ck for ck in self.ckpts.values() if ck.want_spares]    # then fewer spares
+            if not thin:
+                break
+            ck = max(thin, key=lambda c: c.n)
+            ck.want_spares -= 1
+            while len(ck.spares) > ck.want_spares:
+                self._retire(ck.spares.pop())
+        if dropped or self._fd_need() > self.fd_limit:
+            now = time.monotonic()
+            level = logging.WARNING if now - self.fd_warned > 10.0 else logging.INFO
+            self.fd_warned = now if level == logging.WARNING else self.fd_warned
+            log.log(level, "discarded checkpoint(s) %s: the shepherd's descriptor limit (ulimit -n %d) "
+                    "holds %d checkpoint(s) here; raise it to keep max_checkpoints=%d",
+                    dropped or "none", self.fd_limit, len(self.ckpts), self.max_checkpoints)
 
     def _memory(self, ck: Checkpoint) -> tuple[int, int]:
         uss = pss = 0

@@ -115,6 +115,13 @@ def mask_of(sigs: Iterable[int]) -> ctypes.Array[ctypes.c_char]:
     return ctypes.create_string_buffer(_sigset_bytes(sigs), 128)
 
 
+def pending_bits() -> int:
+    """This thread's pending signals 1..64 as a bit mask (bit ``s - 1`` for signal ``s``)."""
+    buf = new_mask()
+    _libc.sigpending(buf)
+    return int(struct.unpack_from("Q", buf.raw)[0])
+
+
 def drain_pending() -> None:
     """Discard signals that arrived while this process was frozen; they were not meant for it."""
     buf = new_mask()

@@ -28,7 +28,14 @@ import time
 import zlib
 from typing import Any, NamedTuple
 
-from ._errors import ArenaFull, CacheCorrupted, ConfigurationError, ForkpointError, RegionMismatch
+from ._errors import (
+    ArenaFull,
+    CacheCorrupted,
+    ConfigurationError,
+    ForkpointError,
+    RegionMismatch,
+    resource_error,
+)
 
 log = logging.getLogger("forkpoint")
 
@@ -117,10 +124,17 @@ class Arena:
         if not isinstance(size, int) or size < MIN_SIZE:
             raise ConfigurationError(f"arena size must be an int of at least {MIN_SIZE} bytes")
         size = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
-        fd = os.memfd_create("forkpoint-arena", os.MFD_CLOEXEC)
+        hint = f"or make the arena smaller than {size} bytes: forkpoint.configure(arena_size=...)"
+        try:
+            fd = os.memfd_create("forkpoint-arena", os.MFD_CLOEXEC)
+        except OSError as e:
+            raise resource_error("could not create the persistent arena (memfd_create)", e, hint) from e
         try:
             os.ftruncate(fd, size)
             return cls(fd, size, create=True)
+        except OSError as e:
+            os.close(fd)
+            raise resource_error(f"could not map the persistent arena of {size} bytes", e, hint) from e
         except BaseException:
             os.close(fd)
             raise
