@@ -126,12 +126,9 @@ class ForkFailed(Message):
 
 @dataclass
 class Up(Message):
-    """A woken spare now runs as the live process. ``pending``: the signals (bit ``s - 1`` for
-    signal ``s``) that reached it after it rejoined the program's process group and before it
-    unblocked them; it handles those itself."""
+    """A woken spare now runs as the live process."""
 
     OP = Op.UP
-    pending: int = 0
 
 
 @dataclass
@@ -200,6 +197,7 @@ class Wake(Message):
     reason: str
     attempt: int
     t: float                 # CLOCK_MONOTONIC when the shepherd saw the failure
+    hold: bool = False       # signals wait for it: after Up, keep them blocked until the shepherd's Ok
 
 
 @dataclass
@@ -278,13 +276,14 @@ def send(sock: socket.socket, msg: Message, fds: tuple[int, ...] = ()) -> None:
         sock.send(data)
 
 
-def recv(sock: socket.socket) -> tuple[Message | None, list[int]]:
+def recv(sock: socket.socket, flags: int = 0) -> tuple[Message | None, list[int]]:
     """Receive one message and any descriptors with it; ``(None, [])`` means the peer is gone.
 
-    A malformed message raises ``MalformedMessage`` after its descriptors were closed.
+    A malformed message raises ``MalformedMessage`` after its descriptors were closed. ``flags``
+    go to recvmsg (the shepherd passes MSG_DONTWAIT).
     """
     fds = array.array("i")
-    data, anc, _flags, _addr = sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(4 * fds.itemsize))
+    data, anc, _flags, _addr = sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(4 * fds.itemsize), flags)
     for level, kind, payload in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])

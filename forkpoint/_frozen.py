@@ -212,9 +212,13 @@ def resume(rt: _Runtime, saved: Saved, wake: _channel.Wake) -> None:
     if saved.key is not None and rt.arena is not None:
         rt.arena.set_processing(saved.key)   # the checkpoint was taken inside processing(key)
     _eventloop.rejoin(saved.loop, moved_heap=True)
-    pending = _sigutil.pending_bits()   # reached us in the group: we handle them, not the shepherd
+    _channel.send(rt.chan, _channel.Up())
+    if wake.hold:
+        # Signals came for the program while it was being restored: the shepherd sends them now,
+        # and they are handled here, before program code runs (which could crash at once and
+        # take them along).
+        _channel.recv(rt.chan)
     _sigutil.restore_mask(saved.mask)
-    _channel.send(rt.chan, _channel.Up(pending))
     # A recovery is worth a warning; a plain tlongjmp() is the program's own control flow.
     level = logging.INFO if rt.sigtype == 0 and rt.reason == "tlongjmp" else logging.WARNING
     if log.isEnabledFor(level):

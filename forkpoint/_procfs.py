@@ -120,6 +120,53 @@ def pending_signals(pid: int) -> list[int]:
     return [sig for sig in range(1, 65) if mask >> (sig - 1) & 1]
 
 
+def signal_state(pid: int) -> tuple[int, int, int] | None:
+    """(process group, pending signals, blocked signals) of ``pid`` as bit masks (bit ``s - 1``
+    for signal ``s``); None if it is gone."""
+    fields = read_stat(pid)
+    pending = blocked = 0
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("SigPnd:", "ShdPnd:")):
+                    pending |= int(line.split()[1], 16)
+                elif line.startswith("SigBlk:"):
+                    blocked = int(line.split()[1], 16)
+    except (OSError, ValueError):
+        return None
+    return (int(fields[2]), pending, blocked) if fields else None
+
+
+def signal_dispositions(pid: int) -> tuple[int, int] | None:
+    """(SigIgn, SigCgt) of process ``pid``: the signals it ignores and catches; None if gone."""
+    ignored = caught = None
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigIgn:"):
+                    ignored = int(line.split()[1], 16)
+                elif line.startswith("SigCgt:"):
+                    caught = int(line.split()[1], 16)
+    except (OSError, ValueError):
+        return None
+    return (ignored, caught) if ignored is not None and caught is not None else None
+
+
+def terminal_foreground() -> int:
+    """The foreground process group of this process's controlling terminal (0: none)."""
+    fields = read_stat(os.getpid())
+    try:
+        return int(fields[5]) if fields and int(fields[4]) else 0
+    except (ValueError, IndexError):
+        return 0
+
+
+def state(pid: int) -> str:
+    """The state letter of ``pid`` (R, S, D, T, t, Z, ...), or '' if it is gone."""
+    fields = read_stat(pid)
+    return fields[0] if fields else ""
+
+
 def smaps(pid: int) -> tuple[int, int]:
     """(USS, PSS) of a process in bytes, from /proc/PID/smaps_rollup; (0, 0) if it is gone."""
     uss = pss = 0

@@ -54,7 +54,7 @@ from ._control import ControlServer
 from ._faultreport import FaultReports
 from ._loop import EventLoop
 from ._orphans import Orphans
-from ._sigutil import FORWARDED, REPORTED_SIGNALS, TTY_SIGNALS, signame
+from ._sigutil import CARRIED, FORWARDED, REPORTED_SIGNALS, STOP_SIGNALS, TTY_SIGNALS, signame
 from .arena import Arena, HistoryRecord, add_quarantine, load_quarantine
 from .policy import Action, Decision, Policy, RecoveryPolicy
 
@@ -87,6 +87,8 @@ class Proc:
     n: int
     chan: socket.socket | None
     lived: bool = False           # has run program code: its channel carries keepers' hellos
+    forwarded: set[int] = field(default_factory=set)   # signals the shepherd sent it
+    held: bool = False            # woken with Wake.hold: it waits for an Ok after its Up
 
 
 @dataclass
@@ -162,6 +164,13 @@ def _describe_status(status: int) -> str:
     return f"exit status {os.waitstatus_to_exitcode(status)}"
 
 
+def _isatty(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
+
+
 def _readable(sock: socket.socket) -> bool:
     """Whether ``sock`` has a message (or EOF) now; poll, since select() fails past fd 1023."""
     p = select.poll()
@@ -192,7 +201,15 @@ class Shepherd:
         self.started = time.time()
         self.recoveries = 0
         self.restoring = False                  # a restore was decided and no spare woken yet
-        self.pending_signals: list[int] = []
+        # Signals for the program that arrived while no live process was up, with whether the
+        # terminal sent them (then the restored process may have had its own copy).
+        self.pending_signals: list[tuple[int, bool]] = []
+        self.backoff: Callable[[], None] | None = None      # a restore waiting out its backoff
+        self.need_reap = False
+        self.ending = False
+        self.me = os.getpid()
+        self.session_leader = os.getsid(0) == self.me
+        self.tty_fd = next((fd for fd in (0, 1, 2) if _isatty(fd)), None)
         self.forwarded_fatal: dict[int, float] = {}   # fault signal -> when one was forwarded
         self.live_up = True
         self.control: ControlServer | None = None
@@ -306,8 +323,10 @@ class Shepherd:
         if proc.pid <= 0:     # a keeper that has not introduced itself: EOF on its channel ends it
             self._close(proc)
             return
-        if proc.lived:        # signals forwarded to it but still blocked there go to its successor
-            self.pending_signals.extend(s for s in _procfs.pending_signals(proc.pid) if s in FORWARDED)
+        if proc.lived:        # signals for the program still blocked there go to its successor
+            self._read_signals(retiring=proc)    # what came before this instant was for it
+            carried = CARRIED | proc.forwarded
+            self.pending_signals.extend((s, False) for s in _procfs.pending_signals(proc.pid) if s in carried)
             self._orphans_of(proc.pid)
         try:
             os.sched_setscheduler(proc.pid, os.SCHED_IDLE, os.sched_param(0))
@@ -346,14 +365,14 @@ class Shepherd:
         self.fd_limit = hard if hard != resource.RLIM_INFINITY else 1 << 20
         for which in _sigutil.ITIMERS:
             signal.setitimer(which, 0)   # exec kept the program's timers; the live process has them
-        watched = FORWARDED | {signal.SIGCHLD}
+        watched = FORWARDED | {signal.SIGCHLD, signal.SIGCONT}
         _sigutil.block_all()
         self.sfd = _sigutil.open_signalfd(watched)
-        for s in (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
-            signal.signal(s, signal.SIG_DFL)     # stop and continue with the job, like the program
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_DFL)     # when the live process stops, so does the face
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         _sigutil.restore_mask(_sigutil.mask_of(watched))
-        self.loop.add_reader(self.sfd, self._on_signals)
+        self.loop.add_reader(self.sfd, self._on_signals, first=True)
         if self.reports is not None:
             self.loop.add_reader(self.reports.fd, self._on_fault_report)
         try:
@@ -381,27 +400,137 @@ class Shepherd:
 
     # -- signals, deaths and crash reports -------------------------------------------------------
     def _on_signals(self) -> None:
-        reap = False
-        for sig, code, _pid in _sigutil.read_signalfd(self.sfd):
-            if sig == signal.SIGCHLD:
-                reap = True
-            elif code == _sigutil.SI_KERNEL and sig in TTY_SIGNALS and self.live is not None and self.live_up:
-                continue  # typed at the terminal: the live process received it directly
-            else:
-                self._forward(sig)
-        if reap:
+        self._read_signals()
+        if self.need_reap:
+            self.need_reap = False
             self._reap()
+            self._mirror_stop()
 
-    def _forward(self, sig: int) -> None:
+    def _read_signals(self, retiring: Proc | None = None) -> None:
+        """Read the shepherd's signals and pass each one on to the program exactly once.
+
+        Called first in every turn of the loop and again just before a live process is retired
+        (``retiring``: it was live when these came), so that a signal is judged by who was live
+        when it arrived. Deaths (SIGCHLD) are only noted here: the reaper runs from
+        ``_on_signals``, never inside another change.
+        """
+        if self.ending:
+            return
+        live = retiring or (self.live if self.live_up else None)
+        for sig, code, sender in _sigutil.read_signalfd(self.sfd):
+            if sig == signal.SIGCHLD:
+                self.need_reap = True
+            elif sig == signal.SIGCONT:
+                self._continue_live()
+            elif code == _sigutil.SI_KERNEL:
+                if sig == signal.SIGHUP and self.session_leader:
+                    self._deliver(sig, False, live)   # a hangup reaches the session leader alone
+                elif sig in TTY_SIGNALS and live is None and not self._restored_has(sig, tty=True):
+                    self._deliver(sig, True, None)    # no live process was in the terminal's group
+                # else: typed at the terminal (the live process has it too), or about the shepherd
+                # itself (SIGXCPU, SIGXFSZ)
+            elif sender == self.me or (self.live is not None and sender == self.live.pid):
+                continue    # our own (SIGPIPE of a closed channel), or the program's signal to its group
+            elif sig < signal.SIGRTMIN and self._has_pending(live or self.live, sig):
+                continue    # sent to the program's whole group: the live process has its own copy
+            else:
+                self._deliver(sig, False, live)
+
+    def _restored_has(self, sig: int, tty: bool) -> bool:
+        """Whether the spare being woken (not up yet) got this terminal signal itself.
+
+        It got it if it had rejoined the terminal's process group when the signal came: it keeps
+        every signal blocked until the shepherd has read its own signals after its Up (Wake.hold,
+        set whenever the program is a terminal's foreground job), so it still has it pending. A
+        signal it does not have came before it rejoined, and only the shepherd can pass it on.
+        (Unblocked and not pending happens only without the hold, when no terminal signals the
+        group: it is taken as handled.)
+        """
+        waking = self.live
+        if waking is None or self.live_up:
+            return False
+        state = _procfs.signal_state(waking.pid)
+        if state is None:
+            return False
+        pgrp, pending, blocked = state
+        bit = 1 << (sig - 1)
+        if pgrp != self.pgid:
+            return False
+        return bool(pending & bit) or not blocked & bit
+
+    def _has_pending(self, proc: Proc | None, sig: int) -> bool:
+        """Whether ``proc`` has ``sig`` pending: sent to the whole group, it has its own copy."""
+        if proc is None:
+            return False
+        state = _procfs.signal_state(proc.pid)
+        return state is not None and bool(state[1] & 1 << (sig - 1))
+
+    def _deliver(self, sig: int, tty: bool, live: Proc | None) -> None:
+        if live is not None:
+            self._forward(sig, live)
+            return
+        # Mid-restore: what the program does with this signal is in the checkpoint being restored.
+        action = self._disposition(sig)
+        if action == "ignore":
+            return
+        if action == "terminate":
+            log.warning("%s arrived while the program was being restored and it does not handle it: "
+                        "ending", signame(sig))
+            self.shutdown(sig=sig)
+        self.pending_signals.append((sig, tty))
+        if self.backoff is not None:       # the program must see it now, not after the backoff
+            log.info("%s cuts the backoff short", signame(sig))
+            self.loop.after(0.0, self.backoff)
+
+    def _forward(self, sig: int, live: Proc | None = None) -> None:
         if sig in REPORTED_SIGNALS:     # sent from outside: a command to the program, not a crash
             self.forwarded_fatal[sig] = time.monotonic()
-        if self.live is not None and self.live_up:
+        live = live or (self.live if self.live_up else None)
+        if live is not None:
             try:
-                os.kill(self.live.pid, sig)
+                os.kill(live.pid, sig)
+                live.forwarded.add(sig)
             except ProcessLookupError:
-                self.pending_signals.append(sig)
+                self.pending_signals.append((sig, False))
         else:
-            self.pending_signals.append(sig)
+            self.pending_signals.append((sig, False))
+
+    def _disposition(self, sig: int) -> str:
+        """What the checkpoint being restored does with ``sig`` ("unknown" if no process of it is
+        there to ask): its frozen processes have the program's handlers, only blocked."""
+        ck = self.ckpts.get(self.current)
+        proc = (ck.keeper or (ck.spares[0] if ck.spares else None)) if ck is not None else None
+        masks = _procfs.signal_dispositions(proc.pid) if proc is not None else None
+        return _sigutil.disposition(sig, *masks) if masks is not None else "unknown"
+
+    def _mirror_stop(self) -> None:
+        """The live process stopped for job control (Ctrl-Z, SIGTTIN): stop the face PID too, which
+        is what the shell waits on, with the same signal; it continues when the job does."""
+        live = self.live
+        if live is None:
+            return
+        try:
+            info = os.waitid(os.P_PID, live.pid, os.WSTOPPED | os.WNOHANG)
+        except ChildProcessError:
+            return
+        if info is None or info.si_code != os.CLD_STOPPED or info.si_status not in STOP_SIGNALS:
+            return
+        sig = info.si_status
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
+        try:
+            os.kill(self.me, sig)           # stops here, until the job is continued
+        finally:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {sig})
+        self._continue_live()
+
+    def _continue_live(self) -> None:
+        """SIGCONT reached the face: continue the live process if it is still stopped."""
+        live = self.live
+        if live is not None and _procfs.state(live.pid) == "T":
+            try:
+                os.kill(live.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
 
     def _sent_from_outside(self, sig: int) -> bool:
         """Whether ``sig`` was forwarded to the live process a moment ago (kill -ABRT PID)."""
@@ -535,9 +664,13 @@ class Shepherd:
         if proc.chan is not None and not select.select([proc.chan], [], [], 0)[0]:
             return
         try:
-            msg, fds = _channel.recv(proc.chan) if proc.chan is not None else (None, [])
+            # Never blocking: a callback earlier in the same turn of the loop may have drained
+            # this channel already (the reaper reads what a dead process said last).
+            msg, fds = _channel.recv(proc.chan, socket.MSG_DONTWAIT) if proc.chan is not None else (None, [])
         except _channel.MalformedMessage as e:    # dropped, the channel kept
             log.error("dropped a malformed message from process %d: %s", proc.pid, e)
+            return
+        except (BlockingIOError, InterruptedError):
             return
         except OSError:
             msg, fds = None, []
@@ -657,12 +790,29 @@ class Shepherd:
         """Processes killed here and not reaped yet."""
         return sum(1 for p in self.procs.values() if p.role is Role.DYING)
 
+    def _in_terminal_foreground(self) -> bool:
+        """Whether the program is the foreground job of a terminal, which may signal its group."""
+        if self.tty_fd is not None:
+            try:
+                return os.tcgetpgrp(self.tty_fd) == self.pgid
+            except OSError:
+                return False
+        return _procfs.terminal_foreground() == self.pgid
+
     def _on_up(self, proc: Proc, msg: Up, fds: list[int]) -> None:
         if proc is self.live:
+            # From its Up on, what the terminal sends reaches it. What came while it rejoined the
+            # group is judged now, while it still blocks every signal and waits for our Ok (held:
+            # the program is a terminal's foreground job), so the judgement is exact.
+            if proc.held:
+                self._read_signals()
             self.live_up = True
             pending, self.pending_signals = self.pending_signals, []
-            for sig in pending:
+            for sig, _tty in pending:
                 self._forward(sig)
+            if proc.held:                # they are pending there now: it may unblock them
+                proc.held = False
+                self._send(proc, _channel.Ok())
 
     def _on_discard(self, proc: Proc, msg: Discard, fds: list[int]) -> None:
         if msg.current is not None and proc is self.live:
@@ -879,11 +1029,15 @@ class Shepherd:
         ck.deadline = 0.0               # the restored process answers for the call, in time
 
         def restore() -> None:
+            if self.backoff is not restore and decision.delay > 0:
+                return                   # a signal already cut the backoff short
+            self.backoff = None
             # recorded when it happens, so the restored process finds it in history()
             self._record_history(from_state, decision.target, sig, decision.reason, key)
             self._wake(ck, wake)
 
         if decision.delay > 0:
+            self.backoff = restore
             self.loop.after(decision.delay, restore)
         else:
             restore()
@@ -910,10 +1064,11 @@ class Shepherd:
         if self.ckpts.get(ck.n) is not ck:
             self._fall_back(wake, ck.n, "it vanished")
             return
+        wake.hold = bool(self.pending_signals) or self._in_terminal_foreground()
         while ck.spares:
             spare = ck.spares.pop(0)
             if self._send(spare, wake):
-                self._went_live(spare)
+                self._went_live(spare, wake)
                 self._replenish(ck)
                 return
             self._retire(spare)
@@ -927,8 +1082,8 @@ class Shepherd:
         self._urge(ck)
         self.loop.after(_AWAIT_KEEPER, lambda: self._check_pending(ck, wake))
 
-    def _went_live(self, proc: Proc) -> None:
-        proc.role, proc.lived = Role.LIVE, True
+    def _went_live(self, proc: Proc, wake: Wake) -> None:
+        proc.role, proc.lived, proc.held = Role.LIVE, True, wake.hold
         self.live, self.live_up = proc, False
         self.restoring = False
 
@@ -965,13 +1120,14 @@ class Shepherd:
         ck.keeper = None
         for spare in ck.spares:
             self._retire(spare)
+        wake.hold = bool(self.pending_signals) or self._in_terminal_foreground()
         if not self._send(keeper, wake):
             self._retire(keeper)
             self._fall_back(wake, ck.n, "its keeper is gone")
             return
         log.warning("checkpoint %d restored from its keeper itself: no copy could be forked; "
                     "the checkpoint is used up", ck.n)
-        self._went_live(keeper)
+        self._went_live(keeper, wake)
         self.loop.after(0.0, self._answer_list)
 
     def _check_pending(self, ck: Checkpoint, wake: Wake) -> None:
@@ -1162,12 +1318,13 @@ class Shepherd:
         self._retire(live)
         # A SIGALRM pending there is the watchdog's own timer, blocked by the stuck code: it is not
         # passed on to the restored process (where it would find no watchdog, or end it).
-        self.pending_signals[held:] = [s for s in self.pending_signals[held:] if s != signal.SIGALRM]
+        self.pending_signals[held:] = [e for e in self.pending_signals[held:] if e[0] != signal.SIGALRM]
         self._failure(target, signal.SIGALRM, reason, None)
 
     # -- the end --------------------------------------------------------------------------------
     def shutdown(self, code: int = 0, sig: int = 0) -> NoReturn:
         """Kill every process of the program, reap them, and end as the program ended."""
+        self.ending = True
         for proc in list(self.procs.values()):
             if proc.role is not Role.DYING:
                 self._retire(proc)

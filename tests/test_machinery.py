@@ -270,3 +270,4 @@ def test_a_descriptor_limit_never_hangs_the_program_nor_drops_checkpoints_silent
     assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
     assert r.stdout.strip() == "done 30 True", (r.stdout, r.stderr)
     assert f"the shepherd's descriptor limit (ulimit -n {limit})" in r.stderr, r.stderr
+
