@@ -51,6 +51,7 @@ class Op(str, Enum):
     RESTORE = "restore"
     DISCARD = "discard"
     LIST = "list"
+    THROTTLE = "throttle"
     POLICY = "policy"
     CONFIGURE = "configure"
     CHILD = "child"
@@ -159,6 +160,16 @@ class ListCheckpoints(Message):
 
 
 @dataclass
+class Throttle(Message):
+    """Before tsetjmp forks a new keeper: answered by ``Ok`` once few enough killed processes are
+    left and the keeper of checkpoint ``n`` (this process's previous one, whose pidfd comes with
+    the message) has introduced itself or is gone. The bound on processes."""
+
+    OP = Op.THROTTLE
+    n: int = 0
+
+
+@dataclass
 class SetPolicy(Message):
     """Replace the recovery policy, or with ``merge`` add ``signals`` and ``settings`` to it."""
 
@@ -229,7 +240,8 @@ class Error(Message):
 
 _CLASSES: dict[str, type[Message]] = {
     cls.OP.value: cls for cls in (Snap, Hello, Spare, ForkFailed, Up, Restore, Discard, ListCheckpoints,
-                                  SetPolicy, Configure, ChildQuery, Wake, Fork, Promote, Ok, Error)}
+                                  Throttle, SetPolicy, Configure, ChildQuery, Wake, Fork, Promote, Ok,
+                                  Error)}
 # The JSON types each field may hold, read once from the annotations.
 _TYPES = {"int": (int,), "bool": (bool,), "str": (str,), "float": (int, float),
           "int | None": (int, type(None)), "str | None": (str, type(None)), "list[int]": (list,),

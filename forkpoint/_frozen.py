@@ -90,6 +90,10 @@ def frozen(rt: _Runtime, n: int, spares: int) -> _channel.Wake:
                 warm = False
                 _prewarm(rt)
                 continue
+            if role is Role.KEEPER and forks_owed and rt.arena is not None and rt.arena.throttled():
+                for _ in range(forks_owed):    # the shepherd asks again once processes are gone
+                    _channel.send(chan, _channel.ForkFailed(n, 0, "deferred"))
+                forks_owed = 0
             if role is Role.KEEPER and forks_owed:
                 forks_owed -= 1
                 msg: _channel.Message | None = _channel.Fork()

@@ -63,6 +63,22 @@ def children_of(parents: set[int]) -> list[tuple[int, int]]:
     return out
 
 
+def children(pid: int) -> list[tuple[int, int]]:
+    """(pid, process group) of the children of ``pid``: from its task's children list where the
+    kernel has one (CONFIG_PROC_CHILDREN), else from a scan of /proc."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(k) for k in f.read().split()]
+    except OSError:
+        return children_of({pid})
+    out = []
+    for kid in kids:
+        fields = read_stat(kid)
+        if fields is not None and len(fields) > 2:
+            out.append((kid, int(fields[2])))
+    return out
+
+
 def process_start(pid: int) -> float | None:
     """When process ``pid`` started (epoch seconds), or None if it is gone or a zombie."""
     fields = read_stat(pid)
@@ -159,6 +175,15 @@ def terminal_foreground() -> int:
         return int(fields[5]) if fields and int(fields[4]) else 0
     except (ValueError, IndexError):
         return 0
+
+
+def minor_faults(pid: int) -> int | None:
+    """Minor page faults of ``pid`` so far (copy-on-write copies among them); None if gone."""
+    fields = read_stat(pid)
+    try:
+        return int(fields[7]) if fields else None
+    except (ValueError, IndexError):
+        return None
 
 
 def state(pid: int) -> str:

@@ -209,21 +209,23 @@ class _Runtime:
             os.close(fd)
 
     # -- requests to the shepherd -----------------------------------------------------------------
-    def request(self, msg: _channel.Message) -> dict[str, Any]:
-        """Send ``msg`` and wait for the shepherd's answer: ``Ok``'s data, or the error it names."""
-        data, fds = self.exchange(msg)
+    def request(self, msg: _channel.Message, send_fds: tuple[int, ...] = ()) -> dict[str, Any]:
+        """Send ``msg`` (with ``send_fds``) and wait for the shepherd's answer: ``Ok``'s data, or
+        the error it names."""
+        data, fds = self.exchange(msg, send_fds)
         for fd in fds:
             os.close(fd)
         return data
 
-    def exchange(self, msg: _channel.Message) -> tuple[dict[str, Any], list[int]]:
+    def exchange(self, msg: _channel.Message,
+                 send_fds: tuple[int, ...] = ()) -> tuple[dict[str, Any], list[int]]:
         """``request``, also returning the descriptors that came with the answer."""
         # Signals wait until the reply is in: a handler that raised between the send and the recv
         # would leave the reply queued, and every later request would read its predecessor's.
         old = _sigutil.block_all()
         try:
             with self.chan_lock:
-                _channel.send(self.chan, msg)
+                _channel.send(self.chan, msg, send_fds)
                 reply, fds = _channel.recv(self.chan)
         finally:
             _sigutil.restore_mask(old)

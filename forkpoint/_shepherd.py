@@ -47,6 +47,7 @@ from ._channel import (
     SetPolicy,
     Snap,
     Spare,
+    Throttle,
     Up,
     Wake,
 )
@@ -71,6 +72,10 @@ _AWAIT_KEEPER = 5.0           # seconds a restore waits for a keeper's hello or 
 # Descriptors the shepherd keeps free beyond its channels: a message's two descriptors (a channel
 # and a pidfd), the channel of a live process that died and is not at EOF yet, and a /proc read.
 _FD_RESERVE = 4
+# Killed processes still being torn down, at most (the bound on processes, docs/reliability.md):
+# at this many no checkpoint is taken and no spare forked until some are gone; from half of it on,
+# killed processes are torn down at normal priority instead of SCHED_IDLE.
+DYING_MAX = 4
 
 
 class Role(enum.Enum):
@@ -171,6 +176,13 @@ def _isatty(fd: int) -> bool:
         return False
 
 
+def _exited(pidfd: int) -> bool:
+    """Whether the process of ``pidfd`` has exited (a pidfd polls readable then)."""
+    p = select.poll()
+    p.register(pidfd, select.POLLIN)
+    return bool(p.poll(0))
+
+
 def _readable(sock: socket.socket) -> bool:
     """Whether ``sock`` has a message (or EOF) now; poll, since select() fails past fd 1023."""
     p = select.poll()
@@ -192,6 +204,7 @@ class Shepherd:
         self.pgid = args["pgid"]
         self.max_checkpoints = args["max_checkpoints"]
         self.max_memory = args.get("max_snapshot_memory")
+        self.budget = _budget.Budget()
         self.loop = EventLoop()
         self.loop.on_error = self._after_internal_error
         self.procs: dict[int, Proc] = {}
@@ -210,6 +223,10 @@ class Shepherd:
         self.me = os.getpid()
         self.session_leader = os.getsid(0) == self.me
         self.tty_fd = next((fd for fd in (0, 1, 2) if _isatty(fd)), None)
+        self.can_raise = _procfs.can_leave_sched_idle()
+        self.throttled = False
+        self.introduced = 0
+        self.throttle_waiters: list[tuple[Proc, int, int | None]] = []   # (process, n, pidfd of keeper n)
         self.forwarded_fatal: dict[int, float] = {}   # fault signal -> when one was forwarded
         self.live_up = True
         self.control: ControlServer | None = None
@@ -233,7 +250,7 @@ class Shepherd:
             Snap: self._on_snap, Hello: self._on_hello, Spare: self._on_spare, Up: self._on_up,
             Restore: self._on_restore, Discard: self._on_discard, ListCheckpoints: self._on_list,
             SetPolicy: self._on_policy, Configure: self._on_configure, ChildQuery: self._on_child,
-            ForkFailed: self._on_fork_failed}
+            ForkFailed: self._on_fork_failed, Throttle: self._on_throttle}
 
     # -- what the control server sees (``_control.Controlled``) ---------------------------------------
     @property
@@ -319,6 +336,7 @@ class Shepherd:
         process inside tlongjmp) must never see EOF while it can still run, or it would raise into
         program code next to the restored process.
         """
+        was_keeper = proc.role is Role.KEEPER
         proc.role = Role.DYING
         if proc.pid <= 0:     # a keeper that has not introduced itself: EOF on its channel ends it
             self._close(proc)
@@ -328,16 +346,97 @@ class Shepherd:
             carried = CARRIED | proc.forwarded
             self.pending_signals.extend((s, False) for s in _procfs.pending_signals(proc.pid) if s in carried)
             self._orphans_of(proc.pid)
-        try:
-            os.sched_setscheduler(proc.pid, os.SCHED_IDLE, os.sched_param(0))
-        except OSError:
-            pass
+        # Torn down at idle priority, off the live process's way; but once several are waiting
+        # for that (a busy machine starves SCHED_IDLE), at normal priority, so they are bounded.
+        busy = self._dying() >= DYING_MAX // 2
+        self._set_policy(proc.pid, os.SCHED_OTHER if busy else os.SCHED_IDLE)
         try:
             os.kill(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         if not proc.lived:   # a live process's keepers may still introduce themselves on its channel
             self._close(proc)
+        if was_keeper:
+            self._kill_forks(proc)
+        self._update_throttle()
+
+    def _kill_forks(self, keeper: Proc) -> None:
+        """A spare the keeper forked but has not reported yet would outlive it (at idle priority,
+        unknown here): kill it too, and count it among the processes being torn down. Spares
+        stay in their keeper's process group until they are woken."""
+        try:
+            pgid = os.getpgid(keeper.pid)
+        except OSError:
+            return
+        if pgid in (self.pgid, self.me):
+            return
+        for pid, group in _procfs.children(self.me):
+            if group == pgid and pid not in self.procs:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    continue
+                self.procs[pid] = Proc(pid, Role.DYING, keeper.n, None)
+
+    def _set_policy(self, pid: int, policy: int) -> None:
+        if policy == os.SCHED_OTHER and not self.can_raise:
+            return            # leaving SCHED_IDLE needs CAP_SYS_NICE or RLIMIT_NICE
+        try:
+            os.sched_setscheduler(pid, policy, os.sched_param(0))
+        except OSError:
+            pass
+
+    def _update_throttle(self) -> None:
+        """Publish whether new processes must wait for killed ones (arena word, read by tsetjmp and
+        keepers); when they may again, answer waiting tsetjmps and fork the spares put off."""
+        on = self._dying() >= DYING_MAX
+        if on == self.throttled:
+            return
+        self.throttled = on
+        self.arena.set_throttle(on)
+        if on:
+            for p in self.procs.values():
+                if p.role is Role.DYING:
+                    self._set_policy(p.pid, os.SCHED_OTHER)
+            return
+        self._answer_throttled()
+        self.loop.after(0.0, self._catch_up)
+
+    def _catch_up(self) -> None:
+        """Forks put off while killed processes were torn down."""
+        self._retry_forks()
+        for ck in list(self.ckpts.values()):
+            self._replenish(ck)
+
+    def _on_throttle(self, proc: Proc, msg: Throttle, fds: list[int]) -> None:
+        pidfd = fds[0] if fds else None
+        self._close_fds(fds[1:])
+        self.throttle_waiters.append((proc, msg.n, pidfd))
+        if pidfd is not None:         # readable when that keeper is gone: no hello will come
+            self.loop.add_reader(pidfd, self._answer_throttled)
+        self._answer_throttled()
+
+    def _answer_throttled(self) -> None:
+        """Let each waiting tsetjmp go once nothing holds it any more."""
+        if self.throttled:
+            return
+        waiting: list[tuple[Proc, int, int | None]] = []
+        for proc, n, pidfd in self.throttle_waiters:
+            if n > self.introduced and pidfd is not None and not _exited(pidfd):
+                waiting.append((proc, n, pidfd))
+                continue
+            if pidfd is not None:
+                self.loop.remove(pidfd)
+                os.close(pidfd)
+            self._send(proc, _channel.Ok())
+        self.throttle_waiters = waiting
+
+    def _set_introduced(self, n: int) -> None:
+        if n > self.introduced:
+            self.introduced = n
+            self.arena.set_introduced(n)
+            if self.throttle_waiters:
+                self._answer_throttled()
 
     def _send(self, proc: Proc, msg: Message) -> bool:
         if proc.chan is None:
@@ -400,41 +499,57 @@ class Shepherd:
 
     # -- signals, deaths and crash reports -------------------------------------------------------
     def _on_signals(self) -> None:
-        self._read_signals()
+        self._read_signals(reap=True)
+
+    def _reap_later(self) -> None:
         if self.need_reap:
             self.need_reap = False
             self._reap()
             self._mirror_stop()
 
-    def _read_signals(self, retiring: Proc | None = None) -> None:
+    def _read_signals(self, retiring: Proc | None = None, reap: bool = False) -> None:
         """Read the shepherd's signals and pass each one on to the program exactly once.
 
         Called first in every turn of the loop and again just before a live process is retired
-        (``retiring``: it was live when these came), so that a signal is judged by who was live
-        when it arrived. Deaths (SIGCHLD) are only noted here: the reaper runs from
-        ``_on_signals``, never inside another change.
+        (``retiring``: it was live when these came; what is not its own copy is kept for its
+        successor). A terminal's signal is judged at once, by who was in the terminal's group
+        when it came; with ``reap``, deaths read with the signals are handled next (the reaper
+        may also read what a dead process said last, a restored process's Up among it), and the
+        other signals are passed on after that, so that nothing is sent to a process that is
+        already dead.
         """
         if self.ending:
             return
+        got = _sigutil.read_signalfd(self.sfd)
         live = retiring or (self.live if self.live_up else None)
-        for sig, code, sender in _sigutil.read_signalfd(self.sfd):
+        rest = []
+        for sig, code, sender in got:
             if sig == signal.SIGCHLD:
-                self.need_reap = True
-            elif sig == signal.SIGCONT:
-                self._continue_live()
-            elif code == _sigutil.SI_KERNEL:
-                if sig == signal.SIGHUP and self.session_leader:
-                    self._deliver(sig, False, live)   # a hangup reaches the session leader alone
-                elif sig in TTY_SIGNALS and live is None and not self._restored_has(sig, tty=True):
-                    self._deliver(sig, True, None)    # no live process was in the terminal's group
-                # else: typed at the terminal (the live process has it too), or about the shepherd
-                # itself (SIGXCPU, SIGXFSZ)
+                if not reap and not self.need_reap:
+                    self.need_reap = True    # the signalfd no longer says so: reap on the next turn
+                    self.loop.after(0.0, self._reap_later)
+            elif code != _sigutil.SI_KERNEL or sig == signal.SIGCONT:
+                rest.append((sig, sender))
+            elif sig == signal.SIGHUP and self.session_leader:
+                self._deliver(sig, False, live, retiring)   # a hangup reaches the session leader alone
+            elif sig in TTY_SIGNALS and live is None and not self._restored_has(sig, tty=True):
+                self._deliver(sig, True, None)    # no live process was in the terminal's group
+            # else: typed at the terminal (the live process has it too), or about the shepherd
+            # itself (SIGXCPU, SIGXFSZ)
+        if reap and any(sig == signal.SIGCHLD for sig, _, _ in got):
+            self.need_reap = False
+            self._reap()
+            self._mirror_stop()
+            live = retiring or (self.live if self.live_up else None)
+        for sig, sender in rest:
+            if sig == signal.SIGCONT:
+                self._continue_live()     # whoever sent it (a hangup sends it too)
             elif sender == self.me or (self.live is not None and sender == self.live.pid):
                 continue    # our own (SIGPIPE of a closed channel), or the program's signal to its group
             elif sig < signal.SIGRTMIN and self._has_pending(live or self.live, sig):
                 continue    # sent to the program's whole group: the live process has its own copy
             else:
-                self._deliver(sig, False, live)
+                self._deliver(sig, False, live, retiring)
 
     def _restored_has(self, sig: int, tty: bool) -> bool:
         """Whether the spare being woken (not up yet) got this terminal signal itself.
@@ -465,8 +580,16 @@ class Shepherd:
         state = _procfs.signal_state(proc.pid)
         return state is not None and bool(state[1] & 1 << (sig - 1))
 
-    def _deliver(self, sig: int, tty: bool, live: Proc | None) -> None:
+    def _deliver(self, sig: int, tty: bool, live: Proc | None, retiring: Proc | None = None) -> None:
+        if retiring is not None:      # it will not handle it (crashing, or about to be killed)
+            self.pending_signals.append((sig, False))
+            return
         if live is not None:
+            if self._crash_reported():
+                # It is crashing (faulthandler wrote a report this turn): it would never handle
+                # this. Judged again once the report is read and the crash handled.
+                self.loop.after(0.0, lambda: self._deliver(sig, tty, self.live if self.live_up else None))
+                return
             self._forward(sig, live)
             return
         # Mid-restore: what the program does with this signal is in the checkpoint being restored.
@@ -494,6 +617,14 @@ class Shepherd:
                 self.pending_signals.append((sig, False))
         else:
             self.pending_signals.append((sig, False))
+
+    def _crash_reported(self) -> bool:
+        fd = self.reports.fd if self.reports is not None else None
+        if fd is None:
+            return False
+        p = select.poll()
+        p.register(fd, select.POLLIN)
+        return bool(p.poll(0))
 
     def _disposition(self, sig: int) -> str:
         """What the checkpoint being restored does with ``sig`` ("unknown" if no process of it is
@@ -611,6 +742,7 @@ class Shepherd:
         self._drain(proc)     # what it said before dying (a checkpoint it took) comes first
         self.procs.pop(pid, None)
         if proc.role is Role.DYING:
+            self._update_throttle()
             self._retry_forks()      # a process slot is free again
             return
         if proc is not self.live:
@@ -705,6 +837,7 @@ class Shepherd:
             self._at_deadline(n, msg.deadline)
         self.current = n
         self._enforce_bounds()
+        self._check_memory()
 
     def _on_hello(self, proc: Proc, msg: Hello, fds: list[int]) -> None:
         """A keeper introduces itself, on the channel of the live process that forked it.
@@ -714,6 +847,7 @@ class Shepherd:
         """
         n, pid = msg.n, msg.pid
         ck = self.ckpts.get(n)
+        self._set_introduced(n)
         if not fds:
             self._discard(n, f"its keeper {msg.error or 'could not hand its channel over'}"
                              f"{'' if msg.error else ' (' + self._fd_note() + ')'}", level=logging.ERROR)
@@ -749,6 +883,8 @@ class Shepherd:
             return
         ck.fork_failures = 0
         ck.spares.append(spare)
+        if self.max_memory and ck.n != max(self.ckpts):    # it takes its own share: measure again
+            self.budget.measured({ck.n: self._memory(ck)}, everything=False)
         if ck.pending is not None:
             wake, ck.pending = ck.pending, None
             self._wake(ck, wake)
@@ -761,6 +897,10 @@ class Shepherd:
         if ck is None or proc is not ck.keeper:
             return
         ck.forking = max(0, ck.forking - 1)
+        if not msg.errno:                # put off by the throttle: asked again when it lifts
+            if ck.pending is not None:
+                self._urge(ck)
+            return
         ck.fork_failures += 1
         log.warning("checkpoint %d: its keeper could not fork a spare (%s)%s", ck.n, msg.error,
                     "; the restore waiting for it wakes the keeper itself" if ck.pending is not None
@@ -1101,7 +1241,7 @@ class Shepherd:
             os.sched_setscheduler(keeper.pid, os.SCHED_OTHER, os.sched_param(0))
         except OSError:
             pass
-        if not ck.forking:
+        if not ck.forking and not self.throttled:     # else asked again when the throttle lifts
             if self._send(keeper, _channel.Fork()):
                 ck.forking += 1
             # else its channel is gone: it is dying, and its death (reaped) decides what comes next
@@ -1166,7 +1306,7 @@ class Shepherd:
 
     def _replenish(self, ck: Checkpoint) -> None:
         """Ask the keeper for the spares the checkpoint is short of (none while a fork is out)."""
-        if self.ckpts.get(ck.n) is not ck or ck.keeper is None or ck.awaiting:
+        if self.ckpts.get(ck.n) is not ck or ck.keeper is None or ck.awaiting or self.throttled:
             return
         if len(ck.spares) + ck.forking < ck.want_spares:
             if self._send(ck.keeper, _channel.Fork()):
@@ -1178,6 +1318,7 @@ class Shepherd:
         if ck is None:
             return
         log.log(level, "discarding checkpoint %d: %s", n, why)
+        self.budget.discarded(n)
         self.loop.after(0.0, self._answer_list)
         for proc in ([ck.keeper] if ck.keeper else []) + ck.spares:
             self._retire(proc)
@@ -1244,13 +1385,26 @@ class Shepherd:
     def _memory_tick(self) -> None:
         if not self.max_memory:
             return
-        sizes = {n: self._memory(ck)[1] for n, ck in self.ckpts.items()}
+        self._check_memory()
+        self.loop.after(_budget.INTERVAL, self._memory_tick)
+
+    def _check_memory(self) -> None:
+        """Keep the snapshots' memory within the budget, every checkpoint but the newest (see
+        ``_budget``): from an upper bound, measuring a checkpoint when it stops being the newest
+        and everything only when the bound passes the budget."""
+        if not self.max_memory or not self.ckpts:
+            return
+        b = self.budget
+        b.grow(self.live.pid if self.live is not None else None)
+        checked = [n for n in self.ckpts if n != max(self.ckpts) and not self.ckpts[n].awaiting]
+        b.measured({n: self._memory(self.ckpts[n]) for n in b.unmeasured(checked)}, everything=False)
+        if b.bound(checked) > self.max_memory and b.may_measure_all():
+            b.measured({n: self._memory(self.ckpts[n]) for n in checked}, everything=True)
         keep = {n for n, ck in self.ckpts.items() if ck.pinned or n == self.current}
-        for n, total in _budget.victims(sizes, self.max_memory, keep.__contains__):
-            log.warning("checkpoint %d discarded: snapshots hold %d bytes (PSS), budget %d",
+        for n, total in b.victims(checked, self.max_memory, keep.__contains__):
+            log.warning("checkpoint %d discarded: snapshots hold at most %d bytes (PSS), budget %d",
                         n, total, self.max_memory)
             self._discard(n, "memory budget")
-        self.loop.after(_budget.INTERVAL, self._memory_tick)
 
     # -- the watchdog's hard deadline ------------------------------------------------------------
     def _watchdog_tick(self) -> None:

@@ -47,7 +47,7 @@ MAX_NAME = 64
 
 # Header words (8 bytes each) at offset 0.
 (_H_MAGIC, _H_VERSION, _H_SIZE, _H_NEXT_ID, _H_TOP, _H_HISTORY, _H_START, _H_WD_AT, _H_WD_TO,
- _H_FACE_PPID, _H_ORPHANS, _H_REAPED) = range(12)
+ _H_FACE_PPID, _H_ORPHANS, _H_REAPED, _H_THROTTLE, _H_INTRODUCED) = range(14)
 _PROCESSING_OFF = 512          # generation word, length word, then up to 256 bytes of key
 # Children the live process reaped itself, newest last: (pid, status) word pairs, a ring.
 _REAPED_OFF = 2048
@@ -190,6 +190,22 @@ class Arena:
     def watchdog_handled(self) -> bool:
         """Whether the recorded deadline is a watchdog's last resort (see ``set_watchdog``)."""
         return not int(self.words[_H_WD_TO]) & _WD_UNHANDLED
+
+    # -- the process bound (written by the shepherd, read by tsetjmp and keepers) ----------------
+    def set_throttle(self, on: bool) -> None:
+        """Too many killed processes are still being torn down: take no checkpoint, fork no spare."""
+        self.words[_H_THROTTLE] = 1 if on else 0
+
+    def throttled(self) -> bool:
+        """A hint only: tsetjmp then asks the shepherd, whose answer is authoritative."""
+        return self.words[_H_THROTTLE] != 0
+
+    def set_introduced(self, n: int) -> None:
+        """The newest checkpoint whose keeper introduced itself (or was given up on)."""
+        self.words[_H_INTRODUCED] = n
+
+    def introduced(self) -> int:
+        return int(self.words[_H_INTRODUCED])
 
     # -- what the program sees of its own process (see _identity and _children) -----------------
     def set_face_ppid(self, ppid: int) -> None:

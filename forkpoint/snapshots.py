@@ -102,6 +102,12 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int
     spares = rt.config.spares if spares is None else spares
     if not isinstance(spares, int) or spares < 0:
         raise ConfigurationError(f"spares must be an int >= 0, got {spares!r}")
+    # The bound on processes: wait while killed processes are still being torn down, or while the
+    # keeper of our previous checkpoint has not even started (a SCHED_IDLE keeper on a busy machine:
+    # a tight loop of tsetjmp() would pile them up). Two arena words; no wait in the usual case.
+    prev = rt.keeper
+    if rt.arena.throttled() or (prev is not None and rt.arena.introduced() < prev[0]):
+        rt.request(_channel.Throttle(prev[0] if prev else 0), (prev[1],) if prev else ())
     if rt.config.gc_freeze:
         gc.collect()
         gc.freeze()
