@@ -261,16 +261,40 @@ def other_threads() -> int:
         time.sleep(0.001)
 
 
-def listening_unix_sockets(suffix: str) -> list[str]:
-    """Paths of bound Unix sockets ending in ``suffix`` (/proc/net/unix is readable by anyone)."""
-    out: list[str] = []
+def listening_unix_sockets(suffix: str) -> list[tuple[str, int]]:
+    """(path, inode) of bound Unix sockets whose path ends in ``suffix`` (/proc/net/unix is readable
+    by anyone)."""
+    out: list[tuple[str, int]] = []
     try:
         with open("/proc/net/unix") as f:
             next(f, None)
             for line in f:
                 parts = line.rstrip("\n").split(None, 7)
                 if len(parts) == 8 and parts[7].endswith(suffix):
-                    out.append(parts[7])
+                    try:
+                        out.append((parts[7], int(parts[6])))
+                    except ValueError:
+                        continue
     except OSError:
         pass
+    return out
+
+
+def socket_inodes(pid: int) -> set[int] | None:
+    """Inodes of the sockets process ``pid`` holds; None if its descriptors are closed to us."""
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    out = set()
+    for name in names:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            try:
+                out.add(int(link[8:-1]))
+            except ValueError:
+                continue
     return out
