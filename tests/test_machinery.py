@@ -271,3 +271,46 @@ def test_a_descriptor_limit_never_hangs_the_program_nor_drops_checkpoints_silent
     assert r.stdout.strip() == "done 30 True", (r.stdout, r.stderr)
     assert f"the shepherd's descriptor limit (ulimit -n {limit})" in r.stderr, r.stderr
 
+
+
+def test_an_arena_that_cannot_be_mapped_raises_a_forkpoint_error_naming_arena_size(tmp_path):
+    """Issue 13.10: a failed mmap of the arena surfaced as a bare OSError."""
+    r = run_py(HEADER + """
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))      # 1 GiB of address space
+    fp.configure(arena_size=4 << 30)                                 # a 4 GiB arena cannot be mapped
+    try:
+        fp.start()
+    except fp.ResourceExhausted as e:
+        print("refused", isinstance(e, OSError), "configure(arena_size=...)" in str(e), flush=True)
+    fp.configure(arena_size=8 << 20)
+    fp.tsetjmp()
+    print("then", len(fp.checkpoints()), flush=True)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["refused True True", "then 1"], (r.stdout, r.stderr)
+
+
+def test_a_full_descriptor_table_in_the_program_raises_a_forkpoint_error(tmp_path):
+    """Issue 13.10: tsetjmp() with the program's descriptors exhausted (reading /proc/self/fd
+    needs one) surfaced as a bare OSError; it says which limit now, and the program goes on."""
+    r = run_py(HEADER + """
+    fp.start()
+    held = []
+    try:
+        while True:
+            held.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        pass
+    try:
+        fp.tsetjmp()
+        print("taken", flush=True)
+    except fp.ResourceExhausted as e:
+        print("refused", "ulimit -n" in str(e), flush=True)
+    for fd in held[:8]:
+        os.close(fd)
+    n = fp.tsetjmp()                      # id 1 was used up by the refused one; ids are never reused
+    print("then", n, [c.id for c in fp.checkpoints()], flush=True)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["refused True", "then 2 [2]"], (r.stdout, r.stderr)
