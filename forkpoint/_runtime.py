@@ -9,6 +9,7 @@ from __future__ import annotations
 import faulthandler
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -24,7 +25,7 @@ from ._errors import (
     WrongThread,
     resource_error,
 )
-from ._shepherd import become_shepherd
+from ._shepherd import DYING_MAX, become_shepherd
 from .arena import DEFAULT_SIZE, Arena
 
 log = logging.getLogger("forkpoint")
@@ -63,7 +64,8 @@ class _Runtime:
         self.attempt = 0
         self.recovery_seconds = 0.0
         self.unidle = False
-        self.keeper: tuple[int, int] | None = None     # (checkpoint, pidfd) of the newest keeper
+        self.keeper: tuple[int, int, int] | None = None   # (checkpoint, pidfd, pid) of the newest keeper
+        self.killed: list[tuple[int, int]] = []        # (pidfd, pid) of keepers killed here, not yet gone
         self.fault_fd: int | None = None                # faulthandler's pipe to the shepherd
         self.altstack: Any = None
         self.policy_generation = 0                      # bumped by recover_on(), which replaces
@@ -189,24 +191,51 @@ class _Runtime:
         self.altstack = _sigutil.large_altstack()
 
     # -- the newest keeper, which a committing transaction kills itself --------------------------
-    def hold_keeper(self, n: int, pidfd: int) -> None:
+    def hold_keeper(self, n: int, pidfd: int, pid: int) -> None:
         """Keep the pidfd of checkpoint ``n``'s keeper, made by its clone (a pidfd cannot hit a
         recycled pid)."""
         if self.keeper is not None:
             os.close(self.keeper[1])
-        self.keeper = (n, pidfd)
+        self.keeper = (n, pidfd, pid)
 
     def kill_keeper(self, n: int) -> None:
         if self.keeper is None or self.keeper[0] != n:
             return
-        _, fd = self.keeper
+        _, fd, pid = self.keeper
         self.keeper = None
         try:
             signal.pidfd_send_signal(fd, signal.SIGKILL)
         except OSError:
-            pass
-        finally:
             os.close(fd)
+            return
+        self.killed.append((fd, pid))      # counted until it is gone (the bound on processes)
+
+    def wait_killed(self) -> None:
+        """Before a new keeper: at most DYING_MAX keepers this process killed may still be dying.
+
+        A committed transaction kills its keeper itself (at idle priority, where it may leave that)
+        without waiting; on a busy machine a tight loop of transactions would pile them up. One
+        poll() a call when few are left, none at all when none are.
+        """
+        if not self.killed:
+            return
+        left = [(fd, pid) for fd, pid in self.killed if not _gone(fd)]
+        while len(left) >= DYING_MAX:
+            if self.unidle:                  # they finish dying at normal priority now
+                for _fd, pid in left:
+                    try:
+                        os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
+                    except OSError:
+                        pass
+            poller = select.poll()
+            for fd, _pid in left:
+                poller.register(fd, select.POLLIN)
+            poller.poll(1000)
+            left = [(fd, pid) for fd, pid in left if not _gone(fd)]
+        for fd, pid in self.killed:
+            if (fd, pid) not in left:
+                os.close(fd)
+        self.killed = left
 
     # -- requests to the shepherd -----------------------------------------------------------------
     def request(self, msg: _channel.Message, send_fds: tuple[int, ...] = ()) -> dict[str, Any]:
@@ -245,6 +274,13 @@ class _Runtime:
 _rt = _Runtime()
 
 
+def _gone(pidfd: int) -> bool:
+    """Whether the process of ``pidfd`` has exited (a pidfd polls readable then)."""
+    p = select.poll()
+    p.register(pidfd, select.POLLIN)
+    return bool(p.poll(0))
+
+
 def runtime() -> _Runtime:
     return _rt
 
@@ -265,6 +301,9 @@ def _forget_in_forked_child() -> None:
     if rt.keeper is not None:
         os.close(rt.keeper[1])
         rt.keeper = None
+    for fd, _pid in rt.killed:
+        os.close(fd)
+    rt.killed = []
     if rt.fault_fd is not None:
         if rt.altstack is not None:
             faulthandler.enable(file=sys.stderr, all_threads=True)

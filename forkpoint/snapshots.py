@@ -105,6 +105,7 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int
     # The bound on processes: wait while killed processes are still being torn down, or while the
     # keeper of our previous checkpoint has not even started (a SCHED_IDLE keeper on a busy machine:
     # a tight loop of tsetjmp() would pile them up). Two arena words; no wait in the usual case.
+    rt.wait_killed()
     prev = rt.keeper
     if rt.arena.throttled() or (prev is not None and rt.arena.introduced() < prev[0]):
         rt.request(_channel.Throttle(prev[0] if prev else 0), (prev[1],) if prev else ())
@@ -141,7 +142,7 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int
         resume(rt, saved, frozen(rt, n, spares))
         return n
     _sigutil.restore_mask(saved.mask)
-    rt.hold_keeper(n, pidfd)
+    rt.hold_keeper(n, pidfd, pid)
     rt.current = n
     return n
 
