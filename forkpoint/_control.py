@@ -26,7 +26,9 @@ Errors are ``{"ok": false, "kind": KIND, "error": MESSAGE}`` with KIND one of ``
 non-blocking throughout: at most ``ACCEPTS_PER_WAKEUP`` accepts per wake-up, at most
 ``MAX_CONNECTIONS`` open connections (more are answered ``busy`` and closed), a connection has
 ``CONNECTION_TIMEOUT`` seconds to send its request and again to read its reply, and replies are
-written as the client reads them. Any unexpected error closes that one connection and is logged;
+written as the client reads them. A new connection's request is read at once, and when every slot
+is taken the connection that has waited longest for its request is closed to make room, so idle
+connections cannot starve the operator. Any unexpected error closes that one connection and is logged;
 it never reaches the shepherd's loop.
 
 The server knows the shepherd only through the ``Controlled`` protocol below.

@@ -418,16 +418,15 @@ class Shepherd:
 
     def _answer_throttled(self) -> None:
         """Let each waiting tsetjmp go once nothing holds it any more."""
-        if self.throttled:
-            return
         waiting: list[tuple[Proc, int, int | None]] = []
         for proc, n, pidfd in self.throttle_waiters:
-            if n > self.introduced and pidfd is not None and not _exited(pidfd):
+            if pidfd is not None and (n <= self.introduced or _exited(pidfd)):
+                self.loop.remove(pidfd)          # settled: no longer watched (it stays readable)
+                os.close(pidfd)
+                pidfd = None
+            if pidfd is not None or self.throttled:
                 waiting.append((proc, n, pidfd))
                 continue
-            if pidfd is not None:
-                self.loop.remove(pidfd)
-                os.close(pidfd)
             self._send(proc, _channel.Ok())
         self.throttle_waiters = waiting
 
@@ -792,12 +791,9 @@ class Shepherd:
         # A channel reported ready in this select() batch may have been drained since by an earlier
         # callback of the same batch (_on_exit drains the live channel): a blocking recv would then
         # wait forever, with the whole loop (seen under gunicorn: a transaction's keeper reaped in
-        # the same batch as the live process's next message).
-        if proc.chan is not None and not select.select([proc.chan], [], [], 0)[0]:
-            return
+        # the same batch as the live process's next message). So the receive never blocks (one
+        # system call, and no select(), which fails for descriptors past 1023).
         try:
-            # Never blocking: a callback earlier in the same turn of the loop may have drained
-            # this channel already (the reaper reads what a dead process said last).
             msg, fds = _channel.recv(proc.chan, socket.MSG_DONTWAIT) if proc.chan is not None else (None, [])
         except _channel.MalformedMessage as e:    # dropped, the channel kept
             log.error("dropped a malformed message from process %d: %s", proc.pid, e)
@@ -1396,7 +1392,8 @@ class Shepherd:
             return
         b = self.budget
         b.grow(self.live.pid if self.live is not None else None)
-        checked = [n for n in self.ckpts if n != max(self.ckpts) and not self.ckpts[n].awaiting]
+        newest = max(self.ckpts)
+        checked = [n for n in self.ckpts if n != newest and not self.ckpts[n].awaiting]
         b.measured({n: self._memory(self.ckpts[n]) for n in b.unmeasured(checked)}, everything=False)
         if b.bound(checked) > self.max_memory and b.may_measure_all():
             b.measured({n: self._memory(self.ckpts[n]) for n in checked}, everything=True)
