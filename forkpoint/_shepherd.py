@@ -857,6 +857,7 @@ class Shepherd:
             self._retire(keeper)
             return
         ck.keeper, ck.awaiting = keeper, False
+        self._enforce_bounds()            # it counts from now on
         if ck.pending is not None:
             self._urge(ck)
         self._answer_list()
@@ -1323,12 +1324,18 @@ class Shepherd:
             self._fall_back(wake, n, why)
 
     def _enforce_bounds(self) -> None:
-        while len(self.ckpts) > self.max_checkpoints:
-            victims = [n for n, ck in self.ckpts.items() if not ck.pinned and n != self.current]
+        """Discard the oldest checkpoints beyond the bounds. A checkpoint that is only announced
+        (its keeper has not introduced itself) does not count yet: it may never exist (its fork can
+        fail, its process be killed), and the one it would push out may be the last usable one."""
+        while sum(1 for ck in self.ckpts.values() if not ck.awaiting) > self.max_checkpoints:
+            victims = self._victims()
             if not victims:
                 break
             self._discard(min(victims), f"more than {self.max_checkpoints} checkpoints")
         self._fit_descriptors()
+
+    def _victims(self) -> list[int]:
+        return [n for n, ck in self.ckpts.items() if not ck.pinned and not ck.awaiting and n != self.current]
 
     # -- descriptors: a channel per keeper and spare must fit under the shepherd's ulimit -n ----------
     def _fd_need(self) -> int:
@@ -1337,7 +1344,7 @@ class Shepherd:
         held = self.channels - sum(1 for p in self.procs.values() if p.chan is not None
                                    and p.role in (Role.KEEPER, Role.SPARE))
         return (self.fd_base + held + conns + _FD_RESERVE
-                + sum(1 + ck.want_spares for ck in self.ckpts.values()))
+                + sum(1 + ck.want_spares for ck in self.ckpts.values() if not ck.awaiting))
 
     def _fd_note(self) -> str:
         return (f"the shepherd holds {self.channels + self.fd_base} descriptors of its {self.fd_limit} "
@@ -1350,7 +1357,7 @@ class Shepherd:
             return
         dropped = []
         while self._fd_need() > self.fd_limit:
-            victims = [n for n, ck in self.ckpts.items() if not ck.pinned and n != self.current]
+            victims = self._victims()
             if victims:
                 dropped.append(min(victims))
                 self._discard(min(victims), "out of descriptors", level=logging.DEBUG)

@@ -69,6 +69,26 @@ def test_sigkill_inside_tsetjmp_restores_a_usable_checkpoint(tmp_path, where, ex
     assert r.stdout.strip() == f"restored {expected}", (r.stdout, r.stderr)
 
 
+def test_an_announced_checkpoint_pushes_out_no_other_before_its_keeper_exists(tmp_path):
+    """With room for one checkpoint (max_checkpoints=1 here; a tight ulimit -n does the same), the
+    announcement of a new one discarded the old one at once; the live process then killed inside
+    tsetjmp() left the program with none. The old one now goes when the new keeper introduces
+    itself."""
+    r = run_py(HEADER + KILL_AT + """
+    from forkpoint import snapshots
+    fp.configure(max_checkpoints=1)
+    fp.recover_on(signal.SIGKILL)
+    n1 = fp.tsetjmp()
+    if fp.chkpt_status(fp.CHKPT_RECOVERED):
+        print("restored", fp.chkpt_status(fp.CKPT_TO_STATE), flush=True)
+        sys.exit(0)
+    kill_at(snapshots.tsetjmp, "_clone.clone")
+    fp.tsetjmp()
+    """, tmp_path)
+    assert r.returncode == 0, (r.returncode, r.stderr)
+    assert r.stdout.strip() == "restored 1", (r.stdout, r.stderr)
+
+
 def test_a_keeper_killed_before_its_hello_falls_back_to_the_previous_checkpoint(tmp_path):
     """The keeper itself is killed before it introduces itself while a restore waits for it: the
     restore goes to the checkpoint before instead of ending the program."""
