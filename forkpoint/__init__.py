@@ -15,6 +15,7 @@ from ._errors import (
     Quarantined,
     Recovered,
     RegionMismatch,
+    ResourceExhausted,
     ThreadsAlive,
     WrongThread,
 )
@@ -62,7 +63,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArenaFull", "CacheCorrupted", "ConfigurationError", "ForkpointError", "NoSuchCheckpoint",
-    "NotStarted", "Quarantined", "Recovered", "RegionMismatch", "ThreadsAlive", "WrongThread",
+    "NotStarted", "Quarantined", "Recovered", "RegionMismatch", "ResourceExhausted", "ThreadsAlive",
+    "WrongThread",
     "IN", "OUT", "HistoryRecord", "PersistentInt", "cache", "history", "persist", "persist_array",
     "persist_int", "persist_struct", "is_quarantined", "processing", "quarantine", "quarantined",
     "release", "watchdog", "CHKPT_RECOVERED", "CKPT_FROM_STATE", "CKPT_NUMCHKPTS", "CKPT_SIGTYPE",

@@ -16,10 +16,17 @@ The restore protocol, top to bottom::
                                      <------------------------------ (on the live process's channel)
                                      Fork --------------------------> keeper forks a spare:
                                      <------------------------------ Spare(n, pid)+channel
+                                                                      (or ForkFailed: it stays)
     tlongjmp: Restore(n) --------->  decides (policy), kills the caller,
                                      Wake(n, ...) ------------------> spare returns from tsetjmp
                                      <------------------------------ Up (it runs as the live process)
                                      Fork --------------------------> keeper replaces the spare
+
+Hello and Spare carry a pidfd of the new process besides its channel: the shepherd checks with it
+that the process is still there (not already reaped, its pid possibly recycled) before it takes
+the pid into its registry. A keeper that dies while a spare lives is replaced by that spare
+(``Promote``); a restore that cannot get a spare at all (no fork possible) wakes the keeper
+itself, which consumes the checkpoint.
 """
 from __future__ import annotations
 
@@ -44,12 +51,15 @@ class Op(str, Enum):
     RESTORE = "restore"
     DISCARD = "discard"
     LIST = "list"
+    THROTTLE = "throttle"
     POLICY = "policy"
     CONFIGURE = "configure"
     CHILD = "child"
     QUARANTINE = "quarantine"
+    FORK_FAILED = "forkfailed"
     WAKE = "wake"
     FORK = "fork"
+    PROMOTE = "promote"
     OK = "ok"
     ERROR = "error"
 
@@ -94,6 +104,7 @@ class Hello(Message):
     OP = Op.HELLO
     n: int
     pid: int
+    error: str = ""          # it could not make its channel (sent without one), and exits
 
 
 @dataclass
@@ -103,6 +114,16 @@ class Spare(Message):
     OP = Op.SPARE
     n: int
     pid: int
+
+
+@dataclass
+class ForkFailed(Message):
+    """A keeper could not fork a spare of checkpoint ``n`` (``errno``); it goes on serving."""
+
+    OP = Op.FORK_FAILED
+    n: int
+    errno: int
+    error: str
 
 
 @dataclass
@@ -137,6 +158,16 @@ class ListCheckpoints(Message):
     """Answered by ``Ok`` with ``checkpoints`` once every keeper has introduced itself."""
 
     OP = Op.LIST
+
+
+@dataclass
+class Throttle(Message):
+    """Before tsetjmp forks a new keeper: answered by ``Ok`` once few enough killed processes are
+    left and the keeper of checkpoint ``n`` (this process's previous one, whose pidfd comes with
+    the message) has introduced itself or is gone. The bound on processes."""
+
+    OP = Op.THROTTLE
+    n: int = 0
 
 
 @dataclass
@@ -188,6 +219,7 @@ class Wake(Message):
     reason: str
     attempt: int
     t: float                 # CLOCK_MONOTONIC when the shepherd saw the failure
+    hold: bool = False       # signals wait for it: after Up, keep them blocked until the shepherd's Ok
 
 
 @dataclass
@@ -195,6 +227,13 @@ class Fork(Message):
     """To a keeper: fork a spare."""
 
     OP = Op.FORK
+
+
+@dataclass
+class Promote(Message):
+    """To a spare whose keeper died: become the checkpoint's keeper."""
+
+    OP = Op.PROMOTE
 
 
 @dataclass
@@ -211,8 +250,9 @@ class Error(Message):
 
 
 _CLASSES: dict[str, type[Message]] = {
-    cls.OP.value: cls for cls in (Snap, Hello, Spare, Up, Restore, Discard, ListCheckpoints, SetPolicy,
-                                  Configure, ChildQuery, Wake, Fork, Ok, Error, QuarantineOp)}
+    cls.OP.value: cls for cls in (Snap, Hello, Spare, ForkFailed, Up, Restore, Discard, ListCheckpoints,
+                                  Throttle, SetPolicy, Configure, ChildQuery, Wake, Fork, Promote, Ok,
+                                  Error, QuarantineOp)}
 # The JSON types each field may hold, read once from the annotations.
 _TYPES = {"int": (int,), "bool": (bool,), "str": (str,), "float": (int, float),
           "int | None": (int, type(None)), "str | None": (str, type(None)), "list[int]": (list,),
@@ -259,13 +299,14 @@ def send(sock: socket.socket, msg: Message, fds: tuple[int, ...] = ()) -> None:
         sock.send(data)
 
 
-def recv(sock: socket.socket) -> tuple[Message | None, list[int]]:
+def recv(sock: socket.socket, flags: int = 0) -> tuple[Message | None, list[int]]:
     """Receive one message and any descriptors with it; ``(None, [])`` means the peer is gone.
 
-    A malformed message raises ``MalformedMessage`` after its descriptors were closed.
+    A malformed message raises ``MalformedMessage`` after its descriptors were closed. ``flags``
+    go to recvmsg (the shepherd passes MSG_DONTWAIT).
     """
     fds = array.array("i")
-    data, anc, _flags, _addr = sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(4 * fds.itemsize))
+    data, anc, _flags, _addr = sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(4 * fds.itemsize), flags)
     for level, kind, payload in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])

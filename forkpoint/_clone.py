@@ -19,6 +19,7 @@ import platform
 import signal
 
 CLONE_PARENT = 0x00008000
+CLONE_PIDFD = 0x00001000
 
 # clone(2) takes (flags, stack, ...) first on these architectures; with the rest zero the
 # differences in argument order after those two do not matter.
@@ -37,11 +38,24 @@ def clone(sibling: bool) -> int:
 
     ``sibling=True`` makes the child a child of our parent (CLONE_PARENT).
     """
+    return _clone(int(signal.SIGCHLD) | (CLONE_PARENT if sibling else 0), 0)
+
+
+def clone_pidfd(sibling: bool) -> tuple[int, int]:
+    """``clone`` that also returns a pidfd of the child (CLONE_PIDFD, Linux 5.2): ``(pid, pidfd)``
+    in the caller, ``(0, -1)`` in the child. The pidfd is made by the same system call, so it can
+    never refer to a process that later took a recycled pid; it is close-on-exec, and the child
+    does not have it."""
+    fd = ctypes.c_int(-1)
+    pid = _clone(int(signal.SIGCHLD) | CLONE_PIDFD | (CLONE_PARENT if sibling else 0), ctypes.addressof(fd))
+    return (pid, fd.value) if pid else (0, -1)
+
+
+def _clone(flags: int, parent_tid: int) -> int:
     if _SYS_CLONE is None:
         raise OSError(f"forkpoint does not support this architecture ({platform.machine()})")
-    flags = int(signal.SIGCHLD) | (CLONE_PARENT if sibling else 0)
     pid = _syscall(ctypes.c_long(_SYS_CLONE), ctypes.c_ulong(flags), ctypes.c_ulong(0),
-                   ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
+                   ctypes.c_ulong(parent_tid), ctypes.c_ulong(0), ctypes.c_ulong(0))
     if pid < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"clone: {os.strerror(err)}")

@@ -29,7 +29,9 @@ Errors are ``{"ok": false, "kind": KIND, "error": MESSAGE}`` with KIND one of ``
 non-blocking throughout: at most ``ACCEPTS_PER_WAKEUP`` accepts per wake-up, at most
 ``MAX_CONNECTIONS`` open connections (more are answered ``busy`` and closed), a connection has
 ``CONNECTION_TIMEOUT`` seconds to send its request and again to read its reply, and replies are
-written as the client reads them. Any unexpected error closes that one connection and is logged;
+written as the client reads them. A new connection's request is read at once, and when every slot
+is taken the connection that has waited longest for its request is closed to make room, so idle
+connections cannot starve the operator. Any unexpected error closes that one connection and is logged;
 it never reaches the shepherd's loop.
 
 The server knows the shepherd only through the ``Controlled`` protocol below.
@@ -114,6 +116,7 @@ class ControlServer:
         self.pid = os.getpid()
         self.uid = os.geteuid()
         self.conns: dict[int, _Conn] = {}
+        self.max_connections = MAX_CONNECTIONS    # the shepherd lowers it under a tight ulimit -n
         self.sock: socket.socket | None = None
         self.dir = self.path = ""
         self._ident: tuple[int, int] | None = None
@@ -143,7 +146,8 @@ class ControlServer:
 
     def _listen(self, base: str) -> None:
         path = os.path.join(base, f"{_rundir.DIR_PREFIX}{self.pid}")
-        os.mkdir(path, 0o700)   # cleanup_stale removed any earlier one of ours with this PID
+        os.mkdir(path, 0o700)   # cleanup_stale removed any earlier one of ours with this PID; the
+        #                         user directory around it is ours alone (_rundir.base_dirs)
         try:
             os.chmod(path, 0o700)   # whatever the umask
             st = os.lstat(path)
@@ -209,14 +213,23 @@ class ControlServer:
                 "denied", f"permission denied: uid {uid} may not control forkpoint program {self.pid}"
                           f" (only uid {self.uid}, its owner, or root may)"))
             return
-        if len(self.conns) >= MAX_CONNECTIONS:
-            self._send_and_close(conn, _error(
-                "busy", f"too many operator connections ({MAX_CONNECTIONS} open); try again"))
-            return
+        if len(self.conns) >= self.max_connections:
+            # Full: the connection that has waited longest for its request goes, so that idle
+            # clients can never keep out one that asks at once (the CLI sends as it connects).
+            idle = [c for c in self.conns.values() if c.out is None]
+            if not idle:
+                self._send_and_close(conn, _error(
+                    "busy", f"too many operator connections ({self.max_connections} open); try again"))
+                return
+            oldest = min(idle, key=lambda c: c.deadline)
+            self._send_and_close_conn(oldest, _error(
+                "busy", "closed to make room for another operator connection: send the request "
+                        "as soon as connected"))
         c = _Conn(conn, pid, uid, time.monotonic() + CONNECTION_TIMEOUT)
         self.conns[conn.fileno()] = c
         self.loop.add_reader(conn, functools.partial(self._on_conn, c))
         self._arm_sweep()
+        self._on_conn(c)              # the request is usually there already: answer it now
 
     def _log_refusal(self, pid: int, uid: int) -> None:
         now = time.monotonic()
@@ -235,6 +248,13 @@ class ControlServer:
         except OSError:
             pass
         conn.close()
+
+    def _send_and_close_conn(self, c: _Conn, msg: dict[str, Any]) -> None:
+        try:
+            c.sock.send(encode(msg), socket.MSG_NOSIGNAL)
+        except OSError:
+            pass
+        self._drop(c)
 
     def _drop(self, c: _Conn) -> None:
         if self.conns.pop(c.sock.fileno(), None) is None:
@@ -416,3 +436,9 @@ class ControlServer:
             except OSError as e:
                 log.debug("could not remove %s: %s", self.dir, e)
             self._ident = None
+            base = os.path.dirname(self.dir)
+            if os.path.basename(base).startswith(_rundir.user_dir_name(self.uid) + "-"):
+                try:              # a randomly named user directory (the usual one was taken): ours alone
+                    os.rmdir(base)
+                except OSError:
+                    pass

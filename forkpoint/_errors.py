@@ -4,6 +4,10 @@ Each one leaves the calling program running and unharmed: a refused request chan
 """
 from __future__ import annotations
 
+import errno
+import os
+import resource
+
 
 class ForkpointError(Exception):
     """Base class of forkpoint's own errors."""
@@ -27,6 +31,52 @@ class NotStarted(ForkpointError, RuntimeError):
 
 class ConfigurationError(ForkpointError, ValueError):
     """A setting is invalid, or can no longer be changed (e.g. after the first checkpoint)."""
+
+
+class ResourceExhausted(ForkpointError, OSError):
+    """The system refused forkpoint a process, memory or a file descriptor.
+
+    An ``OSError`` too (``errno`` is the system's), so ``except OSError`` still catches it; the
+    message says which limit was hit and what to change.
+    """
+
+
+def _limit(which: int) -> str:
+    try:
+        soft, _hard = resource.getrlimit(which)
+    except (OSError, ValueError):
+        return "?"
+    return "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
+
+
+def resource_error(what: str, err: OSError, hint: str = "") -> ResourceExhausted:
+    """A ``ResourceExhausted`` for ``what`` (e.g. "could not fork checkpoint 3") that failed with
+    ``err``, naming the limit to change; ``hint`` is added for the caller's own settings."""
+    code = err.errno or 0
+    if code == errno.EAGAIN:
+        why = (f"the process limit is reached (ulimit -u is {_limit(resource.RLIMIT_NPROC)} for this "
+               "user; or kernel.pid_max / kernel.threads-max): raise it, or keep fewer checkpoints "
+               "(each costs 1 + spares processes: forkpoint.configure(max_checkpoints=..., spares=...))")
+    elif code == errno.ENOMEM:
+        why = ("the system is out of memory for it (vm.overcommit_memory, ulimit -v is "
+               f"{_limit(resource.RLIMIT_AS)}): free memory or raise the limit")
+    elif code == errno.EMFILE:
+        why = (f"this process has too many open files (ulimit -n is {_limit(resource.RLIMIT_NOFILE)}): "
+               "close descriptors or raise the limit")
+    elif code == errno.ENFILE:
+        why = "the system's file table is full (fs.file-max): close files or raise fs.file-max"
+    elif code == errno.ENOENT and "/proc" in what:
+        why = "/proc is not mounted: forkpoint needs procfs"
+    else:
+        why = _strerror(code) if code else str(err)
+    return ResourceExhausted(code, f"{what}: {why}{'; ' + hint if hint else ''}")
+
+
+def _strerror(code: int) -> str:
+    try:
+        return os.strerror(code)
+    except ValueError:
+        return f"error {code}"
 
 
 class ArenaFull(ForkpointError, MemoryError):

@@ -54,8 +54,8 @@ def set_idle(pid: int = 0) -> None:
 def frozen(rt: _Runtime, n: int, spares: int) -> _channel.Wake:
     """Run as keeper of checkpoint ``n``; return the wake-up message in a spare that goes live.
 
-    Only a woken spare returns. Every other way out ends the process here, so a snapshot can
-    never run program code by accident.
+    Only a woken spare (or a keeper woken because no spare could be forked) returns. Every other
+    way out ends the process here, so a snapshot can never run program code by accident.
     """
     role = Role.KEEPER
     try:
@@ -68,10 +68,19 @@ def frozen(rt: _Runtime, n: int, spares: int) -> _channel.Wake:
         os.setpgid(0, 0)
         _prctl.set_name(f"fp-snap-{n}")
         # Introduce ourselves on the live process's channel (inherited), with a channel of our
-        # own: this work is ours, not the live process's, so it stays off tsetjmp()'s path.
-        chan, theirs = _channel.pair()
-        _channel.send(rt.chan, _channel.Hello(n, _identity.real_pid()), (theirs.fileno(),))
+        # own and a pidfd of ourselves: this work is ours, not the live process's, so it stays off
+        # tsetjmp()'s path.
+        try:
+            chan, theirs = _channel.pair()
+        except OSError as e:
+            _channel.send(rt.chan, _channel.Hello(n, _identity.real_pid(), f"cannot make its channel: {e}"))
+            os._exit(70)
+        me = _pidfd_of_self()
+        _channel.send(rt.chan, _channel.Hello(n, _identity.real_pid()),
+                      (theirs.fileno(),) + ((me,) if me >= 0 else ()))
         theirs.close()
+        if me >= 0:
+            os.close(me)
         rt.chan.close()
         rt.chan = chan
         forks_owed = spares
@@ -81,6 +90,10 @@ def frozen(rt: _Runtime, n: int, spares: int) -> _channel.Wake:
                 warm = False
                 _prewarm(rt)
                 continue
+            if role is Role.KEEPER and forks_owed and rt.arena is not None and rt.arena.throttled():
+                for _ in range(forks_owed):    # the shepherd asks again once processes are gone
+                    _channel.send(chan, _channel.ForkFailed(n, 0, "deferred"))
+                forks_owed = 0
             if role is Role.KEEPER and forks_owed:
                 forks_owed -= 1
                 msg: _channel.Message | None = _channel.Fork()
@@ -88,11 +101,32 @@ def frozen(rt: _Runtime, n: int, spares: int) -> _channel.Wake:
                 msg, _ = _channel.recv(chan)
                 if msg is None:
                     os._exit(0)
-            if role is Role.SPARE and isinstance(msg, _channel.Wake):
+            if isinstance(msg, _channel.Wake):
+                if role is Role.KEEPER and rt.unidle:   # woken itself: no spare could be made
+                    try:
+                        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+                    except OSError:
+                        pass
                 return msg
+            if role is Role.SPARE and isinstance(msg, _channel.Promote):
+                role = Role.KEEPER                      # our keeper died: we are checkpoint n now
+                _prctl.set_name(f"fp-snap-{n}")
+                if rt.unidle:
+                    set_idle()
+                continue
             if role is Role.KEEPER and isinstance(msg, _channel.Fork):
-                mine, theirs = _channel.pair()
-                pid = _clone.clone(sibling=True)
+                try:
+                    mine, theirs = _channel.pair()
+                except OSError as e:
+                    _channel.send(chan, _channel.ForkFailed(n, e.errno or 0, str(e)))
+                    continue
+                try:
+                    pid, pidfd = _clone.clone_pidfd(sibling=True)
+                except OSError as e:      # the process limit, or memory: say so, and stay
+                    mine.close()
+                    theirs.close()
+                    _channel.send(chan, _channel.ForkFailed(n, e.errno or 0, str(e)))
+                    continue
                 if pid == 0:
                     role = Role.SPARE
                     chan.close()
@@ -111,12 +145,21 @@ def frozen(rt: _Runtime, n: int, spares: int) -> _channel.Wake:
                     warm = True
                     continue
                 mine.close()
-                _channel.send(chan, _channel.Spare(n, pid), (theirs.fileno(),))
+                _channel.send(chan, _channel.Spare(n, pid), (theirs.fileno(), pidfd))
                 theirs.close()
+                os.close(pidfd)
                 if rt.unidle:
                     set_idle()          # the shepherd may have raised us for an urgent copy
     except BaseException:  # noqa: BLE001 - a snapshot must never fall back into program code
         os._exit(70)
+
+
+def _pidfd_of_self() -> int:
+    """A pidfd of this process (-1 before Linux 5.3): the shepherd's proof that it is alive."""
+    try:
+        return os.pidfd_open(_identity.real_pid())
+    except (OSError, AttributeError):
+        return -1
 
 
 def _prewarm(rt: _Runtime) -> None:
@@ -173,8 +216,13 @@ def resume(rt: _Runtime, saved: Saved, wake: _channel.Wake) -> None:
     if saved.key is not None and rt.arena is not None:
         rt.arena.set_processing(saved.key)   # the checkpoint was taken inside processing(key)
     _eventloop.rejoin(saved.loop, moved_heap=True)
-    _sigutil.restore_mask(saved.mask)
     _channel.send(rt.chan, _channel.Up())
+    if wake.hold:
+        # Signals came for the program while it was being restored: the shepherd sends them now,
+        # and they are handled here, before program code runs (which could crash at once and
+        # take them along).
+        _channel.recv(rt.chan)
+    _sigutil.restore_mask(saved.mask)
     # A recovery is worth a warning; a plain tlongjmp() is the program's own control flow.
     level = logging.INFO if rt.sigtype == 0 and rt.reason == "tlongjmp" else logging.WARNING
     if log.isEnabledFor(level):

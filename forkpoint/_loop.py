@@ -25,10 +25,16 @@ class EventLoop:
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
         self.on_error: Callable[[], None] | None = None
+        self._first: set[Callable[[], None]] = set()
 
     # -- descriptors ----------------------------------------------------------------------------------
-    def add_reader(self, fileobj: Any, callback: Callable[[], None]) -> None:
+    def add_reader(self, fileobj: Any, callback: Callable[[], None], first: bool = False) -> None:
+        """Call ``callback`` when ``fileobj`` is readable; with ``first``, before any other
+        descriptor that is ready at the same time (the shepherd reads its signals first, so that
+        a signal is judged by the state it arrived in)."""
         self.sel.register(fileobj, selectors.EVENT_READ, callback)
+        if first:
+            self._first.add(callback)
 
     def set_writer(self, fileobj: Any, callback: Callable[[], None]) -> None:
         """Watch a registered descriptor for writability instead of readability."""
@@ -49,8 +55,11 @@ class EventLoop:
     def run_forever(self) -> None:
         while True:
             timeout = max(0.0, self._timers[0][0] - time.monotonic()) if self._timers else None
-            for key, _ in self.sel.select(timeout):
-                self._call(key.data)
+            ready = [key.data for key, _ in self.sel.select(timeout)]
+            if len(ready) > 1 and self._first:
+                ready.sort(key=lambda fn: fn not in self._first)
+            for fn in ready:
+                self._call(fn)
             now = time.monotonic()
             while self._timers and self._timers[0][0] <= now:
                 self._call(heapq.heappop(self._timers)[2])

@@ -63,6 +63,22 @@ def children_of(parents: set[int]) -> list[tuple[int, int]]:
     return out
 
 
+def children(pid: int) -> list[tuple[int, int]]:
+    """(pid, process group) of the children of ``pid``: from its task's children list where the
+    kernel has one (CONFIG_PROC_CHILDREN), else from a scan of /proc."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(k) for k in f.read().split()]
+    except OSError:
+        return children_of({pid})
+    out = []
+    for kid in kids:
+        fields = read_stat(kid)
+        if fields is not None and len(fields) > 2:
+            out.append((kid, int(fields[2])))
+    return out
+
+
 def process_start(pid: int) -> float | None:
     """When process ``pid`` started (epoch seconds), or None if it is gone or a zombie."""
     fields = read_stat(pid)
@@ -120,6 +136,62 @@ def pending_signals(pid: int) -> list[int]:
     return [sig for sig in range(1, 65) if mask >> (sig - 1) & 1]
 
 
+def signal_state(pid: int) -> tuple[int, int, int] | None:
+    """(process group, pending signals, blocked signals) of ``pid`` as bit masks (bit ``s - 1``
+    for signal ``s``); None if it is gone."""
+    fields = read_stat(pid)
+    pending = blocked = 0
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("SigPnd:", "ShdPnd:")):
+                    pending |= int(line.split()[1], 16)
+                elif line.startswith("SigBlk:"):
+                    blocked = int(line.split()[1], 16)
+    except (OSError, ValueError):
+        return None
+    return (int(fields[2]), pending, blocked) if fields else None
+
+
+def signal_dispositions(pid: int) -> tuple[int, int] | None:
+    """(SigIgn, SigCgt) of process ``pid``: the signals it ignores and catches; None if gone."""
+    ignored = caught = None
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigIgn:"):
+                    ignored = int(line.split()[1], 16)
+                elif line.startswith("SigCgt:"):
+                    caught = int(line.split()[1], 16)
+    except (OSError, ValueError):
+        return None
+    return (ignored, caught) if ignored is not None and caught is not None else None
+
+
+def terminal_foreground() -> int:
+    """The foreground process group of this process's controlling terminal (0: none)."""
+    fields = read_stat(os.getpid())
+    try:
+        return int(fields[5]) if fields and int(fields[4]) else 0
+    except (ValueError, IndexError):
+        return 0
+
+
+def minor_faults(pid: int) -> int | None:
+    """Minor page faults of ``pid`` so far (copy-on-write copies among them); None if gone."""
+    fields = read_stat(pid)
+    try:
+        return int(fields[7]) if fields else None
+    except (ValueError, IndexError):
+        return None
+
+
+def state(pid: int) -> str:
+    """The state letter of ``pid`` (R, S, D, T, t, Z, ...), or '' if it is gone."""
+    fields = read_stat(pid)
+    return fields[0] if fields else ""
+
+
 def smaps(pid: int) -> tuple[int, int]:
     """(USS, PSS) of a process in bytes, from /proc/PID/smaps_rollup; (0, 0) if it is gone."""
     uss = pss = 0
@@ -170,6 +242,11 @@ def file_offsets() -> dict[int, int]:
     return out
 
 
+def open_fd_count() -> int:
+    """Descriptors this process has open (the one that reads the count included)."""
+    return len(os.listdir("/proc/self/fd"))
+
+
 def other_threads() -> int:
     """Threads of this process besides the caller, native ones included.
 
@@ -184,16 +261,40 @@ def other_threads() -> int:
         time.sleep(0.001)
 
 
-def listening_unix_sockets(suffix: str) -> list[str]:
-    """Paths of bound Unix sockets ending in ``suffix`` (/proc/net/unix is readable by anyone)."""
-    out: list[str] = []
+def listening_unix_sockets(suffix: str) -> list[tuple[str, int]]:
+    """(path, inode) of bound Unix sockets whose path ends in ``suffix`` (/proc/net/unix is readable
+    by anyone)."""
+    out: list[tuple[str, int]] = []
     try:
         with open("/proc/net/unix") as f:
             next(f, None)
             for line in f:
                 parts = line.rstrip("\n").split(None, 7)
                 if len(parts) == 8 and parts[7].endswith(suffix):
-                    out.append(parts[7])
+                    try:
+                        out.append((parts[7], int(parts[6])))
+                    except ValueError:
+                        continue
     except OSError:
         pass
+    return out
+
+
+def socket_inodes(pid: int) -> set[int] | None:
+    """Inodes of the sockets process ``pid`` holds; None if its descriptors are closed to us."""
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    out = set()
+    for name in names:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            try:
+                out.add(int(link[8:-1]))
+            except ValueError:
+                continue
     return out

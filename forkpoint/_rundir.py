@@ -1,14 +1,29 @@
 """Where a program's control socket lives, and how stale ones are told apart from live ones.
 
-``<base>/forkpoint-<PID>/control.sock``: one private directory per program, mode 0700, owned by
-the program's user, with the socket itself mode 0600. ``<base>`` is ``$XDG_RUNTIME_DIR`` when it is
-set, absolute, a directory owned by the user and writable, else the temporary directory
-(``$TMPDIR``, ``$TEMP``, ``$TMP``, ``/tmp``, ``/var/tmp``, ``/usr/tmp``, the first usable one).
-A per-PID directory (rather than one per user) lets the client find the socket from the PID alone
-and lets the shepherd remove everything it created with one ``rmdir``. A directory left by a
-SIGKILLed shepherd is removed by the next forkpoint program of the same user that starts in the
-same base directory (its PID is gone, or the process now holding that PID started after the
-directory was last modified).
+``<userdir>/forkpoint-<PID>/control.sock``: one directory per program, mode 0700, with the socket
+itself mode 0600, inside a directory that belongs to the program's user alone:
+
+* ``$XDG_RUNTIME_DIR`` when it is set, absolute, a directory owned by the user and closed to
+  everyone else (mode 0700, as the XDG specification makes it);
+* else a private directory of the user's in the temporary directory (``$TMPDIR``, ``$TEMP``,
+  ``$TMP``, ``/tmp``, ``/var/tmp``, ``/usr/tmp``, the first usable one): ``forkpoint-u<UID>``,
+  created 0700 and checked after the fact (a directory, not a link, owned by the user, closed to
+  others). Anyone can create that name first in a world-writable directory; a directory that does
+  not pass the check is never used, and a fresh one with a random name (``forkpoint-u<UID>-*``,
+  from ``mkdtemp``) is made instead.
+
+So no other user can create, replace or remove anything on the path to the socket: another user
+creating ``/tmp/forkpoint-<PID>`` for a PID they expect (the name this module used to use) no
+longer matters. A per-PID directory (rather than one socket per user) lets the shepherd remove
+everything it created with one ``rmdir``. A directory left by a SIGKILLed shepherd is removed by
+the next forkpoint program of the same user that starts in the same user directory (its PID is
+gone, or the process now holding that PID started after the directory was last modified).
+
+Clients find the socket from the PID alone: the kernel's list of bound sockets
+(``/proc/net/unix``, readable by anyone) gives its path and inode, and the target's own
+descriptors (``/proc/PID/fd``, readable by its user and root: whoever may control it) say which
+of those sockets it holds, so a decoy bound by anyone else under a matching name is never even
+connected to. SO_PEERCRED confirms the server's PID once connected.
 
 The server (``_control``) and the client (``operator``) both use this module.
 """
@@ -19,6 +34,7 @@ import os
 import socket
 import stat
 import struct
+import tempfile
 from collections.abc import Mapping
 
 from . import _procfs
@@ -46,22 +62,83 @@ def _usable_dir(path: str, owner: int | None = None) -> bool:
     return os.access(path, os.W_OK | os.X_OK)
 
 
+def is_private(path: str, uid: int | None = None) -> bool:
+    """Whether ``path`` is a directory (not a link) of ``uid`` (default: ours) closed to others."""
+    uid = os.geteuid() if uid is None else uid
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == uid and not st.st_mode & 0o077
+
+
 def temp_candidates(environ: Mapping[str, str]) -> list[str]:
     out = [environ.get(k, "") for k in ("TMPDIR", "TEMP", "TMP")] + ["/tmp", "/var/tmp", "/usr/tmp"]
     return [p for p in out if p and os.path.isabs(p)]
 
 
-def base_dirs(environ: Mapping[str, str] | None = None) -> list[str]:
-    """The usable base directories for this user, in order of preference (XDG_RUNTIME_DIR, temp)."""
-    environ = os.environ if environ is None else environ
-    out = []
+def user_dir_name(uid: int) -> str:
+    return f"{DIR_PREFIX}u{uid}"
+
+
+def _xdg(environ: Mapping[str, str]) -> str | None:
     xdg = environ.get("XDG_RUNTIME_DIR", "")
     if xdg and os.path.isabs(xdg) and _usable_dir(xdg, owner=os.geteuid()):
+        try:
+            if not os.stat(xdg).st_mode & 0o077:
+                return xdg
+        except OSError:
+            return None
+        log.warning("XDG_RUNTIME_DIR %s is open to other users: not used for the operator socket", xdg)
+    return None
+
+
+def _private_in(tmp: str) -> str | None:
+    """This user's private directory in the world-writable ``tmp``, made and checked; a fresh
+    randomly named one if the usual name was taken by someone else (or cannot be used)."""
+    uid = os.geteuid()
+    path = os.path.join(tmp, user_dir_name(uid))
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return None
+    try:
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == uid and st.st_mode & 0o077:
+            os.chmod(path, 0o700)           # ours, but opened up (umask, an older version): close it
+    except OSError:
+        pass
+    if is_private(path, uid):
+        return path
+    try:
+        owner = os.lstat(path).st_uid
+    except OSError:
+        owner = -1
+    try:
+        fresh = tempfile.mkdtemp(prefix=user_dir_name(uid) + "-", dir=tmp)
+    except OSError:
+        return None
+    log.warning("%s is not a private directory of uid %d (owner uid %d): the operator socket goes "
+                "in %s instead", path, uid, owner, fresh)
+    return fresh if is_private(fresh, uid) else None
+
+
+def base_dirs(environ: Mapping[str, str] | None = None) -> list[str]:
+    """This user's private directories for operator sockets, in order of preference
+    (XDG_RUNTIME_DIR, then one in the temporary directory), created if needed."""
+    environ = os.environ if environ is None else environ
+    out = []
+    xdg = _xdg(environ)
+    if xdg is not None:
         out.append(xdg)
     for path in temp_candidates(environ):
         if _usable_dir(path):
-            out.append(path)
-            break
+            private = _private_in(path)
+            if private is not None:
+                out.append(private)
+                break
     return out
 
 
@@ -126,18 +203,38 @@ def _answers(path: str, pid: int) -> bool:
 def socket_candidates(pid: int) -> list[str]:
     """Where the control socket of program ``pid`` may be, most likely first.
 
-    The listening sockets the kernel knows of (/proc/net/unix, readable by anyone) come first;
-    then the paths the program's own environment (when readable) and ours would give.
+    The bound sockets the kernel knows of (/proc/net/unix) whose path fits; when this process may
+    read ``pid``'s descriptors (its user, or root: whoever may control it), only those ``pid``
+    holds, so decoys are skipped without a connection. Then the paths the program's environment
+    (when readable) and ours would give, for a kernel that does not list bound paths.
     """
     suffix = f"/{DIR_PREFIX}{pid}/{SOCKET_NAME}"
-    out = _procfs.listening_unix_sockets(suffix)
+    bound = _procfs.listening_unix_sockets(suffix)
+    held = _procfs.socket_inodes(pid)
     owner = _procfs.owner_of(pid)
+    if held is not None:
+        out = [path for path, inode in bound if inode in held]
+    else:
+        out = [path for path, _inode in bound if _owned_by(path, owner)]
     bases: list[str] = []
     for env in (_procfs.environ_of(pid), os.environ):
         if env.get("XDG_RUNTIME_DIR"):
             bases.append(env["XDG_RUNTIME_DIR"])
-        bases.extend(temp_candidates(env))
+        if owner is not None:
+            bases.extend(os.path.join(t, user_dir_name(owner)) for t in temp_candidates(env))
     if owner is not None:
         bases.append(f"/run/user/{owner}")
-    out.extend(os.path.join(b, suffix.lstrip("/")) for b in bases if os.path.isabs(b))
+    out.extend(p for p in (os.path.join(b, suffix.lstrip("/")) for b in bases if os.path.isabs(b))
+               if _owned_by(p, owner))
     return list(dict.fromkeys(out))
+
+
+def _owned_by(path: str, owner: int | None) -> bool:
+    """Whether ``path`` is a socket that ``owner`` bound (a decoy of anyone else is not)."""
+    try:
+        st = os.lstat(path)
+    except PermissionError:
+        return True           # its directory is closed to us: let the connection say why
+    except OSError:
+        return False
+    return stat.S_ISSOCK(st.st_mode) and (owner is None or st.st_uid == owner)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import faulthandler
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -16,10 +17,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _channel, _children, _clone, _eventloop, _identity, _prctl, _procfs, _qkeys, _qlookup, _sigutil
-from ._errors import ConfigurationError, ForkpointError, NoSuchCheckpoint, ThreadsAlive, WrongThread
+from ._errors import (
+    ConfigurationError,
+    ForkpointError,
+    NoSuchCheckpoint,
+    ThreadsAlive,
+    WrongThread,
+    resource_error,
+)
 from ._qhost import HostStore
 from ._qtable import LOCAL, MIRROR, arena_table
-from ._shepherd import become_shepherd
+from ._shepherd import DYING_MAX, become_shepherd
 from .arena import DEFAULT_SIZE, MIRROR_REGION, QUARANTINE_REGION, Arena
 
 log = logging.getLogger("forkpoint")
@@ -63,7 +71,8 @@ class _Runtime:
         self.attempt = 0
         self.recovery_seconds = 0.0
         self.unidle = False
-        self.keeper: tuple[int, int] | None = None     # (checkpoint, pidfd) of the newest keeper
+        self.keeper: tuple[int, int, int] | None = None   # (checkpoint, pidfd, pid) of the newest keeper
+        self.killed: list[tuple[int, int]] = []        # (pidfd, pid) of keepers killed here, not yet gone
         self.fault_fd: int | None = None                # faulthandler's pipe to the shepherd
         self.altstack: Any = None
         self.policy_generation = 0                      # bumped by recover_on(), which replaces
@@ -138,8 +147,16 @@ class _Runtime:
         self.pgid = os.getpgrp()
         self.comm = _prctl.get_name()
         self.unidle = _procfs.can_leave_sched_idle()
-        mine, theirs = _channel.pair()
-        fault_r, fault_w = os.pipe()
+        try:
+            mine, theirs = _channel.pair()
+        except OSError as e:
+            raise resource_error("could not start forkpoint: no channel to the shepherd", e) from e
+        try:
+            fault_r, fault_w = os.pipe()
+        except OSError as e:
+            mine.close()
+            theirs.close()
+            raise resource_error("could not start forkpoint: no pipe for crash reports", e) from e
         _sigutil.flush_stdio()
         old = _sigutil.block_all()
         timers = [(w, signal.getitimer(w)) for w in _sigutil.ITIMERS]
@@ -147,10 +164,16 @@ class _Runtime:
         _prctl.set_child_subreaper(True)
         try:
             pid = _clone.clone(sibling=False)
-        except BaseException:
+        except BaseException as e:
             _sigutil.restore_mask(old)
             os.close(fault_r)
             os.close(fault_w)
+            mine.close()
+            theirs.close()
+            _prctl.set_child_subreaper(False)
+            if isinstance(e, OSError):
+                raise resource_error("could not start forkpoint: the fork of the live program failed",
+                                     e) from e
             raise
         if pid == 0:  # the live program goes on here
             theirs.close()
@@ -195,44 +218,70 @@ class _Runtime:
         self.altstack = _sigutil.large_altstack()
 
     # -- the newest keeper, which a committing transaction kills itself --------------------------
-    def hold_keeper(self, n: int, pid: int) -> None:
-        """Keep a pidfd of checkpoint ``n``'s keeper (a pidfd cannot hit a recycled pid)."""
+    def hold_keeper(self, n: int, pidfd: int, pid: int) -> None:
+        """Keep the pidfd of checkpoint ``n``'s keeper, made by its clone (a pidfd cannot hit a
+        recycled pid)."""
         if self.keeper is not None:
             os.close(self.keeper[1])
-            self.keeper = None
-        try:
-            self.keeper = (n, os.pidfd_open(pid))
-        except (OSError, AttributeError):      # before Linux 5.3: the shepherd kills it alone
-            pass
+        self.keeper = (n, pidfd, pid)
 
     def kill_keeper(self, n: int) -> None:
         if self.keeper is None or self.keeper[0] != n:
             return
-        _, fd = self.keeper
+        _, fd, pid = self.keeper
         self.keeper = None
         try:
             signal.pidfd_send_signal(fd, signal.SIGKILL)
         except OSError:
-            pass
-        finally:
             os.close(fd)
+            return
+        self.killed.append((fd, pid))      # counted until it is gone (the bound on processes)
+
+    def wait_killed(self) -> None:
+        """Before a new keeper: at most DYING_MAX keepers this process killed may still be dying.
+
+        A committed transaction kills its keeper itself (at idle priority, where it may leave that)
+        without waiting; on a busy machine a tight loop of transactions would pile them up. One
+        poll() a call when few are left, none at all when none are.
+        """
+        if not self.killed:
+            return
+        left = [(fd, pid) for fd, pid in self.killed if not _gone(fd)]
+        while len(left) >= DYING_MAX:
+            if self.unidle:                  # they finish dying at normal priority now
+                for _fd, pid in left:
+                    try:
+                        os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
+                    except OSError:
+                        pass
+            poller = select.poll()
+            for fd, _pid in left:
+                poller.register(fd, select.POLLIN)
+            poller.poll(1000)
+            left = [(fd, pid) for fd, pid in left if not _gone(fd)]
+        for fd, pid in self.killed:
+            if (fd, pid) not in left:
+                os.close(fd)
+        self.killed = left
 
     # -- requests to the shepherd -----------------------------------------------------------------
-    def request(self, msg: _channel.Message) -> dict[str, Any]:
-        """Send ``msg`` and wait for the shepherd's answer: ``Ok``'s data, or the error it names."""
-        data, fds = self.exchange(msg)
+    def request(self, msg: _channel.Message, send_fds: tuple[int, ...] = ()) -> dict[str, Any]:
+        """Send ``msg`` (with ``send_fds``) and wait for the shepherd's answer: ``Ok``'s data, or
+        the error it names."""
+        data, fds = self.exchange(msg, send_fds)
         for fd in fds:
             os.close(fd)
         return data
 
-    def exchange(self, msg: _channel.Message) -> tuple[dict[str, Any], list[int]]:
+    def exchange(self, msg: _channel.Message,
+                 send_fds: tuple[int, ...] = ()) -> tuple[dict[str, Any], list[int]]:
         """``request``, also returning the descriptors that came with the answer."""
         # Signals wait until the reply is in: a handler that raised between the send and the recv
         # would leave the reply queued, and every later request would read its predecessor's.
         old = _sigutil.block_all()
         try:
             with self.chan_lock:
-                _channel.send(self.chan, msg)
+                _channel.send(self.chan, msg, send_fds)
                 reply, fds = _channel.recv(self.chan)
         finally:
             _sigutil.restore_mask(old)
@@ -250,6 +299,13 @@ class _Runtime:
 
 
 _rt = _Runtime()
+
+
+def _gone(pidfd: int) -> bool:
+    """Whether the process of ``pidfd`` has exited (a pidfd polls readable then)."""
+    p = select.poll()
+    p.register(pidfd, select.POLLIN)
+    return bool(p.poll(0))
 
 
 def runtime() -> _Runtime:
@@ -272,6 +328,9 @@ def _forget_in_forked_child() -> None:
     if rt.keeper is not None:
         os.close(rt.keeper[1])
         rt.keeper = None
+    for fd, _pid in rt.killed:
+        os.close(fd)
+    rt.killed = []
     if rt.fault_fd is not None:
         if rt.altstack is not None:
             faulthandler.enable(file=sys.stderr, all_threads=True)

@@ -39,6 +39,7 @@ from ._channel import (
     Configure,
     Discard,
     ErrorKind,
+    ForkFailed,
     Hello,
     ListCheckpoints,
     Message,
@@ -47,6 +48,7 @@ from ._channel import (
     SetPolicy,
     Snap,
     Spare,
+    Throttle,
     Up,
     Wake,
 )
@@ -56,7 +58,7 @@ from ._loop import EventLoop
 from ._orphans import Orphans
 from ._qkeeper import Keeper
 from ._qkeys import Settings
-from ._sigutil import FORWARDED, REPORTED_SIGNALS, TTY_SIGNALS, signame
+from ._sigutil import CARRIED, FORWARDED, REPORTED_SIGNALS, STOP_SIGNALS, TTY_SIGNALS, signame
 from .arena import QUARANTINE_SIZE, Arena, HistoryRecord
 from .policy import Action, Decision, Policy, RecoveryPolicy
 
@@ -68,6 +70,15 @@ _BOOT = "import sys;sys.path.insert(0,sys.argv[1]);from forkpoint._shepherd impo
 _REPORT_BACKSTOP = 1.0        # a crash report nothing claimed is written out after this long
 _OUTSIDE_WINDOW = 1.0         # a fault signal this recent from outside is no crash of the program
 _WATCHDOG_TICK = 0.05         # how often the watchdog's hard deadline in the arena is checked
+_UNKNOWN_TTL = 10.0           # seconds a reaped unknown pid is remembered (see Shepherd._alive)
+_AWAIT_KEEPER = 5.0           # seconds a restore waits for a keeper's hello or copy before it falls back
+# Descriptors the shepherd keeps free beyond its channels: a message's two descriptors (a channel
+# and a pidfd), the channel of a live process that died and is not at EOF yet, and a /proc read.
+_FD_RESERVE = 4
+# Killed processes still being torn down, at most (the bound on processes, docs/reliability.md):
+# at this many no checkpoint is taken and no spare forked until some are gone; from half of it on,
+# killed processes are torn down at normal priority instead of SCHED_IDLE.
+DYING_MAX = 4
 
 
 class Role(enum.Enum):
@@ -84,6 +95,8 @@ class Proc:
     n: int
     chan: socket.socket | None
     lived: bool = False           # has run program code: its channel carries keepers' hellos
+    forwarded: set[int] = field(default_factory=set)   # signals the shepherd sent it
+    held: bool = False            # woken with Wake.hold: it waits for an Ok after its Up
 
 
 @dataclass
@@ -99,6 +112,8 @@ class Checkpoint:
     announcer: Proc | None = None  # the live process that took it: its keeper says hello on its channel
     key: str | None = None        # a protected call's input and deadline (see _channel.Snap)
     deadline: float = 0.0
+    forking: int = 0              # spares asked of the keeper (or owed by a new one) not yet arrived
+    fork_failures: int = 0        # failed forks in a row (the process limit): asked again later
 
 
 def become_shepherd(chan: socket.socket, arena: Arena, live_pid: int, pgid: int, config: Any,
@@ -141,6 +156,7 @@ def main() -> NoReturn:
     logger.setLevel(max(logging.WARNING, args["level"]) if args["level"] else logging.WARNING)
     chan = socket.socket(fileno=args["chan"])
     arena = Arena(args["arena_fd"], args["arena_size"], create=False)
+    os.close(args["arena_fd"])       # the mapping keeps its own descriptor: one fewer to hold
     try:
         Shepherd(chan, arena, args).run()
     except BaseException:
@@ -148,6 +164,33 @@ def main() -> NoReturn:
         raise
     finally:
         os._exit(EX_SOFTWARE)
+
+
+def _describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signame(os.WTERMSIG(status))}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"
+
+
+def _isatty(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
+
+
+def _exited(pidfd: int) -> bool:
+    """Whether the process of ``pidfd`` has exited (a pidfd polls readable then)."""
+    p = select.poll()
+    p.register(pidfd, select.POLLIN)
+    return bool(p.poll(0))
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Whether ``sock`` has a message (or EOF) now; poll, since select() fails past fd 1023."""
+    p = select.poll()
+    p.register(sock, select.POLLIN)
+    return bool(p.poll(0))
 
 
 class _ListWaiters:
@@ -164,6 +207,7 @@ class Shepherd:
         self.pgid = args["pgid"]
         self.max_checkpoints = args["max_checkpoints"]
         self.max_memory = args.get("max_snapshot_memory")
+        self.budget = _budget.Budget()
         self.loop = EventLoop()
         self.loop.on_error = self._after_internal_error
         self.procs: dict[int, Proc] = {}
@@ -173,12 +217,30 @@ class Shepherd:
         self.started = time.time()
         self.recoveries = 0
         self.restoring = False                  # a restore was decided and no spare woken yet
-        self.pending_signals: list[int] = []
+        # Signals for the program that arrived while no live process was up, with whether the
+        # terminal sent them (then the restored process may have had its own copy).
+        self.pending_signals: list[tuple[int, bool]] = []
+        self.backoff: Callable[[], None] | None = None      # a restore waiting out its backoff
+        self.need_reap = False
+        self.ending = False
+        self.me = os.getpid()
+        self.session_leader = os.getsid(0) == self.me
+        self.tty_fd = next((fd for fd in (0, 1, 2) if _isatty(fd)), None)
+        self.can_raise = _procfs.can_leave_sched_idle()
+        self.throttled = False
+        self.introduced = 0
+        self.throttle_waiters: list[tuple[Proc, int, int | None]] = []   # (process, n, pidfd of keeper n)
         self.forwarded_fatal: dict[int, float] = {}   # fault signal -> when one was forwarded
-        self.live: Proc | None = self._add(args["live"], Role.LIVE, 0, chan)
         self.live_up = True
         self.control: ControlServer | None = None
-        self.reaped_unknown: list[tuple[int, float]] = []   # recently reaped pids we did not know
+        # Recently reaped pids we did not know: only consulted for a keeper or spare that came
+        # without a pidfd (before Linux 5.3), and trimmed by age on every use.
+        self.reaped_unknown: list[tuple[int, float]] = []
+        self.channels = 0                       # channels open here (descriptors, see _fd_room)
+        self.fd_limit = 0
+        self.fd_base = 0
+        self.fd_warned = 0.0
+        self.live: Proc | None = self._add(args["live"], Role.LIVE, 0, chan)
         self.lists = _ListWaiters()
         self.orphans = Orphans(arena)
         self.retired_live: set[int] = set()     # live processes killed since the last orphan scan
@@ -193,7 +255,7 @@ class Shepherd:
             Snap: self._on_snap, Hello: self._on_hello, Spare: self._on_spare, Up: self._on_up,
             Restore: self._on_restore, Discard: self._on_discard, ListCheckpoints: self._on_list,
             SetPolicy: self._on_policy, Configure: self._on_configure, ChildQuery: self._on_child,
-            QuarantineOp: self._on_quarantine}
+            QuarantineOp: self._on_quarantine, ForkFailed: self._on_fork_failed, Throttle: self._on_throttle}
 
     # -- what the control server sees (``_control.Controlled``) ---------------------------------------
     @property
@@ -247,6 +309,7 @@ class Shepherd:
             self.procs[pid] = proc
         if chan is not None:
             chan.setblocking(True)
+            self.channels += 1
             self.loop.add_reader(chan, functools.partial(self._on_message, proc))
         return proc
 
@@ -255,6 +318,28 @@ class Shepherd:
             self.loop.remove(proc.chan)
             proc.chan.close()
             proc.chan = None
+            self.channels -= 1
+
+    def _alive(self, pid: int, pidfd: int | None) -> bool:
+        """Whether the process that just introduced itself as ``pid`` is still ours to track.
+
+        With its pidfd the answer is exact: a pidfd refers to that very process, so it reports
+        ESRCH once the process was reaped here, even if its pid already belongs to another. Without
+        one, a pid reaped here in the last seconds is taken for it.
+        """
+        if pidfd is not None:
+            try:
+                signal.pidfd_send_signal(pidfd, 0)
+                return True
+            except ProcessLookupError:
+                return False
+            except OSError:
+                pass
+            finally:
+                os.close(pidfd)
+        now = time.monotonic()
+        self.reaped_unknown = [(p, t) for p, t in self.reaped_unknown if now - t < _UNKNOWN_TTL]
+        return not any(p == pid for p, _ in self.reaped_unknown)
 
     def _retire(self, proc: Proc) -> None:
         """Kill a process whose work is over, its teardown kept out of the live process's way.
@@ -263,23 +348,106 @@ class Shepherd:
         process inside tlongjmp) must never see EOF while it can still run, or it would raise into
         program code next to the restored process.
         """
+        was_keeper = proc.role is Role.KEEPER
         proc.role = Role.DYING
         if proc.pid <= 0:     # a keeper that has not introduced itself: EOF on its channel ends it
             self._close(proc)
             return
-        if proc.lived:        # signals forwarded to it but still blocked there go to its successor
-            self.pending_signals.extend(s for s in _procfs.pending_signals(proc.pid) if s in FORWARDED)
+        if proc.lived:        # signals for the program still blocked there go to its successor
+            self._read_signals(retiring=proc)    # what came before this instant was for it
+            carried = CARRIED | proc.forwarded
+            self.pending_signals.extend((s, False) for s in _procfs.pending_signals(proc.pid) if s in carried)
             self._orphans_of(proc.pid)
-        try:
-            os.sched_setscheduler(proc.pid, os.SCHED_IDLE, os.sched_param(0))
-        except OSError:
-            pass
+        # Torn down at idle priority, off the live process's way; but once several are waiting
+        # for that (a busy machine starves SCHED_IDLE), at normal priority, so they are bounded.
+        busy = self._dying() >= DYING_MAX // 2
+        self._set_policy(proc.pid, os.SCHED_OTHER if busy else os.SCHED_IDLE)
         try:
             os.kill(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         if not proc.lived:   # a live process's keepers may still introduce themselves on its channel
             self._close(proc)
+        if was_keeper:
+            self._kill_forks(proc)
+        self._update_throttle()
+
+    def _kill_forks(self, keeper: Proc) -> None:
+        """A spare the keeper forked but has not reported yet would outlive it (at idle priority,
+        unknown here): kill it too, and count it among the processes being torn down. Spares
+        stay in their keeper's process group until they are woken."""
+        try:
+            pgid = os.getpgid(keeper.pid)
+        except OSError:
+            return
+        if pgid in (self.pgid, self.me):
+            return
+        for pid, group in _procfs.children(self.me):
+            if group == pgid and pid not in self.procs:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    continue
+                self.procs[pid] = Proc(pid, Role.DYING, keeper.n, None)
+
+    def _set_policy(self, pid: int, policy: int) -> None:
+        if policy == os.SCHED_OTHER and not self.can_raise:
+            return            # leaving SCHED_IDLE needs CAP_SYS_NICE or RLIMIT_NICE
+        try:
+            os.sched_setscheduler(pid, policy, os.sched_param(0))
+        except OSError:
+            pass
+
+    def _update_throttle(self) -> None:
+        """Publish whether new processes must wait for killed ones (arena word, read by tsetjmp and
+        keepers); when they may again, answer waiting tsetjmps and fork the spares put off."""
+        on = self._dying() >= DYING_MAX
+        if on == self.throttled:
+            return
+        self.throttled = on
+        self.arena.set_throttle(on)
+        if on:
+            for p in self.procs.values():
+                if p.role is Role.DYING:
+                    self._set_policy(p.pid, os.SCHED_OTHER)
+            return
+        self._answer_throttled()
+        self.loop.after(0.0, self._catch_up)
+
+    def _catch_up(self) -> None:
+        """Forks put off while killed processes were torn down."""
+        self._retry_forks()
+        for ck in list(self.ckpts.values()):
+            self._replenish(ck)
+
+    def _on_throttle(self, proc: Proc, msg: Throttle, fds: list[int]) -> None:
+        pidfd = fds[0] if fds else None
+        self._close_fds(fds[1:])
+        self.throttle_waiters.append((proc, msg.n, pidfd))
+        if pidfd is not None:         # readable when that keeper is gone: no hello will come
+            self.loop.add_reader(pidfd, self._answer_throttled)
+        self._answer_throttled()
+
+    def _answer_throttled(self) -> None:
+        """Let each waiting tsetjmp go once nothing holds it any more."""
+        waiting: list[tuple[Proc, int, int | None]] = []
+        for proc, n, pidfd in self.throttle_waiters:
+            if pidfd is not None and (n <= self.introduced or _exited(pidfd)):
+                self.loop.remove(pidfd)          # settled: no longer watched (it stays readable)
+                os.close(pidfd)
+                pidfd = None
+            if pidfd is not None or self.throttled:
+                waiting.append((proc, n, pidfd))
+                continue
+            self._send(proc, _channel.Ok())
+        self.throttle_waiters = waiting
+
+    def _set_introduced(self, n: int) -> None:
+        if n > self.introduced:
+            self.introduced = n
+            self.arena.set_introduced(n)
+            if self.throttle_waiters:
+                self._answer_throttled()
 
     def _send(self, proc: Proc, msg: Message) -> bool:
         if proc.chan is None:
@@ -304,16 +472,17 @@ class Shepherd:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:                 # two channels per checkpoint, and the operator's clients
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        self.fd_limit = hard if hard != resource.RLIM_INFINITY else 1 << 20
         for which in _sigutil.ITIMERS:
             signal.setitimer(which, 0)   # exec kept the program's timers; the live process has them
-        watched = FORWARDED | {signal.SIGCHLD}
+        watched = FORWARDED | {signal.SIGCHLD, signal.SIGCONT}
         _sigutil.block_all()
         self.sfd = _sigutil.open_signalfd(watched)
-        for s in (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
-            signal.signal(s, signal.SIG_DFL)     # stop and continue with the job, like the program
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_DFL)     # when the live process stops, so does the face
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         _sigutil.restore_mask(_sigutil.mask_of(watched))
-        self.loop.add_reader(self.sfd, self._on_signals)
+        self.loop.add_reader(self.sfd, self._on_signals, first=True)
         if self.reports is not None:
             self.loop.add_reader(self.reports.fd, self._on_fault_report)
         try:
@@ -323,6 +492,10 @@ class Shepherd:
         self.orphans.scan(set(), self.procs.__contains__)   # children the program started before us
         self.quarantine.start()
         self._watch_parent()
+        self.fd_base = _procfs.open_fd_count() - self.channels - 1
+        if self.control is not None:     # its connections come out of what checkpoints leave free
+            self.control.max_connections = max(1, min(self.control.max_connections,
+                                                      (self.fd_limit - self.fd_base - _FD_RESERVE) // 8))
         self._reap()   # the live process may have died before we watched SIGCHLD
         if self.max_memory:
             self.loop.after(_budget.INTERVAL, self._memory_tick)
@@ -338,27 +511,169 @@ class Shepherd:
 
     # -- signals, deaths and crash reports -------------------------------------------------------
     def _on_signals(self) -> None:
-        reap = False
-        for sig, code, _pid in _sigutil.read_signalfd(self.sfd):
-            if sig == signal.SIGCHLD:
-                reap = True
-            elif code == _sigutil.SI_KERNEL and sig in TTY_SIGNALS and self.live is not None and self.live_up:
-                continue  # typed at the terminal: the live process received it directly
-            else:
-                self._forward(sig)
-        if reap:
-            self._reap()
+        self._read_signals(reap=True)
 
-    def _forward(self, sig: int) -> None:
+    def _reap_later(self) -> None:
+        if self.need_reap:
+            self.need_reap = False
+            self._reap()
+            self._mirror_stop()
+
+    def _read_signals(self, retiring: Proc | None = None, reap: bool = False) -> None:
+        """Read the shepherd's signals and pass each one on to the program exactly once.
+
+        Called first in every turn of the loop and again just before a live process is retired
+        (``retiring``: it was live when these came; what is not its own copy is kept for its
+        successor). A terminal's signal is judged at once, by who was in the terminal's group
+        when it came; with ``reap``, deaths read with the signals are handled next (the reaper
+        may also read what a dead process said last, a restored process's Up among it), and the
+        other signals are passed on after that, so that nothing is sent to a process that is
+        already dead.
+        """
+        if self.ending:
+            return
+        got = _sigutil.read_signalfd(self.sfd)
+        live = retiring or (self.live if self.live_up else None)
+        rest = []
+        for sig, code, sender in got:
+            if sig == signal.SIGCHLD:
+                if not reap and not self.need_reap:
+                    self.need_reap = True    # the signalfd no longer says so: reap on the next turn
+                    self.loop.after(0.0, self._reap_later)
+            elif code != _sigutil.SI_KERNEL or sig == signal.SIGCONT:
+                rest.append((sig, sender))
+            elif sig == signal.SIGHUP and self.session_leader:
+                self._deliver(sig, False, live, retiring)   # a hangup reaches the session leader alone
+            elif sig in TTY_SIGNALS and live is None and not self._restored_has(sig, tty=True):
+                self._deliver(sig, True, None)    # no live process was in the terminal's group
+            # else: typed at the terminal (the live process has it too), or about the shepherd
+            # itself (SIGXCPU, SIGXFSZ)
+        if reap and any(sig == signal.SIGCHLD for sig, _, _ in got):
+            self.need_reap = False
+            self._reap()
+            self._mirror_stop()
+            live = retiring or (self.live if self.live_up else None)
+        for sig, sender in rest:
+            if sig == signal.SIGCONT:
+                self._continue_live()     # whoever sent it (a hangup sends it too)
+            elif sender == self.me or (self.live is not None and sender == self.live.pid):
+                continue    # our own (SIGPIPE of a closed channel), or the program's signal to its group
+            elif sig < signal.SIGRTMIN and self._has_pending(live or self.live, sig):
+                continue    # sent to the program's whole group: the live process has its own copy
+            else:
+                self._deliver(sig, False, live, retiring)
+
+    def _restored_has(self, sig: int, tty: bool) -> bool:
+        """Whether the spare being woken (not up yet) got this terminal signal itself.
+
+        It got it if it had rejoined the terminal's process group when the signal came: it keeps
+        every signal blocked until the shepherd has read its own signals after its Up (Wake.hold,
+        set whenever the program is a terminal's foreground job), so it still has it pending. A
+        signal it does not have came before it rejoined, and only the shepherd can pass it on.
+        (Unblocked and not pending happens only without the hold, when no terminal signals the
+        group: it is taken as handled.)
+        """
+        waking = self.live
+        if waking is None or self.live_up:
+            return False
+        state = _procfs.signal_state(waking.pid)
+        if state is None:
+            return False
+        pgrp, pending, blocked = state
+        bit = 1 << (sig - 1)
+        if pgrp != self.pgid:
+            return False
+        return bool(pending & bit) or not blocked & bit
+
+    def _has_pending(self, proc: Proc | None, sig: int) -> bool:
+        """Whether ``proc`` has ``sig`` pending: sent to the whole group, it has its own copy."""
+        if proc is None:
+            return False
+        state = _procfs.signal_state(proc.pid)
+        return state is not None and bool(state[1] & 1 << (sig - 1))
+
+    def _deliver(self, sig: int, tty: bool, live: Proc | None, retiring: Proc | None = None) -> None:
+        if retiring is not None:      # it will not handle it (crashing, or about to be killed)
+            self.pending_signals.append((sig, False))
+            return
+        if live is not None:
+            if self._crash_reported():
+                # It is crashing (faulthandler wrote a report this turn): it would never handle
+                # this. Judged again once the report is read and the crash handled.
+                self.loop.after(0.0, lambda: self._deliver(sig, tty, self.live if self.live_up else None))
+                return
+            self._forward(sig, live)
+            return
+        # Mid-restore: what the program does with this signal is in the checkpoint being restored.
+        action = self._disposition(sig)
+        if action == "ignore":
+            return
+        if action == "terminate":
+            log.warning("%s arrived while the program was being restored and it does not handle it: "
+                        "ending", signame(sig))
+            self.shutdown(sig=sig)
+        self.pending_signals.append((sig, tty))
+        if self.backoff is not None:       # the program must see it now, not after the backoff
+            log.info("%s cuts the backoff short", signame(sig))
+            self.loop.after(0.0, self.backoff)
+
+    def _forward(self, sig: int, live: Proc | None = None) -> None:
         if sig in REPORTED_SIGNALS:     # sent from outside: a command to the program, not a crash
             self.forwarded_fatal[sig] = time.monotonic()
-        if self.live is not None and self.live_up:
+        live = live or (self.live if self.live_up else None)
+        if live is not None:
             try:
-                os.kill(self.live.pid, sig)
+                os.kill(live.pid, sig)
+                live.forwarded.add(sig)
             except ProcessLookupError:
-                self.pending_signals.append(sig)
+                self.pending_signals.append((sig, False))
         else:
-            self.pending_signals.append(sig)
+            self.pending_signals.append((sig, False))
+
+    def _crash_reported(self) -> bool:
+        fd = self.reports.fd if self.reports is not None else None
+        if fd is None:
+            return False
+        p = select.poll()
+        p.register(fd, select.POLLIN)
+        return bool(p.poll(0))
+
+    def _disposition(self, sig: int) -> str:
+        """What the checkpoint being restored does with ``sig`` ("unknown" if no process of it is
+        there to ask): its frozen processes have the program's handlers, only blocked."""
+        ck = self.ckpts.get(self.current)
+        proc = (ck.keeper or (ck.spares[0] if ck.spares else None)) if ck is not None else None
+        masks = _procfs.signal_dispositions(proc.pid) if proc is not None else None
+        return _sigutil.disposition(sig, *masks) if masks is not None else "unknown"
+
+    def _mirror_stop(self) -> None:
+        """The live process stopped for job control (Ctrl-Z, SIGTTIN): stop the face PID too, which
+        is what the shell waits on, with the same signal; it continues when the job does."""
+        live = self.live
+        if live is None:
+            return
+        try:
+            info = os.waitid(os.P_PID, live.pid, os.WSTOPPED | os.WNOHANG)
+        except ChildProcessError:
+            return
+        if info is None or info.si_code != os.CLD_STOPPED or info.si_status not in STOP_SIGNALS:
+            return
+        sig = info.si_status
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
+        try:
+            os.kill(self.me, sig)           # stops here, until the job is continued
+        finally:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {sig})
+        self._continue_live()
+
+    def _continue_live(self) -> None:
+        """SIGCONT reached the face: continue the live process if it is still stopped."""
+        live = self.live
+        if live is not None and _procfs.state(live.pid) == "T":
+            try:
+                os.kill(live.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
 
     def _sent_from_outside(self, sig: int) -> bool:
         """Whether ``sig`` was forwarded to the live process a moment ago (kill -ABRT PID)."""
@@ -432,12 +747,15 @@ class Shepherd:
             log.debug("reaped adopted orphan %d", pid)
             self.orphans.reaped(pid, status)
             now = time.monotonic()
-            self.reaped_unknown = [(p, t) for p, t in self.reaped_unknown if now - t < 10.0][-63:]
+            self.reaped_unknown = [(p, t) for p, t in self.reaped_unknown if now - t < _UNKNOWN_TTL][-255:]
             self.reaped_unknown.append((pid, now))
+            self._retry_forks()
             return
         self._drain(proc)     # what it said before dying (a checkpoint it took) comes first
         self.procs.pop(pid, None)
         if proc.role is Role.DYING:
+            self._update_throttle()
+            self._retry_forks()      # a process slot is free again
             return
         if proc is not self.live:
             self._close(proc)
@@ -453,34 +771,47 @@ class Shepherd:
         ck = self.ckpts.get(proc.n)
         if ck is None:
             return
-        log.warning("checkpoint %d lost its %s process %d (status %d)", proc.n, proc.role.value, pid, status)
-        if proc.role is Role.KEEPER:
+        log.warning("checkpoint %d lost its %s process %d (%s)", proc.n, proc.role.value, pid,
+                    _describe_status(status))
+        if proc is ck.keeper:
             ck.keeper = None
-            if not ck.spares:
-                self._discard(ck.n, "its processes died")
+            ck.forking = 0                  # what it had forked was drained above; the rest is lost
+            self._promote(ck)
         elif proc in ck.spares:
             ck.spares.remove(proc)
-            if ck.keeper is None and not ck.spares and not ck.awaiting:
-                self._discard(ck.n, "its processes died")
-            else:
+            self._replenish(ck)
+        self._retry_forks()
+
+    def _promote(self, ck: Checkpoint) -> None:
+        """A checkpoint whose keeper died lives on in a spare, which becomes its keeper."""
+        while ck.spares:
+            heir = ck.spares.pop(0)
+            if self._send(heir, _channel.Promote()):
+                heir.role = Role.KEEPER
+                ck.keeper = heir
+                log.warning("checkpoint %d: spare %d is its keeper now", ck.n, heir.pid)
                 self._replenish(ck)
+                return
+            self._retire(heir)
+        self._discard(ck.n, "its keeper died and no spare was left")
 
     # -- messages -------------------------------------------------------------------------------
     def _drain(self, proc: Proc) -> None:
-        while proc.chan is not None and select.select([proc.chan], [], [], 0)[0]:
+        while proc.chan is not None and _readable(proc.chan):
             self._on_message(proc)
 
     def _on_message(self, proc: Proc) -> None:
         # A channel reported ready in this select() batch may have been drained since by an earlier
         # callback of the same batch (_on_exit drains the live channel): a blocking recv would then
         # wait forever, with the whole loop (seen under gunicorn: a transaction's keeper reaped in
-        # the same batch as the live process's next message).
-        if proc.chan is not None and not select.select([proc.chan], [], [], 0)[0]:
-            return
+        # the same batch as the live process's next message). So the receive never blocks (one
+        # system call, and no select(), which fails for descriptors past 1023).
         try:
-            msg, fds = _channel.recv(proc.chan) if proc.chan is not None else (None, [])
+            msg, fds = _channel.recv(proc.chan, socket.MSG_DONTWAIT) if proc.chan is not None else (None, [])
         except _channel.MalformedMessage as e:    # dropped, the channel kept
             log.error("dropped a malformed message from process %d: %s", proc.pid, e)
+            return
+        except (BlockingIOError, InterruptedError):
             return
         except OSError:
             msg, fds = None, []
@@ -510,56 +841,128 @@ class Shepherd:
         if n in self.ckpts:                 # ids are never reused: only a corrupted arena does this
             self._discard(n, "its id was taken again")
         self.ckpts[n] = Checkpoint(n, None, msg.pin, awaiting=True, announcer=proc, want_spares=msg.spares,
-                                   key=msg.key, deadline=msg.deadline)
+                                   key=msg.key, deadline=msg.deadline, forking=msg.spares)
         if msg.deadline:
             self._at_deadline(n, msg.deadline)
         self.current = n
         self._enforce_bounds()
+        self._check_memory()
 
     def _on_hello(self, proc: Proc, msg: Hello, fds: list[int]) -> None:
-        """A keeper introduces itself, on the channel of the live process that forked it."""
+        """A keeper introduces itself, on the channel of the live process that forked it.
+
+        Its channel and a pidfd come with it. Without a channel (the keeper could not make one, or
+        the descriptor did not fit here) the keeper cannot serve and exits by itself (it sees EOF).
+        """
         n, pid = msg.n, msg.pid
-        if not fds:                                  # its channel was lost (EMFILE): it cannot serve
-            os.kill(pid, signal.SIGKILL)
-            self._discard(n, "its keeper's channel was lost")
+        ck = self.ckpts.get(n)
+        self._set_introduced(n)
+        if not fds:
+            self._discard(n, f"its keeper {msg.error or 'could not hand its channel over'}"
+                             f"{'' if msg.error else ' (' + self._fd_note() + ')'}", level=logging.ERROR)
+            return
+        if not self._alive(pid, fds[1] if len(fds) > 1 else None):   # it died before we read this
+            self._close_fds(fds[:1])
+            self._discard(n, "its keeper died before it introduced itself")
             return
         keeper = self._add(pid, Role.KEEPER, n, socket.socket(fileno=fds[0]))
-        ck = self.ckpts.get(n)
-        died = [e for e in self.reaped_unknown if e[0] == pid]
-        if died:                                     # it died before we read this
-            self.reaped_unknown.remove(died[0])
-            self.procs.pop(pid, None)
-            self._close(keeper)
-            self._discard(n, "its keeper died")
-            return
         if ck is None or not ck.awaiting:
             self._retire(keeper)
             return
         ck.keeper, ck.awaiting = keeper, False
+        self._enforce_bounds()            # it counts from now on
         if ck.pending is not None:
-            self._urge(keeper)
+            self._urge(ck)
         self._answer_list()
 
     def _on_spare(self, proc: Proc, msg: Spare, fds: list[int]) -> None:
-        if not fds:
-            os.kill(msg.pid, signal.SIGKILL)
+        ck = self.ckpts.get(msg.n)
+        if ck is not None and proc is ck.keeper:
+            ck.forking = max(0, ck.forking - 1)
+        if not fds:        # the descriptor did not fit here; the spare sees EOF and exits
+            log.error("a spare of checkpoint %d was lost: %s", msg.n, self._fd_note())
+            self._fork_lost(ck)
+            return
+        if not self._alive(msg.pid, fds[1] if len(fds) > 1 else None):
+            self._close_fds(fds[:1])
+            self._fork_lost(ck)
             return
         spare = self._add(msg.pid, Role.SPARE, msg.n, socket.socket(fileno=fds[0]))
-        ck = self.ckpts.get(msg.n)
-        if ck is None:
+        if ck is None or proc is not ck.keeper:
             self._retire(spare)
             return
+        ck.fork_failures = 0
         ck.spares.append(spare)
+        if self.max_memory and ck.n != max(self.ckpts):    # it takes its own share: measure again
+            self.budget.measured({ck.n: self._memory(ck)}, everything=False)
         if ck.pending is not None:
             wake, ck.pending = ck.pending, None
             self._wake(ck, wake)
+        elif len(ck.spares) > ck.want_spares:     # asked for by a restore that another copy served
+            self._retire(ck.spares.pop())
+
+    def _on_fork_failed(self, proc: Proc, msg: ForkFailed, fds: list[int]) -> None:
+        """A keeper could not fork a spare (the process limit, memory): it goes on serving."""
+        ck = self.ckpts.get(msg.n)
+        if ck is None or proc is not ck.keeper:
+            return
+        ck.forking = max(0, ck.forking - 1)
+        if not msg.errno:                # put off by the throttle: asked again when it lifts
+            if ck.pending is not None:
+                self._urge(ck)
+            return
+        ck.fork_failures += 1
+        log.warning("checkpoint %d: its keeper could not fork a spare (%s)%s", ck.n, msg.error,
+                    "; the restore waiting for it wakes the keeper itself" if ck.pending is not None
+                    and not self._dying() else "")
+        self._fork_lost(ck)
+
+    def _fork_lost(self, ck: Checkpoint | None) -> None:
+        """A spare asked for did not come. A restore waiting for it asks again once a killed
+        process is gone (freeing a process slot), and wakes the keeper itself when no fork can
+        succeed; otherwise the spare is asked for again later."""
+        if ck is None or self.ckpts.get(ck.n) is not ck:
+            return
+        if ck.pending is None:
+            delay = min(5.0, 0.05 * 2 ** min(ck.fork_failures, 7))
+            self.loop.after(delay, lambda: self._replenish(ck))
+            return
+        if self._dying() and ck.fork_failures <= 3:
+            return              # _retry_forks asks again after the next death is reaped
+        self._wake_keeper(ck)
+
+    def _retry_forks(self) -> None:
+        for ck in list(self.ckpts.values()):
+            if ck.pending is not None and ck.keeper is not None and not ck.forking:
+                self._urge(ck)
+
+    def _dying(self) -> int:
+        """Processes killed here and not reaped yet."""
+        return sum(1 for p in self.procs.values() if p.role is Role.DYING)
+
+    def _in_terminal_foreground(self) -> bool:
+        """Whether the program is the foreground job of a terminal, which may signal its group."""
+        if self.tty_fd is not None:
+            try:
+                return os.tcgetpgrp(self.tty_fd) == self.pgid
+            except OSError:
+                return False
+        return _procfs.terminal_foreground() == self.pgid
 
     def _on_up(self, proc: Proc, msg: Up, fds: list[int]) -> None:
         if proc is self.live:
+            # From its Up on, what the terminal sends reaches it. What came while it rejoined the
+            # group is judged now, while it still blocks every signal and waits for our Ok (held:
+            # the program is a terminal's foreground job), so the judgement is exact.
+            if proc.held:
+                self._read_signals()
             self.live_up = True
             pending, self.pending_signals = self.pending_signals, []
-            for sig in pending:
+            for sig, _tty in pending:
                 self._forward(sig)
+            if proc.held:                # they are pending there now: it may unblock them
+                proc.held = False
+                self._send(proc, _channel.Ok())
 
     def _on_discard(self, proc: Proc, msg: Discard, fds: list[int]) -> None:
         if msg.current is not None and proc is self.live:
@@ -717,18 +1120,42 @@ class Shepherd:
         armed = self.arena.watchdog()
         self.arena.set_watchdog(None)
         if sig == signal.SIGKILL and armed is not None and time.monotonic() >= armed[0] - 0.05:
-            target = armed[1] or self.current
-            if target in self.ckpts:      # the watchdog's kill timer: a hang the handler could not cut
+            target = self._usable(armed[1] or self.current)
+            if target:                    # the watchdog's kill timer: a hang the handler could not cut
                 self._failure(target, signal.SIGALRM, "timeout (stuck in native code: killed)", None)
                 return
         if sig in pol.signals and not self._sent_from_outside(sig):
-            target = pol.to or self.current
-            if target in self.ckpts:
+            wanted = pol.to or self.current
+            target = self._usable(wanted)
+            if target:
                 self._failure(target, sig, f"killed by {signame(sig)}", None)
                 return
             log.error("live process died by %s and there is no checkpoint %sto restore: ending",
-                      signame(sig), f"{target} " if target else "")
+                      signame(sig), f"{wanted} " if wanted else "")
         self.shutdown(sig=sig)
+
+    def _usable(self, wanted: int) -> int:
+        """``wanted`` if it is a checkpoint, else the one to restore instead (0: none).
+
+        A checkpoint can be gone because forkpoint's own machinery failed (its keeper was killed
+        before it introduced itself: the OOM killer during a large fork); the program then goes
+        back to the newest checkpoint before it, or failing that the oldest after it.
+        """
+        if not wanted or wanted in self.ckpts:
+            return wanted
+        alt = self._alternative(wanted)
+        if alt:
+            log.warning("checkpoint %d is gone: restoring checkpoint %d instead", wanted, alt)
+        return alt
+
+    def _alternative(self, lost: int) -> int:
+        """The checkpoint to use in place of ``lost``: settled ones first, older before newer."""
+        def rank(m: int) -> tuple[bool, bool, int]:
+            ck = self.ckpts[m]
+            settled = not ck.awaiting and (ck.keeper is not None or bool(ck.spares))
+            return (settled, m < lost, m if m < lost else -m)
+        others = [m for m in self.ckpts if m != lost]
+        return max(others, key=rank) if others else 0
 
     def _failure(self, target: int, sig: int, cause: str, requester: Proc | None,
                  operator: bool = False) -> None:
@@ -774,11 +1201,15 @@ class Shepherd:
         ck.deadline = 0.0               # the restored process answers for the call, in time
 
         def restore() -> None:
+            if self.backoff is not restore and decision.delay > 0:
+                return                   # a signal already cut the backoff short
+            self.backoff = None
             # recorded when it happens, so the restored process finds it in history()
             self._record_history(from_state, decision.target, sig, decision.reason, key)
             self._wake(ck, wake)
 
         if decision.delay > 0:
+            self.backoff = restore
             self.loop.after(decision.delay, restore)
         else:
             restore()
@@ -815,42 +1246,101 @@ class Shepherd:
 
     def _wake(self, ck: Checkpoint, wake: Wake) -> None:
         if self.ckpts.get(ck.n) is not ck:
-            log.error("checkpoint %d vanished before it could be restored: ending", ck.n)
-            self._give_up(wake)
+            self._fall_back(wake, ck.n, "it vanished")
+            return
+        wake.hold = bool(self.pending_signals) or self._in_terminal_foreground()
         while ck.spares:
             spare = ck.spares.pop(0)
             if self._send(spare, wake):
-                spare.role, spare.lived = Role.LIVE, True
-                self.live, self.live_up = spare, False
-                self.restoring = False
+                self._went_live(spare, wake)
                 self._replenish(ck)
                 return
             self._retire(spare)
         ck.pending = wake
         if ck.awaiting:      # the keeper will be asked to fork as soon as it introduces itself
-            self.loop.after(5.0, lambda: self._check_awaiting(ck, wake))
+            self.loop.after(_AWAIT_KEEPER, lambda: self._check_pending(ck, wake))
             return
-        if ck.keeper is None or not self._urge(ck.keeper):
-            log.error("checkpoint %d cannot be restored: its keeper is gone", ck.n)
-            self._give_up(wake)
+        if ck.keeper is None:
+            self._discard(ck.n, "its processes are gone")   # falls back to another checkpoint
+            return
+        self._urge(ck)
+        self.loop.after(_AWAIT_KEEPER, lambda: self._check_pending(ck, wake))
 
-    def _urge(self, keeper: Proc) -> bool:
+    def _went_live(self, proc: Proc, wake: Wake) -> None:
+        proc.role, proc.lived, proc.held = Role.LIVE, True, wake.hold
+        self.live, self.live_up = proc, False
+        self.restoring = False
+
+    def _urge(self, ck: Checkpoint) -> None:
         """Ask a keeper for a copy that a restore is waiting for, at normal priority.
 
         Keepers fork in the background under SCHED_IDLE; on a machine whose CPUs are busy that
         work barely runs, and here the program itself waits for it. The keeper goes back to
         SCHED_IDLE after the fork.
         """
+        keeper = ck.keeper
+        if keeper is None:
+            return
         try:
             os.sched_setscheduler(keeper.pid, os.SCHED_OTHER, os.sched_param(0))
         except OSError:
             pass
-        return self._send(keeper, _channel.Fork())
+        if not ck.forking and not self.throttled:     # else asked again when the throttle lifts
+            if self._send(keeper, _channel.Fork()):
+                ck.forking += 1
+            # else its channel is gone: it is dying, and its death (reaped) decides what comes next
 
-    def _check_awaiting(self, ck: Checkpoint, wake: Wake) -> None:
-        if ck.pending is wake and (self.ckpts.get(ck.n) is not ck or ck.awaiting):
-            log.error("checkpoint %d never got its keeper: ending", ck.n)
+    def _wake_keeper(self, ck: Checkpoint) -> None:
+        """No spare can be forked for a restore: the keeper itself becomes the live process.
+
+        The checkpoint is used up by this (there is nothing left to copy it from), which is still
+        better than ending a program that has it.
+        """
+        wake, ck.pending = ck.pending, None
+        keeper = ck.keeper
+        if wake is None or keeper is None:
+            return
+        self.ckpts.pop(ck.n, None)
+        ck.keeper = None
+        for spare in ck.spares:
+            self._retire(spare)
+        wake.hold = bool(self.pending_signals) or self._in_terminal_foreground()
+        if not self._send(keeper, wake):
+            self._retire(keeper)
+            self._fall_back(wake, ck.n, "its keeper is gone")
+            return
+        log.warning("checkpoint %d restored from its keeper itself: no copy could be forked; "
+                    "the checkpoint is used up", ck.n)
+        self._went_live(keeper, wake)
+        self.loop.after(0.0, self._answer_list)
+
+    def _check_pending(self, ck: Checkpoint, wake: Wake) -> None:
+        """A restore still waits for this checkpoint's keeper: it never introduced itself, or it
+        forks nothing (stopped, starved). Restore another checkpoint rather than wait forever."""
+        if ck.pending is not wake or self.ckpts.get(ck.n) is not ck:
+            return
+        if not self._alternative(ck.n):     # nothing else to go to: it is still the best hope
+            log.warning("a restore has waited %gs for checkpoint %d; still waiting", _AWAIT_KEEPER, ck.n)
+            self.loop.after(_AWAIT_KEEPER, lambda: self._check_pending(ck, wake))
+            return
+        ck.pending = None
+        if ck.awaiting:
+            self._discard(ck.n, f"its keeper never introduced itself within {_AWAIT_KEEPER:g}s")
+        self._fall_back(wake, ck.n, f"no copy of it came within {_AWAIT_KEEPER:g}s")
+
+    def _fall_back(self, wake: Wake, lost: int, why: str) -> None:
+        """A restore to checkpoint ``lost`` cannot happen: restore the best other one, or end as
+        the failure would have ended the program if none is left."""
+        alt = self._alternative(lost)
+        if not alt:
+            log.error("checkpoint %d was lost (%s) while a restore to it was pending, and no other "
+                      "checkpoint is left: ending", lost, why)
             self._give_up(wake)
+        log.warning("checkpoint %d was lost (%s) while a restore to it was pending: restoring "
+                    "checkpoint %d instead", lost, why, alt)
+        self.current = alt
+        self._record_history(wake.from_state, alt, wake.sig, f"fell back from {lost}", None)
+        self._wake(self.ckpts[alt], Wake(alt, wake.from_state, wake.sig, wake.reason, wake.attempt, wake.t))
 
     def _give_up(self, wake: Wake) -> NoReturn:
         """A restore that was decided cannot happen: end as the failure would have ended it."""
@@ -859,28 +1349,80 @@ class Shepherd:
         self.shutdown(code=EX_SOFTWARE)
 
     def _replenish(self, ck: Checkpoint) -> None:
-        if ck.keeper is not None and len(ck.spares) < ck.want_spares:
-            self._send(ck.keeper, _channel.Fork())
+        """Ask the keeper for the spares the checkpoint is short of (none while a fork is out)."""
+        if self.ckpts.get(ck.n) is not ck or ck.keeper is None or ck.awaiting or self.throttled:
+            return
+        if len(ck.spares) + ck.forking < ck.want_spares:
+            if self._send(ck.keeper, _channel.Fork()):
+                ck.forking += 1
 
     # -- registry -------------------------------------------------------------------------------
-    def _discard(self, n: int, why: str) -> None:
+    def _discard(self, n: int, why: str, level: int = logging.INFO) -> None:
         ck = self.ckpts.pop(n, None)
         if ck is None:
             return
-        log.info("discarding checkpoint %d: %s", n, why)
+        log.log(level, "discarding checkpoint %d: %s", n, why)
+        self.budget.discarded(n)
         self.loop.after(0.0, self._answer_list)
         for proc in ([ck.keeper] if ck.keeper else []) + ck.spares:
             self._retire(proc)
         if ck.pending is not None:       # a restore was waiting for this checkpoint's spare
-            log.error("checkpoint %d was lost (%s) while a restore to it was pending: ending", n, why)
-            self._give_up(ck.pending)
+            wake, ck.pending = ck.pending, None
+            self._fall_back(wake, n, why)
 
     def _enforce_bounds(self) -> None:
-        while len(self.ckpts) > self.max_checkpoints:
-            victims = [n for n, ck in self.ckpts.items() if not ck.pinned and n != self.current]
+        """Discard the oldest checkpoints beyond the bounds. A checkpoint that is only announced
+        (its keeper has not introduced itself) does not count yet: it may never exist (its fork can
+        fail, its process be killed), and the one it would push out may be the last usable one."""
+        while sum(1 for ck in self.ckpts.values() if not ck.awaiting) > self.max_checkpoints:
+            victims = self._victims()
             if not victims:
                 break
             self._discard(min(victims), f"more than {self.max_checkpoints} checkpoints")
+        self._fit_descriptors()
+
+    def _victims(self) -> list[int]:
+        return [n for n, ck in self.ckpts.items() if not ck.pinned and not ck.awaiting and n != self.current]
+
+    # -- descriptors: a channel per keeper and spare must fit under the shepherd's ulimit -n ----------
+    def _fd_need(self) -> int:
+        """Descriptors the shepherd needs once every checkpoint has its keeper and spares."""
+        conns = len(self.control.conns) if self.control is not None else 0
+        held = self.channels - sum(1 for p in self.procs.values() if p.chan is not None
+                                   and p.role in (Role.KEEPER, Role.SPARE))
+        return (self.fd_base + held + conns + _FD_RESERVE
+                + sum(1 + ck.want_spares for ck in self.ckpts.values() if not ck.awaiting))
+
+    def _fd_note(self) -> str:
+        return (f"the shepherd holds {self.channels + self.fd_base} descriptors of its {self.fd_limit} "
+                "(ulimit -n)")
+
+    def _fit_descriptors(self) -> None:
+        """Keep checkpoints within the descriptors the shepherd has, oldest unpinned ones first,
+        and say so: a channel that does not fit would silently lose its checkpoint."""
+        if not self.fd_limit:
+            return
+        dropped = []
+        while self._fd_need() > self.fd_limit:
+            victims = self._victims()
+            if victims:
+                dropped.append(min(victims))
+                self._discard(min(victims), "out of descriptors", level=logging.DEBUG)
+                continue
+            thin = [ck for ck in self.ckpts.values() if ck.want_spares]    # then fewer spares
+            if not thin:
+                break
+            ck = max(thin, key=lambda c: c.n)
+            ck.want_spares -= 1
+            while len(ck.spares) > ck.want_spares:
+                self._retire(ck.spares.pop())
+        if dropped or self._fd_need() > self.fd_limit:
+            now = time.monotonic()
+            level = logging.WARNING if now - self.fd_warned > 10.0 else logging.INFO
+            self.fd_warned = now if level == logging.WARNING else self.fd_warned
+            log.log(level, "discarded checkpoint(s) %s: the shepherd's descriptor limit (ulimit -n %d) "
+                    "holds %d checkpoint(s) here; raise it to keep max_checkpoints=%d",
+                    dropped or "none", self.fd_limit, len(self.ckpts), self.max_checkpoints)
 
     def _memory(self, ck: Checkpoint) -> tuple[int, int]:
         uss = pss = 0
@@ -893,13 +1435,27 @@ class Shepherd:
     def _memory_tick(self) -> None:
         if not self.max_memory:
             return
-        sizes = {n: self._memory(ck)[1] for n, ck in self.ckpts.items()}
+        self._check_memory()
+        self.loop.after(_budget.INTERVAL, self._memory_tick)
+
+    def _check_memory(self) -> None:
+        """Keep the snapshots' memory within the budget, every checkpoint but the newest (see
+        ``_budget``): from an upper bound, measuring a checkpoint when it stops being the newest
+        and everything only when the bound passes the budget."""
+        if not self.max_memory or not self.ckpts:
+            return
+        b = self.budget
+        b.grow(self.live.pid if self.live is not None else None)
+        newest = max(self.ckpts)
+        checked = [n for n in self.ckpts if n != newest and not self.ckpts[n].awaiting]
+        b.measured({n: self._memory(self.ckpts[n]) for n in b.unmeasured(checked)}, everything=False)
+        if b.bound(checked) > self.max_memory and b.may_measure_all():
+            b.measured({n: self._memory(self.ckpts[n]) for n in checked}, everything=True)
         keep = {n for n, ck in self.ckpts.items() if ck.pinned or n == self.current}
-        for n, total in _budget.victims(sizes, self.max_memory, keep.__contains__):
-            log.warning("checkpoint %d discarded: snapshots hold %d bytes (PSS), budget %d",
+        for n, total in b.victims(checked, self.max_memory, keep.__contains__):
+            log.warning("checkpoint %d discarded: snapshots hold at most %d bytes (PSS), budget %d",
                         n, total, self.max_memory)
             self._discard(n, "memory budget")
-        self.loop.after(_budget.INTERVAL, self._memory_tick)
 
     # -- the watchdog's hard deadline ------------------------------------------------------------
     def _watchdog_tick(self) -> None:
@@ -967,12 +1523,13 @@ class Shepherd:
         self._retire(live)
         # A SIGALRM pending there is the watchdog's own timer, blocked by the stuck code: it is not
         # passed on to the restored process (where it would find no watchdog, or end it).
-        self.pending_signals[held:] = [s for s in self.pending_signals[held:] if s != signal.SIGALRM]
+        self.pending_signals[held:] = [e for e in self.pending_signals[held:] if e[0] != signal.SIGALRM]
         self._failure(target, signal.SIGALRM, reason, None)
 
     # -- the end --------------------------------------------------------------------------------
     def shutdown(self, code: int = 0, sig: int = 0) -> NoReturn:
         """Kill every process of the program, reap them, and end as the program ended."""
+        self.ending = True
         for proc in list(self.procs.values()):
             if proc.role is not Role.DYING:
                 self._retire(proc)

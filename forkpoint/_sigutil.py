@@ -32,11 +32,40 @@ REPORTED_SIGNALS = frozenset(FATAL_SIGNALS)
 # A real fault re-executes the faulting instruction, so a Python-level handler for one never runs.
 FAULT_SIGNALS = REPORTED_SIGNALS - {signal.SIGABRT}
 ITIMERS = (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF)
-# What the shepherd passes on to the live process when it is sent to the program's PID.
-FORWARDED = frozenset({signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1,
-                       signal.SIGUSR2, signal.SIGWINCH, signal.SIGALRM, signal.SIGABRT})
+# What the shepherd passes on to the live process when it is sent to the program's PID: every signal
+# a user can send, except the two that belong to job control and to the shepherd itself: SIGCHLD
+# (its own children) and SIGCONT (it continues the live process only if that one is stopped).
+FORWARDED = frozenset(ALL_SIGNALS - {signal.SIGCHLD, signal.SIGCONT})
 # The terminal sends these to its whole foreground process group, the live process included.
-TTY_SIGNALS = frozenset({signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGWINCH})
+TTY_SIGNALS = frozenset({signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGWINCH, signal.SIGTSTP,
+                         signal.SIGTTIN, signal.SIGTTOU})
+# Job-control stops: a live process stopped by one of these stops the shepherd too (the face PID
+# is what the shell waits on), and a SIGCONT to the face continues it.
+STOP_SIGNALS = frozenset({signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
+# Pending (blocked) in a live process that is being retired, these are passed on to the process
+# restored after it: signals from users and terminals. A retired process's own timers, children,
+# pipes and faults are its own business (SIGALRM, SIGCHLD, SIGPIPE, ...), and are passed on only
+# if the shepherd itself forwarded them to it.
+CARRIED = frozenset({signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1,
+                     signal.SIGUSR2, signal.SIGWINCH, signal.SIGPWR, *STOP_SIGNALS,
+                     *range(signal.SIGRTMIN, signal.SIGRTMAX + 1)})
+# What a signal does to a process that neither catches nor ignores it (signal(7)).
+DEFAULT_IGNORED = frozenset({signal.SIGCHLD, signal.SIGCONT, signal.SIGURG, signal.SIGWINCH})
+
+
+def disposition(sig: int, ignored: int, caught: int) -> str:
+    """What ``sig`` does to a process whose SigIgn/SigCgt masks are ``ignored``/``caught``:
+    "ignore", "catch", "stop" or "terminate" (which includes dumping core)."""
+    bit = 1 << (sig - 1)
+    if ignored & bit:
+        return "ignore"
+    if caught & bit:
+        return "catch"
+    if sig in DEFAULT_IGNORED:
+        return "ignore"
+    if sig in STOP_SIGNALS or sig == signal.SIGSTOP:
+        return "stop"
+    return "terminate"
 
 
 def signame(sig: int) -> str:

@@ -16,6 +16,26 @@ before an entry that uses the space is committed (a kill leaks the space, never 
 processes never write at once: only the live process writes regions and cache entries, and the
 shepherd writes the history only while no live process runs program code (the quarantine
 tables, ``_qtable``, have their own single writer and lock-free readers).
+
+Stray writes. The program can write anywhere in the arena by mistake (a bad index into a persist
+region's memoryview cannot, but ctypes can), so every word forkpoint itself relies on is checked,
+and a damaged one is detected and reported, never used as if it were valid:
+
+* the counters (next checkpoint id, allocator top, history sequence) are kept twice, each copy
+  with its complement beside it; a damaged copy is repaired from the other (they only grow, so
+  after a kill between the two the larger valid one is right); both damaged: ``CacheCorrupted``;
+* a directory slot's name, offset and size are under a checksum that also covers its commit word;
+  a slot that is neither free (all zero), nor being created, nor validly committed is damaged,
+  and a name that cannot be found while a damaged slot exists is refused with ``CacheCorrupted``
+  (naming the slot), never given a fresh zeroed region;
+* a cache entry's generation word carries a checksum of itself; each buffer's checksum covers its
+  offset, capacity and length as well as the bytes; a buffer's placement (offset, capacity) has
+  its own check word, verified before the buffer is reused for a new value;
+* each history record, the key being processed and the armed watchdog's record carry checksums;
+  a damaged one is left out (and logged), never returned.
+
+The throttle and "introduced" words are hints that the shepherd's answers make authoritative; the
+words of ``_identity``/``_children`` (face parent, orphans, reaped children) are not covered here.
 """
 from __future__ import annotations
 
@@ -28,20 +48,32 @@ import time
 import zlib
 from typing import Any, NamedTuple
 
-from ._errors import ArenaFull, CacheCorrupted, ConfigurationError, RegionMismatch
+from ._errors import (
+    ArenaFull,
+    CacheCorrupted,
+    ConfigurationError,
+    RegionMismatch,
+    resource_error,
+)
 
 log = logging.getLogger("forkpoint")
 
 MAGIC = 0x31544B50464B5246  # "FRKFPKT1"
-VERSION = 1
+VERSION = 2
 DEFAULT_SIZE = 256 << 20
 MIN_SIZE = 1 << 20
 MAX_NAME = 64
 
 # Header words (8 bytes each) at offset 0.
 (_H_MAGIC, _H_VERSION, _H_SIZE, _H_NEXT_ID, _H_TOP, _H_HISTORY, _H_START, _H_WD_AT, _H_WD_TO,
- _H_FACE_PPID, _H_ORPHANS, _H_REAPED) = range(12)
-_PROCESSING_OFF = 512          # generation word, length word, then up to 256 bytes of key
+ _H_FACE_PPID, _H_ORPHANS, _H_REAPED, _H_THROTTLE, _H_INTRODUCED) = range(14)
+# Second copies and checks of the counters, and the watchdog record's check (see "Stray writes").
+_C_NEXT_ID = (_H_NEXT_ID, 32, 33, 34)     # (value, its complement), (second value, its complement)
+_C_TOP = (_H_TOP, 35, 36, 37)
+_C_HISTORY = (_H_HISTORY, 38, 39, 40)
+_H_WD_CHECK = 41
+_MASK = 0xFFFF_FFFF_FFFF_FFFF
+_PROCESSING_OFF = 512          # (unused) word, length word with the key's checksum, then the key
 # Children the live process reaped itself, newest last: (pid, status) word pairs, a ring.
 _REAPED_OFF = 2048
 _REAPED_CAP = 128
@@ -53,7 +85,7 @@ _HEADER_SIZE = 4096
 
 _HIST_OFF = _HEADER_SIZE
 _HIST_CAP = 1024
-_HIST_REC = struct.Struct("=Qdqqqq80s")  # seq, time, from, to, sig, kind+key-length, reason/key
+_HIST_REC = struct.Struct("=Qdqqqq80s")  # seq|crc<<32, time, from, to, sig, kind+key-length, reason/key
 _HIST_SIZE = 128
 
 _DIR_OFF = _HIST_OFF + _HIST_CAP * _HIST_SIZE
@@ -62,10 +94,14 @@ _SLOT_WORDS = 24
 _SLOT_SIZE = _SLOT_WORDS * 8
 _DATA_OFF = _DIR_OFF + _DIR_SLOTS * _SLOT_SIZE
 # Slot words: 0 commit, 1 name length, 2..9 name, 10 checksum of words 0..9 and 11..12, 11 offset and
-# 12 size (persist), 13..16 and 17..20 the two cache buffers (off, cap, len, crc), 21 cache generation.
+# 12 size (persist), 13..16 and 17..20 the two cache buffers (off, cap, len, crc), 21 cache generation
+# (with its checksum), 22 and 23 the placement checks of the two buffers.
 _GEN = 21
+_PLACED = 22
 _COMMIT_PERSIST = 0x5053_0000_0000_0001
 _COMMIT_CACHE = 0x4341_0000_0000_0002
+_CREATING = 0x4352_0000_0000_0003          # being created: a kill leaves it reusable, never valid
+_ZERO_SLOT = bytes(_SLOT_WORDS * 8)
 _ALIGN = 64
 
 _TAG_BYTES = b"B"
@@ -82,6 +118,26 @@ class HistoryRecord(NamedTuple):
     signal: int
     reason: str
     key: str | None
+
+
+_WD_PAIR = struct.Struct("<QQ")
+
+
+def _wd_check(raw: int, target: int) -> int:
+    return zlib.crc32(_WD_PAIR.pack(raw, target), 0x5744) | 1 << 40      # never 0
+
+
+def _gen_check(slot: int, gen: int) -> int:
+    return zlib.crc32(struct.pack("<QQ", slot, gen), 0x47454E) | 1 << 31    # never 0
+
+
+def _placement_check(slot: int, which: int, off: int, cap: int) -> int:
+    return zlib.crc32(struct.pack("<QQQQ", slot, which, off, cap), 0x504C43) | 1 << 40
+
+
+def _buffer_check(off: int, cap: int, n: int, body_crc: int) -> int:
+    """The checksum of a cache buffer: of its bytes, and of where it is and how long."""
+    return zlib.crc32(struct.pack("<QQQ", off, cap, n), body_crc) | (n & 0xFFFF_FFFF) << 32
 
 
 def _check_name(name: object) -> str:
@@ -105,35 +161,67 @@ class Arena:
         if create:
             self.words[_H_VERSION] = VERSION
             self.words[_H_SIZE] = size
-            self.words[_H_NEXT_ID] = 1
-            self.words[_H_TOP] = _DATA_OFF
+            self._set_counter(_C_NEXT_ID, 1)
+            self._set_counter(_C_TOP, _DATA_OFF)
+            self._set_counter(_C_HISTORY, 0)
             self.words[_H_START] = struct.unpack("Q", struct.pack("d", time.time()))[0]
             self.words[_H_MAGIC] = MAGIC
         elif self.words[_H_MAGIC] != MAGIC or self.words[_H_SIZE] != size:
             raise ConfigurationError("descriptor does not hold a forkpoint arena")
+
+    # -- counters kept twice, each with its complement ---------------------------------------------
+    def _counter(self, c: tuple[int, int, int, int], what: str) -> int:
+        w = self.words
+        a, b = int(w[c[0]]), int(w[c[2]])
+        ok_a, ok_b = int(w[c[1]]) == a ^ _MASK, int(w[c[3]]) == b ^ _MASK
+        if ok_a and ok_b:
+            if a != b:                        # a kill between the two copies: the larger is right
+                self._set_counter(c, max(a, b))
+            return max(a, b)
+        if ok_a or ok_b:
+            good = a if ok_a else b
+            log.error("arena: %s had a damaged copy (a stray write?); repaired from the other", what)
+            self._set_counter(c, good)
+            return good
+        raise CacheCorrupted(f"the arena's {what} is corrupted (both copies): a stray write into the "
+                             "persistent memory")
+
+    def _set_counter(self, c: tuple[int, int, int, int], value: int) -> None:
+        w = self.words
+        w[c[0]] = value
+        w[c[1]] = value ^ _MASK
+        w[c[2]] = value
+        w[c[3]] = value ^ _MASK
 
     @classmethod
     def create(cls, size: int = DEFAULT_SIZE) -> Arena:
         if not isinstance(size, int) or size < MIN_SIZE:
             raise ConfigurationError(f"arena size must be an int of at least {MIN_SIZE} bytes")
         size = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
-        fd = os.memfd_create("forkpoint-arena", os.MFD_CLOEXEC)
+        hint = f"or make the arena smaller than {size} bytes: forkpoint.configure(arena_size=...)"
+        try:
+            fd = os.memfd_create("forkpoint-arena", os.MFD_CLOEXEC)
+        except OSError as e:
+            raise resource_error("could not create the persistent arena (memfd_create)", e, hint) from e
         try:
             os.ftruncate(fd, size)
             return cls(fd, size, create=True)
+        except OSError as e:
+            os.close(fd)
+            raise resource_error(f"could not map the persistent arena of {size} bytes", e, hint) from e
         except BaseException:
             os.close(fd)
             raise
 
     # -- counters -------------------------------------------------------------------------------
     def take_id(self) -> int:
-        n = int(self.words[_H_NEXT_ID])
-        self.words[_H_NEXT_ID] = n + 1
+        n = self._counter(_C_NEXT_ID, "checkpoint counter")
+        self._set_counter(_C_NEXT_ID, n + 1)
         return n
 
     @property
     def checkpoints_taken(self) -> int:
-        return int(self.words[_H_NEXT_ID]) - 1
+        return self._counter(_C_NEXT_ID, "checkpoint counter") - 1
 
     # -- the key being processed (written by the live process, read by the shepherd) -------------
     def set_processing(self, key: str | None) -> None:
@@ -144,13 +232,19 @@ class Arena:
         raw = key.encode()[:_PROCESSING_MAX]
         self.words[w + 1] = 0
         self.map[_PROCESSING_OFF + 16:_PROCESSING_OFF + 16 + len(raw)] = raw
-        self.words[w + 1] = len(raw)
+        self.words[w + 1] = len(raw) | zlib.crc32(raw, len(raw)) << 32    # length and check: one store
 
     def processing(self) -> str | None:
-        n = int(self.words[_PROCESSING_OFF // 8 + 1])
-        if n == 0 or n > _PROCESSING_MAX:
+        word = int(self.words[_PROCESSING_OFF // 8 + 1])
+        if word == 0:
             return None
-        return self.map[_PROCESSING_OFF + 16:_PROCESSING_OFF + 16 + n].decode(errors="replace")
+        n = word & 0xFFFF_FFFF
+        raw = self.map[_PROCESSING_OFF + 16:_PROCESSING_OFF + 16 + n] if 0 < n <= _PROCESSING_MAX else b""
+        if not raw or zlib.crc32(raw, n) != word >> 32:
+            log.error("arena: the record of the input being processed is corrupted (a stray write?): "
+                      "it is ignored")
+            return None
+        return raw.decode(errors="replace")
 
     # -- the armed watchdog's hard deadline (written by the live process, read by the shepherd) ---
     def set_watchdog(self, kill_at: float | None, target: int = 0, handled: bool = True) -> None:
@@ -164,18 +258,42 @@ class Arena:
         if kill_at is None:
             self.words[_H_WD_AT] = 0
             return
-        self.words[_H_WD_TO] = target | (0 if handled else _WD_UNHANDLED)
-        self.words[_H_WD_AT] = _Q.unpack(_D.pack(kill_at))[0]
+        raw = _Q.unpack(_D.pack(kill_at))[0]
+        to = target | (0 if handled else _WD_UNHANDLED)
+        self.words[_H_WD_AT] = 0
+        self.words[_H_WD_TO] = to
+        self.words[_H_WD_CHECK] = _wd_check(raw, to)
+        self.words[_H_WD_AT] = raw
 
     def watchdog(self) -> tuple[float, int] | None:
         raw = int(self.words[_H_WD_AT])
         if raw == 0:
             return None
-        return _D.unpack(_Q.pack(raw))[0], int(self.words[_H_WD_TO]) & ~_WD_UNHANDLED
+        to = int(self.words[_H_WD_TO])
+        if int(self.words[_H_WD_CHECK]) != _wd_check(raw, to):
+            log.error("arena: the armed watchdog's record is corrupted (a stray write?): it is ignored")
+            return None
+        return _D.unpack(_Q.pack(raw))[0], to & ~_WD_UNHANDLED
 
     def watchdog_handled(self) -> bool:
         """Whether the recorded deadline is a watchdog's last resort (see ``set_watchdog``)."""
         return not int(self.words[_H_WD_TO]) & _WD_UNHANDLED
+
+    # -- the process bound (written by the shepherd, read by tsetjmp and keepers) ----------------
+    def set_throttle(self, on: bool) -> None:
+        """Too many killed processes are still being torn down: take no checkpoint, fork no spare."""
+        self.words[_H_THROTTLE] = 1 if on else 0
+
+    def throttled(self) -> bool:
+        """A hint only: tsetjmp then asks the shepherd, whose answer is authoritative."""
+        return self.words[_H_THROTTLE] != 0
+
+    def set_introduced(self, n: int) -> None:
+        """The newest checkpoint whose keeper introduced itself (or was given up on)."""
+        self.words[_H_INTRODUCED] = n
+
+    def introduced(self) -> int:
+        return int(self.words[_H_INTRODUCED])
 
     # -- what the program sees of its own process (see _identity and _children) -----------------
     def set_face_ppid(self, ppid: int) -> None:
@@ -217,24 +335,28 @@ class Arena:
     # -- history (single writer: the shepherd) ----------------------------------------------------
     def append_history(self, from_state: int, to_state: int, sig: int, reason: str,
                        key: str | None = None) -> int:
-        seq = int(self.words[_H_HISTORY]) + 1
+        seq = self._counter(_C_HISTORY, "history counter") + 1
         off = _HIST_OFF + ((seq - 1) % _HIST_CAP) * _HIST_SIZE
         rk = reason.encode()[:64]
         kb = (key or "").encode()[: 80 - len(rk)]
         packed = _HIST_REC.pack(0, time.time(), from_state, to_state, sig,
                                 (len(rk) << 16) | (len(kb) + (1 if key is not None else 0)), rk + kb)
         self.map[off:off + _HIST_REC.size] = packed
-        self.words[off // 8] = seq            # the record is valid once its sequence number is set
-        self.words[_H_HISTORY] = seq
+        # valid once its first word (sequence number and a checksum of the rest) is set
+        self.words[off // 8] = seq | zlib.crc32(packed[8:], seq) << 32
+        self._set_counter(_C_HISTORY, seq)
         return seq
 
     def history(self) -> list[HistoryRecord]:
-        count = int(self.words[_H_HISTORY])
+        count = self._counter(_C_HISTORY, "history counter")
         out = []
         for seq in range(max(1, count - _HIST_CAP + 1), count + 1):
             off = _HIST_OFF + ((seq - 1) % _HIST_CAP) * _HIST_SIZE
             rseq, t, fr, to, sig, lens, text = _HIST_REC.unpack_from(self.map, off)
-            if rseq != seq:
+            if rseq & 0xFFFF_FFFF != seq:
+                continue                # not written (a kill before its commit), or overwritten
+            if rseq >> 32 != zlib.crc32(self.map[off + 8:off + _HIST_SIZE], seq):
+                log.error("arena: jump history record %d is corrupted (a stray write?): left out", seq)
                 continue
             rl, kl = lens >> 16, lens & 0xFFFF
             key = text[rl:rl + kl - 1].decode(errors="replace") if kl else None
@@ -260,6 +382,22 @@ class Arena:
         head = bytes(self.words[w + 1:w + 10]) + bytes(self.words[w + 11:w + 13])
         return zlib.crc32(head) ^ int(self.words[w])
 
+    def _damaged(self, slot: int) -> bool:
+        """A slot that is neither free (all zero), nor being created, nor validly committed."""
+        w = self._slot_word(slot, 0)
+        commit = self.words[w]
+        if commit in (_COMMIT_PERSIST, _COMMIT_CACHE):
+            return bool(self.words[w + 10] != self._meta_crc(slot))
+        if commit == 0:
+            return bytes(self.words[w:w + _SLOT_WORDS]) != _ZERO_SLOT
+        return commit != _CREATING
+
+    def _legible_name(self, slot: int) -> str:
+        w = self._slot_word(slot, 0)
+        n = int(self.words[w + 1])
+        raw = self.map[(w + 2) * 8:(w + 2) * 8 + n] if 0 < n <= MAX_NAME else b""
+        return f"slot {slot}" + (f" ({raw.decode(errors='replace')!r}?)" if raw else "")
+
     def _find(self, name: str) -> int | None:
         slot = self._slot_of.get(name)
         if slot is not None and self._slot_name(slot) == name:
@@ -270,32 +408,37 @@ class Arena:
             if found == name:
                 self._slot_of[name] = slot
                 return slot
-            if found is not None and self.words[self._slot_word(slot, 10)] != self._meta_crc(slot):
+            if self._damaged(slot):
                 damaged.append(slot)
         if damaged:   # the entry asked for may be the damaged one: never hand out a fresh region
-            raise CacheCorrupted(f"{name!r} not found and directory slot(s) {damaged} are corrupted")
+            raise CacheCorrupted(f"{name!r} not found and the arena's directory is corrupted (a stray "
+                                 f"write?): {', '.join(self._legible_name(s) for s in damaged)}")
         return None
 
     def _alloc(self, size: int, what: str) -> int:
-        top = max(int(self.words[_H_TOP]), _DATA_OFF)    # never below the data area, even if damaged
+        top = max(self._counter(_C_TOP, "allocator"), _DATA_OFF)
         off = (top + _ALIGN - 1) // _ALIGN * _ALIGN
         if off + size > self.size:
             raise ArenaFull(f"{what}: needs {size} bytes, {max(0, self.size - off)} of the arena's "
                             f"{self.size} are free (forkpoint.configure(arena_size=...))")
-        self.words[_H_TOP] = off + size     # bumped before use: a kill leaks, never overlaps
+        self._set_counter(_C_TOP, off + size)     # bumped before use: a kill leaks, never overlaps
         return off
 
     def _new_slot(self, name: str, commit: int, off_or_gen: int, size: int) -> int:
         for slot in range(_DIR_SLOTS):
             w = self._slot_word(slot, 0)
-            if self.words[w] in (_COMMIT_PERSIST, _COMMIT_CACHE):
+            state = self.words[w]
+            if not (state == _CREATING or (state == 0 and not self._damaged(slot))):
                 continue
             raw = name.encode()
-            self.words[w:w + _SLOT_WORDS] = memoryview(bytes(_SLOT_SIZE)).cast("Q")
+            self.words[w] = _CREATING        # a kill from here on leaves it reusable, never valid
+            self.words[w + 1:w + _SLOT_WORDS] = memoryview(bytes(_SLOT_SIZE - 8)).cast("Q")
             self.words[w + 1] = len(raw)
             self.map[(w + 2) * 8:(w + 2) * 8 + len(raw)] = raw
             self.words[w + 11] = off_or_gen
             self.words[w + 12] = size
+            if commit == _COMMIT_CACHE:            # generation 0, with its check: nothing stored yet
+                self.words[w + _GEN] = _gen_check(slot, 0)
             self.words[w + 10] = zlib.crc32(bytes(self.words[w + 1:w + 10])
                                             + bytes(self.words[w + 11:w + 13])) ^ commit
             self.words[w] = commit          # the slot exists from this store on
@@ -331,6 +474,15 @@ class Arena:
         return memoryview(self.map)[off:off + size]
 
     # -- cache ------------------------------------------------------------------------------------
+    def _generation(self, slot: int, name: str) -> int:
+        """The cache entry's generation (0: nothing stored yet), its own checksum verified."""
+        word = int(self.words[self._slot_word(slot, _GEN)])
+        gen = word >> 32
+        if word & 0xFFFF_FFFF != _gen_check(slot, gen):     # never 0: set when the slot is made
+            raise CacheCorrupted(f"cache entry {name!r}: its generation word is corrupted (a stray "
+                                 "write?): which copy is current is unknown")
+        return gen
+
     def cache_in(self, name: str, data: Any) -> None:
         name = _check_name(name)
         if isinstance(data, (bytes, bytearray, memoryview)):
@@ -347,10 +499,16 @@ class Arena:
         w = self._slot_word(slot, 0)
         if self.words[w] != _COMMIT_CACHE:
             raise RegionMismatch(f"{name!r} is a persistent region, not a cache entry")
-        gen = int(self.words[w + _GEN])
-        b = w + 13 + 4 * ((gen + 1) & 1)     # the inactive buffer
+        gen = self._generation(slot, name)
+        which = (gen + 1) & 1
+        b = w + 13 + 4 * which               # the inactive buffer
         off, cap = int(self.words[b]), int(self.words[b + 1])
-        if cap < size or off < _DATA_OFF or off + cap > self.size:   # too small, or its words damaged
+        placed = int(self.words[w + _PLACED + which]) == _placement_check(slot, which, off, cap) and cap
+        if not placed or cap < size or off < _DATA_OFF or off + cap > self.size:
+            if cap and not placed:           # its placement words were damaged: never write there
+                log.error("arena: cache entry %r: a buffer's placement is corrupted (a stray write?); "
+                          "a new one is allocated", name)
+                cap = 0
             cap = max(size, 2 * min(cap, self.size))
             if _DATA_OFF + cap > self.size:
                 cap = size
@@ -358,12 +516,13 @@ class Arena:
             self.words[b + 1] = 0
             self.words[b] = off
             self.words[b + 1] = cap
-        off = int(self.words[b])
+            self.words[w + _PLACED + which] = _placement_check(slot, which, off, cap)
         self.map[off:off + 1] = tag
         self.map[off + 1:off + size] = body            # one copy, straight into the arena
         self.words[b + 2] = size
-        self.words[b + 3] = zlib.crc32(body, zlib.crc32(tag)) ^ ((size & 0xFFFFFFFF) << 32)
-        self.words[w + _GEN] = gen + 1      # commit: OUT reads this buffer from now on
+        self.words[b + 3] = _buffer_check(off, cap, size, zlib.crc32(body, zlib.crc32(tag)))
+        nxt = gen + 1
+        self.words[w + _GEN] = nxt << 32 | _gen_check(slot, nxt)   # commit: OUT reads this buffer now
 
     def cache_out(self, name: str) -> Any:
         name = _check_name(name)
@@ -374,7 +533,7 @@ class Arena:
         w = self._slot_word(slot, 0)
         if self.words[w] != _COMMIT_CACHE:
             raise RegionMismatch(f"{name!r} is a persistent region, not a cache entry")
-        gen = int(self.words[w + _GEN])
+        gen = self._generation(slot, name)
         if gen == 0:
             raise KeyError(name)
         b = w + 13 + 4 * (gen & 1)
@@ -383,7 +542,7 @@ class Arena:
             raise CacheCorrupted(f"cache entry {name!r} points outside the arena")
         payload = memoryview(self.map)[off:off + n]      # checked in place, copied once
         try:
-            if zlib.crc32(payload) ^ ((n & 0xFFFFFFFF) << 32) != crc:
+            if _buffer_check(off, cap, n, zlib.crc32(payload)) != crc:
                 raise CacheCorrupted(f"cache entry {name!r} failed its checksum")
             tag, body = payload[:1].tobytes(), payload[1:]
             if tag == _TAG_BYTES:

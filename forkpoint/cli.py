@@ -51,6 +51,15 @@ def _operator_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--timeout", type=_seconds, default=10.0, help="seconds to wait for an answer")
 
 
+def _safe(value: Any) -> str:
+    """``value`` as text a terminal shows as it is: control and format characters (escape
+    sequences, bidirectional overrides, line breaks) from the program are printed escaped."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
 def _size(n: int) -> str:
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -70,31 +79,32 @@ def _age(seconds: float) -> str:
 
 def _print_ls(reply: dict[str, Any], out: Any) -> None:
     cks = reply["checkpoints"]
-    print(f"forkpoint program {reply['pid']}: live process {reply['live'] or '-'}, "
-          f"current checkpoint {reply['current']}, {len(cks)} checkpoint(s)", file=out)
+    print(f"forkpoint program {_safe(reply['pid'])}: live process {_safe(reply['live'] or '-')}, "
+          f"current checkpoint {_safe(reply['current'])}, {len(cks)} checkpoint(s)", file=out)
     if cks:
         print(f"  {'ID':>4} {'PID':>8} {'AGE':>8} {'PINNED':>6} {'SPARES':>6} {'USS':>11} {'PSS':>11}",
               file=out)
         for c in cks:
-            print(f"  {c['id']:>4} {c['pid']:>8} {_age(c['age']):>8} {'yes' if c['pinned'] else 'no':>6} "
-                  f"{len(c.get('spares', [])):>6} {_size(c['uss']):>11} {_size(c['pss']):>11}", file=out)
+            print(f"  {_safe(c['id']):>4} {_safe(c['pid']):>8} {_age(c['age']):>8} "
+                  f"{'yes' if c['pinned'] else 'no':>6} {len(c.get('spares', [])):>6} {_size(c['uss']):>11} "
+                  f"{_size(c['pss']):>11}", file=out)
     hist = reply["history"]
     print(f"history: {len(hist)} entr{'y' if len(hist) == 1 else 'ies'}", file=out)
     for h in hist:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["time"]))
-        key = f"  input {h['key']!r}" if h.get("key") is not None else ""
-        print(f"  #{h['seq']:<4} {when}  {h['from_state']} -> {h['to_state']}  signal {h['signal']}  "
-              f"{h['reason']}{key}", file=out)
+        key = f"  input {_safe(repr(h['key']))}" if h.get("key") is not None else ""
+        print(f"  #{_safe(h['seq']):<4} {when}  {_safe(h['from_state'])} -> {_safe(h['to_state'])}  "
+              f"signal {_safe(h['signal'])}  {_safe(h['reason'])}{key}", file=out)
 
 
 def _print_status(reply: dict[str, Any], out: Any) -> None:
     q = reply["quarantined"]
-    print(f"forkpoint program {reply['pid']}", file=out)
-    print(f"  live process: {reply['live'] or '- (restoring)'}", file=out)
+    print(f"forkpoint program {_safe(reply['pid'])}", file=out)
+    print(f"  live process: {_safe(reply['live'] or '- (restoring)')}", file=out)
     print(f"  uptime:       {_age(reply['uptime'])}", file=out)
-    print(f"  recoveries:   {reply['recoveries']}", file=out)
-    print(f"  checkpoints:  {reply['checkpoints']} (current {reply['current']})", file=out)
-    print(f"  quarantined:  {', '.join(map(repr, q)) if q else 'none'}", file=out)
+    print(f"  recoveries:   {_safe(reply['recoveries'])}", file=out)
+    print(f"  checkpoints:  {_safe(reply['checkpoints'])} (current {_safe(reply['current'])})", file=out)
+    print(f"  quarantined:  {_safe(', '.join(map(repr, q))) if q else 'none'}", file=out)
 
 
 def _operator_run(args: argparse.Namespace) -> int:
@@ -117,21 +127,22 @@ def _operator_run(args: argparse.Namespace) -> int:
                 _print_status(reply, out)
         elif cmd == "restore":
             reply = operator.request(pid, "restore", args.timeout, n=args.n, reason=args.reason)
-            print(f"program {pid} restored to checkpoint {reply['restored']} (from state "
-                  f"{reply['from_state']}; live process {reply['live'] or 'starting'}): {reply['reason']}",
-                  file=out)
+            print(f"program {pid} restored to checkpoint {_safe(reply['restored'])} (from state "
+                  f"{_safe(reply['from_state'])}; live process {_safe(reply['live'] or 'starting')}): "
+                  f"{_safe(reply['reason'])}", file=out)
         elif cmd == "discard":
             reply = operator.request(pid, "discard", args.timeout, n=args.n)
             left = ", ".join(map(str, reply["checkpoints"])) or "none"
-            print(f"program {pid}: checkpoint {reply['discarded']} discarded (left: {left})", file=out)
+            print(f"program {pid}: checkpoint {_safe(reply['discarded'])} discarded (left: {_safe(left)})",
+                  file=out)
         else:
             print(f"forkpoint: unknown operator command {cmd!r}", file=sys.stderr)
             return 2
     except operator.OperatorError as e:
-        print(f"forkpoint {cmd}: {e}", file=sys.stderr)
+        print(f"forkpoint {cmd}: {_safe(e)}", file=sys.stderr)
         return 1
     except OSError as e:
-        print(f"forkpoint {cmd}: program {pid}: {e}", file=sys.stderr)
+        print(f"forkpoint {cmd}: program {pid}: {_safe(e)}", file=sys.stderr)
         return 1
     return 0
 

@@ -43,53 +43,60 @@ def _not_a_program(pid: int, stale: bool) -> OperatorError:
 
 
 def connect(pid: int, timeout: float = 10.0) -> socket.socket:
-    """A connection to the control socket of forkpoint program ``pid`` (its shepherd's PID)."""
+    """A connection to the control socket of forkpoint program ``pid`` (its shepherd's PID).
+
+    Every candidate socket is tried without waiting; one whose listen backlog is full (busy, or a
+    decoy) is tried again in the next round, so that it can never keep the client from the others.
+    """
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         raise OperatorError("invalid", f"invalid PID {pid!r}")
     if not os.path.exists(f"/proc/{pid}"):
         raise OperatorError("nosuchprocess", f"no process with PID {pid}")
     denied = None
-    stale = False
+    stale = busy = False
     deadline = time.monotonic() + timeout
-    for path in _rundir.socket_candidates(pid):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        try:
-            while True:
-                try:
-                    sock.connect(path)
-                    break
-                except BlockingIOError:   # the listen backlog is full: the program is busy
-                    if time.monotonic() > deadline:
-                        sock.close()
-                        raise OperatorError("busy", f"program {pid} is not accepting connections "
-                                                    f"(its control socket's backlog stayed full for "
-                                                    f"{timeout:g}s)") from None
-                    time.sleep(0.01)
-        except (FileNotFoundError, NotADirectoryError):
+    pending = _rundir.socket_candidates(pid)
+    while pending:
+        retry = []
+        for path in pending:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                sock.connect(path)
+            except (BlockingIOError, InterruptedError):   # its listen backlog is full
+                sock.close()
+                retry.append(path)
+                continue
+            except PermissionError:
+                sock.close()
+                denied = denied or path
+                continue
+            except ConnectionRefusedError:
+                sock.close()
+                stale = True
+                continue
+            except OSError:
+                sock.close()
+                continue
+            server_pid, server_uid, _ = _rundir.peercred(sock)
+            if server_pid == pid:
+                sock.settimeout(timeout)
+                return sock
             sock.close()
-            continue
-        except PermissionError:
-            sock.close()
-            denied = denied or path
-            continue
-        except ConnectionRefusedError:
-            sock.close()
-            stale = True
-            continue
-        except OSError:
-            sock.close()
-            continue
-        server_pid, server_uid, _ = _rundir.peercred(sock)
-        if server_pid == pid:
-            return sock
-        sock.close()
-        log.warning("%s is served by process %d (uid %d), not by %d: ignored", path, server_pid,
-                    server_uid, pid)
+            log.warning("%s is served by process %d (uid %d), not by %d: ignored", path, server_pid,
+                        server_uid, pid)
+        if not retry:
+            break
+        busy = True
+        if time.monotonic() > deadline:
+            raise OperatorError("busy", f"program {pid} is not accepting connections (its control "
+                                        f"socket's backlog stayed full for {timeout:g}s)")
+        time.sleep(0.01)
+        pending = retry
     if denied:
         raise OperatorError("denied", f"permission denied: cannot reach {denied}: process {pid} belongs to "
                                       f"uid {_procfs.owner_of(pid)}; only that user or root may control it")
-    raise _not_a_program(pid, stale)
+    raise _not_a_program(pid, stale and not busy)
 
 
 def request(pid: int, op: str, timeout: float = 10.0, **fields: Any) -> dict[str, Any]:

@@ -7,16 +7,18 @@ which returns from its ``tsetjmp()`` a second time. docs/architecture.md describ
 from __future__ import annotations
 
 import errno
+import fcntl
 import gc
 import logging
 import os
+import resource
 import signal
 import sys
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from . import _channel, _clone, _eventloop, _procfs, _qkeys, _sigutil
-from ._errors import ConfigurationError, NoSuchCheckpoint
+from ._errors import ConfigurationError, NoSuchCheckpoint, resource_error
 from ._frozen import Saved, frozen, resume
 from ._runtime import runtime
 from ._sigutil import FATAL_SIGNALS
@@ -100,12 +102,23 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int
     spares = rt.config.spares if spares is None else spares
     if not isinstance(spares, int) or spares < 0:
         raise ConfigurationError(f"spares must be an int >= 0, got {spares!r}")
+    # The bound on processes: wait while killed processes are still being torn down, or while the
+    # keeper of our previous checkpoint has not even started (a SCHED_IDLE keeper on a busy machine:
+    # a tight loop of tsetjmp() would pile them up). Two arena words; no wait in the usual case.
+    rt.wait_killed()
+    prev = rt.keeper
+    if rt.arena.throttled() or (prev is not None and rt.arena.introduced() < prev[0]):
+        rt.request(_channel.Throttle(prev[0] if prev else 0), (prev[1],) if prev else ())
     if rt.config.gc_freeze:
         gc.collect()
         gc.freeze()
     n = rt.arena.take_id()
     _sigutil.flush_stdio()
-    saved = Saved(mask=_sigutil.new_mask(), offsets=_procfs.file_offsets(),
+    try:
+        offsets = _procfs.file_offsets()
+    except OSError as e:
+        raise resource_error(f"could not take checkpoint {n}: cannot read /proc/self/fd", e) from e
+    saved = Saved(mask=_sigutil.new_mask(), offsets=offsets,
                   itimer=signal.getitimer(signal.ITIMER_REAL), key=rt.arena.processing(),
                   loop=_eventloop.running_loop())
     # The shepherd hears of the checkpoint before the fork: after it, every page this process
@@ -114,18 +127,41 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int
     _sigutil.block_all(saved.mask)      # from the announcement to the fork, nothing interrupts
     _channel.send(rt.chan, _channel.Snap(n, bool(pin), spares, key, deadline))
     try:
-        pid = _clone.clone(sibling=True)
-    except BaseException:
+        pid, pidfd = _clone.clone_pidfd(sibling=True)
+        if pid and not _room_for_keeper(pidfd):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            os.close(pidfd)
+            raise OSError(errno.EMFILE, "no two free descriptors for the keeper's channel")
+    except BaseException as e:
         _sigutil.restore_mask(saved.mask)
-        _channel.send(rt.chan, _channel.Discard(n, quiet=True))
+        _channel.send(rt.chan, _channel.Discard(n, quiet=True, current=rt.current))
+        if isinstance(e, OSError):
+            raise resource_error(f"could not take checkpoint {n}: the fork failed", e) from e
         raise
     if pid == 0:
         resume(rt, saved, frozen(rt, n, spares))
         return n
     _sigutil.restore_mask(saved.mask)
-    rt.hold_keeper(n, pid)
+    rt.hold_keeper(n, pidfd, pid)
     rt.current = n
     return n
+
+
+def _room_for_keeper(pidfd: int) -> bool:
+    """Whether the keeper just forked can make its channel: two free descriptors below the limit.
+
+    Its table is ours without the pidfd, which the kernel put in our lowest free slot; so it has
+    that slot, and needs one more free slot above it. Usually the next one is free: one fcntl().
+    """
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if limit == resource.RLIM_INFINITY:
+        return True
+    for fd in range(pidfd + 1, limit):
+        try:
+            fcntl.fcntl(fd, fcntl.F_GETFD)
+        except OSError:
+            return True
+    return False
 
 
 def tlongjmp(n: int = 0, sig: int = 0, reason: str | None = None) -> NoReturn:

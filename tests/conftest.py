@@ -7,6 +7,7 @@ sees it: a test that leaves a process or a zombie behind fails.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -206,3 +207,43 @@ def stop_server(proc: subprocess.Popen[str], sig: int = 15, timeout: float = 20.
         os.killpg(proc.pid, _signal.SIGKILL)
         proc.wait()
         raise
+
+
+# A uid no other test or user of this machine runs as: the process-limit (ulimit -u) scenarios
+# count every process of their uid, so they must not share it with anything else.
+SQUEEZED_UID = 64999
+
+
+def run_as(uid: int, code: str, *args: str, timeout: float = 30,
+           **extra_env: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` (``python -c``) as ``uid`` with no capabilities (root is exempt from ulimit -u).
+
+    The code must live in the command line: the test's tmp_path is private to root.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a scenario as another uid")
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux)")
+    cmd = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", _interpreter_for(uid), "-c",
+           textwrap.dedent(code), *args]
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), **extra_env}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd="/")
+
+
+_INTERPRETERS: dict[int, str] = {}
+
+
+def _interpreter_for(uid: int) -> str:
+    """A Python that ``uid`` can run *and exec again* (the shepherd execs sys.executable): ours if
+    its path is open to that uid, else the system's python3 (forkpoint needs nothing else)."""
+    if uid not in _INTERPRETERS:
+        probe = "import os, sys; os.execv(sys.executable, [sys.executable, '-c', 'print(1)'])"
+        for exe in (sys.executable, "/usr/bin/python3"):
+            r = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", exe, "-c",
+                                probe], capture_output=True, text=True, timeout=30, cwd="/")
+            if r.stdout.strip() == "1":
+                _INTERPRETERS[uid] = exe
+                break
+        else:
+            pytest.skip(f"no Python that uid {uid} can exec")
+    return _INTERPRETERS[uid]

@@ -105,6 +105,11 @@ def sock_dir(base: str, pid: int) -> Path:
     return Path(base) / f"forkpoint-{pid}"
 
 
+def tmp_sock_dir(tmp: str, pid: int) -> Path:
+    """Without XDG_RUNTIME_DIR: in this user's private directory in the temporary directory."""
+    return Path(tmp) / f"forkpoint-u{os.geteuid()}" / f"forkpoint-{pid}"
+
+
 def _unused_pid() -> int:
     pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
     return next(p for p in range(pid_max - 1, 1, -1) if not os.path.exists(f"/proc/{p}"))
@@ -248,15 +253,17 @@ def test_pids_that_are_not_forkpoint_programs(tmp_path, xdg):
 
 @pytest.mark.timeout(60)
 def test_socket_falls_back_to_the_temp_dir(tmp_path, xdg):
-    """An unusable XDG_RUNTIME_DIR: the socket goes to $TMPDIR, and the CLI still finds it."""
+    """An unusable XDG_RUNTIME_DIR: the socket goes to this user's private directory in $TMPDIR,
+    and the CLI still finds it."""
     prog = Program(tmp_path, XDG_RUNTIME_DIR="/nonexistent/run", TMPDIR=xdg)
     try:
-        assert (sock_dir(xdg, prog.pid) / "control.sock").exists()
+        assert (tmp_sock_dir(xdg, prog.pid) / "control.sock").exists()
+        assert stat.S_IMODE(tmp_sock_dir(xdg, prog.pid).parent.stat().st_mode) == 0o700
         assert ls_json(prog.pid)["checkpoints"]
     finally:
         code, err = prog.finish()
     assert code == 0, err
-    assert not sock_dir(xdg, prog.pid).exists()
+    assert not tmp_sock_dir(xdg, prog.pid).exists()
 
 
 # ---- the socket goes away --------------------------------------------------------------------------
@@ -459,11 +466,11 @@ def _need_second_user(dac_override: bool = False) -> None:
 @pytest.mark.timeout(60)
 def test_another_user_cannot_reach_the_private_directory(tmp_path):
     _need_second_user()
-    # No XDG_RUNTIME_DIR: the socket is in the world-writable /tmp, so only its 0700 directory
-    # keeps uid 65534 out.
+    # No XDG_RUNTIME_DIR: the socket is under the world-writable /tmp, so only the 0700 directories
+    # keep uid 65534 out.
     prog = Program(tmp_path, XDG_RUNTIME_DIR="", TMPDIR="")
     try:
-        d = sock_dir("/tmp", prog.pid)
+        d = tmp_sock_dir("/tmp", prog.pid)
         assert (d / "control.sock").exists()
         for args in (("ls", prog.pid), ("restore", prog.pid, 1), ("discard", prog.pid, 2)):
             r = _as_nobody(sys.executable, "-m", "forkpoint", *map(str, args))
@@ -475,7 +482,7 @@ def test_another_user_cannot_reach_the_private_directory(tmp_path):
     finally:
         code, err = prog.finish()
     assert code == 0, err
-    assert not sock_dir("/tmp", prog.pid).exists()
+    assert not tmp_sock_dir("/tmp", prog.pid).exists()
 
 
 @pytest.mark.timeout(60)
@@ -491,7 +498,7 @@ def test_peer_credentials_refuse_another_user(tmp_path):
     _need_second_user(dac_override=True)
     prog = Program(tmp_path, XDG_RUNTIME_DIR="", TMPDIR="")
     try:
-        sock = str(sock_dir("/tmp", prog.pid) / "control.sock")
+        sock = str(tmp_sock_dir("/tmp", prog.pid) / "control.sock")
         # The directory permission does not stop this client: it can connect to the socket...
         probe = _as_nobody(sys.executable, "-c", f"""if 1:
             import os, socket

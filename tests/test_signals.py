@@ -1,0 +1,314 @@
+"""Signals reach the program exactly once, promptly, as without forkpoint (issue 13.6, invariant 10):
+through a terminal (a real pty) and its hangup, during restores and crash-loop backoffs, for every
+catchable signal, and for job control.
+
+Terminals are real ptys (``pty.fork``), signals are real, restores are real; each scenario runs
+in its own processes with a timeout.
+"""
+from __future__ import annotations
+
+import os
+import pty
+import random
+import select
+import signal
+import sys
+import time
+
+import pytest
+from conftest import Lines, clean_env, program, start_py, wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+HEADER = """
+    import os, sys, signal, time, ctypes
+    import forkpoint as fp
+"""
+
+
+def _in_pty(code: str, tmp_path) -> tuple[int, int]:
+    """Run ``code`` as the session leader of a new pty (as ``ssh -t host prog`` does); returns
+    (pid, master fd)."""
+    path = program(code, tmp_path)
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execve(sys.executable, [sys.executable, str(path)], clean_env())
+    return pid, fd
+
+
+def _read_until(fd: int, needle: bytes, out: bytearray, timeout: float = 15.0, count: int = 1) -> None:
+    deadline = time.monotonic() + timeout
+    while out.count(needle) < count:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise AssertionError(f"{needle!r} not seen in {timeout}s; output: {bytes(out[-500:])!r}")
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            raise AssertionError(f"pty closed before {needle!r}; output: {bytes(out[-500:])!r}") from None
+        if not chunk:
+            raise AssertionError(f"pty closed before {needle!r}; output: {bytes(out[-500:])!r}")
+        out += chunk
+
+
+def _wait(pid: int, timeout: float = 20.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"process {pid} did not end within {timeout}s")
+
+
+def test_a_terminal_hangup_ends_a_session_leader_program(tmp_path):
+    """Issue 13.6: when the program is the session leader (ssh -t host prog), a hangup sends SIGHUP
+    to it alone, not to its process group. Without forkpoint it dies by SIGHUP; the shepherd took
+    it for a terminal signal the live process already had, and the program ran on."""
+    pid, fd = _in_pty(HEADER + """
+    fp.tsetjmp()
+    print("ready", flush=True)
+    while True:
+        time.sleep(0.05)
+    """, tmp_path)
+    out = bytearray()
+    try:
+        _read_until(fd, b"ready", out)
+    finally:
+        os.close(fd)                     # the terminal hangs up
+    assert _wait(pid) == -signal.SIGHUP
+
+
+def test_ctrl_c_during_back_to_back_restores_runs_the_handler_once_per_press(tmp_path):
+    """Issue 13.6: Ctrl-C during back-to-back restores ran the handler 309 times for 300 presses:
+    the terminal's SIGINT reached the process being retired (which passed it on) and the shepherd
+    (which queued its own copy), or the restored process and the shepherd. Each press here waits
+    for its handler's mark, so presses never merge; one mark per press, none extra."""
+    stop = tmp_path / "stop"
+    pid, fd = _in_pty(HEADER + f"""
+    signal.signal(signal.SIGINT, lambda *a: os.write(1, b"<INT>"))
+    rounds = fp.persist_int("rounds")
+    n = fp.tsetjmp()
+    if rounds.add() == 1:
+        print("ready", flush=True)
+    if os.path.exists({str(stop)!r}):
+        print("stopped", flush=True)
+        sys.exit(0)
+    fp.tlongjmp(n)
+    """, tmp_path)
+    presses = 100
+    out = bytearray()
+    try:
+        _read_until(fd, b"ready", out)
+        for i in range(presses):
+            time.sleep(random.uniform(0, 0.003))     # a random moment of the restore loop
+            os.write(fd, b"\x03")
+            _read_until(fd, b"<INT>", out, count=i + 1)
+        time.sleep(0.5)                  # a duplicate, if any, would be handled by now
+        stop.write_text("")
+        _read_until(fd, b"stopped", out)
+    finally:
+        code = _wait(pid)
+        os.close(fd)
+    assert out.count(b"<INT>") == presses, bytes(out[-300:])
+    assert code == 0
+
+
+def test_ctrl_c_while_a_restored_process_rejoins_the_terminal_is_handled_once(tmp_path):
+    """The exact instant of the duplicate: the restored process has rejoined the terminal's
+    process group but is not up yet, and Ctrl-C reaches both it and the shepherd. It is paused
+    there (a trace function it inherited stops it at that line) while the test presses Ctrl-C."""
+    stop = tmp_path / "stop"
+    pid, fd = _in_pty(HEADER + f"""
+    import inspect
+    from forkpoint import _frozen
+    signal.signal(signal.SIGINT, lambda *a: os.write(1, b"<INT>"))
+    paused = fp.persist_int("paused")
+    src, first = inspect.getsourcelines(_frozen.resume)
+    line = first + next(i for i, l in enumerate(src) if "_channel.send(rt.chan, _channel.Up" in l)
+    def local(frame, event, arg):
+        if event == "line" and frame.f_lineno == line and paused.value == 0:
+            paused.value = 1
+            os.write(1, b"<PAUSE>")
+            time.sleep(1.0)             # the test presses Ctrl-C now
+        return local
+    sys.settrace(lambda f, e, a: local if f.f_code is _frozen.resume.__code__ else None)
+    n = fp.tsetjmp()
+    if not fp.chkpt_status(fp.CHKPT_RECOVERED):
+        fp.tlongjmp(n)
+    sys.settrace(None)
+    while not os.path.exists({str(stop)!r}):
+        time.sleep(0.01)
+    print("stopped", flush=True)
+    """, tmp_path)
+    out = bytearray()
+    try:
+        _read_until(fd, b"<PAUSE>", out)
+        os.write(fd, b"\x03")
+        _read_until(fd, b"<INT>", out)
+        time.sleep(0.5)                  # a duplicate, if any, would be handled by now
+        stop.write_text("")
+        _read_until(fd, b"stopped", out)
+    finally:
+        code = _wait(pid)
+        os.close(fd)
+    assert out.count(b"<INT>") == 1, bytes(out)
+    assert code == 0
+
+
+@pytest.mark.parametrize("handled", [False, True])
+def test_sigterm_during_a_backoff_ends_or_reaches_the_program_at_once(tmp_path, handled):
+    """Issue 13.6: SIGTERM during a crash-loop backoff waited for the backoff (seconds), and was
+    lost when the restored process crashed again before its handler ran. The backoff here is 60 s
+    and the test gives the program 30: a SIGTERM the program does not handle ends it at once (as
+    it would without forkpoint); one it handles cuts the backoff short and runs the handler before
+    any program code."""
+    proc = start_py(HEADER + f"""
+    count = fp.persist_int("c")
+    if {handled}:
+        def term(*a):
+            print("term", flush=True)
+            sys.exit(0)
+        signal.signal(signal.SIGTERM, term)
+    fp.recover_on(signal.SIGSEGV, backoff=60, max_recoveries=100)
+    n = fp.tsetjmp()
+    print("up", count.add(), os.readlink("/proc/self"), flush=True)
+    time.sleep(0.05)
+    ctypes.string_at(0)
+    """, tmp_path)
+    lines = Lines(proc)
+    live = int(lines.until("up 2").split()[2])    # its crash is followed by a 60 s backoff
+    wait_for(lambda: _killed(live), timeout=20)
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(30)
+    while lines.next() != "<EOF>":
+        pass
+    if handled:
+        assert code == 0 and [line.split()[:2] for line in lines.seen] == [["up", "1"], ["up", "2"], ["term"],
+                                                                            ["<EOF>"]], (code, lines.seen)
+    else:
+        assert code == -signal.SIGTERM, code
+
+
+def _killed(pid: int) -> bool:
+    """Whether ``pid`` is gone, a zombie, or has a SIGKILL pending (retired by the shepherd)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            status = f.read()
+    except OSError:
+        return True
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    pending = int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)
+    return fields["State"].split()[0] in ("Z", "X") or bool(pending >> (signal.SIGKILL - 1) & 1)
+
+
+def test_every_catchable_signal_sent_to_the_pid_reaches_the_program_once(tmp_path):
+    """Issue 13.6: only eight signals were forwarded; gunicorn's master sends SIGABRT to a worker
+    on timeout, and programs use SIGPWR, SIGURG, real-time signals, ... Each one sent to the PID
+    runs the program's handler exactly once."""
+    sigs = [signal.SIGABRT, signal.SIGPWR, signal.SIGURG, signal.SIGVTALRM, signal.SIGPROF,
+            signal.SIGXCPU, signal.SIGPIPE, signal.SIGTRAP, signal.SIGSYS, signal.SIGIO,
+            signal.SIGRTMIN + 1, signal.SIGRTMAX, signal.SIGUSR1]
+    proc = start_py(HEADER + f"""
+    got = []
+    for s in {[int(s) for s in sigs]}:
+        signal.signal(s, lambda signum, frame: got.append(signum))
+    fp.tsetjmp()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    time.sleep(0.5)
+    print("got", sorted(got), flush=True)
+    """, tmp_path)
+    lines = Lines(proc)
+    lines.until("ready")
+    for s in sigs:
+        os.kill(proc.pid, s)
+        time.sleep(0.02)
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    assert lines.until("got") == f"got {sorted(int(s) for s in sigs)}"
+    assert proc.wait(10) == 0
+
+
+def test_a_signal_the_program_sends_its_own_group_arrives_once(tmp_path):
+    """Issue 13.6: a signal sent to the whole process group reaches the live process directly and
+    the shepherd, which forwarded it again. When the program itself signals its group, the
+    shepherd knows the sender and leaves it."""
+    proc = start_py(HEADER + """
+    got = []
+    signal.signal(signal.SIGUSR1, lambda *a: got.append(1))
+    fp.tsetjmp()
+    os.killpg(0, signal.SIGUSR1)           # its own process group (start_py gives it one)
+    time.sleep(0.5)
+    print("got", len(got), flush=True)
+    """, tmp_path)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert out.strip() == "got 1"
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_job_control_stop_and_continue_through_the_face_pid(tmp_path):
+    """Issue 13.6: `kill -TSTP PID` (and SIGTTIN, SIGTTOU) stopped the shepherd alone while the
+    program ran on. Now the program stops, the face PID stops with it (its parent sees it
+    stopped, as a shell does), and SIGCONT to the face continues both."""
+    proc = start_py(HEADER + """
+    fp.tsetjmp()
+    print("live", os.readlink("/proc/self"), flush=True)
+    ticks = 0
+    while True:
+        ticks += 1
+        print("tick", ticks, flush=True)
+        time.sleep(0.02)
+    """, tmp_path)
+    try:
+        _stop_and_continue(proc)
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def _stop_and_continue(proc) -> None:
+    lines = Lines(proc)
+    live = int(lines.until("live").split()[1])
+    lines.until("tick")
+    for stop in (signal.SIGTSTP, signal.SIGTTIN):
+        os.kill(proc.pid, stop)
+        wait_for(lambda: _state(live) == "T" and _state(proc.pid) == "T")
+        _, status = os.waitpid(proc.pid, os.WUNTRACED | os.WNOHANG)
+        assert os.WIFSTOPPED(status) and os.WSTOPSIG(status) == stop, status
+        while not lines.q.empty():
+            lines.next()
+        time.sleep(0.3)
+        assert lines.q.empty(), "the program must not run while stopped"
+        os.kill(proc.pid, signal.SIGCONT)
+        wait_for(lambda: _state(live) != "T" and _state(proc.pid) != "T")
+        lines.until("tick")
+
+
+def test_a_program_that_ignores_sigterm_during_a_restore_keeps_running(tmp_path):
+    """A signal that comes while no live process is up is judged by the checkpoint's own
+    dispositions: ignored there, it is dropped (it does not end the program)."""
+    proc = start_py(HEADER + """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    fp.recover_on(signal.SIGSEGV, backoff=1, max_recoveries=100)
+    count = fp.persist_int("c")
+    n = fp.tsetjmp()
+    print("up", count.add(), flush=True)
+    if count.value >= 4:
+        sys.exit(0)
+    time.sleep(0.05)
+    ctypes.string_at(0)
+    """, tmp_path)
+    lines = Lines(proc)
+    lines.until("up 2")
+    time.sleep(0.2)                     # in the 1 s backoff
+    proc.send_signal(signal.SIGTERM)
+    lines.until("up 4", timeout=30)
+    assert proc.wait(20) == 0
