@@ -147,11 +147,6 @@ def _operator_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _safe(text: object) -> str:
-    """Text that came from a program, fit for a terminal: control characters escaped."""
-    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))
-
-
 def _when(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "never"
 
