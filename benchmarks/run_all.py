@@ -99,14 +99,27 @@ whatever garbage exists at that moment.
 
 
 def targets_text(data: dict) -> str:
-    lines = ["| heap | tsetjmp / fork (target <= 1.25x) | tlongjmp ms (target < 1 ms) |", "|---|---|---|"]
-    for r in data["results"]:
-        ratio = r["ratios"]["tsetjmp_over_fork"]
-        tl = r["metrics"]["tlongjmp"]
-        ok1 = "met" if ratio <= 1.25 else "NOT met"
-        ok2 = "met" if tl["median"] < 1e-3 else "NOT met"
-        ms = tl["median"] * 1e3
-        lines.append(f"| {r['kind']} {r['size_label']} | {ratio:.2f}x {ok1} | {ms:.2f} {ok2} |")
+    """The targets of issue 14 (bench.target_check) as a table: figures from this run."""
+    t = bench.target_check(data)
+
+    def ok(v: bool | None) -> str:
+        return "-" if v is None else "met" if v else "NOT met"
+
+    lines = ["| heap | tsetjmp / fork (target) | tlongjmp ms: best, rewritten, runs, runs rewritten "
+             f"(target <= {t['tlongjmp_max_s'] * 1e3:g}) "
+             f"| crash loop / fork (target <= {t['crashloop_over_fork_max']:g}x) |",
+             "|---|---|---|---|"]
+    for row in t["rows"]:
+        ms = ", ".join(f"{row['tlongjmp_s'][k] * 1e3:.2f}" for k in bench.RESTORE_METRICS
+                       if k in row["tlongjmp_s"])
+        ts = row["tsetjmp_over_fork"]
+        cl = row["crashloop_over_fork"]
+        lines.append(f"| {row['heap']} | {ts:.2f}x (<= {row['tsetjmp_max']:g}x) {ok(row['tsetjmp_met'])} "
+                     f"| {ms} {ok(row['tlongjmp_met'])} "
+                     f"| {'-' if cl is None else f'{cl:.2f}x'} {ok(row['crashloop_met'])} |")
+    spread = ", ".join(f"{k} {v:.2f}x" for k, v in t["tlongjmp_spread"].items())
+    lines += ["", "tlongjmp across sizes, largest / smallest median "
+              f"(target <= {t['tlongjmp_spread_max']:g}x, {ok(t['tlongjmp_spread_met'])}): {spread}."]
     return "\n".join(lines)
 
 
