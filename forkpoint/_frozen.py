@@ -20,6 +20,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,11 +52,27 @@ def set_idle(pid: int = 0) -> None:
         pass
 
 
-def frozen(rt: _Runtime, n: int, spares: int) -> _channel.Wake:
+_UP = _channel.encode(_channel.Up())
+
+
+class _Ready:
+    """What a spare prepares while frozen, so that its wake-up only makes system calls.
+
+    Objects a spare creates after its fork live on pages that are already its own, so using them
+    on the restore path costs no copy-on-write fault; building them there would.
+    """
+
+    comm: Callable[[], None] | None = None      # sets the program's name back
+    own: Callable[[], None] | None = None       # sets the spare's own name (warming the same call)
+
+
+def frozen(rt: _Runtime, n: int, spares: int, saved: Saved | None = None,
+           warm_hook: Callable[[], None] | None = None) -> _channel.Wake:
     """Run as keeper of checkpoint ``n``; return the wake-up message in a spare that goes live.
 
     Only a woken spare returns. Every other way out ends the process here, so a snapshot can
-    never run program code by accident.
+    never run program code by accident. ``saved`` and ``warm_hook`` (the caller's own restore
+    path, run without effect) only serve the spare's warming.
     """
     role = Role.KEEPER
     try:
@@ -79,7 +96,7 @@ def frozen(rt: _Runtime, n: int, spares: int) -> _channel.Wake:
         while True:
             if role is Role.SPARE and warm:
                 warm = False
-                _prewarm(rt)
+                _prewarm(rt, saved, warm_hook)
                 continue
             if role is Role.KEEPER and forks_owed:
                 forks_owed -= 1
@@ -101,7 +118,9 @@ def frozen(rt: _Runtime, n: int, spares: int) -> _channel.Wake:
                     _prctl.set_pdeathsig(signal.SIGKILL)
                     if _identity.real_ppid() != shepherd:
                         os._exit(0)
-                    _prctl.set_name(f"fp-spare-{n}")
+                    _Ready.own = _prctl.prepare_name(f"fp-spare-{n}")
+                    _Ready.own()
+                    _Ready.comm = _prctl.prepare_name(rt.comm)
                     if rt.unidle:
                         try:
                             os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
@@ -119,17 +138,20 @@ def frozen(rt: _Runtime, n: int, spares: int) -> _channel.Wake:
         os._exit(70)
 
 
-def _prewarm(rt: _Runtime) -> None:
+def _prewarm(rt: _Runtime, saved: Saved | None, warm_hook: Callable[[], None] | None) -> None:
     """Touch, while frozen, what a wake-up will touch.
 
     A spare shares every page with its keeper; the first write to each one after the wake-up is a
     copy-on-write fault on the restore path. Running the wake-up's machinery once without effect
-    (same name, same process group, same mask, a message encoded and decoded) takes those faults
-    now, in the background, for a few dozen private pages per spare.
+    (same name, same process group, same mask, a message encoded and decoded, the offsets and the
+    log levels looked at) takes those faults now, in the background, for a few dozen private pages
+    per spare. ``warm_hook`` does the same for the restored program's own next ``tlongjmp()``.
     """
     try:
         _channel.decode(_channel.encode(_channel.Wake(0, 0, 0, "x", 1, time.monotonic())))
-        _prctl.set_name(_prctl.get_name())
+        _channel.decode(_UP)
+        if _Ready.own is not None:
+            _Ready.own()
         os.setpgid(0, os.getpgid(0))
         mask = _sigutil.new_mask()
         _sigutil.block_all(mask)
@@ -137,9 +159,18 @@ def _prewarm(rt: _Runtime) -> None:
         _sigutil.drain_pending()
         signal.getitimer(signal.ITIMER_REAL)
         log.isEnabledFor(logging.WARNING)
+        log.isEnabledFor(logging.INFO)
+        rt.chan.fileno()
+        if saved is not None:
+            for fd, off in saved.offsets.items():
+                fd + off
+            (saved.itimer[0], saved.key, saved.mask)
+        rt.owner_pid = _identity.real_pid()     # a spare's pid is the one it will run with
         for name in ("recovered", "from_state", "to_state", "sigtype", "reason", "attempt",
                      "recovery_seconds", "current", "owner_pid"):
             setattr(rt, name, getattr(rt, name))
+        if warm_hook is not None:
+            warm_hook()
     except Exception:  # noqa: BLE001 - warming is an optimisation only
         pass
 
@@ -154,7 +185,10 @@ def resume(rt: _Runtime, saved: Saved, wake: _channel.Wake) -> None:
         os.setpgid(0, rt.pgid)
     except OSError as e:
         log.warning("restored process could not rejoin process group %d: %s", rt.pgid, e)
-    _prctl.set_name(rt.comm)
+    if _Ready.comm is not None:
+        _Ready.comm()
+    else:
+        _prctl.set_name(rt.comm)
     for fd, off in saved.offsets.items():
         try:
             os.lseek(fd, off, os.SEEK_SET)
@@ -174,7 +208,7 @@ def resume(rt: _Runtime, saved: Saved, wake: _channel.Wake) -> None:
         rt.arena.set_processing(saved.key)   # the checkpoint was taken inside processing(key)
     _eventloop.rejoin(saved.loop, moved_heap=True)
     _sigutil.restore_mask(saved.mask)
-    _channel.send(rt.chan, _channel.Up())
+    rt.chan.send(_UP)
     # A recovery is worth a warning; a plain tlongjmp() is the program's own control flow.
     level = logging.INFO if rt.sigtype == 0 and rt.reason == "tlongjmp" else logging.WARNING
     if log.isEnabledFor(level):

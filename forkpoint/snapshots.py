@@ -116,12 +116,23 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int
         _channel.send(rt.chan, _channel.Discard(n, quiet=True))
         raise
     if pid == 0:
-        resume(rt, saved, frozen(rt, n, spares))
+        resume(rt, saved, frozen(rt, n, spares, saved, _warm_restore_path))
         return n
     _sigutil.restore_mask(saved.mask)
     rt.hold_keeper(n, pid)
     rt.current = n
     return n
+
+
+def _warm_restore_path() -> None:
+    """``tlongjmp()``'s own steps, without effect, for a frozen spare to run (``_frozen._prewarm``):
+    a restored program's next ``tlongjmp()`` then finds those pages already its own."""
+    rt = _rt
+    rt.check_caller()
+    _handler_signal()
+    _sigutil.flush_stdio()
+    _sigutil.restore_mask(_sigutil.block_all())
+    _channel.encode(_channel.Restore(rt.current, 0, "tlongjmp"))
 
 
 def tlongjmp(n: int = 0, sig: int = 0, reason: str | None = None) -> NoReturn:
