@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import select
 import signal
 import threading
 import time
@@ -63,7 +64,6 @@ class _Ready:
     """
 
     comm: Callable[[], None] | None = None      # sets the program's name back
-    own: Callable[[], None] | None = None       # sets the spare's own name (warming the same call)
 
 
 def frozen(rt: _Runtime, n: int, spares: int, saved: Saved | None = None,
@@ -96,7 +96,7 @@ def frozen(rt: _Runtime, n: int, spares: int, saved: Saved | None = None,
         while True:
             if role is Role.SPARE and warm:
                 warm = False
-                _prewarm(rt, saved, warm_hook)
+                _prewarm(rt, saved, warm_hook, n)
                 continue
             if role is Role.KEEPER and forks_owed:
                 forks_owed -= 1
@@ -118,14 +118,12 @@ def frozen(rt: _Runtime, n: int, spares: int, saved: Saved | None = None,
                     _prctl.set_pdeathsig(signal.SIGKILL)
                     if _identity.real_ppid() != shepherd:
                         os._exit(0)
-                    _Ready.own = _prctl.prepare_name(f"fp-spare-{n}")
-                    _Ready.own()
-                    _Ready.comm = _prctl.prepare_name(rt.comm)
                     if rt.unidle:
                         try:
                             os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
                         except OSError:      # privileges dropped since start: stay, but serve
                             pass
+                    _Ready.comm = None   # prepared by the warming, if it gets that far
                     rt.chan = chan
                     warm = True
                     continue
@@ -138,7 +136,7 @@ def frozen(rt: _Runtime, n: int, spares: int, saved: Saved | None = None,
         os._exit(70)
 
 
-def _prewarm(rt: _Runtime, saved: Saved | None, warm_hook: Callable[[], None] | None) -> None:
+def _prewarm(rt: _Runtime, saved: Saved | None, warm_hook: Callable[[], None] | None, n: int) -> None:
     """Touch, while frozen, what a wake-up will touch.
 
     A spare shares every page with its keeper; the first write to each one after the wake-up is a
@@ -146,12 +144,24 @@ def _prewarm(rt: _Runtime, saved: Saved | None, warm_hook: Callable[[], None] | 
     (same name, same process group, same mask, a message encoded and decoded, the offsets and the
     log levels looked at) takes those faults now, in the background, for a few dozen private pages
     per spare. ``warm_hook`` does the same for the restored program's own next ``tlongjmp()``.
+
+    The warming stops as soon as a wake-up is waiting on the channel: a restore that waits for this
+    copy (a crash loop) is better served at once, taking those faults itself.
     """
+    def waited_for() -> bool:
+        return bool(select.select([rt.chan], [], [], 0)[0])
+
     try:
+        if waited_for():
+            return
+        own = _prctl.prepare_name(f"fp-spare-{n}")
+        own()
+        _Ready.comm = _prctl.prepare_name(rt.comm)
         _channel.decode(_channel.encode(_channel.Wake(0, 0, 0, "x", 1, time.monotonic())))
         _channel.decode(_UP)
-        if _Ready.own is not None:
-            _Ready.own()
+        own()
+        if waited_for():
+            return
         os.setpgid(0, os.getpgid(0))
         mask = _sigutil.new_mask()
         _sigutil.block_all(mask)
@@ -169,7 +179,7 @@ def _prewarm(rt: _Runtime, saved: Saved | None, warm_hook: Callable[[], None] | 
         for name in ("recovered", "from_state", "to_state", "sigtype", "reason", "attempt",
                      "recovery_seconds", "current", "owner_pid"):
             setattr(rt, name, getattr(rt, name))
-        if warm_hook is not None:
+        if warm_hook is not None and not waited_for():
             warm_hook()
     except Exception:  # noqa: BLE001 - warming is an optimisation only
         pass

@@ -91,6 +91,7 @@ class Checkpoint:
     spares: list[Proc] = field(default_factory=list)
     pending: Wake | None = None   # a restore waiting for a spare of this checkpoint
     want_spares: int = 1
+    forking: int = 0              # copies the keeper was asked for (or owes from birth), not yet here
     awaiting: bool = False        # the keeper has not introduced itself yet
     announcer: Proc | None = None  # the live process that took it: its keeper says hello on its channel
 
@@ -169,6 +170,7 @@ class Shepherd:
         self.restoring = False                  # a restore was decided and no spare woken yet
         self.pending_signals: list[int] = []
         self.forwarded_fatal: dict[int, float] = {}   # fault signal -> when one was forwarded
+        self._unread: list[int] = []            # retired live processes whose pending signals wait
         self.live: Proc | None = self._add(args["live"], Role.LIVE, 0, chan)
         self.live_up = True
         self.control: ControlServer | None = None
@@ -244,14 +246,15 @@ class Shepherd:
 
         The kill comes before the channel is closed: a process blocked on its channel (a live
         process inside tlongjmp) must never see EOF while it can still run, or it would raise into
-        program code next to the restored process.
+        program code next to the restored process. Signals pending in a process that ran program
+        code are read later, by ``_pass_on_pending`` (see there).
         """
         proc.role = Role.DYING
         if proc.pid <= 0:     # a keeper that has not introduced itself: EOF on its channel ends it
             self._close(proc)
             return
-        if proc.lived:        # signals forwarded to it but still blocked there go to its successor
-            self.pending_signals.extend(s for s in _procfs.pending_signals(proc.pid) if s in FORWARDED)
+        if proc.lived:
+            self._unread.append(proc.pid)
             self._orphans_of(proc.pid)
         try:
             os.sched_setscheduler(proc.pid, os.SCHED_IDLE, os.sched_param(0))
@@ -263,6 +266,18 @@ class Shepherd:
             pass
         if not proc.lived:   # a live process's keepers may still introduce themselves on its channel
             self._close(proc)
+
+    def _pass_on_pending(self) -> None:
+        """Signals forwarded to a retired live process but still blocked there go to its successor.
+
+        Read from /proc after the kill, off the restore path (the caller runs this once the spare
+        is woken): a killed process keeps its pending signals until it is reaped, and drops any
+        signal sent after the SIGKILL, so the set read now is the one it had when it was killed.
+        Nothing is reaped before this runs: reaping happens only in the loop's SIGCHLD callback.
+        """
+        pids, self._unread = self._unread, []
+        for pid in pids:
+            self.pending_signals.extend(s for s in _procfs.pending_signals(pid) if s in FORWARDED)
 
     def _send(self, proc: Proc, msg: Message) -> bool:
         if proc.chan is None:
@@ -436,7 +451,7 @@ class Shepherd:
             return
         log.warning("checkpoint %d lost its %s process %d (status %d)", proc.n, proc.role.value, pid, status)
         if proc.role is Role.KEEPER:
-            ck.keeper = None
+            ck.keeper, ck.forking = None, 0
             if not ck.spares:
                 self._discard(ck.n, "its processes died")
         elif proc in ck.spares:
@@ -484,7 +499,8 @@ class Shepherd:
         n = msg.n
         if n in self.ckpts:                 # ids are never reused: only a corrupted arena does this
             self._discard(n, "its id was taken again")
-        self.ckpts[n] = Checkpoint(n, None, msg.pin, awaiting=True, announcer=proc, want_spares=msg.spares)
+        self.ckpts[n] = Checkpoint(n, None, msg.pin, awaiting=True, announcer=proc, want_spares=msg.spares,
+                                   forking=msg.spares)     # a keeper forks its first spares unasked
         self.current = n
         self._enforce_bounds()
 
@@ -509,15 +525,17 @@ class Shepherd:
             return
         ck.keeper, ck.awaiting = keeper, False
         if ck.pending is not None:
-            self._urge(keeper)
+            self._urge(ck)
         self._answer_list()
 
     def _on_spare(self, proc: Proc, msg: Spare, fds: list[int]) -> None:
+        ck = self.ckpts.get(msg.n)
+        if ck is not None and ck.forking:
+            ck.forking -= 1
         if not fds:
             os.kill(msg.pid, signal.SIGKILL)
             return
         spare = self._add(msg.pid, Role.SPARE, msg.n, socket.socket(fileno=fds[0]))
-        ck = self.ckpts.get(msg.n)
         if ck is None:
             self._retire(spare)
             return
@@ -728,6 +746,7 @@ class Shepherd:
             self.loop.after(decision.delay, restore)
         else:
             restore()
+        self._pass_on_pending()
 
     def _record_history(self, from_state: int, to_state: int, sig: int, reason: str,
                         key: str | None) -> None:
@@ -753,33 +772,43 @@ class Shepherd:
             self._give_up(wake)
         while ck.spares:
             spare = ck.spares.pop(0)
+            # The replacement is asked for first: once the spare is awake it may take this CPU
+            # from us for milliseconds, and a crash loop waits for that copy.
+            self._replenish(ck)
             if self._send(spare, wake):
                 spare.role, spare.lived = Role.LIVE, True
                 self.live, self.live_up = spare, False
                 self.restoring = False
-                self._replenish(ck)
                 return
             self._retire(spare)
         ck.pending = wake
         if ck.awaiting:      # the keeper will be asked to fork as soon as it introduces itself
             self.loop.after(5.0, lambda: self._check_awaiting(ck, wake))
             return
-        if ck.keeper is None or not self._urge(ck.keeper):
+        if ck.keeper is None or not self._urge(ck):
             log.error("checkpoint %d cannot be restored: its keeper is gone", ck.n)
             self._give_up(wake)
 
-    def _urge(self, keeper: Proc) -> bool:
-        """Ask a keeper for a copy that a restore is waiting for, at normal priority.
+    def _urge(self, ck: Checkpoint) -> bool:
+        """Get a copy that a restore is waiting for from the keeper, at normal priority.
 
         Keepers fork in the background under SCHED_IDLE; on a machine whose CPUs are busy that
         work barely runs, and here the program itself waits for it. The keeper goes back to
-        SCHED_IDLE after the fork.
+        SCHED_IDLE after the fork. A copy already on its way serves the restore: no second one
+        is asked for.
         """
+        keeper = ck.keeper
+        assert keeper is not None
         try:
             os.sched_setscheduler(keeper.pid, os.SCHED_OTHER, os.sched_param(0))
         except OSError:
             pass
-        return self._send(keeper, _channel.Fork())
+        if ck.forking:
+            return True
+        if not self._send(keeper, _channel.Fork()):
+            return False
+        ck.forking += 1
+        return True
 
     def _check_awaiting(self, ck: Checkpoint, wake: Wake) -> None:
         if ck.pending is wake and (self.ckpts.get(ck.n) is not ck or ck.awaiting):
@@ -793,8 +822,10 @@ class Shepherd:
         self.shutdown(code=EX_SOFTWARE)
 
     def _replenish(self, ck: Checkpoint) -> None:
-        if ck.keeper is not None and len(ck.spares) < ck.want_spares:
-            self._send(ck.keeper, _channel.Fork())
+        """Ask the keeper for the copies still missing, counting those already on their way."""
+        if ck.keeper is not None and len(ck.spares) + ck.forking < ck.want_spares:
+            if self._send(ck.keeper, _channel.Fork()):
+                ck.forking += 1
 
     # -- registry -------------------------------------------------------------------------------
     def _discard(self, n: int, why: str) -> None:
