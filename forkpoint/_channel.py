@@ -205,8 +205,25 @@ _FIELDS: dict[type[Message], list[tuple[str, tuple[type, ...]]]] = {
     cls: [(f.name, _TYPES[str(f.type)]) for f in fields(cls)] for cls in _CLASSES.values()}  # type: ignore[arg-type]
 
 
+_OP_NAMES: dict[type[Message], str] = {cls: cls.OP.value for cls in _CLASSES.values()}
+# Messages whose fields are all ints and bools are formatted directly: the same JSON, without the
+# json module's per-call setup (the live process sends one inside tsetjmp(), where every page it
+# writes after a fork is a copy-on-write fault, and the shepherd sends one on every restore).
+_FLAT = {cls: ('{"op":"' + cls.OP.value + '"', [name for name, _ in _FIELDS[cls]])
+         for cls in _CLASSES.values() if all(types in ((int,), (bool,)) for _, types in _FIELDS[cls])}
+
+
 def encode(msg: Message) -> bytes:
-    return json.dumps({"op": msg.OP.value, **vars(msg)}, separators=(",", ":")).encode()
+    flat = _FLAT.get(type(msg))
+    if flat is not None:
+        head, names = flat
+        parts = [head]
+        for name in names:
+            v = getattr(msg, name)
+            parts.append(f',"{name}":{"true" if v is True else "false" if v is False else int(v)}')
+        parts.append("}")
+        return "".join(parts).encode()
+    return json.dumps({"op": _OP_NAMES[type(msg)], **vars(msg)}, separators=(",", ":")).encode()
 
 
 def decode(data: bytes) -> Message:

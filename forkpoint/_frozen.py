@@ -36,7 +36,7 @@ class Role(enum.Enum):
     SPARE = "spare"
 
 
-@dataclass
+@dataclass(slots=True)
 class Saved:
     """What a snapshot must put back when it wakes, beyond its memory."""
 

@@ -166,14 +166,13 @@ def file_offsets() -> dict[int, int]:
     out = {}
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
-        try:
+        try:   # tsetjmp() waits for this: the type is checked first, so no pipe or socket raises
             if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
                 continue
-            out[fd] = os.lseek(fd, 0, os.SEEK_CUR)   # pipes, sockets and ttys fail with ESPIPE
-        except OSError:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                out[fd] = os.lseek(fd, 0, os.SEEK_CUR)
+        except OSError:     # closed meanwhile (the directory's own descriptor)
             continue
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            del out[fd]
     return out
 
 
@@ -183,12 +182,14 @@ def other_threads() -> int:
     A thread that ``join()`` has just returned for may still be leaving the kernel's list for a
     moment, so when Python knows of no other thread the count is given a few milliseconds to settle.
     """
+    n = os.stat("/proc/self/task").st_nlink - 3          # ".", ".." and one entry per thread
+    if n == 0:
+        return 0
     deadline = time.monotonic() + 0.1
-    while True:
-        n = os.stat("/proc/self/task").st_nlink - 3      # ".", ".." and one entry per thread
-        if n == 0 or threading.active_count() > 1 or time.monotonic() > deadline:
-            return n
+    while n and threading.active_count() == 1 and time.monotonic() <= deadline:
         time.sleep(0.001)
+        n = os.stat("/proc/self/task").st_nlink - 3
+    return n
 
 
 def listening_unix_sockets(suffix: str) -> list[str]:

@@ -6,6 +6,7 @@ first use of forkpoint: the original process clones the live program and becomes
 """
 from __future__ import annotations
 
+import ctypes
 import faulthandler
 import logging
 import os
@@ -36,6 +37,24 @@ class Config:
     gc_freeze: bool = False
 
 
+class KeeperRef:
+    """Checkpoint ``n``'s keeper, by a pidfd (which cannot hit a recycled pid) that clone(2) writes.
+
+    In the keeper itself and every copy of it the buffer still reads -1: the kernel writes the
+    pidfd into the parent's memory only, and the child's descriptor table does not have it.
+    """
+
+    __slots__ = ("buf", "n")
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.buf = ctypes.c_int(-1)
+
+    @property
+    def fd(self) -> int:
+        return self.buf.value
+
+
 class _Runtime:
     """forkpoint's state inside one process of the program."""
 
@@ -56,7 +75,7 @@ class _Runtime:
         self.attempt = 0
         self.recovery_seconds = 0.0
         self.unidle = False
-        self.keeper: tuple[int, int] | None = None     # (checkpoint, pidfd) of the newest keeper
+        self.keeper: KeeperRef | None = None           # the newest keeper's pidfd
         self.fault_fd: int | None = None                # faulthandler's pipe to the shepherd
         self.altstack: Any = None
         self.policy_generation = 0                      # bumped by recover_on(), which replaces
@@ -168,21 +187,28 @@ class _Runtime:
         self.altstack = _sigutil.large_altstack()
 
     # -- the newest keeper, which a committing transaction kills itself --------------------------
-    def hold_keeper(self, n: int, pid: int) -> None:
-        """Keep a pidfd of checkpoint ``n``'s keeper (a pidfd cannot hit a recycled pid)."""
+    def expect_keeper(self, n: int) -> KeeperRef:
+        """Make room for a pidfd of checkpoint ``n``'s keeper, which its clone will fill in.
+
+        Done before the fork: the pidfd of the keeper before is closed first, so the new keeper
+        does not inherit it, and the parent's side of the fork only has the kernel write one int.
+        """
+        self.forget_keeper()
+        self.keeper = KeeperRef(n)
+        return self.keeper
+
+    def forget_keeper(self) -> None:
         if self.keeper is not None:
-            os.close(self.keeper[1])
-            self.keeper = None
-        try:
-            self.keeper = (n, os.pidfd_open(pid))
-        except (OSError, AttributeError):      # before Linux 5.3: the shepherd kills it alone
-            pass
+            fd, self.keeper = self.keeper.fd, None
+            if fd >= 0:
+                os.close(fd)
 
     def kill_keeper(self, n: int) -> None:
-        if self.keeper is None or self.keeper[0] != n:
+        if self.keeper is None or self.keeper.n != n:
             return
-        _, fd = self.keeper
-        self.keeper = None
+        fd, self.keeper = self.keeper.fd, None
+        if fd < 0:          # no pidfd (a kernel before 5.2): the shepherd kills it alone
+            return
         try:
             signal.pidfd_send_signal(fd, signal.SIGKILL)
         except OSError:
@@ -242,9 +268,7 @@ def _forget_in_forked_child() -> None:
     if rt.chan is not None:
         rt.chan.close()
         rt.chan = None
-    if rt.keeper is not None:
-        os.close(rt.keeper[1])
-        rt.keeper = None
+    rt.forget_keeper()
     if rt.fault_fd is not None:
         if rt.altstack is not None:
             faulthandler.enable(file=sys.stderr, all_threads=True)

@@ -35,6 +35,7 @@ __all__ = ["CHKPT_RECOVERED", "CKPT_FROM_STATE", "CKPT_NUMCHKPTS", "CKPT_SIGTYPE
            "tlongjmp", "tsetjmp"]
 
 _rt = runtime()
+_held: Saved | None = None
 
 
 @dataclass
@@ -105,13 +106,18 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int
                   itimer=signal.getitimer(signal.ITIMER_REAL), key=rt.arena.processing(),
                   loop=_eventloop.running_loop())
     # The shepherd hears of the checkpoint before the fork: after it, every page this process
-    # touches is copied on first write, so the parent's side of the fork does as little as it
-    # can. The keeper introduces itself (pid and channel) from its own side.
+    # writes is copied on first write, so the parent's side of the fork restores its signal mask
+    # and records the current state, nothing more: the keeper's pidfd is written by clone(2)
+    # itself. The keeper introduces itself (pid and channel) from its own side.
+    keeper = rt.expect_keeper(n)
+    global _held
+    _held = saved                       # freed at the next checkpoint, not on the way out of this one
     _sigutil.block_all(saved.mask)      # from the announcement to the fork, nothing interrupts
     _channel.send(rt.chan, _channel.Snap(n, bool(pin), spares))
     try:
-        pid = _clone.clone(sibling=True)
+        pid = _clone.clone(True, keeper.buf)
     except BaseException:
+        rt.forget_keeper()
         _sigutil.restore_mask(saved.mask)
         _channel.send(rt.chan, _channel.Discard(n, quiet=True))
         raise
@@ -119,7 +125,6 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int
         resume(rt, saved, frozen(rt, n, spares, saved, _warm_restore_path))
         return n
     _sigutil.restore_mask(saved.mask)
-    rt.hold_keeper(n, pid)
     rt.current = n
     return n
 
