@@ -129,9 +129,7 @@ def frozen(rt: _Runtime, n: int, spares: int, saved: Saved | None = None,
                     continue
                 mine.close()
                 _channel.send(chan, _channel.Spare(n, pid), (theirs.fileno(),))
-                theirs.close()
-                if rt.unidle:
-                    set_idle()          # the shepherd may have raised us for an urgent copy
+                theirs.close()          # our priority is the shepherd's to set from here on
     except BaseException:  # noqa: BLE001 - a snapshot must never fall back into program code
         os._exit(70)
 

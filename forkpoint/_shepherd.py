@@ -64,6 +64,7 @@ _ENV = "FORKPOINT_SHEPHERD_ARGS"
 _BOOT = "import sys;sys.path.insert(0,sys.argv[1]);from forkpoint._shepherd import main;main()"
 _REPORT_BACKSTOP = 1.0        # a crash report nothing claimed is written out after this long
 _OUTSIDE_WINDOW = 1.0         # a fault signal this recent from outside is no crash of the program
+_LOOP_WINDOW = 2.0            # seconds a checkpoint keeps an extra spare after a restore waited for one
 
 
 class Role(enum.Enum):
@@ -92,6 +93,8 @@ class Checkpoint:
     pending: Wake | None = None   # a restore waiting for a spare of this checkpoint
     want_spares: int = 1
     forking: int = 0              # copies the keeper was asked for (or owes from birth), not yet here
+    looping_until: float = 0.0    # a restore had to wait for a copy: one more is kept until then
+    keeper_urgent: bool = False   # the keeper was raised from SCHED_IDLE for copies a restore needs
     awaiting: bool = False        # the keeper has not introduced itself yet
     announcer: Proc | None = None  # the live process that took it: its keeper says hello on its channel
 
@@ -168,6 +171,7 @@ class Shepherd:
         self.started = time.time()
         self.recoveries = 0
         self.restoring = False                  # a restore was decided and no spare woken yet
+        self.unidle = _procfs.can_leave_sched_idle()   # keepers may go back to normal priority
         self.pending_signals: list[int] = []
         self.forwarded_fatal: dict[int, float] = {}   # fault signal -> when one was forwarded
         self._unread: list[int] = []            # retired live processes whose pending signals wait
@@ -532,6 +536,8 @@ class Shepherd:
         ck = self.ckpts.get(msg.n)
         if ck is not None and ck.forking:
             ck.forking -= 1
+        if ck is not None and not ck.forking and ck.pending is None and ck.looping_until < time.monotonic():
+            self._keeper_urgent(ck, False)
         if not fds:
             os.kill(msg.pid, signal.SIGKILL)
             return
@@ -782,6 +788,10 @@ class Shepherd:
                 return
             self._retire(spare)
         ck.pending = wake
+        # A restore that waits for a copy is a crash loop, or the start of one: while it lasts,
+        # the keeper keeps one copy ahead, so that the next restore finds a spare that has had
+        # the time to warm up instead of one still taking its first copy-on-write faults.
+        ck.looping_until = time.monotonic() + _LOOP_WINDOW
         if ck.awaiting:      # the keeper will be asked to fork as soon as it introduces itself
             self.loop.after(5.0, lambda: self._check_awaiting(ck, wake))
             return
@@ -799,10 +809,7 @@ class Shepherd:
         """
         keeper = ck.keeper
         assert keeper is not None
-        try:
-            os.sched_setscheduler(keeper.pid, os.SCHED_OTHER, os.sched_param(0))
-        except OSError:
-            pass
+        self._keeper_urgent(ck, True)
         if ck.forking:
             return True
         if not self._send(keeper, _channel.Fork()):
@@ -821,11 +828,31 @@ class Shepherd:
             self.shutdown(sig=wake.sig)
         self.shutdown(code=EX_SOFTWARE)
 
+    def _keeper_urgent(self, ck: Checkpoint, urgent: bool) -> None:
+        """Run the keeper's forks at normal priority (restores wait for them) or at SCHED_IDLE.
+
+        The shepherd sets it, not the keeper: a keeper that lowered itself after each fork would fork
+        the next copy of a crash loop at idle priority, behind the restored process on its CPU.
+        """
+        if not self.unidle or ck.keeper is None or ck.keeper_urgent == urgent:
+            return
+        try:
+            os.sched_setscheduler(ck.keeper.pid, os.SCHED_OTHER if urgent else os.SCHED_IDLE,
+                                  os.sched_param(0))
+        except OSError:
+            return
+        ck.keeper_urgent = urgent
+
     def _replenish(self, ck: Checkpoint) -> None:
         """Ask the keeper for the copies still missing, counting those already on their way."""
-        if ck.keeper is not None and len(ck.spares) + ck.forking < ck.want_spares:
-            if self._send(ck.keeper, _channel.Fork()):
-                ck.forking += 1
+        looping = ck.looping_until > time.monotonic()
+        want = ck.want_spares + looping
+        if looping and len(ck.spares) + ck.forking < want:
+            self._keeper_urgent(ck, True)
+        while ck.keeper is not None and len(ck.spares) + ck.forking < want:
+            if not self._send(ck.keeper, _channel.Fork()):
+                return
+            ck.forking += 1
 
     # -- registry -------------------------------------------------------------------------------
     def _discard(self, n: int, why: str) -> None:
