@@ -122,9 +122,12 @@ def pending_signals(pid: int) -> list[int]:
                 mask |= int(data[at + 8:data.index(b"\n", at + 8)], 16)
     except (OSError, ValueError):
         return []
-    if not mask:
-        return []
-    return [sig for sig in range(1, 65) if mask >> (sig - 1) & 1]
+    out = []
+    while mask:                         # one step per pending signal (a killed process has SIGKILL)
+        low = mask & -mask
+        out.append(low.bit_length())
+        mask ^= low
+    return out
 
 
 def smaps(pid: int) -> tuple[int, int]:
