@@ -217,24 +217,28 @@ class _Runtime:
             os.close(fd)
 
     # -- requests to the shepherd -----------------------------------------------------------------
-    def request(self, msg: _channel.Message) -> dict[str, Any]:
-        """Send ``msg`` and wait for the shepherd's answer: ``Ok``'s data, or the error it names."""
-        data, fds = self.exchange(msg)
+    def request(self, msg: _channel.Message, *, blocked: bool = False) -> dict[str, Any]:
+        """Send ``msg`` and wait for the shepherd's answer: ``Ok``'s data, or the error it names.
+
+        ``blocked``: the caller has blocked every signal already and restores its mask itself.
+        """
+        data, fds = self.exchange(msg, blocked=blocked)
         for fd in fds:
             os.close(fd)
         return data
 
-    def exchange(self, msg: _channel.Message) -> tuple[dict[str, Any], list[int]]:
+    def exchange(self, msg: _channel.Message, *, blocked: bool = False) -> tuple[dict[str, Any], list[int]]:
         """``request``, also returning the descriptors that came with the answer."""
         # Signals wait until the reply is in: a handler that raised between the send and the recv
         # would leave the reply queued, and every later request would read its predecessor's.
-        old = _sigutil.block_all()
+        old = None if blocked else _sigutil.block_all()
         try:
             with self.chan_lock:
                 _channel.send(self.chan, msg)
                 reply, fds = _channel.recv(self.chan)
         finally:
-            _sigutil.restore_mask(old)
+            if old is not None:
+                _sigutil.restore_mask(old)
         if reply is None:
             raise ForkpointError("the shepherd is gone")
         if isinstance(reply, _channel.Error):

@@ -79,10 +79,14 @@ def read_signalfd(fd: int) -> list[tuple[int, int, int]]:
 # Masks are kept as raw sigset_t buffers and changed through libc directly. Right after a fork
 # every page the process writes is copied on first touch, and converting Python sets of Signals
 # members touches dozens of pages (0.2 ms measured); a raw call touches almost none.
-# The how-arguments are plain ints: an enum member costs a conversion, and pages, on every call.
-_libc.pthread_sigmask.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
-_libc.sigpending.argtypes = [ctypes.c_void_p]
-_pthread_sigmask = _libc.pthread_sigmask
+# The how-arguments are plain ints: an enum member costs a conversion, and pages, on every call. These
+# two calls cannot block, so they keep the GIL (PyDLL): releasing and taking it back is more work,
+# on the restore path and right after tsetjmp()'s fork.
+_nogil = ctypes.PyDLL(None)
+_pthread_sigmask = _nogil.pthread_sigmask
+_pthread_sigmask.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+_sigpending = _nogil.sigpending
+_sigpending.argtypes = [ctypes.c_void_p]
 _SIG_BLOCK = int(signal.SIG_BLOCK)
 _SIG_SETMASK = int(signal.SIG_SETMASK)
 _ALL = ctypes.create_string_buffer(_sigset_bytes(ALL_SIGNALS), 128)
@@ -125,7 +129,7 @@ _PENDING = new_mask()
 def drain_pending() -> None:
     """Discard signals that arrived while this process was frozen; they were not meant for it."""
     buf = _PENDING
-    _libc.sigpending(buf)
+    _sigpending(buf)
     if buf.raw == _EMPTY:
         return
     pending = signal.sigpending()

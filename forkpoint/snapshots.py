@@ -164,7 +164,8 @@ def tlongjmp(n: int = 0, sig: int = 0, reason: str | None = None) -> NoReturn:
     _sigutil.flush_stdio()
     old = _sigutil.block_all()
     try:
-        rt.request(_channel.Restore(target, int(sig), reason or ("signal" if sig else "tlongjmp")))
+        msg = _channel.Restore(target, int(sig), reason or ("signal" if sig else "tlongjmp"))
+        rt.request(msg, blocked=True)
     except NoSuchCheckpoint:
         _sigutil.restore_mask(old)
         raise
