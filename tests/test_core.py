@@ -554,3 +554,26 @@ def test_a_signal_forwarded_during_a_restore_reaches_the_restored_program(tmp_pa
     proc.stdin.flush()
     assert lines.until("restored got") == "restored got 1"
     assert proc.wait(10) == 0
+
+
+def test_a_crash_loop_keeps_at_most_one_extra_spare(tmp_path):
+    """Invariant 12 in a crash loop: a checkpoint whose restores wait for copies keeps one spare
+    ahead of the number asked for, never more, and each copy is asked for once (no spare left
+    over beyond that)."""
+    r = run_py(HEADER + """
+    jumps = fp.persist_int("jumps")
+    most = fp.persist_int("most")
+    n = fp.tsetjmp(spares=1)
+    k = jumps.add()
+    if k > 1:
+        spares = max(len(c.spares) for c in fp.checkpoints())
+        most.value = max(most.value, spares)
+    if k <= 40:
+        fp.tlongjmp(n)               # fails again at once: every restore waits for a new copy
+    time.sleep(0.5)
+    print("most", most.value, "now", [len(c.spares) for c in fp.checkpoints()], flush=True)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    most, now = r.stdout.split()[1], r.stdout.split(" now ")[1].strip()
+    assert int(most) <= 2, r.stdout
+    assert now in ("[1]", "[2]"), r.stdout
