@@ -26,6 +26,8 @@ except ImportError:
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _libc.prctl.restype = ctypes.c_int
+_set_name = ctypes.PyDLL(None).prctl        # PR_SET_NAME cannot block: keep the GIL (restore path)
+_set_name.argtypes = _libc.prctl.argtypes
 
 
 def _call(option: int, arg: int | bytes = 0) -> None:
@@ -58,7 +60,7 @@ def prepare_name(name: str) -> Callable[[], None]:
     buf = ctypes.create_string_buffer(name.encode()[:15])
 
     def setter(_buf: Any = buf, _addr: int = ctypes.addressof(buf)) -> None:   # _buf keeps it alive
-        _libc.prctl(PR_SET_NAME, _addr, 0, 0, 0)
+        _set_name(PR_SET_NAME, _addr, 0, 0, 0)
 
     return setter
 

@@ -64,6 +64,7 @@ _ENV = "FORKPOINT_SHEPHERD_ARGS"
 _BOOT = "import sys;sys.path.insert(0,sys.argv[1]);from forkpoint._shepherd import main;main()"
 _REPORT_BACKSTOP = 1.0        # a crash report nothing claimed is written out after this long
 _OUTSIDE_WINDOW = 1.0         # a fault signal this recent from outside is no crash of the program
+_PARAM = os.sched_param(0)    # the only priority SCHED_IDLE and SCHED_OTHER take
 _LOOP_WINDOW = 2.0            # seconds a checkpoint keeps an extra spare after a restore waited for one
 
 
@@ -261,7 +262,7 @@ class Shepherd:
             self._unread.append(proc.pid)
             self._orphans_of(proc.pid)
         try:
-            os.sched_setscheduler(proc.pid, os.SCHED_IDLE, os.sched_param(0))
+            os.sched_setscheduler(proc.pid, os.SCHED_IDLE, _PARAM)
         except OSError:
             pass
         try:
@@ -837,8 +838,7 @@ class Shepherd:
         if not self.unidle or ck.keeper is None or ck.keeper_urgent == urgent:
             return
         try:
-            os.sched_setscheduler(ck.keeper.pid, os.SCHED_OTHER if urgent else os.SCHED_IDLE,
-                                  os.sched_param(0))
+            os.sched_setscheduler(ck.keeper.pid, os.SCHED_OTHER if urgent else os.SCHED_IDLE, _PARAM)
         except OSError:
             return
         ck.keeper_urgent = urgent
