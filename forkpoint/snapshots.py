@@ -131,11 +131,11 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int
 
 def _warm_restore_path() -> None:
     """``tlongjmp()``'s own steps, without effect, for a frozen spare to run (``_frozen._prewarm``):
-    a restored program's next ``tlongjmp()`` then finds those pages already its own."""
+    a restored program's next ``tlongjmp()`` then finds those pages already its own. Not the stdio
+    flush: ``sys.stdout`` may be the program's own object, and a snapshot never runs program code."""
     rt = _rt
     rt.check_caller()
     _handler_signal()
-    _sigutil.flush_stdio()
     _sigutil.restore_mask(_sigutil.block_all())
     _channel.encode(_channel.Restore(rt.current, 0, "tlongjmp"))
 
