@@ -64,6 +64,7 @@ class _Ready:
     """
 
     comm: Callable[[], None] | None = None      # sets the program's name back
+    lock: Any = None                            # the restored process's fresh channel lock
 
 
 def frozen(rt: _Runtime, n: int, spares: int, saved: Saved | None = None,
@@ -123,7 +124,7 @@ def frozen(rt: _Runtime, n: int, spares: int, saved: Saved | None = None,
                             os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
                         except OSError:      # privileges dropped since start: stay, but serve
                             pass
-                    _Ready.comm = None   # prepared by the warming, if it gets that far
+                    _Ready.comm = _Ready.lock = None   # prepared by the warming, if it gets that far
                     rt.chan = chan
                     warm = True
                     continue
@@ -155,6 +156,7 @@ def _prewarm(rt: _Runtime, saved: Saved | None, warm_hook: Callable[[], None] | 
         own = _prctl.prepare_name(f"fp-spare-{n}")
         own()
         _Ready.comm = _prctl.prepare_name(rt.comm)
+        _Ready.lock = threading.Lock()      # made here, after the fork: no thread can hold it
         _channel.decode(_channel.encode(_channel.Wake(0, 0, 0, "x", 1, time.monotonic())))
         _channel.decode(_UP)
         own()
@@ -187,7 +189,7 @@ def resume(rt: _Runtime, saved: Saved, wake: _channel.Wake) -> None:
     """Turn a woken spare into the live program."""
     n = wake.n
     rt.owner_pid = _identity.real_pid()
-    rt.chan_lock = threading.Lock()
+    rt.chan_lock = _Ready.lock if _Ready.lock is not None else threading.Lock()
     _sigutil.drain_pending()        # before rejoining the terminal's group: what comes later is real
     try:
         os.setpgid(0, rt.pgid)
