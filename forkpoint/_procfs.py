@@ -46,9 +46,15 @@ def exiting(pid: int) -> bool:
 def children_of(parents: set[int]) -> list[tuple[int, int]]:
     """(pid, process group) of every process whose parent is in ``parents``.
 
-    The kernel has no cheap list of a process's children here (CONFIG_PROC_CHILDREN is often
-    off), so this reads /proc/*/stat: about 10 us a process.
+    Where the kernel lists each task's children (CONFIG_PROC_CHILDREN), this reads those lists: a
+    few reads, where a scan of every /proc/*/stat takes about 20 us a process (3-4 ms on a machine
+    with 200 processes, run after each restore, where a program that fails every 50 ms met it on
+    its next restore). Without the lists, it scans.
     """
+    if _CHILDREN_LISTS:
+        listed = _listed_children(parents)
+        if listed is not None:
+            return listed
     out: list[tuple[int, int]] = []
     try:
         names = os.listdir("/proc")
@@ -60,6 +66,38 @@ def children_of(parents: set[int]) -> list[tuple[int, int]]:
         fields = read_stat(int(name))
         if fields is not None and len(fields) > 2 and int(fields[1]) in parents:
             out.append((int(name), int(fields[2])))
+    return out
+
+
+_CHILDREN_LISTS = os.path.exists(f"/proc/self/task/{os.getpid()}/children")
+
+
+def _listed_children(parents: set[int]) -> list[tuple[int, int]] | None:
+    """``children_of`` from the kernel's per-task lists; None if a list cannot be read."""
+    me = os.getpid()
+    kids: list[int] = []
+    # This process last: a child whose parent dies meanwhile is re-parented to it (the subreaper),
+    # so it shows in one of the lists either way.
+    for parent in sorted(parents, key=lambda p: p == me):
+        try:
+            tids = os.listdir(f"/proc/{parent}/task")
+        except FileNotFoundError:       # gone: its children went to the subreaper
+            continue
+        except OSError:
+            return None
+        for tid in tids:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children", "rb") as f:
+                    kids.extend(int(x) for x in f.read().split())
+            except FileNotFoundError:   # the thread ended
+                continue
+            except (OSError, ValueError):
+                return None
+    out = []
+    for pid in dict.fromkeys(kids):
+        fields = read_stat(pid)
+        if fields is not None and len(fields) > 2 and int(fields[1]) in parents:
+            out.append((pid, int(fields[2])))
     return out
 
 
