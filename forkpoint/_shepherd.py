@@ -537,8 +537,8 @@ class Shepherd:
         ck = self.ckpts.get(msg.n)
         if ck is not None and ck.forking:
             ck.forking -= 1
-        if ck is not None and not ck.forking and ck.pending is None and ck.looping_until < time.monotonic():
-            self._keeper_urgent(ck, False)
+        if ck is not None and (not ck.forking or ck.looping_until < time.monotonic()):
+            self._keeper_urgent(ck, False)     # raised again after the wake that needs its next copy
         if not fds:
             os.kill(msg.pid, signal.SIGKILL)
             return
@@ -780,12 +780,17 @@ class Shepherd:
         while ck.spares:
             spare = ck.spares.pop(0)
             # The replacement is asked for first: once the spare is awake it may take this CPU
-            # from us for milliseconds, and a crash loop waits for that copy.
+            # from us for milliseconds, and a crash loop waits for that copy. The keeper is at
+            # SCHED_IDLE then, so that its wake-up cannot take the CPU from us either (an urgent
+            # keeper did, and on a busy machine the Wake went out 5 ms late); a crash loop raises
+            # it only once the spare is awake.
             self._replenish(ck)
             if self._send(spare, wake):
                 spare.role, spare.lived = Role.LIVE, True
                 self.live, self.live_up = spare, False
                 self.restoring = False
+                if ck.forking and ck.looping_until > time.monotonic():
+                    self._keeper_urgent(ck, True)
                 return
             self._retire(spare)
         ck.pending = wake
@@ -845,10 +850,7 @@ class Shepherd:
 
     def _replenish(self, ck: Checkpoint) -> None:
         """Ask the keeper for the copies still missing, counting those already on their way."""
-        looping = ck.looping_until > time.monotonic()
-        want = ck.want_spares + looping
-        if looping and len(ck.spares) + ck.forking < want:
-            self._keeper_urgent(ck, True)
+        want = ck.want_spares + (ck.looping_until > time.monotonic())
         while ck.keeper is not None and len(ck.spares) + ck.forking < want:
             if not self._send(ck.keeper, _channel.Fork()):
                 return
