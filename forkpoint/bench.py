@@ -14,6 +14,10 @@ run and the same process:
   ``persist()`` region; ``time.perf_counter`` is CLOCK_MONOTONIC, the same in every process);
   ``tlongjmp_dirty`` is the same after the live process rewrote its whole heap (so the process
   being killed has a heap of its own to tear down);
+* ``tlongjmp_run`` / ``tlongjmp_run_dirty``: restores as a program meets them, the program running
+  (and rewriting its heap) 50 ms between faults, nothing waited for; ``crashloop``: the restored
+  process fails again at once, so each restore waits for a fork of the checkpoint (see
+  ``_restore_loops``);
 * ``pickle_save`` / ``pickle_load``: the heap pickled to a file with ``fsync`` and loaded back;
 * memory: USS and PSS of the snapshot's processes right after the checkpoint and after the live
   program wrote 10% and 100% of its heap, and the shepherd's own USS.
