@@ -14,6 +14,7 @@ to the shepherd's life.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import platform
 import signal
@@ -21,8 +22,8 @@ import signal
 CLONE_PARENT = 0x00008000
 CLONE_PIDFD = 0x00001000
 
-# clone(2) takes (flags, stack, ...) first on these architectures; with the rest zero the
-# differences in argument order after those two do not matter.
+# clone(2) takes (flags, stack, parent_tid, ...) first on these architectures; with the rest zero
+# the differences in argument order after those three do not matter.
 _SYS_CLONE = {"x86_64": 56, "aarch64": 220}.get(platform.machine())
 
 # PyDLL keeps the GIL held across the call: the child must come back holding it, like the parent.
@@ -31,32 +32,43 @@ _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 
 SUPPORTED = _SYS_CLONE is not None
+_FLAGS = int(signal.SIGCHLD)
+_pidfd_ok = True          # cleared for good when the kernel refuses CLONE_PIDFD (before Linux 5.2)
 
 
-def clone(sibling: bool) -> int:
+def clone(sibling: bool, pidfd: ctypes.c_int | None = None) -> int:
     """Fork this process without Python's at-fork hooks; return the child's pid, or 0 in the child.
 
-    ``sibling=True`` makes the child a child of our parent (CLONE_PARENT).
+    ``sibling=True`` makes the child a child of our parent (CLONE_PARENT). ``pidfd``, if given,
+    receives a pidfd of the child in the parent (CLONE_PIDFD; it stays as it was on kernels
+    without it).
+
+    After the system call every page of the parent is shared with the child, and each one the
+    parent writes first is copied (a fault of a few microseconds). So the call takes plain ints
+    and prepared objects, and the parent's side allocates nothing after it.
     """
-    return _clone(int(signal.SIGCHLD) | (CLONE_PARENT if sibling else 0), 0)
-
-
-def clone_pidfd(sibling: bool) -> tuple[int, int]:
-    """``clone`` that also returns a pidfd of the child (CLONE_PIDFD, Linux 5.2): ``(pid, pidfd)``
-    in the caller, ``(0, -1)`` in the child. The pidfd is made by the same system call, so it can
-    never refer to a process that later took a recycled pid; it is close-on-exec, and the child
-    does not have it."""
-    fd = ctypes.c_int(-1)
-    pid = _clone(int(signal.SIGCHLD) | CLONE_PIDFD | (CLONE_PARENT if sibling else 0), ctypes.addressof(fd))
-    return (pid, fd.value) if pid else (0, -1)
-
-
-def _clone(flags: int, parent_tid: int) -> int:
+    global _pidfd_ok
     if _SYS_CLONE is None:
         raise OSError(f"forkpoint does not support this architecture ({platform.machine()})")
-    pid = _syscall(ctypes.c_long(_SYS_CLONE), ctypes.c_ulong(flags), ctypes.c_ulong(0),
-                   ctypes.c_ulong(parent_tid), ctypes.c_ulong(0), ctypes.c_ulong(0))
+    flags = _FLAGS | CLONE_PARENT if sibling else _FLAGS
+    if pidfd is not None and _pidfd_ok:
+        pid = _syscall(_SYS_CLONE, flags | CLONE_PIDFD, 0, ctypes.byref(pidfd), 0, 0)
+        if pid < 0 and ctypes.get_errno() == errno.EINVAL:
+            _pidfd_ok = False
+            pid = _syscall(_SYS_CLONE, flags, 0, 0, 0, 0)
+    else:
+        pid = _syscall(_SYS_CLONE, flags, 0, 0, 0, 0)
     if pid < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"clone: {os.strerror(err)}")
-    return int(pid)
+    return pid  # type: ignore[no-any-return]
+
+
+def clone_pidfd(sibling: bool) -> tuple[int, int]:
+    """``clone`` that also returns a pidfd of the child: ``(pid, pidfd)`` in the caller, ``(0, -1)``
+    in the child. The pidfd is made by the same system call, so it can never refer to a process
+    that later took a recycled pid; it is close-on-exec, and the child does not have it. It is -1
+    on kernels without CLONE_PIDFD (before Linux 5.2)."""
+    fd = ctypes.c_int(-1)
+    pid = clone(sibling, fd)
+    return (pid, fd.value) if pid else (0, -1)

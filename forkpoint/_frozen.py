@@ -17,9 +17,11 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import select
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +36,7 @@ class Role(enum.Enum):
     SPARE = "spare"
 
 
-@dataclass
+@dataclass(slots=True)
 class Saved:
     """What a snapshot must put back when it wakes, beyond its memory."""
 
@@ -51,11 +53,28 @@ def set_idle(pid: int = 0) -> None:
         pass
 
 
-def frozen(rt: _Runtime, n: int, spares: int) -> _channel.Wake:
+_UP = _channel.encode(_channel.Up())
+
+
+class _Ready:
+    """What a spare prepares while frozen, so that its wake-up only makes system calls.
+
+    Objects a spare creates after its fork live on pages that are already its own, so using them
+    on the restore path costs no copy-on-write fault; building them there would.
+    """
+
+    comm: Callable[[], None] | None = None      # sets the program's name back
+    lock: Any = None                            # the restored process's fresh channel lock
+
+
+def frozen(rt: _Runtime, n: int, spares: int, saved: Saved | None = None,
+           warm_hook: Callable[[], None] | None = None) -> _channel.Wake:
     """Run as keeper of checkpoint ``n``; return the wake-up message in a spare that goes live.
 
     Only a woken spare (or a keeper woken because no spare could be forked) returns. Every other
     way out ends the process here, so a snapshot can never run program code by accident.
+    ``saved`` and ``warm_hook`` (the caller's own restore path, run without effect) only serve the
+    spare's warming.
     """
     role = Role.KEEPER
     try:
@@ -88,7 +107,7 @@ def frozen(rt: _Runtime, n: int, spares: int) -> _channel.Wake:
         while True:
             if role is Role.SPARE and warm:
                 warm = False
-                _prewarm(rt)
+                _prewarm(rt, saved, warm_hook, n)
                 continue
             if role is Role.KEEPER and forks_owed and rt.arena is not None and rt.arena.throttled():
                 for _ in range(forks_owed):    # the shepherd asks again once processes are gone
@@ -135,21 +154,19 @@ def frozen(rt: _Runtime, n: int, spares: int) -> _channel.Wake:
                     _prctl.set_pdeathsig(signal.SIGKILL)
                     if _identity.real_ppid() != shepherd:
                         os._exit(0)
-                    _prctl.set_name(f"fp-spare-{n}")
                     if rt.unidle:
                         try:
                             os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
                         except OSError:      # privileges dropped since start: stay, but serve
                             pass
+                    _Ready.comm = _Ready.lock = None   # prepared by the warming, if it gets that far
                     rt.chan = chan
                     warm = True
                     continue
                 mine.close()
                 _channel.send(chan, _channel.Spare(n, pid), (theirs.fileno(), pidfd))
                 theirs.close()
-                os.close(pidfd)
-                if rt.unidle:
-                    set_idle()          # the shepherd may have raised us for an urgent copy
+                os.close(pidfd)         # our priority is the shepherd's to set from here on
     except BaseException:  # noqa: BLE001 - a snapshot must never fall back into program code
         os._exit(70)
 
@@ -162,17 +179,33 @@ def _pidfd_of_self() -> int:
         return -1
 
 
-def _prewarm(rt: _Runtime) -> None:
+def _prewarm(rt: _Runtime, saved: Saved | None, warm_hook: Callable[[], None] | None, n: int) -> None:
     """Touch, while frozen, what a wake-up will touch.
 
     A spare shares every page with its keeper; the first write to each one after the wake-up is a
     copy-on-write fault on the restore path. Running the wake-up's machinery once without effect
-    (same name, same process group, same mask, a message encoded and decoded) takes those faults
-    now, in the background, for a few dozen private pages per spare.
+    (same name, same process group, same mask, a message encoded and decoded, the offsets and the
+    log levels looked at) takes those faults now, in the background, for a few dozen private pages
+    per spare. ``warm_hook`` does the same for the restored program's own next ``tlongjmp()``.
+
+    The warming stops as soon as a wake-up is waiting on the channel: a restore that waits for this
+    copy (a crash loop) is better served at once, taking those faults itself.
     """
+    def waited_for() -> bool:
+        return bool(select.select([rt.chan], [], [], 0)[0])
+
     try:
+        if waited_for():
+            return
+        own = _prctl.prepare_name(f"fp-spare-{n}")
+        own()
+        _Ready.comm = _prctl.prepare_name(rt.comm)
+        _Ready.lock = threading.Lock()      # made here, after the fork: no thread can hold it
         _channel.decode(_channel.encode(_channel.Wake(0, 0, 0, "x", 1, time.monotonic())))
-        _prctl.set_name(_prctl.get_name())
+        _channel.decode(_UP)
+        own()
+        if waited_for():
+            return
         os.setpgid(0, os.getpgid(0))
         mask = _sigutil.new_mask()
         _sigutil.block_all(mask)
@@ -180,9 +213,18 @@ def _prewarm(rt: _Runtime) -> None:
         _sigutil.drain_pending()
         signal.getitimer(signal.ITIMER_REAL)
         log.isEnabledFor(logging.WARNING)
+        log.isEnabledFor(logging.INFO)
+        rt.chan.fileno()
+        if saved is not None:
+            for fd, off in saved.offsets.items():
+                fd + off
+            (saved.itimer[0], saved.key, saved.mask)
+        rt.owner_pid = _identity.real_pid()     # a spare's pid is the one it will run with
         for name in ("recovered", "from_state", "to_state", "sigtype", "reason", "attempt",
                      "recovery_seconds", "current", "owner_pid"):
             setattr(rt, name, getattr(rt, name))
+        if warm_hook is not None and not waited_for():
+            warm_hook()
     except Exception:  # noqa: BLE001 - warming is an optimisation only
         pass
 
@@ -191,13 +233,16 @@ def resume(rt: _Runtime, saved: Saved, wake: _channel.Wake) -> None:
     """Turn a woken spare into the live program."""
     n = wake.n
     rt.owner_pid = _identity.real_pid()
-    rt.chan_lock = threading.Lock()
+    rt.chan_lock = _Ready.lock if _Ready.lock is not None else threading.Lock()
     _sigutil.drain_pending()        # before rejoining the terminal's group: what comes later is real
     try:
         os.setpgid(0, rt.pgid)
     except OSError as e:
         log.warning("restored process could not rejoin process group %d: %s", rt.pgid, e)
-    _prctl.set_name(rt.comm)
+    if _Ready.comm is not None:
+        _Ready.comm()
+    else:
+        _prctl.set_name(rt.comm)
     for fd, off in saved.offsets.items():
         try:
             os.lseek(fd, off, os.SEEK_SET)
@@ -216,7 +261,7 @@ def resume(rt: _Runtime, saved: Saved, wake: _channel.Wake) -> None:
     if saved.key is not None and rt.arena is not None:
         rt.arena.set_processing(saved.key)   # the checkpoint was taken inside processing(key)
     _eventloop.rejoin(saved.loop, moved_heap=True)
-    _channel.send(rt.chan, _channel.Up())
+    rt.chan.send(_UP)
     if wake.hold:
         # Signals came for the program while it was being restored: the shepherd sends them now,
         # and they are handled here, before program code runs (which could crash at once and

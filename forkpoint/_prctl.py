@@ -6,7 +6,10 @@ headers to build); otherwise prctl(2) is called through ctypes, so a plain insta
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
+from collections.abc import Callable
+from typing import Any
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
@@ -23,6 +26,8 @@ except ImportError:
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _libc.prctl.restype = ctypes.c_int
+_set_name = ctypes.PyDLL(None).prctl        # PR_SET_NAME cannot block: keep the GIL (restore path)
+_set_name.argtypes = _libc.prctl.argtypes
 
 
 def _call(option: int, arg: int | bytes = 0) -> None:
@@ -42,6 +47,22 @@ def set_name(name: str) -> None:
         _pyprctl.set_name(name[:15])
     else:
         _call(PR_SET_NAME, name.encode()[:15])
+
+
+def prepare_name(name: str) -> Callable[[], None]:
+    """``set_name(name)`` made ready in advance: calling the result sets the name in one C call.
+
+    A woken spare sets its name on the restore path; building the buffer there would cost
+    allocations and copy-on-write faults that the frozen spare can take beforehand.
+    """
+    if _pyprctl is not None:
+        return functools.partial(_pyprctl.set_name, name[:15])
+    buf = ctypes.create_string_buffer(name.encode()[:15])
+
+    def setter(_buf: Any = buf, _addr: int = ctypes.addressof(buf)) -> None:   # _buf keeps it alive
+        _set_name(PR_SET_NAME, _addr, 0, 0, 0)
+
+    return setter
 
 
 def get_name() -> str:

@@ -6,6 +6,7 @@ first use of forkpoint: the original process clones the live program and becomes
 """
 from __future__ import annotations
 
+import ctypes
 import faulthandler
 import logging
 import os
@@ -51,6 +52,25 @@ class Config:
     quarantine_keys: str | None = None
 
 
+class KeeperRef:
+    """Checkpoint ``n``'s keeper, by a pidfd (which cannot hit a recycled pid) that clone(2) writes.
+
+    In the keeper itself and every copy of it the buffer still reads -1: the kernel writes the
+    pidfd into the parent's memory only, and the child's descriptor table does not have it.
+    """
+
+    __slots__ = ("buf", "n", "pid")
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.buf = ctypes.c_int(-1)
+        self.pid = 0                # set once clone() has returned it
+
+    @property
+    def fd(self) -> int:
+        return self.buf.value
+
+
 class _Runtime:
     """forkpoint's state inside one process of the program."""
 
@@ -71,7 +91,7 @@ class _Runtime:
         self.attempt = 0
         self.recovery_seconds = 0.0
         self.unidle = False
-        self.keeper: tuple[int, int, int] | None = None   # (checkpoint, pidfd, pid) of the newest keeper
+        self.keeper: KeeperRef | None = None           # the newest keeper: its pidfd, from clone(2)
         self.killed: list[tuple[int, int]] = []        # (pidfd, pid) of keepers killed here, not yet gone
         self.fault_fd: int | None = None                # faulthandler's pipe to the shepherd
         self.altstack: Any = None
@@ -218,18 +238,28 @@ class _Runtime:
         self.altstack = _sigutil.large_altstack()
 
     # -- the newest keeper, which a committing transaction kills itself --------------------------
-    def hold_keeper(self, n: int, pidfd: int, pid: int) -> None:
-        """Keep the pidfd of checkpoint ``n``'s keeper, made by its clone (a pidfd cannot hit a
-        recycled pid)."""
+    def expect_keeper(self, n: int) -> KeeperRef:
+        """Make room for a pidfd of checkpoint ``n``'s keeper, which its clone will fill in.
+
+        Done before the fork: the pidfd of the keeper before is closed first, so the new keeper
+        does not inherit it, and the parent's side of the fork only has the kernel write one int.
+        """
+        self.forget_keeper()
+        self.keeper = KeeperRef(n)
+        return self.keeper
+
+    def forget_keeper(self) -> None:
         if self.keeper is not None:
-            os.close(self.keeper[1])
-        self.keeper = (n, pidfd, pid)
+            fd, self.keeper = self.keeper.fd, None
+            if fd >= 0:
+                os.close(fd)
 
     def kill_keeper(self, n: int) -> None:
-        if self.keeper is None or self.keeper[0] != n:
+        if self.keeper is None or self.keeper.n != n:
             return
-        _, fd, pid = self.keeper
-        self.keeper = None
+        fd, pid, self.keeper = self.keeper.fd, self.keeper.pid, None
+        if fd < 0:          # no pidfd (a kernel before 5.2): the shepherd kills it alone
+            return
         try:
             signal.pidfd_send_signal(fd, signal.SIGKILL)
         except OSError:
@@ -265,26 +295,31 @@ class _Runtime:
         self.killed = left
 
     # -- requests to the shepherd -----------------------------------------------------------------
-    def request(self, msg: _channel.Message, send_fds: tuple[int, ...] = ()) -> dict[str, Any]:
+    def request(self, msg: _channel.Message, send_fds: tuple[int, ...] = (), *,
+                blocked: bool = False) -> dict[str, Any]:
         """Send ``msg`` (with ``send_fds``) and wait for the shepherd's answer: ``Ok``'s data, or
-        the error it names."""
-        data, fds = self.exchange(msg, send_fds)
+        the error it names.
+
+        ``blocked``: the caller has blocked every signal already and restores its mask itself.
+        """
+        data, fds = self.exchange(msg, send_fds, blocked=blocked)
         for fd in fds:
             os.close(fd)
         return data
 
-    def exchange(self, msg: _channel.Message,
-                 send_fds: tuple[int, ...] = ()) -> tuple[dict[str, Any], list[int]]:
+    def exchange(self, msg: _channel.Message, send_fds: tuple[int, ...] = (), *,
+                 blocked: bool = False) -> tuple[dict[str, Any], list[int]]:
         """``request``, also returning the descriptors that came with the answer."""
         # Signals wait until the reply is in: a handler that raised between the send and the recv
         # would leave the reply queued, and every later request would read its predecessor's.
-        old = _sigutil.block_all()
+        old = None if blocked else _sigutil.block_all()
         try:
             with self.chan_lock:
                 _channel.send(self.chan, msg, send_fds)
                 reply, fds = _channel.recv(self.chan)
         finally:
-            _sigutil.restore_mask(old)
+            if old is not None:
+                _sigutil.restore_mask(old)
         if reply is None:
             raise ForkpointError("the shepherd is gone")
         if isinstance(reply, _channel.Error):
@@ -325,9 +360,7 @@ def _forget_in_forked_child() -> None:
     if rt.chan is not None:
         rt.chan.close()
         rt.chan = None
-    if rt.keeper is not None:
-        os.close(rt.keeper[1])
-        rt.keeper = None
+    rt.forget_keeper()
     for fd, _pid in rt.killed:
         os.close(fd)
     rt.killed = []

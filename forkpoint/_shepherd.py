@@ -79,6 +79,8 @@ _FD_RESERVE = 4
 # at this many no checkpoint is taken and no spare forked until some are gone; from half of it on,
 # killed processes are torn down at normal priority instead of SCHED_IDLE.
 DYING_MAX = 4
+_PARAM = os.sched_param(0)    # the only priority SCHED_IDLE and SCHED_OTHER take
+_LOOP_WINDOW = 2.0            # seconds a keeper stays at normal priority after a restore waited for a copy
 
 
 class Role(enum.Enum):
@@ -108,6 +110,8 @@ class Checkpoint:
     spares: list[Proc] = field(default_factory=list)
     pending: Wake | None = None   # a restore waiting for a spare of this checkpoint
     want_spares: int = 1
+    looping_until: float = 0.0    # a restore had to wait for a copy: the keeper forks urgently until then
+    keeper_urgent: bool = False   # the keeper was raised from SCHED_IDLE for copies a restore needs
     awaiting: bool = False        # the keeper has not introduced itself yet
     announcer: Proc | None = None  # the live process that took it: its keeper says hello on its channel
     key: str | None = None        # a protected call's input and deadline (see _channel.Snap)
@@ -382,7 +386,7 @@ class Shepherd:
             return
         if pgid in (self.pgid, self.me):
             return
-        for pid, group in _procfs.children(self.me):
+        for pid, group in _procfs.children_of({self.me}):
             if group == pgid and pid not in self.procs:
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -788,7 +792,7 @@ class Shepherd:
             heir = ck.spares.pop(0)
             if self._send(heir, _channel.Promote()):
                 heir.role = Role.KEEPER
-                ck.keeper = heir
+                ck.keeper, ck.keeper_urgent = heir, False     # it drops to SCHED_IDLE itself
                 log.warning("checkpoint %d: spare %d is its keeper now", ck.n, heir.pid)
                 self._replenish(ck)
                 return
@@ -879,6 +883,8 @@ class Shepherd:
         ck = self.ckpts.get(msg.n)
         if ck is not None and proc is ck.keeper:
             ck.forking = max(0, ck.forking - 1)
+            if not ck.forking or ck.looping_until < time.monotonic():
+                self._keeper_urgent(ck, False)    # raised again after the wake that needs its next copy
         if not fds:        # the descriptor did not fit here; the spare sees EOF and exits
             log.error("a spare of checkpoint %d was lost: %s", msg.n, self._fd_note())
             self._fork_lost(ck)
@@ -1251,12 +1257,23 @@ class Shepherd:
         wake.hold = bool(self.pending_signals) or self._in_terminal_foreground()
         while ck.spares:
             spare = ck.spares.pop(0)
+            # The replacement is asked for first: once the spare is awake it may take this CPU
+            # from us for milliseconds, and a crash loop waits for that copy. The keeper is at
+            # SCHED_IDLE then, so that its wake-up cannot take the CPU from us either (an urgent
+            # keeper did, and on a busy machine the Wake went out 5 ms late); a crash loop raises
+            # it only once the spare is awake.
+            self._replenish(ck)
             if self._send(spare, wake):
                 self._went_live(spare, wake)
-                self._replenish(ck)
+                if ck.forking and ck.looping_until > time.monotonic():
+                    self._keeper_urgent(ck, True)
                 return
             self._retire(spare)
         ck.pending = wake
+        # A restore that waits for a copy is a crash loop, or the start of one: while it lasts,
+        # the keeper forks at normal priority (not behind the restored process at SCHED_IDLE).
+        # It keeps no copy beyond the spares asked for: that bound (invariant 12) holds here too.
+        ck.looping_until = time.monotonic() + _LOOP_WINDOW
         if ck.awaiting:      # the keeper will be asked to fork as soon as it introduces itself
             self.loop.after(_AWAIT_KEEPER, lambda: self._check_pending(ck, wake))
             return
@@ -1276,15 +1293,13 @@ class Shepherd:
 
         Keepers fork in the background under SCHED_IDLE; on a machine whose CPUs are busy that
         work barely runs, and here the program itself waits for it. The keeper goes back to
-        SCHED_IDLE after the fork.
+        SCHED_IDLE after the fork. A copy already on its way serves the restore: no second one
+        is asked for.
         """
         keeper = ck.keeper
         if keeper is None:
             return
-        try:
-            os.sched_setscheduler(keeper.pid, os.SCHED_OTHER, os.sched_param(0))
-        except OSError:
-            pass
+        self._keeper_urgent(ck, True)
         if not ck.forking and not self.throttled:     # else asked again when the throttle lifts
             if self._send(keeper, _channel.Fork()):
                 ck.forking += 1
@@ -1347,6 +1362,20 @@ class Shepherd:
         if wake.sig:
             self.shutdown(sig=wake.sig)
         self.shutdown(code=EX_SOFTWARE)
+
+    def _keeper_urgent(self, ck: Checkpoint, urgent: bool) -> None:
+        """Run the keeper's forks at normal priority (restores wait for them) or at SCHED_IDLE.
+
+        The shepherd sets it, not the keeper: a keeper that lowered itself after each fork would fork
+        the next copy of a crash loop at idle priority, behind the restored process on its CPU.
+        """
+        if not self.can_raise or ck.keeper is None or ck.keeper_urgent == urgent:
+            return
+        try:
+            os.sched_setscheduler(ck.keeper.pid, os.SCHED_OTHER if urgent else os.SCHED_IDLE, _PARAM)
+        except OSError:
+            return
+        ck.keeper_urgent = urgent
 
     def _replenish(self, ck: Checkpoint) -> None:
         """Ask the keeper for the spares the checkpoint is short of (none while a fork is out)."""

@@ -108,8 +108,16 @@ def read_signalfd(fd: int) -> list[tuple[int, int, int]]:
 # Masks are kept as raw sigset_t buffers and changed through libc directly. Right after a fork
 # every page the process writes is copied on first touch, and converting Python sets of Signals
 # members touches dozens of pages (0.2 ms measured); a raw call touches almost none.
-_libc.pthread_sigmask.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
-_libc.sigpending.argtypes = [ctypes.c_void_p]
+# The how-arguments are plain ints: an enum member costs a conversion, and pages, on every call. These
+# two calls cannot block, so they keep the GIL (PyDLL): releasing and taking it back is more work,
+# on the restore path and right after tsetjmp()'s fork.
+_nogil = ctypes.PyDLL(None)
+_pthread_sigmask = _nogil.pthread_sigmask
+_pthread_sigmask.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+_sigpending = _nogil.sigpending
+_sigpending.argtypes = [ctypes.c_void_p]
+_SIG_BLOCK = int(signal.SIG_BLOCK)
+_SIG_SETMASK = int(signal.SIG_SETMASK)
 _ALL = ctypes.create_string_buffer(_sigset_bytes(ALL_SIGNALS), 128)
 _EMPTY = bytes(128)
 
@@ -121,12 +129,12 @@ def new_mask() -> ctypes.Array[ctypes.c_char]:
 def block_all(old: ctypes.Array[ctypes.c_char] | None = None) -> ctypes.Array[ctypes.c_char]:
     """Block every blockable signal; return (in ``old`` if given) the previous mask."""
     old = old if old is not None else new_mask()
-    _libc.pthread_sigmask(signal.SIG_BLOCK, _ALL, old)
+    _pthread_sigmask(_SIG_BLOCK, _ALL, old)
     return old
 
 
 def restore_mask(mask: ctypes.Array[ctypes.c_char]) -> None:
-    _libc.pthread_sigmask(signal.SIG_SETMASK, mask, None)
+    _pthread_sigmask(_SIG_SETMASK, mask, None)
 
 
 def flush_stdio() -> None:
@@ -144,10 +152,13 @@ def mask_of(sigs: Iterable[int]) -> ctypes.Array[ctypes.c_char]:
     return ctypes.create_string_buffer(_sigset_bytes(sigs), 128)
 
 
+_PENDING = new_mask()
+
+
 def drain_pending() -> None:
     """Discard signals that arrived while this process was frozen; they were not meant for it."""
-    buf = new_mask()
-    _libc.sigpending(buf)
+    buf = _PENDING
+    _sigpending(buf)
     if buf.raw == _EMPTY:
         return
     pending = signal.sigpending()

@@ -11,7 +11,6 @@ import fcntl
 import gc
 import logging
 import os
-import resource
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from typing import Any, NoReturn
 from . import _channel, _clone, _eventloop, _procfs, _qkeys, _sigutil
 from ._errors import ConfigurationError, NoSuchCheckpoint, resource_error
 from ._frozen import Saved, frozen, resume
-from ._runtime import runtime
+from ._runtime import _Runtime, runtime
 from ._sigutil import FATAL_SIGNALS
 
 log = logging.getLogger("forkpoint")
@@ -37,6 +36,7 @@ __all__ = ["CHKPT_RECOVERED", "CKPT_FROM_STATE", "CKPT_NUMCHKPTS", "CKPT_SIGTYPE
            "tlongjmp", "tsetjmp"]
 
 _rt = runtime()
+_held: Saved | None = None
 
 
 @dataclass
@@ -107,8 +107,8 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int
     # a tight loop of tsetjmp() would pile them up). Two arena words; no wait in the usual case.
     rt.wait_killed()
     prev = rt.keeper
-    if rt.arena.throttled() or (prev is not None and rt.arena.introduced() < prev[0]):
-        rt.request(_channel.Throttle(prev[0] if prev else 0), (prev[1],) if prev else ())
+    if rt.arena.throttled() or (prev is not None and rt.arena.introduced() < prev.n):
+        rt.request(_channel.Throttle(prev.n if prev else 0), (prev.fd,) if prev and prev.fd >= 0 else ())
     if rt.config.gc_freeze:
         gc.collect()
         gc.freeze()
@@ -122,46 +122,67 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int
                   itimer=signal.getitimer(signal.ITIMER_REAL), key=rt.arena.processing(),
                   loop=_eventloop.running_loop())
     # The shepherd hears of the checkpoint before the fork: after it, every page this process
-    # touches is copied on first write, so the parent's side of the fork does as little as it
-    # can. The keeper introduces itself (pid and channel) from its own side.
+    # writes is copied on first write, so the parent's side of the fork restores its signal mask
+    # and records the current state, nothing more: the keeper's pidfd is written by clone(2)
+    # itself. The keeper introduces itself (pid and channel) from its own side.
+    keeper = rt.expect_keeper(n)
+    if not _room_for_keeper(rt):
+        rt.forget_keeper()
+        raise resource_error(f"could not take checkpoint {n}: no two free descriptors for the keeper's "
+                             "channel", OSError(errno.EMFILE, os.strerror(errno.EMFILE)))
+    global _held
+    _held = saved                       # freed at the next checkpoint, not on the way out of this one
     _sigutil.block_all(saved.mask)      # from the announcement to the fork, nothing interrupts
     _channel.send(rt.chan, _channel.Snap(n, bool(pin), spares, key, deadline))
     try:
-        pid, pidfd = _clone.clone_pidfd(sibling=True)
-        if pid and not _room_for_keeper(pidfd):
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            os.close(pidfd)
-            raise OSError(errno.EMFILE, "no two free descriptors for the keeper's channel")
+        pid = _clone.clone(True, keeper.buf)
     except BaseException as e:
+        rt.forget_keeper()
         _sigutil.restore_mask(saved.mask)
         _channel.send(rt.chan, _channel.Discard(n, quiet=True, current=rt.current))
         if isinstance(e, OSError):
             raise resource_error(f"could not take checkpoint {n}: the fork failed", e) from e
         raise
     if pid == 0:
-        resume(rt, saved, frozen(rt, n, spares))
+        resume(rt, saved, frozen(rt, n, spares, saved, _warm_restore_path))
         return n
     _sigutil.restore_mask(saved.mask)
-    rt.hold_keeper(n, pidfd, pid)
+    keeper.pid = pid
     rt.current = n
     return n
 
 
-def _room_for_keeper(pidfd: int) -> bool:
-    """Whether the keeper just forked can make its channel: two free descriptors below the limit.
+def _room_for_keeper(rt: _Runtime) -> bool:
+    """Whether a keeper forked now could make its channel: two free descriptors below the limit.
 
-    Its table is ours without the pidfd, which the kernel put in our lowest free slot; so it has
-    that slot, and needs one more free slot above it. Usually the next one is free: one fcntl().
+    Its table will be ours without the pidfd, which the kernel puts in our lowest free slot; so
+    it has that slot, and needs one more free slot above it. Asked before the fork (two dups),
+    where it costs no copy-on-write fault.
     """
-    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if limit == resource.RLIM_INFINITY:
-        return True
-    for fd in range(pidfd + 1, limit):
-        try:
-            fcntl.fcntl(fd, fcntl.F_GETFD)
-        except OSError:
-            return True
-    return False
+    assert rt.chan is not None
+    got = []
+    try:
+        for _ in range(2):
+            got.append(fcntl.fcntl(rt.chan.fileno(), fcntl.F_DUPFD_CLOEXEC, 0))
+    except OSError as e:
+        if e.errno != errno.EMFILE:
+            raise
+        return False
+    finally:
+        for fd in got:
+            os.close(fd)
+    return True
+
+
+def _warm_restore_path() -> None:
+    """``tlongjmp()``'s own steps, without effect, for a frozen spare to run (``_frozen._prewarm``):
+    a restored program's next ``tlongjmp()`` then finds those pages already its own. Not the stdio
+    flush: ``sys.stdout`` may be the program's own object, and a snapshot never runs program code."""
+    rt = _rt
+    rt.check_caller()
+    _handler_signal()
+    _sigutil.restore_mask(_sigutil.block_all())
+    _channel.encode(_channel.Restore(rt.current, 0, "tlongjmp"))
 
 
 def tlongjmp(n: int = 0, sig: int = 0, reason: str | None = None) -> NoReturn:
@@ -188,7 +209,8 @@ def tlongjmp(n: int = 0, sig: int = 0, reason: str | None = None) -> NoReturn:
     _sigutil.flush_stdio()
     old = _sigutil.block_all()
     try:
-        rt.request(_channel.Restore(target, int(sig), reason or ("signal" if sig else "tlongjmp")))
+        msg = _channel.Restore(target, int(sig), reason or ("signal" if sig else "tlongjmp"))
+        rt.request(msg, blocked=True)
     except NoSuchCheckpoint:
         _sigutil.restore_mask(old)
         raise

@@ -10,7 +10,8 @@ from conftest import clean_env
 
 pytestmark = pytest.mark.timeout(180)
 
-METRICS = ("fork", "tsetjmp", "tlongjmp", "tlongjmp_dirty", "pickle_save", "pickle_load")
+METRICS = ("fork", "tsetjmp", "tlongjmp", "tlongjmp_dirty", "tlongjmp_run", "tlongjmp_run_dirty", "crashloop",
+           "pickle_save", "pickle_load")
 
 
 def test_bench_json_structure(tmp_path):
@@ -23,6 +24,12 @@ def test_bench_json_structure(tmp_path):
     data = json.loads(out.read_text())
     assert {"results", "gc_freeze", "shepherd_without_exec", "criu", "machine", "config", "targets"} <= set(data)
     assert {"nproc", "cpu", "kernel", "date", "python"} <= set(data["machine"])
+    assert "Restores as a program meets them" in r.stdout and "crash loop" in r.stdout
+    targets = data["targets"]
+    assert len(targets["rows"]) == 4 and set(targets["tlongjmp_spread"]) >= {"bytes tlongjmp", "dict tlongjmp_run"}
+    for t in targets["rows"]:
+        assert set(t["tlongjmp_s"]) == {"tlongjmp", "tlongjmp_dirty", "tlongjmp_run", "tlongjmp_run_dirty"}
+        assert isinstance(t["tsetjmp_met"], bool) and isinstance(t["crashloop_met"], bool)
     assert isinstance(data["criu"]["available"], bool) and data["criu"]["note"]
     rows = data["results"]
     assert sorted((row["kind"], row["size"]) for row in rows) == [
@@ -33,7 +40,10 @@ def test_bench_json_structure(tmp_path):
             assert m["min"] <= m["median"] <= m["max"] and m["n"] == len(m["samples"]) >= 1, (name, m)
         assert row["metrics"]["fork"]["n"] == row["metrics"]["tsetjmp"]["n"] == 2
         assert row["metrics"]["tlongjmp"]["n"] == 2
+        assert row["metrics"]["tlongjmp_run"]["n"] == row["metrics"]["tlongjmp_run_dirty"]["n"] >= 2
+        assert row["metrics"]["crashloop"]["n"] >= 3
         assert row["ratios"]["tsetjmp_over_fork"] > 0 and row["ratios"]["pickle_load_over_tlongjmp"] > 0
+        assert row["ratios"]["crashloop_over_fork"] > 0
         assert set(row["memory"]) == {"after_checkpoint", "wrote_10", "wrote_100", "discarded"}
         for stage in ("after_checkpoint", "wrote_10", "wrote_100"):
             mem = row["memory"][stage]

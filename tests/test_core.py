@@ -554,3 +554,25 @@ def test_a_signal_forwarded_during_a_restore_reaches_the_restored_program(tmp_pa
     proc.stdin.flush()
     assert lines.until("restored got") == "restored got 1"
     assert proc.wait(10) == 0
+
+
+def test_a_crash_loop_keeps_no_spare_beyond_the_number_asked_for(tmp_path):
+    """Invariant 12 in a crash loop: a checkpoint whose restores wait for copies never keeps more
+    spares than asked for, and each copy is asked for once (no spare left over afterwards)."""
+    r = run_py(HEADER + """
+    jumps = fp.persist_int("jumps")
+    most = fp.persist_int("most")
+    n = fp.tsetjmp(spares=1)
+    k = jumps.add()
+    if k > 1:
+        spares = max(len(c.spares) for c in fp.checkpoints())
+        most.value = max(most.value, spares)
+    if k <= 40:
+        fp.tlongjmp(n)               # fails again at once: every restore waits for a new copy
+    time.sleep(0.5)
+    print("most", most.value, "now", [len(c.spares) for c in fp.checkpoints()], flush=True)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    most, now = r.stdout.split()[1], r.stdout.split(" now ")[1].strip()
+    assert int(most) <= 1, r.stdout
+    assert now == "[1]", r.stdout

@@ -45,7 +45,7 @@ KILL_AT = """
 
 @pytest.mark.parametrize("where, expected", [
     ("_clone.clone", 1),                       # announced, never forked: its keeper never appears
-    ("rt.hold_keeper(n, pid", 2),              # forked: the keeper exists, so 2 is usable
+    ("keeper.pid = pid", 2),                   # forked: the keeper exists, so 2 is usable
 ])
 def test_sigkill_inside_tsetjmp_restores_a_usable_checkpoint(tmp_path, where, expected):
     """Issue 13.1: the OOM killer's SIGKILL inside tsetjmp() (after the checkpoint was announced)

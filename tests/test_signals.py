@@ -127,7 +127,7 @@ def test_ctrl_c_while_a_restored_process_rejoins_the_terminal_is_handled_once(tm
     signal.signal(signal.SIGINT, lambda *a: os.write(1, b"<INT>"))
     paused = fp.persist_int("paused")
     src, first = inspect.getsourcelines(_frozen.resume)
-    line = first + next(i for i, l in enumerate(src) if "_channel.send(rt.chan, _channel.Up" in l)
+    line = first + next(i for i, l in enumerate(src) if "rt.chan.send(_UP)" in l)
     def local(frame, event, arg):
         if event == "line" and frame.f_lineno == line and paused.value == 0:
             paused.value = 1
