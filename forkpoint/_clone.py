@@ -60,6 +60,10 @@ def clone(sibling: bool, pidfd: ctypes.c_int | None = None) -> int:
         pid = _syscall(_SYS_CLONE, flags, 0, 0, 0, 0)
     if pid < 0:
         err = ctypes.get_errno()
+        if pidfd is not None:
+            # The kernel writes the pidfd's number before its last checks (a cgroup's pids.max
+            # fails after it) and releases the descriptor when they fail: the number is not ours.
+            pidfd.value = -1
         raise OSError(err, f"clone: {os.strerror(err)}")
     return pid  # type: ignore[no-any-return]
 

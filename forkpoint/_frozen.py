@@ -80,6 +80,7 @@ def frozen(rt: _Runtime, n: int, spares: int, saved: Saved | None = None,
     try:
         if rt.unidle:
             set_idle()          # first: the live process must get the CPU back at once
+        _Ready.comm = _Ready.lock = None    # the live process's (if it was restored): never reused
         shepherd = rt.shepherd_pid
         _prctl.set_pdeathsig(signal.SIGKILL)
         if _identity.real_ppid() != shepherd:
@@ -129,9 +130,7 @@ def frozen(rt: _Runtime, n: int, spares: int, saved: Saved | None = None,
                 return msg
             if role is Role.SPARE and isinstance(msg, _channel.Promote):
                 role = Role.KEEPER                      # our keeper died: we are checkpoint n now
-                _prctl.set_name(f"fp-snap-{n}")
-                if rt.unidle:
-                    set_idle()
+                _prctl.set_name(f"fp-snap-{n}")         # (the shepherd sets our priority)
                 continue
             if role is Role.KEEPER and isinstance(msg, _channel.Fork):
                 try:
@@ -148,6 +147,8 @@ def frozen(rt: _Runtime, n: int, spares: int, saved: Saved | None = None,
                     continue
                 if pid == 0:
                     role = Role.SPARE
+                    forks_owed = 0      # the keeper's; a spare promoted later forks only when asked
+                    _prctl.set_name(f"fp-spare-{n}")
                     chan.close()
                     theirs.close()
                     chan = mine
@@ -164,9 +165,12 @@ def frozen(rt: _Runtime, n: int, spares: int, saved: Saved | None = None,
                     warm = True
                     continue
                 mine.close()
-                _channel.send(chan, _channel.Spare(n, pid), (theirs.fileno(), pidfd))
+                # (no pidfd before Linux 5.2: the shepherd then checks the pid alone)
+                fds = (theirs.fileno(), pidfd) if pidfd >= 0 else (theirs.fileno(),)
+                _channel.send(chan, _channel.Spare(n, pid), fds)
                 theirs.close()
-                os.close(pidfd)         # our priority is the shepherd's to set from here on
+                if pidfd >= 0:
+                    os.close(pidfd)     # our priority is the shepherd's to set from here on
     except BaseException:  # noqa: BLE001 - a snapshot must never fall back into program code
         os._exit(70)
 
@@ -191,8 +195,11 @@ def _prewarm(rt: _Runtime, saved: Saved | None, warm_hook: Callable[[], None] | 
     The warming stops as soon as a wake-up is waiting on the channel: a restore that waits for this
     copy (a crash loop) is better served at once, taking those faults itself.
     """
+    poller = select.poll()      # not select(): it fails for descriptors past 1023
+    poller.register(rt.chan, select.POLLIN)
+
     def waited_for() -> bool:
-        return bool(select.select([rt.chan], [], [], 0)[0])
+        return bool(poller.poll(0))
 
     try:
         if waited_for():

@@ -792,7 +792,10 @@ class Shepherd:
             heir = ck.spares.pop(0)
             if self._send(heir, _channel.Promote()):
                 heir.role = Role.KEEPER
-                ck.keeper, ck.keeper_urgent = heir, False     # it drops to SCHED_IDLE itself
+                # A spare runs at normal priority; as a keeper it forks at SCHED_IDLE unless a
+                # restore waits for it. The shepherd sets that, never the keeper itself.
+                ck.keeper, ck.keeper_urgent = heir, True
+                self._keeper_urgent(ck, False)
                 log.warning("checkpoint %d: spare %d is its keeper now", ck.n, heir.pid)
                 self._replenish(ck)
                 return
@@ -913,6 +916,8 @@ class Shepherd:
         if ck is None or proc is not ck.keeper:
             return
         ck.forking = max(0, ck.forking - 1)
+        if ck.pending is None and not ck.forking:
+            self._keeper_urgent(ck, False)
         if not msg.errno:                # put off by the throttle: asked again when it lifts
             if ck.pending is not None:
                 self._urge(ck)
@@ -1292,8 +1297,8 @@ class Shepherd:
         """Ask a keeper for a copy that a restore is waiting for, at normal priority.
 
         Keepers fork in the background under SCHED_IDLE; on a machine whose CPUs are busy that
-        work barely runs, and here the program itself waits for it. The keeper goes back to
-        SCHED_IDLE after the fork. A copy already on its way serves the restore: no second one
+        work barely runs, and here the program itself waits for it. The shepherd lowers the keeper
+        again once the copy is in (``_on_spare``). A copy already on its way serves the restore: no second one
         is asked for.
         """
         keeper = ck.keeper

@@ -125,11 +125,12 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int
     # writes is copied on first write, so the parent's side of the fork restores its signal mask
     # and records the current state, nothing more: the keeper's pidfd is written by clone(2)
     # itself. The keeper introduces itself (pid and channel) from its own side.
-    keeper = rt.expect_keeper(n)
-    if not _room_for_keeper(rt):
-        rt.forget_keeper()
+    if not _room_for_keeper(rt):      # checked first: the previous keeper's pidfd is kept on refusal
         raise resource_error(f"could not take checkpoint {n}: no two free descriptors for the keeper's "
                              "channel", OSError(errno.EMFILE, os.strerror(errno.EMFILE)))
+    # A failed clone below loses the previous keeper's pidfd: a transaction's commit then leaves
+    # that keeper to the shepherd, as on kernels without pidfds.
+    keeper = rt.expect_keeper(n)
     global _held
     _held = saved                       # freed at the next checkpoint, not on the way out of this one
     _sigutil.block_all(saved.mask)      # from the announcement to the fork, nothing interrupts
@@ -155,9 +156,10 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int
 def _room_for_keeper(rt: _Runtime) -> bool:
     """Whether a keeper forked now could make its channel: two free descriptors below the limit.
 
-    Its table will be ours without the pidfd, which the kernel puts in our lowest free slot; so
-    it has that slot, and needs one more free slot above it. Asked before the fork (two dups),
-    where it costs no copy-on-write fault.
+    The keeper's table is ours as it is at the fork, and its channel is a socket pair. Asked before
+    the fork with two dups (after it, every page the parent touches is a copy-on-write fault), and
+    while the previous keeper's pidfd is still open, so a refusal leaves that pidfd alone; the new
+    keeper's pidfd, made by the clone, takes a slot in the parent only.
     """
     assert rt.chan is not None
     got = []
