@@ -136,12 +136,18 @@ class Up(Message):
 
 @dataclass
 class Restore(Message):
-    """``tlongjmp``: kill me and wake checkpoint ``n``. Answered only by an ``Error``."""
+    """``tlongjmp``: kill me and wake checkpoint ``n``. Answered only by an ``Error``.
+
+    ``pending``: the signals pending in the caller as it asked (bit ``s - 1`` for signal ``s``);
+    it blocks every signal from before it reads them until it is killed. The shepherd passes them
+    on without reading the caller's /proc status on the restore path (see ``Shepherd._retire``).
+    """
 
     OP = Op.RESTORE
     n: int
     sig: int
     reason: str
+    pending: int = 0
 
 
 @dataclass

@@ -99,6 +99,7 @@ class Proc:
     lived: bool = False           # has run program code: its channel carries keepers' hellos
     forwarded: set[int] = field(default_factory=set)   # signals the shepherd sent it
     held: bool = False            # woken with Wake.hold: it waits for an Ok after its Up
+    reported_pending: int | None = None   # its pending signals as its Restore gave them
 
 
 @dataclass
@@ -224,12 +225,17 @@ class Shepherd:
         # Signals for the program that arrived while no live process was up, with whether the
         # terminal sent them (then the restored process may have had its own copy).
         self.pending_signals: list[tuple[int, bool]] = []
+        # Retired live processes whose pending signals are read again once the restore is under
+        # way: (pid, signals already passed on, signals to carry). See _retire.
+        self.unread: list[tuple[int, set[int], frozenset[int] | set[int]]] = []
         self.backoff: Callable[[], None] | None = None      # a restore waiting out its backoff
         self.need_reap = False
         self.ending = False
         self.me = os.getpid()
         self.session_leader = os.getsid(0) == self.me
         self.tty_fd = next((fd for fd in (0, 1, 2) if _isatty(fd)), None)
+        stat = _procfs.read_stat(self.me)      # tty_nr: 0 when there is no controlling terminal
+        self.has_tty = self.tty_fd is not None or bool(stat and len(stat) > 4 and stat[4] != "0")
         self.can_raise = _procfs.can_leave_sched_idle()
         self.throttled = False
         self.introduced = 0
@@ -360,7 +366,18 @@ class Shepherd:
         if proc.lived:        # signals for the program still blocked there go to its successor
             self._read_signals(retiring=proc)    # what came before this instant was for it
             carried = CARRIED | proc.forwarded
-            self.pending_signals.extend((s, False) for s in _procfs.pending_signals(proc.pid) if s in carried)
+            if proc.reported_pending is None:
+                seen = {s for s in _procfs.pending_signals(proc.pid) if s in carried}
+            else:
+                # A caller of tlongjmp() said what it had pending, with every signal blocked: the
+                # restore need not wait for a read of its /proc status (60-100 us). What came
+                # after it asked is read once the wake is out (_carry_late_signals); it stays
+                # pending in the killed process until it is reaped, and the kernel drops what is
+                # sent after the SIGKILL.
+                mask = proc.reported_pending
+                seen = {s for s in carried if mask >> (s - 1) & 1}
+                self.unread.append((proc.pid, seen, carried))
+            self.pending_signals.extend((s, False) for s in sorted(seen))
             self._orphans_of(proc.pid)
         # Torn down at idle priority, off the live process's way; but once several are waiting
         # for that (a busy machine starves SCHED_IDLE), at normal priority, so they are bounded.
@@ -958,6 +975,8 @@ class Shepherd:
                 return os.tcgetpgrp(self.tty_fd) == self.pgid
             except OSError:
                 return False
+        if not self.has_tty:        # no controlling terminal at start, so none now (a restore's
+            return False            # path: reading /proc/self/stat took 0.1 ms)
         return _procfs.terminal_foreground() == self.pgid
 
     def _on_up(self, proc: Proc, msg: Up, fds: list[int]) -> None:
@@ -1121,6 +1140,7 @@ class Shepherd:
         if msg.n not in self.ckpts:
             self._send(proc, _channel.Error(ErrorKind.NOSUCH, self.nosuch(msg.n)))
             return
+        proc.reported_pending = msg.pending
         self._failure(msg.n, msg.sig, msg.reason or "tlongjmp", proc)
 
     def _on_live_death(self, status: int) -> None:
@@ -1224,6 +1244,19 @@ class Shepherd:
             self.loop.after(decision.delay, restore)
         else:
             restore()
+        self._carry_late_signals()
+
+    def _carry_late_signals(self) -> None:
+        """Signals that reached a retired tlongjmp() caller after it asked go to its successor.
+
+        Runs in the same turn of the loop as the kill, so before the reap (reaping happens only in
+        the SIGCHLD callback): the killed process still holds them. They are passed on after the
+        restored process's Up, without ``Wake.hold`` (decided before they were known).
+        """
+        unread, self.unread = self.unread, []
+        for pid, seen, carried in unread:
+            late = [s for s in _procfs.pending_signals(pid) if s in carried and s not in seen]
+            self.pending_signals.extend((s, False) for s in late)
 
     def _record_history(self, from_state: int, to_state: int, sig: int, reason: str,
                         key: str | None) -> None:

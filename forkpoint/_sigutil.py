@@ -155,6 +155,13 @@ def mask_of(sigs: Iterable[int]) -> ctypes.Array[ctypes.c_char]:
 _PENDING = new_mask()
 
 
+def pending_mask() -> int:
+    """The signals pending in this thread or process, as a mask (bit ``s - 1`` for signal ``s``)."""
+    buf = _PENDING
+    _sigpending(buf)
+    return int.from_bytes(buf.raw[:8], sys.byteorder)
+
+
 def drain_pending() -> None:
     """Discard signals that arrived while this process was frozen; they were not meant for it."""
     buf = _PENDING

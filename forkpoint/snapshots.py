@@ -184,7 +184,7 @@ def _warm_restore_path() -> None:
     rt.check_caller()
     _handler_signal()
     _sigutil.restore_mask(_sigutil.block_all())
-    _channel.encode(_channel.Restore(rt.current, 0, "tlongjmp"))
+    _channel.encode(_channel.Restore(rt.current, 0, "tlongjmp", _sigutil.pending_mask()))
 
 
 def tlongjmp(n: int = 0, sig: int = 0, reason: str | None = None) -> NoReturn:
@@ -211,7 +211,8 @@ def tlongjmp(n: int = 0, sig: int = 0, reason: str | None = None) -> NoReturn:
     _sigutil.flush_stdio()
     old = _sigutil.block_all()
     try:
-        msg = _channel.Restore(target, int(sig), reason or ("signal" if sig else "tlongjmp"))
+        msg = _channel.Restore(target, int(sig), reason or ("signal" if sig else "tlongjmp"),
+                               _sigutil.pending_mask())
         rt.request(msg, blocked=True)
     except NoSuchCheckpoint:
         _sigutil.restore_mask(old)

@@ -189,3 +189,40 @@ def test_a_watchdog_whose_block_never_exited_does_not_roll_back_later_code(tmp_p
     """, tmp_path)
     assert r.returncode == 0, (r.returncode, r.stdout, r.stderr[-2000:])
     assert r.stdout.strip() == "still here"
+
+
+@pytest.mark.parametrize("line, how", [
+    ("old = _sigutil.block_all()", "reported"),        # pending when the caller reads its own mask
+    ("rt.request(msg, blocked=True)", "late"),          # after it read its mask, before the kill
+])
+def test_a_signal_pending_in_a_tlongjmp_caller_reaches_the_restored_program_once(tmp_path, line, how):
+    """Invariant 10, issue 13.6: a signal sent to the live process while it is inside tlongjmp()
+    (every signal blocked, about to be killed) is handled once by the restored program. The caller
+    reports what it has pending in its Restore, so the shepherd need not read its /proc status
+    before the wake; a signal that comes after that report is read from the killed process after
+    the wake and passed on too. Delivered here at one exact line of tlongjmp(), through the real
+    pid (os.kill of the face PID would reach the shepherd instead)."""
+    r = run_py(HEADER + f"""
+    import inspect
+    from forkpoint import snapshots
+    got = fp.persist_int("got")
+    signal.signal(signal.SIGUSR1, lambda s, f: got.add())
+    n = fp.tsetjmp()
+    if not fp.chkpt_status(fp.CHKPT_RECOVERED):
+        src, first = inspect.getsourcelines(snapshots.tlongjmp)
+        target = first + next(i for i, l in enumerate(src) if {line!r} in l)
+        # after the line named: at the next line event (for the block, once the mask is blocked)
+        offset = 1 if {how!r} == "reported" else 0
+        code = snapshots.tlongjmp.__code__
+        real = int(os.readlink("/proc/self"))
+        def local(frame, event, arg):
+            if event == "line" and frame.f_lineno == target + offset:
+                os.kill(real, signal.SIGUSR1)
+            return local
+        sys.settrace(lambda f, e, a: local if f.f_code is code else None)
+        fp.tlongjmp(n)
+    time.sleep(0.3)
+    print("handled", got.value, flush=True)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["handled", "1"], (r.stdout, r.stderr[-2000:])
