@@ -53,8 +53,9 @@ def _private(path: str, create: bool) -> str:
             os.mkdir(path, 0o700)
         except FileExistsError:
             pass
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+    elif not os.path.lexists(path):
+        raise StoreUnavailable(errno.ENOENT, f"{path} does not exist")
+    if not _rundir.is_private(path):
         raise StoreUnavailable(errno.EPERM, f"{path} is not a private directory of uid {os.geteuid()} "
                                             "(a directory, ours, mode 0700): refused")
     return path
@@ -62,14 +63,9 @@ def _private(path: str, create: bool) -> str:
 
 def store_dir(create: bool = True) -> str:
     """The user's private directory for host stores (see the module docstring)."""
-    xdg = os.environ.get("XDG_RUNTIME_DIR", "")
-    if xdg and os.path.isabs(xdg):
-        try:
-            st = os.stat(xdg)
-            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077:
-                return _private(os.path.join(xdg, DIR_NAME), create)
-        except OSError:
-            pass
+    xdg = _rundir.xdg_dir(os.environ)
+    if xdg is not None:
+        return _private(os.path.join(xdg, DIR_NAME), create)
     for base in _rundir.temp_candidates(os.environ):
         if os.path.isdir(base):    # the first temporary directory only: every program must agree
             return _private(os.path.join(base, f"{DIR_NAME}-{os.geteuid()}"), create)

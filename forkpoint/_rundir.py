@@ -81,7 +81,8 @@ def user_dir_name(uid: int) -> str:
     return f"{DIR_PREFIX}u{uid}"
 
 
-def _xdg(environ: Mapping[str, str]) -> str | None:
+def xdg_dir(environ: Mapping[str, str]) -> str | None:
+    """``$XDG_RUNTIME_DIR`` if it is set, absolute, ours, writable and closed to others."""
     xdg = environ.get("XDG_RUNTIME_DIR", "")
     if xdg and os.path.isabs(xdg) and _usable_dir(xdg, owner=os.geteuid()):
         try:
@@ -89,7 +90,7 @@ def _xdg(environ: Mapping[str, str]) -> str | None:
                 return xdg
         except OSError:
             return None
-        log.warning("XDG_RUNTIME_DIR %s is open to other users: not used for the operator socket", xdg)
+        log.warning("XDG_RUNTIME_DIR %s is open to other users: not used for forkpoint's files", xdg)
     return None
 
 
@@ -130,7 +131,7 @@ def base_dirs(environ: Mapping[str, str] | None = None) -> list[str]:
     (XDG_RUNTIME_DIR, then one in the temporary directory), created if needed."""
     environ = os.environ if environ is None else environ
     out = []
-    xdg = _xdg(environ)
+    xdg = xdg_dir(environ)
     if xdg is not None:
         out.append(xdg)
     for path in temp_candidates(environ):
