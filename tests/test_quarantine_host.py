@@ -12,10 +12,11 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, clean_env, free_port, http, run_py, server_log, start_server, stop_server
+from conftest import clean_env, free_port, http, program, run_py, server_log, start_server, stop_server
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -390,18 +391,41 @@ def test_gunicorn_workers_share_a_host_quarantine_with_no_configuration(tmp_path
         assert stop_server(proc) == 0, server_log(tmp_path)
 
 
-def test_the_default_service_is_the_process_group_leaders_command_line(tmp_path):
-    r = run_py(HEADER + """
+SERVICE = HEADER + """
     s = fp._runtime.runtime().quarantine_settings()
-    print(s.service_source.split()[:5], s.service == " ".join(open(f"/proc/{os.getpgrp()}/cmdline").read().split("\\0")[:-1]))
-    """, tmp_path)
-    assert r.returncode == 0, r.stderr
-    # run_py's program shares the test runner's group: the leader is not the program itself
-    assert r.stdout.strip() == "['command', 'line', 'of', 'process', 'group'] True", r.stdout
-    assert ROOT.exists()
-    gone = run_py(HEADER + "    print(fp._runtime.runtime().quarantine_settings().service)", tmp_path,
-                  FORKPOINT_SERVICE="api")
-    assert gone.stdout.strip() == "api"
+    print(s.service_source, "|", s.service, flush=True)
+"""
+
+
+def _service_in_group(tmp_path, shell: str) -> tuple[str, str]:
+    """Run the program under ``sh -c shell`` as the leader of a new process group; return (where the
+    service came from, the service)."""
+    path = program(SERVICE, tmp_path)
+    out = tmp_path / "out"
+    subprocess.run(["sh", "-c", shell, "sh", sys.executable, str(path), str(out)], env=clean_env(),
+                   start_new_session=True, timeout=30, check=True)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and "\n" not in (out.read_text() if out.exists() else ""):
+        time.sleep(0.05)
+    source, _, service = out.read_text().strip().partition(" | ")
+    return source, service
+
+
+def test_the_default_service_is_the_process_group_leaders_command_line(tmp_path):
+    """Issue 15: the workers of one server share a host quarantine with no configuration, because
+    the default service is the command line of their process group's leader (the master)."""
+    source, service = _service_in_group(tmp_path, '"$1" "$2" > "$3"; :')   # sh stays, as the leader
+    assert source.startswith("command line of process group leader"), source
+    assert service == f'sh -c "$1" "$2" > "$3"; : sh {sys.executable} {tmp_path / "prog.py"} {tmp_path / "out"}'
+
+
+def test_without_a_group_leader_the_default_service_is_the_programs_command_line(tmp_path):
+    """A group whose leader has exited (a shell that started the program in the background and
+    left) still gives every program a service: its own command line."""
+    source, service = _service_in_group(tmp_path, '"$1" "$2" > "$3" &')    # sh exits at once
+    assert source == "the program's own command line", source
+    assert service == f"{sys.executable} {tmp_path / 'prog.py'}"
+
 
 
 def test_signals_still_reach_the_program_at_host_scope(tmp_path):
