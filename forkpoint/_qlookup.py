@@ -47,11 +47,19 @@ class Lookup:
             self.shared = Reader(mirror) if mirror is not None else None
 
     def contains(self, key: str) -> bool:
+        local, shared = self.local, self.shared
+        # Nothing quarantined (the usual case): no digest. A protected call asks this before its
+        # checkpoint, while the previous call's keeper may still share every page; each page it
+        # writes (a hash object, refcounts) is then copied on write: 18 faults, 35 us a call.
+        lmap = local.current() if local is not None else None
+        smap = shared.current() if shared is not None else None
+        if not lmap and not smap:
+            return False
         dg = digest(key, self.skey)
-        for view in (self.local, self.shared):
-            if view is None:
+        for found in (lmap, smap):
+            if not found:
                 continue
-            exp = view.current().get(dg)
+            exp = found.get(dg)
             if exp is not None and (not exp or exp > time.time()):
                 return True
         return False
