@@ -283,7 +283,11 @@ def server_and_persist(results: Path, rerun: bool) -> str:
             r.check_returncode()
             md.write_text(r.stdout)
         out[name] = md.read_text().strip()
-    return SERVER_PERSIST.format(**out)
+    notes = ROOT / "benchmarks" / "notes"
+    servers = results / "servers.md"      # benchmarks/servers.py, about 3 min: run it by hand
+    table = servers.read_text().strip() if servers.exists() else "(not measured: run benchmarks/servers.py)"
+    return (SERVER_PERSIST.format(**out) + "\n" + (notes / "servers.md").read_text().replace("{table}", table)
+            + "\n" + (notes / "module_split.md").read_text())
 
 
 def main() -> int:
