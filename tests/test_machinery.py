@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import SQUEEZED_UID, clean_env, program, run_as, run_py
@@ -184,6 +185,93 @@ def test_a_spare_carries_its_checkpoint_on_after_its_keeper_is_killed(tmp_path):
     """, tmp_path)
     assert r.returncode == 0, (r.returncode, r.stderr)
     assert r.stdout.splitlines() == [f"round {i} 1" for i in range(1, 5)] + ["keeper True spares 1"], r.stdout
+
+
+def test_a_promoted_spare_keeps_the_configured_spares_at_idle_priority(tmp_path):
+    """Invariants 11 and 12 after a promotion: with spares=2, the spare that becomes the keeper
+    forks only the copy it is asked for (it inherited its keeper's count of copies owed, and forked
+    those too), runs at SCHED_IDLE like every keeper (the shepherd sets keepers' priority), and the
+    checkpoint has exactly 2 spares again."""
+    r = run_py(HEADER + """
+    n = fp.tsetjmp(spares=2)
+    def spares():
+        return fp.checkpoints()[0].spares
+    deadline = time.time() + 10
+    while len(spares()) < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    keeper = fp.checkpoints()[0].pid
+    os.kill(keeper, signal.SIGKILL)
+    while fp.checkpoints()[0].pid == keeper and time.time() < deadline:
+        time.sleep(0.01)
+    most = 0
+    settle = time.time() + 1.5
+    while time.time() < settle:
+        most = max(most, len(spares()))
+        time.sleep(0.01)
+    new = fp.checkpoints()[0].pid
+    idle = os.sched_getscheduler(new) == os.SCHED_IDLE
+    print("promoted", new != keeper, "most", most, "now", len(spares()), "idle", idle, flush=True)
+    """, tmp_path)
+    assert r.returncode == 0, (r.returncode, r.stderr)
+    assert r.stdout.split() == ["promoted", "True", "most", "2", "now", "2", "idle", "True"], r.stdout
+
+
+PIDS_CGROUP = "/sys/fs/cgroup/pids"
+
+
+def test_a_clone_refused_by_a_cgroup_pids_limit_raises_and_leaves_the_program_unharmed(tmp_path):
+    """Issue 13.10 under a cgroup's pids.max (systemd's TasksMax, docker --pids-limit): the kernel
+    writes the new keeper's pidfd number before the cgroup check refuses the clone, and releases it.
+    tsetjmp() must raise ResourceExhausted without closing that number (it was EBADF, raised with
+    every signal still blocked); the program goes on, its signals handled and its checkpoint usable."""
+    if os.geteuid() != 0 or not os.access(PIDS_CGROUP, os.W_OK):
+        pytest.skip("needs root and a writable cgroup v1 pids hierarchy")
+    group = os.path.join(PIDS_CGROUP, f"fp-test-{os.getpid()}")
+    os.mkdir(group)
+    try:
+        path = program(HEADER + f"""
+    group = {group!r}
+    with open(os.path.join(group, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+    got = fp.persist_int("got")
+    signal.signal(signal.SIGUSR1, lambda s, f: got.add())
+    n = fp.tsetjmp()
+    if not fp.chkpt_status(fp.CHKPT_RECOVERED):
+        deadline = time.time() + 10
+        while not fp.checkpoints()[0].spares and time.time() < deadline:
+            time.sleep(0.01)
+        with open(os.path.join(group, "pids.current")) as f:
+            current = f.read().strip()
+        with open(os.path.join(group, "pids.max"), "w") as f:
+            f.write(current)                  # no room for one more process
+        try:
+            fp.tsetjmp()
+            print("taken", flush=True)
+        except fp.ResourceExhausted as e:
+            print("refused", e.errno, flush=True)
+        except OSError as e:
+            print("wrong error", repr(e), flush=True)
+        with open(os.path.join(group, "pids.max"), "w") as f:
+            f.write("max")
+        os.kill(os.getpid(), signal.SIGUSR1)  # handled at once: nothing left blocked
+        print("handled", got.value, flush=True)
+        fp.tlongjmp(n)
+    print("restored", fp.chkpt_status(fp.CKPT_TO_STATE) == n, flush=True)
+        """, tmp_path)
+        r = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=30,
+                           env=clean_env())
+        assert r.returncode == 0, (r.returncode, r.stderr[-3000:])
+        assert r.stdout.split() == ["refused", "11", "handled", "1", "restored", "True"], (r.stdout, r.stderr[-3000:])
+    finally:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                os.rmdir(group)                   # once every process of the program is gone
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
 
 # ---- a process limit (ulimit -u) ---------------------------------------------------------------------
