@@ -47,6 +47,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import wrk  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 HANDLERS = ("trivial", "1ms")
@@ -163,18 +166,7 @@ def http_get(port: int, path: str = "/") -> bytes:
 
 # ---- load ---------------------------------------------------------------------------------------
 def run_wrk(port: int, seconds: int, connections: int) -> dict[str, Any]:
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s",
-                          f"http://{HOST}:{port}/"], capture_output=True, text=True,
-                         timeout=seconds + 30).stdout
-    m = re.search(r"Requests/sec:\s*([\d.]+)", out)
-    total = re.search(r"(\d+) requests in", out)
-    errors = re.search(r"Socket errors: (.*)", out)
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if not m:
-        raise RuntimeError(f"could not read wrk's output:\n{out}")
-    return {"rps": float(m.group(1)), "requests": int(total.group(1)) if total else None,
-            "errors": errors.group(1) if errors else None,
-            "non_2xx": int(non2xx.group(1)) if non2xx else 0}
+    return wrk.run_wrk(f"http://{HOST}:{port}/", seconds, connections)
 
 
 async def _py_load(port: int, seconds: float, connections: int) -> dict[str, Any]:
