@@ -36,7 +36,8 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from ._qkeys import DIGEST_HEX, Settings, service_id
 from ._qtable import Entry, Failure, Release
@@ -86,6 +87,9 @@ if gone == 1 then
 end
 return gone
 """
+
+
+_R = TypeVar("_R", Failure, Release)
 
 
 class Garbage(ValueError):
@@ -182,26 +186,27 @@ class Store:
             entries[e.digest] = e
             if key:
                 keys[e.digest] = key
-        failures, releases = [], []
-        for raw in reversed(self.c.lrange(self.logkey, 0, LOG_KEEP - 1)):
-            try:
-                f, key = parse_failure(raw)
-            except Garbage:
-                bad += 1
-                continue
-            failures.append(f)
-            if key:
-                keys.setdefault(f.digest, key)
-        for raw in reversed(self.c.lrange(self.rkey, 0, RELEASES_KEEP - 1)):
-            try:
-                r, key = parse_release(raw)
-            except Garbage:
-                bad += 1
-                continue
-            releases.append(r)
-            if key:
-                keys.setdefault(r.digest, key)
+        failures, bad_failures = self._log(self.logkey, LOG_KEEP, parse_failure, keys)
+        releases, bad_releases = self._log(self.rkey, RELEASES_KEEP, parse_release, keys)
+        bad += bad_failures + bad_releases
         return entries, keys, failures, releases, bad
+
+    def _log(self, name: str, keep: int, parse: Callable[[Any], tuple[_R, str | None]],
+             keys: dict[bytes, str]) -> tuple[list[_R], int]:
+        """The newest ``keep`` records of list ``name``, oldest first, and how many were garbage;
+        the key texts they carry go into ``keys``."""
+        records: list[_R] = []
+        bad = 0
+        for raw in reversed(self.c.lrange(name, 0, keep - 1)):
+            try:
+                record, key = parse(raw)
+            except Garbage:
+                bad += 1
+                continue
+            records.append(record)
+            if key:
+                keys.setdefault(record.digest, key)
+        return records, bad
 
     def expire(self, entries: dict[bytes, Entry], pid: int) -> list[Release]:
         """Remove entries past their time to live (each once, whoever gets there first)."""

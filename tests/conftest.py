@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -105,6 +106,35 @@ def wait_for(pred, timeout: float = 10.0, interval: float = 0.01):
             return v
         time.sleep(interval)
     raise AssertionError("condition not reached in time")
+
+
+def wait_exit(pid: int, timeout: float = 20.0) -> int:
+    """The exit code of child ``pid`` (negative: the signal that ended it). One that has not ended
+    within ``timeout`` is SIGKILLed and reaped, and the test fails."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"process {pid} did not end within {timeout}s")
+
+
+def read_to_eof(fd: int, timeout: float = 20.0) -> bytes:
+    """What a pty's other side writes until it closes (or ``timeout`` passes)."""
+    out = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:          # EIO: every process holding the terminal is gone
+            break
+        if not chunk:
+            break
+        out += chunk
+    return out
 
 
 class Lines:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import clean_env, free_port, http, server_log, start_server, stop_server, wait_for
+from conftest import clean_env, free_port, http, read_to_eof, server_log, start_server, stop_server, wait_for
 
 from forkpoint import operator
 
@@ -229,21 +229,13 @@ def test_ctrl_c_in_a_terminal_stops_every_worker(tmp_path):
         os.chdir(tmp_path)
         os.execve(sys.executable, [sys.executable, "-m", "uvicorn", "--port", str(port), "--workers", "2",
                                    "app:app"], clean_env())
-    out = b""
     try:
         wait_for(lambda: http(port, "/__ready__", timeout=1)[0] == 200, timeout=20)
         assert _get(port, "/crash")[0] == 500
         tree = _tree(pid)
         assert any(psutil.Process(p).name().startswith("fp-") for p in tree)
         os.write(fd, b"\x03")
-        while True:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            out += chunk
+        out = read_to_eof(fd)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0, out.decode(errors="replace")[-3000:]
         wait_for(lambda: _all_gone(tree), timeout=10)

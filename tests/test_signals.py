@@ -16,7 +16,7 @@ import sys
 import time
 
 import pytest
-from conftest import Lines, clean_env, program, start_py, wait_for
+from conftest import Lines, clean_env, program, start_py, wait_exit, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -51,18 +51,6 @@ def _read_until(fd: int, needle: bytes, out: bytearray, timeout: float = 15.0, c
         out += chunk
 
 
-def _wait(pid: int, timeout: float = 20.0) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.01)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    raise AssertionError(f"process {pid} did not end within {timeout}s")
-
-
 def test_a_terminal_hangup_ends_a_session_leader_program(tmp_path):
     """Issue 13.6: when the program is the session leader (ssh -t host prog), a hangup sends SIGHUP
     to it alone, not to its process group. Without forkpoint it dies by SIGHUP; the shepherd took
@@ -78,7 +66,7 @@ def test_a_terminal_hangup_ends_a_session_leader_program(tmp_path):
         _read_until(fd, b"ready", out)
     finally:
         os.close(fd)                     # the terminal hangs up
-    assert _wait(pid) == -signal.SIGHUP
+    assert wait_exit(pid) == -signal.SIGHUP
 
 
 def test_ctrl_c_during_back_to_back_restores_runs_the_handler_once_per_press(tmp_path):
@@ -110,7 +98,7 @@ def test_ctrl_c_during_back_to_back_restores_runs_the_handler_once_per_press(tmp
         stop.write_text("")
         _read_until(fd, b"stopped", out)
     finally:
-        code = _wait(pid)
+        code = wait_exit(pid)
         os.close(fd)
     assert out.count(b"<INT>") == presses, bytes(out[-300:])
     assert code == 0
@@ -152,7 +140,7 @@ def test_ctrl_c_while_a_restored_process_rejoins_the_terminal_is_handled_once(tm
         stop.write_text("")
         _read_until(fd, b"stopped", out)
     finally:
-        code = _wait(pid)
+        code = wait_exit(pid)
         os.close(fd)
     assert out.count(b"<INT>") == 1, bytes(out)
     assert code == 0

@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SQUEEZED_UID, clean_env, program, run_as, run_py, start_py
+from conftest import ROOT, SQUEEZED_UID, clean_env, program, run_as, run_py, start_py, wait_exit
 from test_arena_integrity import run_scenario
 from test_bounds import DYING_MAX, Sampler, _snapshot_pss
 
@@ -368,18 +368,6 @@ def _pump(fd: int, out: bytearray, until, timeout: float) -> bool:
     return True
 
 
-def _reap(pid: int, timeout: float = 20) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.01)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    return -999
-
-
 def test_ctrl_c_during_restores(tmp_path):
     runs, presses = scale(1, 10), scale(100, 300)
     handled = lost = 0
@@ -400,8 +388,10 @@ def test_ctrl_c_during_restores(tmp_path):
             stop.write_text("")
             _pump(fd, out, lambda o=out: b"stopped" in o, 15)
         finally:
-            code = _reap(pid)
-            os.close(fd)
+            try:
+                code = wait_exit(pid)
+            finally:
+                os.close(fd)
         handled += out.count(b"<INT>")
         lost += missed
         assert code == 0
@@ -419,7 +409,7 @@ def test_terminal_hangup_during_restores(tmp_path):
         assert _pump(fd, out, lambda o=out: b"ready" in o, 15)
         time.sleep(random.uniform(0, 0.2))
         os.close(fd)                                 # hang up in the middle of the restores
-        code = _reap(pid)
+        code = wait_exit(pid)
         key = "died by SIGHUP" if code == -signal.SIGHUP else f"exit {code}"
         outcomes[key] = outcomes.get(key, 0) + 1
     report("terminal hangup during restores", runs=runs, outcomes=outcomes)
