@@ -123,6 +123,12 @@ class HistoryRecord(NamedTuple):
 _WD_PAIR = struct.Struct("<QQ")
 
 
+def processing_record(key: str) -> tuple[bytes, int]:
+    """The key as ``Arena.set_processing_record`` stores it: its bytes, and its length and check."""
+    raw = key.encode()[:_PROCESSING_MAX]
+    return raw, len(raw) | zlib.crc32(raw, len(raw)) << 32
+
+
 def _wd_check(raw: int, target: int) -> int:
     return zlib.crc32(_WD_PAIR.pack(raw, target), 0x5744) | 1 << 40      # never 0
 
@@ -225,14 +231,19 @@ class Arena:
 
     # -- the key being processed (written by the live process, read by the shepherd) -------------
     def set_processing(self, key: str | None) -> None:
-        w = _PROCESSING_OFF // 8
         if key is None:
-            self.words[w + 1] = 0
+            self.words[_PROCESSING_OFF // 8 + 1] = 0
             return
-        raw = key.encode()[:_PROCESSING_MAX]
-        self.words[w + 1] = 0
+        self.set_processing_record(processing_record(key))
+
+    def set_processing_record(self, record: tuple[bytes, int]) -> None:
+        """``set_processing`` with the key encoded and checked beforehand (``processing_record``):
+        for a key marked at every step of a coroutine."""
+        raw, word = record
+        w = _PROCESSING_OFF // 8 + 1
+        self.words[w] = 0
         self.map[_PROCESSING_OFF + 16:_PROCESSING_OFF + 16 + len(raw)] = raw
-        self.words[w + 1] = len(raw) | zlib.crc32(raw, len(raw)) << 32    # length and check: one store
+        self.words[w] = word                # length and check: one store
 
     def processing(self) -> str | None:
         word = int(self.words[_PROCESSING_OFF // 8 + 1])
@@ -264,6 +275,31 @@ class Arena:
         self.words[_H_WD_TO] = to
         self.words[_H_WD_CHECK] = _wd_check(raw, to)
         self.words[_H_WD_AT] = raw
+
+    def enter_step(self, record: tuple[bytes, int], seconds: float, target: int) -> bool:
+        """``set_processing_record(record)`` and a deadline ``seconds`` from now, unhandled (as
+        ``watchdog.Deadline``), in one call: for every step of a protected coroutine. False,
+        writing nothing, when a deadline is armed already (the caller takes the general path)."""
+        words = self.words
+        if words[_H_WD_AT]:
+            return False
+        raw, word = record
+        w = _PROCESSING_OFF // 8 + 1
+        words[w] = 0
+        self.map[_PROCESSING_OFF + 16:_PROCESSING_OFF + 16 + len(raw)] = raw
+        words[w] = word
+        at = _Q.unpack(_D.pack(time.monotonic() + seconds))[0]
+        to = target | _WD_UNHANDLED
+        words[_H_WD_TO] = to
+        words[_H_WD_CHECK] = _wd_check(at, to)
+        words[_H_WD_AT] = at
+        return True
+
+    def leave_step(self) -> None:
+        """Undo ``enter_step``: no deadline, no input being processed."""
+        words = self.words
+        words[_H_WD_AT] = 0
+        words[_PROCESSING_OFF // 8 + 1] = 0
 
     def watchdog(self) -> tuple[float, int] | None:
         raw = int(self.words[_H_WD_AT])

@@ -26,6 +26,7 @@ import asyncio
 import gc
 import inspect
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Generator, MutableMapping
 from typing import Any
 
@@ -42,6 +43,7 @@ from ._serving import (
     merge_policy,
     restored_into,
 )
+from .arena import processing_record
 from .recovery import _key, _known
 from .watchdog import Deadline
 
@@ -112,6 +114,17 @@ class _Protected:
         self.eager = False
         self.refused: str | None = None
         self.warned = False
+        self.expiry: _Expiry | None = None
+        self.records: dict[str, tuple[bytes, int]] = {}
+
+    def record_of(self, key: str) -> tuple[bytes, int]:
+        """The key as the arena stores it, encoded and checksummed once per distinct key."""
+        record = self.records.get(key)
+        if record is None:
+            if len(self.records) >= 1024:
+                self.records.clear()
+            record = self.records[key] = processing_record(key)
+        return record
 
     # -- the worker's checkpoint -------------------------------------------------------------------
     def _checked_loop(self) -> str | None:
@@ -119,6 +132,7 @@ class _Protected:
         loop = asyncio.get_running_loop()
         if loop is not self.loop:
             self.loop = loop
+            self.expiry = _Expiry(loop, self.timeout) if self.timeout is not None else None
             self.refused = _asgiloop.unsupported(loop)
             if self.refused:
                 log.error("%s", self.refused)
@@ -213,39 +227,38 @@ class _Protected:
         slot = conn = -1
         if rescue is not None and http:
             conn, slot = self._slot(send, rescue)
-        started = False
+        if slot >= 0:
+            # A plain function returning the server's own awaitable: no coroutine of ours per send.
+            # Whether the response started is the slot's state word (read back below).
+            words, w, started_word = rescue.words, 2 * slot, rescue.STARTED  # type: ignore[union-attr]
 
-        async def tracked_send(message: Message) -> None:
-            nonlocal started
-            if not started and message["type"] == "http.response.start":
-                started = True
-                if slot >= 0:
-                    rescue.started(slot)  # type: ignore[union-attr]
-            await send(message)
+            def app_send(message: Message) -> Awaitable[None]:
+                if message["type"] == "http.response.start":
+                    words[w] = started_word
+                return send(message)
+            began: list[bool] | None = None
+        else:
+            began = []
 
-        steps = _Steps(self.app(scope, receive, tracked_send), k, self)
-        expired: list[bool] = []
-        timer = None
-        if self.timeout is not None:
-            task = asyncio.current_task()
-
-            def expire() -> None:
-                expired.append(True)
-                if task is not None:
-                    task.cancel()
-
-            timer = self.loop.call_later(self.timeout, expire)  # type: ignore[union-attr]
+            def app_send(message: Message) -> Awaitable[None]:
+                if not began and message["type"] == "http.response.start":
+                    began.append(True)
+                return send(message)
+        steps = _Steps(self.app(scope, receive, app_send), self.record_of(k) if self.n else None, self)
+        expiry = self.expiry
+        entry = expiry.add(asyncio.current_task(self.loop)) if expiry is not None else None
         try:
             await steps
         except asyncio.CancelledError:
-            if not expired:
+            if entry is None or not entry.expired:
                 raise
             log.warning("forkpoint: request %r waited longer than %gs: cancelled", k, self.timeout)
+            started = bool(began) if began is not None else int(rescue.words[2 * slot]) == rescue.STARTED  # type: ignore[union-attr]
             if not started and http:
                 await _respond(send, FAILED)
         finally:
-            if timer is not None:
-                timer.cancel()
+            if entry is not None:
+                expiry.done(entry)  # type: ignore[union-attr]
             if slot >= 0 and self.slots.get(conn) == slot:    # (still held: not lost meanwhile)
                 rescue.idle(slot)  # type: ignore[union-attr]
             self.inflight -= 1
@@ -314,23 +327,86 @@ async def _respond(send: Send, what: tuple[str, int, bytes]) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class _Entry:
+    __slots__ = ("at", "task", "expired")
+
+    def __init__(self, at: float, task: asyncio.Task[Any] | None) -> None:
+        self.at = at
+        self.task = task            # None once the request is over
+        self.expired = False
+
+
+class _Expiry:
+    """The ``timeout`` of every request in flight, on one timer of the loop.
+
+    Every request gets the same timeout, so deadlines come in the order requests start: a FIFO
+    whose head is the next to expire, instead of a ``call_later`` handle per request (which costs
+    its creation, a heap push and a cancel). A request that ends is marked over, and the head is
+    trimmed of requests that are over; when a long request holds the head, the queue is compacted
+    once it is mostly requests already over, so it stays proportional to those in flight.
+    """
+
+    __slots__ = ("loop", "timeout", "queue", "live", "handle")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self.loop = loop
+        self.timeout = timeout
+        self.queue: deque[_Entry] = deque()
+        self.live = 0
+        self.handle: asyncio.TimerHandle | None = None
+
+    def add(self, task: asyncio.Task[Any] | None) -> _Entry:
+        entry = _Entry(self.loop.time() + self.timeout, task)
+        self.queue.append(entry)
+        self.live += 1
+        if self.handle is None:
+            self.handle = self.loop.call_at(entry.at, self._due)
+        return entry
+
+    def done(self, entry: _Entry) -> None:
+        if entry.task is None:
+            return
+        entry.task = None
+        self.live -= 1
+        queue = self.queue
+        while queue and queue[0].task is None:
+            queue.popleft()
+        if len(queue) > 64 and len(queue) > 4 * self.live:
+            self.queue = deque(e for e in queue if e.task is not None)
+
+    def _due(self) -> None:
+        self.handle = None
+        queue, now = self.queue, self.loop.time()
+        while queue and (queue[0].task is None or queue[0].at <= now):
+            entry = queue.popleft()
+            task = entry.task
+            if task is not None:
+                entry.task = None
+                entry.expired = True
+                self.live -= 1
+                task.cancel()
+        if queue:
+            self.handle = self.loop.call_at(queue[0].at, self._due)
+
+
 class _Steps:
     """Drive a request's coroutine one step at a time, marking the request as the one running.
 
     Each step (from a resumption to the next suspension) writes the request's key to the arena
     and sets its deadline; both are cleared when the step yields. A crash or a hang inside a step
     is then blamed on this request only, and a restore cuts a step that runs past ``timeout``.
+    The key is encoded and checksummed once per request, not per step.
     """
 
-    __slots__ = ("coro", "key", "deadline", "arena", "timeout", "n")
+    __slots__ = ("coro", "record", "deadline", "arena", "timeout", "n")
 
-    def __init__(self, coro: Any, key: str, owner: _Protected) -> None:
+    def __init__(self, coro: Any, record: tuple[bytes, int] | None, owner: _Protected) -> None:
         self.coro = coro
-        self.key = key
+        self.record = record                # None: before the worker's checkpoint, nothing to mark
+        self.arena = owner.arena
         self.n = owner.n
-        self.timeout = owner.timeout or 0.0
-        self.deadline = Deadline() if owner.timeout is not None and owner.n else None
-        self.arena = owner.arena if owner.n else None
+        self.timeout = owner.timeout
+        self.deadline: Deadline | None = None     # made when a deadline is armed already
 
     def __await__(self) -> Generator[Any, Any, Any]:
         return self  # type: ignore[return-value]
@@ -338,34 +414,41 @@ class _Steps:
     def __iter__(self) -> _Steps:
         return self
 
-    def __next__(self) -> Any:
-        return self.send(None)
-
-    def send(self, value: Any) -> Any:
+    def send(self, value: Any = None) -> Any:
+        record = self.record
+        if record is None:
+            return self.coro.send(value)
         arena = self.arena
-        if arena is None:
-            return self.coro.send(value)
-        arena.set_processing(self.key)
-        deadline = self.deadline
-        if deadline is not None:
-            deadline.set(self.timeout, self.n)
-        try:
-            return self.coro.send(value)
-        finally:
-            if deadline is not None:
-                deadline.clear()
-            arena.set_processing(None)
+        if self.timeout is None:
+            arena.set_processing_record(record)
+            try:
+                return self.coro.send(value)
+            finally:
+                arena.set_processing(None)
+        if arena.enter_step(record, self.timeout, self.n):      # no deadline was armed
+            try:
+                return self.coro.send(value)
+            finally:
+                arena.leave_step()
+        return self._nested(self.coro.send, value)
+
+    __next__ = send     # (value None: the loop resumes a task with next())
 
     def throw(self, *exc: Any) -> Any:
-        arena = self.arena
-        if arena is None:
+        if self.record is None:
             return self.coro.throw(*exc)
-        arena.set_processing(self.key)
-        deadline = self.deadline
-        if deadline is not None:
+        return self._nested(self.coro.throw, *exc)
+
+    def _nested(self, step: Callable[..., Any], *args: Any) -> Any:
+        """A step with a deadline armed already (a ``watchdog()`` around the loop), or a throw."""
+        arena = self.arena
+        arena.set_processing_record(self.record)
+        deadline = None
+        if self.timeout is not None:
+            deadline = self.deadline = self.deadline or Deadline()
             deadline.set(self.timeout, self.n)
         try:
-            return self.coro.throw(*exc)
+            return step(*args)
         finally:
             if deadline is not None:
                 deadline.clear()
