@@ -25,13 +25,14 @@ from typing import Any
 
 from . import snapshots
 from ._errors import ConfigurationError
+from .arena import processing_record
 from .persist import persist
 from .snapshots import FATAL_SIGNALS
 
 log = logging.getLogger("forkpoint")
 
-__all__ = ["FAILED", "MODES", "REFUSED", "Refresh", "Rescue", "check_common", "is_async", "key_from",
-           "merge_policy", "raw_response", "restored_into"]
+__all__ = ["FAILED", "MODES", "REFUSED", "Records", "Refresh", "Rescue", "check_common", "is_async",
+           "key_from", "merge_policy", "raw_response", "restored_into"]
 
 MODES = ("transaction", "restart")
 MAX_KEY = 200           # bytes; longer keys keep a prefix and a digest (the arena keeps 256)
@@ -249,3 +250,20 @@ class Refresh:
 
     def mark(self) -> None:
         self.taken = time.monotonic()
+
+
+class Records:
+    """Request keys as the arena stores them (``Arena.enter_step``): encoded and checksummed once
+    per distinct key, not on every request; at most ``cap`` kept (then forgotten all at once)."""
+
+    def __init__(self, cap: int = 1024) -> None:
+        self.cap = cap
+        self.known: dict[str, tuple[bytes, int]] = {}
+
+    def __call__(self, key: str) -> tuple[bytes, int]:
+        record = self.known.get(key)
+        if record is None:
+            if len(self.known) >= self.cap:
+                self.known.clear()
+            record = self.known[key] = processing_record(key)
+        return record

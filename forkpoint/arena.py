@@ -277,22 +277,23 @@ class Arena:
         self.words[_H_WD_AT] = raw
 
     def enter_step(self, record: tuple[bytes, int], seconds: float, target: int) -> bool:
-        """``set_processing_record(record)`` and a deadline ``seconds`` from now, unhandled (as
-        ``watchdog.Deadline``), in one call: for every step of a protected coroutine. False,
-        writing nothing, when a deadline is armed already (the caller takes the general path)."""
+        """``set_processing_record(record)`` and, unless ``seconds`` is 0, a deadline ``seconds``
+        from now, unhandled (as ``watchdog.Deadline``), in one call: for every request and every
+        step of a protected coroutine. False, writing nothing, when an input is being processed
+        or a deadline is armed already (the caller then takes the general path, which nests)."""
         words = self.words
-        if words[_H_WD_AT]:
+        w = _PROCESSING_OFF // 8 + 1
+        if words[_H_WD_AT] or words[w]:
             return False
         raw, word = record
-        w = _PROCESSING_OFF // 8 + 1
-        words[w] = 0
         self.map[_PROCESSING_OFF + 16:_PROCESSING_OFF + 16 + len(raw)] = raw
         words[w] = word
-        at = _Q.unpack(_D.pack(time.monotonic() + seconds))[0]
-        to = target | _WD_UNHANDLED
-        words[_H_WD_TO] = to
-        words[_H_WD_CHECK] = _wd_check(at, to)
-        words[_H_WD_AT] = at
+        if seconds:
+            at = _Q.unpack(_D.pack(time.monotonic() + seconds))[0]
+            to = target | _WD_UNHANDLED
+            words[_H_WD_TO] = to
+            words[_H_WD_CHECK] = _wd_check(at, to)
+            words[_H_WD_AT] = at
         return True
 
     def leave_step(self) -> None:

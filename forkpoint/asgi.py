@@ -35,6 +35,7 @@ from ._runtime import runtime
 from ._serving import (
     FAILED,
     REFUSED,
+    Records,
     Refresh,
     Rescue,
     check_common,
@@ -43,7 +44,6 @@ from ._serving import (
     merge_policy,
     restored_into,
 )
-from .arena import processing_record
 from .recovery import _key, _known
 from .watchdog import Deadline
 
@@ -115,16 +115,7 @@ class _Protected:
         self.refused: str | None = None
         self.warned = False
         self.expiry: _Expiry | None = None
-        self.records: dict[str, tuple[bytes, int]] = {}
-
-    def record_of(self, key: str) -> tuple[bytes, int]:
-        """The key as the arena stores it, encoded and checksummed once per distinct key."""
-        record = self.records.get(key)
-        if record is None:
-            if len(self.records) >= 1024:
-                self.records.clear()
-            record = self.records[key] = processing_record(key)
-        return record
+        self.record_of = Records()
 
     # -- the worker's checkpoint -------------------------------------------------------------------
     def _checked_loop(self) -> str | None:

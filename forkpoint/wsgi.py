@@ -27,10 +27,12 @@ from typing import Any
 
 from . import snapshots
 from ._errors import Quarantined, Recovered
+from ._runtime import runtime
 from ._serving import (
     FAILED,
     MODES,
     REFUSED,
+    Records,
     Refresh,
     Rescue,
     check_common,
@@ -40,7 +42,7 @@ from ._serving import (
     restored_into,
 )
 from .checkpointed import checkpointed
-from .recovery import _key, is_quarantined, mark, unmark
+from .recovery import _key, _known, is_quarantined, mark, unmark
 from .watchdog import Deadline
 
 log = logging.getLogger("forkpoint")
@@ -93,6 +95,12 @@ def _freeze() -> None:
     servers, ``gc.freeze()`` moves them to the permanent generation that later collections skip.
     """
     gc.freeze()
+
+
+def _file_wrapper(environ: dict[str, Any]) -> tuple[type, ...]:
+    """The server's ``wsgi.file_wrapper`` class, as an isinstance() argument (empty if none)."""
+    wrapper = environ.get("wsgi.file_wrapper")
+    return (wrapper,) if isinstance(wrapper, type) else ()
 
 
 def _answer(start_response: StartResponse, what: tuple[str, int, bytes]) -> list[bytes]:
@@ -197,6 +205,8 @@ class _Restart(_Base):
         self.rescue: Rescue | None = None
         self.refresh = Refresh(refresh)
         self.deadline = Deadline()
+        self.record_of = Records()
+        self.arena: Any = None
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         k = self.key(environ)
@@ -210,23 +220,28 @@ class _Restart(_Base):
                 if failed_here:
                     return _answer(start_response, FAILED)
                 raise _Abandon("forkpoint: restored into a request that was answered before")
-        try:
-            marked = mark(k)
-        except Quarantined:
+        arena = self.arena
+        if k in _known.keys_of(arena):
             return _answer(start_response, REFUSED)
+        # The request's key (and deadline) in the arena: one call, unless an enclosing one is there
+        marked: Any = None
+        if not arena.enter_step(self.record_of(k), self.timeout or 0.0, self.n):
+            try:
+                marked = mark(k)
+            except Quarantined:
+                return _answer(start_response, REFUSED)
+            if self.timeout is not None:
+                self.deadline.set(self.timeout, self.n)
         sock = environ.get("gunicorn.socket")
         rescue = self.rescue
         assert rescue is not None
         slot = rescue.hold(sock.fileno() if sock is not None else -1, seq)
-        if self.timeout is not None:
-            self.deadline.set(self.timeout, self.n)
         try:
             result = self.app(environ, start_response)
         except BaseException:
             self._done(marked, slot)
             raise
-        wrapper = environ.get("wsgi.file_wrapper")
-        if isinstance(result, (list, tuple)) or (isinstance(wrapper, type) and isinstance(result, wrapper)):
+        if type(result) is list or isinstance(result, tuple) or isinstance(result, _file_wrapper(environ)):
             self._done(marked, slot)            # the application's part is over
             if self.refresh.due():
                 return _Closing(self, result, None, None)
@@ -234,9 +249,12 @@ class _Restart(_Base):
         return _Closing(self, result, marked, slot)
 
     def _done(self, marked: Any, slot: int) -> None:
-        if self.timeout is not None:
-            self.deadline.clear()
-        unmark(marked)
+        if marked is None:
+            self.arena.leave_step()
+        else:
+            if self.timeout is not None:
+                self.deadline.clear()
+            unmark(marked)
         assert self.rescue is not None
         self.rescue.release(slot)
 
@@ -251,6 +269,7 @@ class _Restart(_Base):
         if self.rescue is None:
             self.rescue = Rescue(1, "wsgi-inflight")
         self.n = snapshots.tsetjmp(pin=True)
+        self.arena = runtime().arena
         self.refresh.mark()
         log.info("forkpoint: worker checkpoint %d taken before request %d", self.n, seq)
         if not restored_into(self.n):
