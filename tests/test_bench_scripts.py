@@ -83,13 +83,14 @@ def test_servers_quick(tmp_path):
     data = json.loads(out.read_text())
     assert data["client"] == "python" and data["leaked"] == []
     rows = {(row["server"], row["mode"]): row for row in data["rows"]}
-    assert set(rows) == {("gunicorn", "plain"), ("gunicorn", "restart"), ("gunicorn", "transaction"),
-                         ("uvicorn", "plain"), ("uvicorn", "restart")}
+    assert set(rows) == {("gunicorn", "plain"), ("gunicorn", "restart"), ("gunicorn", "restart-defaults"),
+                         ("gunicorn", "transaction"), ("uvicorn", "plain"), ("uvicorn", "restart"),
+                         ("uvicorn", "restart-defaults")}
     for row in rows.values():
         assert row["rps_median"] > 0 and row["ratio"] > 0 and row["non_2xx"] == 0, row
     assert rows[("gunicorn", "plain")]["ratio"] == 1.0
     assert set(data["percall"]) >= {"@checkpointed", "@checkpointed(timeout=, key=)",
-                                    "WSGI request, restart mode, timeout="}
+                                    "WSGI request, restart mode, timeout=", "ASGI request, protected"}
 
 
 @pytest.mark.timeout(120)
