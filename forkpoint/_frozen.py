@@ -40,7 +40,7 @@ class Role(enum.Enum):
 class Saved:
     """What a snapshot must put back when it wakes, beyond its memory."""
 
-    mask: Any
+    mask: Any                        # the signal mask as a set of numbers (``_sigutil.block_all_set``)
     offsets: dict[int, int]
     itimer: tuple[float, float]
     key: str | None = None
@@ -274,7 +274,7 @@ def resume(rt: _Runtime, saved: Saved, wake: _channel.Wake) -> None:
         # and they are handled here, before program code runs (which could crash at once and
         # take them along).
         _channel.recv(rt.chan)
-    _sigutil.restore_mask(saved.mask)
+    _sigutil.set_mask(saved.mask)
     # A recovery is worth a warning; a plain tlongjmp() is the program's own control flow.
     level = logging.INFO if rt.sigtype == 0 and rt.reason == "tlongjmp" else logging.WARNING
     if log.isEnabledFor(level):
