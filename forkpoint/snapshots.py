@@ -135,7 +135,7 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int
     global _held
     _held = saved                       # freed at the next checkpoint, not on the way out of this one
     saved.mask = _sigutil.block_all_set()   # from the announcement to the fork, nothing interrupts
-    _channel.send(rt.chan, _channel.Snap(n, bool(pin), spares, key, deadline))
+    rt.chan.send(_channel.encode_snap(n, bool(pin), spares, key, deadline))
     try:
         pid = _clone.clone(True, keeper.buf)
     except BaseException as e:
@@ -335,7 +335,7 @@ def end_transaction(n: int, current: int) -> None:
     old = _sigutil.block_all_set()   # both or neither: the shepherd's current state must follow ours
     try:
         rt.current = current
-        _channel.send(rt.chan, _channel.Discard(n, quiet=True, current=current))
+        rt.chan.send(_channel.encode_commit(n, current))
     finally:
         _sigutil.set_mask(old)
     # Kill the keeper ourselves rather than wait for the shepherd to: until it is gone, every page
