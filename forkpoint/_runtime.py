@@ -80,6 +80,7 @@ class _Runtime:
         self.chan: Any = None
         self.shepherd_pid = 0
         self.owner_pid = 0
+        self.caller = (0, 0)            # (thread ident, real pid) that check_caller() last passed
         self.pgid = 0
         self.comm = ""
         self.current = 0
@@ -108,12 +109,19 @@ class _Runtime:
         return self.chan is not None
 
     def check_caller(self) -> None:
+        # The last caller that passed, by thread and real pid: the same thread of the same process
+        # is still the live process's main thread (a copy has another pid). tsetjmp() asks on every
+        # protected call, where each page touched is copied: the full check touched about 12.
+        if _get_ident() == self.caller[0] and _real_getpid() == self.caller[1]:
+            return
         if threading.current_thread() is not threading.main_thread():
             raise WrongThread("forkpoint checkpoints can only be taken and restored from the main thread")
-        if self.started and _identity.real_pid() != self.owner_pid:
-            raise ForkpointError(
-                f"process {_identity.real_pid()} is a child the program forked; only the program's "
-                "live process can use its checkpoints")
+        if self.started:
+            if _identity.real_pid() != self.owner_pid:
+                raise ForkpointError(
+                    f"process {_identity.real_pid()} is a child the program forked; only the program's "
+                    "live process can use its checkpoints")
+            self.caller = (_get_ident(), self.owner_pid)
 
     def check_threads(self, allow: bool | None) -> None:
         allow = self.config.allow_threads if allow is None else allow
@@ -261,7 +269,7 @@ class _Runtime:
         if fd < 0:          # no pidfd (a kernel before 5.2): the shepherd kills it alone
             return
         try:
-            signal.pidfd_send_signal(fd, signal.SIGKILL)
+            signal.pidfd_send_signal(fd, _SIGKILL)
         except OSError:
             os.close(fd)
             return
@@ -336,6 +344,9 @@ class _Runtime:
 
 
 _rt = _Runtime()
+_get_ident = threading.get_ident
+_SIGKILL = int(signal.SIGKILL)      # a plain int: an enum member is one more page touched per commit
+_real_getpid = _identity._real_getpid
 
 
 def _not_gone(killed: list[tuple[int, int]]) -> list[tuple[int, int]]:
