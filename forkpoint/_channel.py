@@ -308,6 +308,29 @@ def encode(msg: Message) -> bytes:
     return "".join(parts).encode()
 
 
+# The two messages of every protected call, formatted in one operation each: ``Snap`` right before
+# tsetjmp()'s fork and the committing ``Discard`` while the call's keeper still shares every page,
+# so that each page they touch is copied. ``encode()`` builds a dataclass and walks its fields
+# (timed in a gunicorn worker: 60 us for the commit's send to a socket nobody waited on, 75 us to the
+# shepherd). Byte for byte what ``encode`` produces (tests/test_core.py checks it); anything but
+# the plain types goes through ``encode``.
+def encode_snap(n: int, pin: bool, spares: int, key: str | None, deadline: float) -> bytes:
+    """``encode(Snap(n, pin, spares, key, deadline))``."""
+    if (type(n) is int and type(pin) is bool and type(spares) is int and type(deadline) is float
+            and deadline == deadline and deadline not in _INFINITIES and (key is None or type(key) is str)):
+        return b'{"op":"snap","n":%d,"pin":%s,"spares":%d,"key":%s,"deadline":%r}' % (
+            n, b"true" if pin else b"false", spares, b"null" if key is None else _quote(key).encode(),
+            deadline)
+    return encode(Snap(n, pin, spares, key, deadline))
+
+
+def encode_commit(n: int, current: int) -> bytes:
+    """``encode(Discard(n, quiet=True, current=current))``."""
+    if type(n) is int and type(current) is int:
+        return b'{"op":"discard","n":%d,"quiet":true,"current":%d}' % (n, current)
+    return encode(Discard(n, quiet=True, current=current))
+
+
 def decode(data: bytes) -> Message:
     try:
         text = data.decode()

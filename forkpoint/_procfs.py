@@ -260,8 +260,16 @@ def file_offsets() -> dict[int, int]:
     read-write, or append) keeps the offset the rolled-back process left: a rewind would make the
     restored process's next write overwrite bytes already written (a log, a temporary file).
     """
+    return open_files()[0]
+
+
+def open_files() -> tuple[dict[int, int], int]:
+    """``file_offsets()``, and how many descriptors this process has open (the listing's own not
+    counted): ``tsetjmp()`` knows from that count, without a system call more, that the keeper will
+    have room for its channel."""
     out = {}
-    for name in os.listdir("/proc/self/fd"):
+    names = os.listdir("/proc/self/fd")
+    for name in names:
         fd = int(name)
         try:   # tsetjmp() waits for this: the type is checked first, so no pipe or socket raises
             if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
@@ -270,7 +278,7 @@ def file_offsets() -> dict[int, int]:
                 out[fd] = os.lseek(fd, 0, os.SEEK_CUR)
         except OSError:     # closed meanwhile (the directory's own descriptor)
             continue
-    return out
+    return out, len(names) - 1
 
 
 def open_fd_count() -> int:

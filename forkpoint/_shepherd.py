@@ -97,6 +97,10 @@ class Proc:
     n: int
     chan: socket.socket | None
     lived: bool = False           # has run program code: its channel carries keepers' hellos
+    # A keeper that may have forked a spare: one of a checkpoint taken with spares, or asked for a
+    # copy. Only such a keeper's unreported forks are looked for when it is killed (_kill_forks:
+    # a read of the kernel's child lists and of each child's stat, on every committed transaction).
+    may_fork: bool = False
     forwarded: set[int] = field(default_factory=set)   # signals the shepherd sent it
     held: bool = False            # woken with Wake.hold: it waits for an Ok after its Up
     reported_pending: int | None = None   # its pending signals as its Restore gave them
@@ -389,7 +393,7 @@ class Shepherd:
             pass
         if not proc.lived:   # a live process's keepers may still introduce themselves on its channel
             self._close(proc)
-        if was_keeper:
+        if was_keeper and proc.may_fork:
             self._kill_forks(proc)
         self._update_throttle()
 
@@ -890,6 +894,7 @@ class Shepherd:
             self._discard(n, "its keeper died before it introduced itself")
             return
         keeper = self._add(pid, Role.KEEPER, n, socket.socket(fileno=fds[0]))
+        keeper.may_fork = ck is None or ck.want_spares > 0      # it forks those unasked, at once
         if ck is None or not ck.awaiting:
             self._retire(keeper)
             return
@@ -1339,6 +1344,7 @@ class Shepherd:
             return
         self._keeper_urgent(ck, True)
         if not ck.forking and not self.throttled:     # else asked again when the throttle lifts
+            keeper.may_fork = True
             if self._send(keeper, _channel.Fork()):
                 ck.forking += 1
             # else its channel is gone: it is dying, and its death (reaped) decides what comes next
@@ -1420,6 +1426,7 @@ class Shepherd:
         if self.ckpts.get(ck.n) is not ck or ck.keeper is None or ck.awaiting or self.throttled:
             return
         if len(ck.spares) + ck.forking < ck.want_spares:
+            ck.keeper.may_fork = True
             if self._send(ck.keeper, _channel.Fork()):
                 ck.forking += 1
 

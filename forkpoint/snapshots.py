@@ -11,6 +11,7 @@ import fcntl
 import gc
 import logging
 import os
+import resource
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -115,17 +116,17 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int
     n = rt.arena.take_id()
     _sigutil.flush_stdio()
     try:
-        offsets = _procfs.file_offsets()
+        offsets, open_fds = _procfs.open_files()
     except OSError as e:
         raise resource_error(f"could not take checkpoint {n}: cannot read /proc/self/fd", e) from e
-    saved = Saved(mask=_sigutil.new_mask(), offsets=offsets,
+    saved = Saved(mask=None, offsets=offsets,
                   itimer=signal.getitimer(signal.ITIMER_REAL), key=rt.arena.processing(),
                   loop=_eventloop.running_loop())
     # The shepherd hears of the checkpoint before the fork: after it, every page this process
     # writes is copied on first write, so the parent's side of the fork restores its signal mask
     # and records the current state, nothing more: the keeper's pidfd is written by clone(2)
     # itself. The keeper introduces itself (pid and channel) from its own side.
-    if not _room_for_keeper(rt):      # checked first: the previous keeper's pidfd is kept on refusal
+    if not _room_for_keeper(rt, open_fds):  # first: the previous keeper's pidfd is kept on refusal
         raise resource_error(f"could not take checkpoint {n}: no two free descriptors for the keeper's "
                              "channel", OSError(errno.EMFILE, os.strerror(errno.EMFILE)))
     # A failed clone below loses the previous keeper's pidfd: a transaction's commit then leaves
@@ -133,13 +134,13 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int
     keeper = rt.expect_keeper(n)
     global _held
     _held = saved                       # freed at the next checkpoint, not on the way out of this one
-    _sigutil.block_all(saved.mask)      # from the announcement to the fork, nothing interrupts
-    _channel.send(rt.chan, _channel.Snap(n, bool(pin), spares, key, deadline))
+    saved.mask = _sigutil.block_all_set()   # from the announcement to the fork, nothing interrupts
+    rt.chan.send(_channel.encode_snap(n, bool(pin), spares, key, deadline))
     try:
         pid = _clone.clone(True, keeper.buf)
     except BaseException as e:
         rt.forget_keeper()
-        _sigutil.restore_mask(saved.mask)
+        _sigutil.set_mask(saved.mask)
         _channel.send(rt.chan, _channel.Discard(n, quiet=True, current=rt.current))
         if isinstance(e, OSError):
             raise resource_error(f"could not take checkpoint {n}: the fork failed", e) from e
@@ -147,21 +148,27 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int
     if pid == 0:
         resume(rt, saved, frozen(rt, n, spares, saved, _warm_restore_path))
         return n
-    _sigutil.restore_mask(saved.mask)
-    keeper.pid = pid
+    keeper.pid = pid        # before the mask: a handler that raises there finds the state recorded
     rt.current = n
+    _sigutil.set_mask(saved.mask)
     return n
 
 
-def _room_for_keeper(rt: _Runtime) -> bool:
+def _room_for_keeper(rt: _Runtime, open_fds: int) -> bool:
     """Whether a keeper forked now could make its channel: two free descriptors below the limit.
 
     The keeper's table is ours as it is at the fork, and its channel is a socket pair. Asked before
-    the fork with two dups (after it, every page the parent touches is a copy-on-write fault), and
-    while the previous keeper's pidfd is still open, so a refusal leaves that pidfd alone; the new
-    keeper's pidfd, made by the clone, takes a slot in the parent only.
+    the fork (after it, every page the parent touches is a copy-on-write fault), and while the
+    previous keeper's pidfd is still open, so a refusal leaves that pidfd alone; the new keeper's
+    pidfd, made by the clone, takes a slot in the parent only. With ``open_fds`` descriptors open,
+    at least ``limit - open_fds`` slots below the limit are free, which settles it without a system
+    call in the usual case; only near the limit (or with descriptors above a lowered limit) is it
+    asked with two dups.
     """
     assert rt.chan is not None
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY or soft - open_fds >= 2:
+        return True
     got = []
     try:
         for _ in range(2):
@@ -325,12 +332,12 @@ def end_transaction(n: int, current: int) -> None:
     go back to is again the one before the call.
     """
     rt = _rt
-    old = _sigutil.block_all()       # both or neither: the shepherd's current state must follow ours
+    old = _sigutil.block_all_set()   # both or neither: the shepherd's current state must follow ours
     try:
         rt.current = current
-        _channel.send(rt.chan, _channel.Discard(n, quiet=True, current=current))
+        rt.chan.send(_channel.encode_commit(n, current))
     finally:
-        _sigutil.restore_mask(old)
+        _sigutil.set_mask(old)
     # Kill the keeper ourselves rather than wait for the shepherd to: until it is gone, every page
     # this process writes is still copied (measured: +40% requests/s for a trivial handler).
     rt.kill_keeper(n)

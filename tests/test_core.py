@@ -576,3 +576,18 @@ def test_a_crash_loop_keeps_no_spare_beyond_the_number_asked_for(tmp_path):
     most, now = r.stdout.split()[1], r.stdout.split(" now ")[1].strip()
     assert int(most) <= 1, r.stdout
     assert now == "[1]", r.stdout
+
+
+@pytest.mark.parametrize("args", [
+    (5, False, 0, "GET /", 123.456), (7, True, 1, None, 0.0), (1, False, 0, 'k"\\\u00e9\n', 1e20),
+    (2, False, 0, None, float("inf")), (3, False, 0, None, 5), (4, False, 2, "x" * 64, -0.0)])
+def test_the_hot_messages_are_encoded_byte_for_byte_as_encode_does(args):
+    """tsetjmp()'s Snap and a committing call's Discard are formatted in one operation each (fewer
+    pages touched while the keeper shares them); the shepherd must read exactly what encode() writes."""
+    from forkpoint import _channel
+    assert _channel.encode_snap(*args) == _channel.encode(_channel.Snap(*args))
+    if args[4] == args[4] and abs(args[4]) != float("inf"):
+        assert _channel.decode(_channel.encode_snap(*args)) == _channel.Snap(*args)
+    n, current = args[0] * 10**9, args[2]
+    assert _channel.encode_commit(n, current) == _channel.encode(_channel.Discard(n, quiet=True, current=current))
+    assert _channel.decode(_channel.encode_commit(n, current)) == _channel.Discard(n, quiet=True, current=current)

@@ -115,7 +115,7 @@ def test_ctrl_c_inside_release_desynchronises_current_state(tmp_path):
         return x + 1
 
     src, first = inspect.getsourcelines(snapshots.end_transaction)
-    target = first + next(i for i, l in enumerate(src) if "_channel.send" in l)
+    target = first + next(i for i, l in enumerate(src) if "_channel.encode_commit" in l)
     me = os.getpid()
     def local(frame, event, arg):
         if event == "line" and frame.f_lineno == target and os.getpid() == me:
