@@ -235,11 +235,28 @@ class _Protected:
                 if not began and message["type"] == "http.response.start":
                     began.append(True)
                 return send(message)
-        steps = _Steps(self.app(scope, receive, app_send), self.record_of(k) if self.n else None, self)
+        coro = self.app(scope, receive, app_send)
         expiry = self.expiry
         entry = expiry.add(asyncio.current_task(self.loop)) if expiry is not None else None
         try:
-            await steps
+            if not self.n:
+                await coro
+            else:
+                # The first step runs here, marked; most requests end in it, and only one that
+                # suspends needs _Steps for the steps after.
+                record = self.record_of(k)
+                arena = self.arena
+                if arena.enter_step(record, self.timeout or 0.0, self.n):
+                    try:
+                        pending = coro.send(None)
+                    except StopIteration:
+                        pending = _DONE
+                    finally:
+                        arena.leave_step()
+                    if pending is not _DONE:
+                        await _Steps(coro, record, self, pending)
+                else:
+                    await _Steps(coro, record, self)
         except asyncio.CancelledError:
             if entry is None or not entry.expired:
                 raise
@@ -318,6 +335,9 @@ async def _respond(send: Send, what: tuple[str, int, bytes]) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+_DONE = object()        # a coroutine's first step returned (or: nothing pending)
+
+
 class _Entry:
     __slots__ = ("at", "task", "expired")
 
@@ -389,15 +409,16 @@ class _Steps:
     The key is encoded and checksummed once per request, not per step.
     """
 
-    __slots__ = ("coro", "record", "deadline", "arena", "timeout", "n")
+    __slots__ = ("coro", "record", "deadline", "arena", "timeout", "n", "pending")
 
-    def __init__(self, coro: Any, record: tuple[bytes, int] | None, owner: _Protected) -> None:
+    def __init__(self, coro: Any, record: tuple[bytes, int], owner: _Protected, pending: Any = _DONE) -> None:
         self.coro = coro
-        self.record = record                # None: before the worker's checkpoint, nothing to mark
+        self.record = record
         self.arena = owner.arena
         self.n = owner.n
         self.timeout = owner.timeout
         self.deadline: Deadline | None = None     # made when a deadline is armed already
+        self.pending = pending      # what the coroutine's first step (run by the caller) yielded
 
     def __await__(self) -> Generator[Any, Any, Any]:
         return self  # type: ignore[return-value]
@@ -406,17 +427,12 @@ class _Steps:
         return self
 
     def send(self, value: Any = None) -> Any:
-        record = self.record
-        if record is None:
-            return self.coro.send(value)
+        pending = self.pending
+        if pending is not _DONE:
+            self.pending = _DONE
+            return pending
         arena = self.arena
-        if self.timeout is None:
-            arena.set_processing_record(record)
-            try:
-                return self.coro.send(value)
-            finally:
-                arena.set_processing(None)
-        if arena.enter_step(record, self.timeout, self.n):      # no deadline was armed
+        if arena.enter_step(self.record, self.timeout or 0.0, self.n):    # nothing enclosing
             try:
                 return self.coro.send(value)
             finally:
@@ -426,8 +442,7 @@ class _Steps:
     __next__ = send     # (value None: the loop resumes a task with next())
 
     def throw(self, *exc: Any) -> Any:
-        if self.record is None:
-            return self.coro.throw(*exc)
+        self.pending = _DONE
         return self._nested(self.coro.throw, *exc)
 
     def _nested(self, step: Callable[..., Any], *args: Any) -> Any:
