@@ -296,8 +296,8 @@ def main() -> int:
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "latest.json"))
     p.add_argument("--plot", default=str(ROOT / "docs" / "benchmarks.png"))
-    p.add_argument("--note", default="Other work (another engineer's test runs) ran on the machine at "
-                   "the same time; the min column is the least disturbed figure.")
+    p.add_argument("--note", default="No note on the machine's load was given (run_all.py --note).",
+                   help="a line about what else ran on the machine, for the record")
     p.add_argument("--from-json", metavar="FILE", help="only render FILE (figures of an earlier run)")
     p.add_argument("--no-server-persist", action="store_true",
                    help="skip throughput.py, persist_bench.py and crash_recovery.py (about 2 min)")
