@@ -235,7 +235,7 @@ class _Protected:
                 if not began and message["type"] == "http.response.start":
                     began.append(True)
                 return send(message)
-        coro = self.app(scope, receive, app_send)
+        coro: Any = self.app(scope, receive, app_send)     # a coroutine (driven by hand below)
         expiry = self.expiry
         entry = expiry.add(asyncio.current_task(self.loop)) if expiry is not None else None
         try:
