@@ -406,7 +406,8 @@ class _Steps:
     Each step (from a resumption to the next suspension) writes the request's key to the arena
     and sets its deadline; both are cleared when the step yields. A crash or a hang inside a step
     is then blamed on this request only, and a restore cuts a step that runs past ``timeout``.
-    The key is encoded and checksummed once per request, not per step.
+    The request's first step is run by ``_Protected.__call__`` itself (most requests end there);
+    ``pending`` is what it yielded, handed to the loop before the coroutine is resumed here.
     """
 
     __slots__ = ("coro", "record", "deadline", "arena", "timeout", "n", "pending")
