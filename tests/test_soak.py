@@ -292,6 +292,7 @@ def test_ulimit_u_squeeze(tmp_path):
     cannot be forked are refused (ResourceExhausted) and the program goes on."""
     runs, rounds = scale(3, 24), scale(30, 200)
     outcomes: dict[str, int] = {}
+    ended_at: dict[str, int] = {}       # free process slots of the runs that ended -> how many
     totals = {"rounds": 0, "recoveries": 0, "refused": 0}
     for run in range(runs):
         extra = 1 + run % 4
@@ -300,9 +301,11 @@ def test_ulimit_u_squeeze(tmp_path):
         outcome, figures = _classify(r.returncode, r.stdout, r.stderr)
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
         assert not outcome.startswith("ENDED"), (extra, outcome, r.stderr[-3000:])
+        if outcome.startswith("ended"):
+            ended_at[str(extra)] = ended_at.get(str(extra), 0) + 1
         for k in totals:
             totals[k] += figures.get(k, 0)
-    report("ulimit -u", runs=runs, outcomes=outcomes, **totals)
+    report("ulimit -u", runs=runs, outcomes=outcomes, ended_by_free_slots=ended_at, **totals)
 
 
 SQUEEZE_NOFILE = '''
