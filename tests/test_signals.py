@@ -14,6 +14,7 @@ import select
 import signal
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import Lines, clean_env, program, start_py, wait_exit, wait_for
@@ -49,6 +50,13 @@ def _read_until(fd: int, needle: bytes, out: bytearray, timeout: float = 15.0, c
         if not chunk:
             raise AssertionError(f"pty closed before {needle!r}; output: {bytes(out[-500:])!r}")
         out += chunk
+
+
+def _stop(fd: int, stop: Path, out: bytearray) -> None:
+    """Give a duplicate Ctrl-C, if any, time to be handled, then end the program (its stop file)."""
+    time.sleep(0.5)
+    stop.write_text("")
+    _read_until(fd, b"stopped", out)
 
 
 def test_a_terminal_hangup_ends_a_session_leader_program(tmp_path):
@@ -94,9 +102,7 @@ def test_ctrl_c_during_back_to_back_restores_runs_the_handler_once_per_press(tmp
             time.sleep(random.uniform(0, 0.003))     # a random moment of the restore loop
             os.write(fd, b"\x03")
             _read_until(fd, b"<INT>", out, count=i + 1)
-        time.sleep(0.5)                  # a duplicate, if any, would be handled by now
-        stop.write_text("")
-        _read_until(fd, b"stopped", out)
+        _stop(fd, stop, out)
     finally:
         code = wait_exit(pid)
         os.close(fd)
@@ -136,9 +142,7 @@ def test_ctrl_c_while_a_restored_process_rejoins_the_terminal_is_handled_once(tm
         _read_until(fd, b"<PAUSE>", out)
         os.write(fd, b"\x03")
         _read_until(fd, b"<INT>", out)
-        time.sleep(0.5)                  # a duplicate, if any, would be handled by now
-        stop.write_text("")
-        _read_until(fd, b"stopped", out)
+        _stop(fd, stop, out)
     finally:
         code = wait_exit(pid)
         os.close(fd)
