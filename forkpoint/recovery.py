@@ -35,7 +35,8 @@ def _lookup() -> Lookup:
 
 
 class _Known:
-    """For the protected-call paths (``@checkpointed``, ``asgi``): ``key in _known.keys_of(arena)``."""
+    """For the protected-call paths (``@checkpointed``, ``wsgi``, ``asgi``):
+    ``not quiet() and key in _known.keys_of(arena)`` (``_qlookup.QUIET``)."""
 
     def keys_of(self, arena: Arena) -> Lookup:
         return lookup(runtime().quarantine_settings(), arena)

@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from . import _channel, _clone, _eventloop, _procfs, _qkeys, _sigutil
+from . import _channel, _clone, _eventloop, _procfs, _qkeys, _qlookup, _sigutil
 from ._errors import ConfigurationError, NoSuchCheckpoint, resource_error
 from ._frozen import Saved, frozen, resume
 from ._runtime import _Runtime, runtime
@@ -379,6 +379,7 @@ def configure(**settings: Any) -> None:
         setattr(rt.config, key, _qkeys.parse_ttl(value) if key == "quarantine_ttl" else value)
     if any(k in _QUARANTINE_SETTINGS for k in settings) and not rt.started:
         rt.qsettings = None                # resolved again at the next use
+        _qlookup.forget()                  # (and its lookup made afresh)
     if rt.started:
         if "quarantine_ttl" in settings:
             assert rt.qsettings is not None

@@ -42,6 +42,45 @@ def test_poisoned_input_is_quarantined_and_everything_else_served_once_in_order(
     assert lines[7] == "quarantined ['poison'] True False"
 
 
+def test_the_quick_nothing_quarantined_answer_never_hides_a_quarantine(tmp_path):
+    """Invariant: a protected call learns that nothing is quarantined from one word of the arena it
+    remembers (``_qlookup.QUIET``), without asking the lookup; a quarantine made after that, by the
+    shepherd after failures or by hand, refuses the very next call, and a release lets the key in
+    at once."""
+    r = run_py(HEADER + """
+    from forkpoint import _qlookup
+    fp.recover_on(signal.SIGSEGV, quarantine_after=2)
+
+    @fp.checkpointed(key=lambda item: item)
+    def handle(item):
+        if item == "poison":
+            ctypes.string_at(0)
+        return "ok"
+
+    def call(item):
+        try:
+            return handle(item)
+        except fp.Quarantined:
+            return "refused"
+        except fp.Recovered:
+            return "failed"
+
+    out = [call("a") for _ in range(3)]
+    out.append(_qlookup.quiet())                 # the quick answer is in use
+    out += [call("poison"), call("poison"), call("poison"), call("a")]
+    fp.quarantine("b")
+    out += [call("b"), call("a")]
+    fp.release("b")
+    out += [call("b"), _qlookup.quiet()]         # "poison" is still in the table
+    fp.release("poison")
+    out += [call("a"), _qlookup.quiet(), call("poison")]
+    print(out)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(["ok", "ok", "ok", True, "failed", "failed", "refused", "ok",
+                                    "refused", "ok", "ok", False, "ok", True, "failed"])
+
+
 def test_crash_loop_without_an_input_gives_up_by_its_own_signal(tmp_path):
     r = run_py(HEADER + """
     fp.recover_on(signal.SIGSEGV, max_recoveries=3, within=60)
