@@ -17,7 +17,19 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from . import _channel, _children, _clone, _eventloop, _identity, _prctl, _procfs, _qkeys, _qlookup, _sigutil
+from . import (
+    _channel,
+    _children,
+    _clone,
+    _eventloop,
+    _identity,
+    _parking,
+    _prctl,
+    _procfs,
+    _qkeys,
+    _qlookup,
+    _sigutil,
+)
 from ._errors import (
     ConfigurationError,
     ForkpointError,
@@ -94,7 +106,7 @@ class _Runtime:
         self.unidle = False
         self.keeper: KeeperRef | None = None           # the newest keeper: its pidfd, from clone(2)
         self.killed: list[tuple[int, int]] = []        # (pidfd, pid) of keepers killed here, not yet gone
-        self.fault_fd: int | None = None                # faulthandler's pipe to the shepherd
+        self.fault_fd: int | None = None                # faulthandler's socket to the shepherd
         self.altstack: Any = None
         self.policy_generation = 0                      # bumped by recover_on(), which replaces
         self.qsettings: _qkeys.Settings | None = None   # resolved at first use, fixed at start
@@ -180,11 +192,11 @@ class _Runtime:
         except OSError as e:
             raise resource_error("could not start forkpoint: no channel to the shepherd", e) from e
         try:
-            fault_r, fault_w = os.pipe()
+            fault_r, fault_w = _parking.fault_channel()
         except OSError as e:
             mine.close()
             theirs.close()
-            raise resource_error("could not start forkpoint: no pipe for crash reports", e) from e
+            raise resource_error("could not start forkpoint: no socket for crash reports", e) from e
         _sigutil.flush_stdio()
         old = _sigutil.block_all()
         timers = [(w, signal.getitimer(w)) for w in _sigutil.ITIMERS]
@@ -232,9 +244,11 @@ class _Runtime:
 
         The kernel tells the shepherd of a death only after it has torn the dead process's memory
         down (62 ms for a 1 GB heap the process had written). faulthandler's C-level handler writes
-        "Fatal Python error: Segmentation fault" and the traceback to this pipe while the process is
-        still in the handler, so the shepherd can wake the checkpoint at once; the process then dies
-        by the signal as usual. Every process of the program inherits the write end; only the live
+        "Fatal Python error: Segmentation fault" and the traceback to this socket while the process
+        is still in the handler, so the shepherd can wake the checkpoint at once; the process then
+        dies by the signal as usual (the socket's small buffer holds it there until the shepherd
+        reads, long enough to take a failed request's client socket: ``_parking``). Every process
+        of the program inherits the write end; only the live
         one runs code. The shepherd copies the text to the program's stderr, where it would have
         gone.
         """

@@ -56,6 +56,7 @@ from ._control import ControlServer
 from ._faultreport import FaultReports
 from ._loop import EventLoop
 from ._orphans import Orphans
+from ._parking import Taken
 from ._qkeeper import Keeper
 from ._qkeys import Settings
 from ._sigutil import CARRIED, FORWARDED, REPORTED_SIGNALS, STOP_SIGNALS, TTY_SIGNALS, signame
@@ -263,6 +264,7 @@ class Shepherd:
         self.next_deadline = float("inf")      # when the pending _deadline_due timer fires
         faults = args.get("faults")
         self.reports = FaultReports(faults) if faults is not None else None
+        self.taken = Taken(arena)       # clients of a failing live process's request (_parking)
         self.quarantine = Keeper(arena, Settings.from_args(args.get("quarantine") or {}), self.loop,
                                  os.getpid())
         self._handlers: dict[type[Message], Callable[[Proc, Any, list[int]], None]] = {
@@ -368,6 +370,7 @@ class Shepherd:
             self._close(proc)
             return
         if proc.lived:        # signals for the program still blocked there go to its successor
+            self._answer_clients(proc.pid, alive=True)
             self._read_signals(retiring=proc)    # what came before this instant was for it
             carried = CARRIED | proc.forwarded
             if proc.reported_pending is None:
@@ -396,6 +399,14 @@ class Shepherd:
         if was_keeper and proc.may_fork:
             self._kill_forks(proc)
         self._update_throttle()
+
+    def _answer_clients(self, pid: int, alive: bool) -> None:
+        """Live process ``pid`` failed: answer the clients of the requests it was serving
+        (``_parking``), before the restored process is woken and reads what became of them."""
+        answered, closed = self.taken.answer(pid, alive)
+        if answered or closed:
+            log.info("process %d failed inside a request: %d client(s) answered 500, %d closed",
+                     pid, answered, closed)
 
     def _kill_forks(self, keeper: Proc) -> None:
         """A spare the keeper forked but has not reported yet would outlive it (at idle priority,
@@ -717,6 +728,10 @@ class Shepherd:
         if reports is None:
             return
         had = bool(reports.pending)
+        if act and self.live is not None:
+            # Its report blocks after a few writes until read here: take its clients' sockets
+            # while it lives (answered if it is retired for this fault, dropped if not).
+            self.taken.take(self.live.pid)
         sigs = reports.read()
         if sigs is None:
             self.loop.remove(reports.fd)
@@ -729,6 +744,7 @@ class Shepherd:
                 self._on_fault(sig)
 
     def _unclaimed_report(self) -> None:
+        self.taken.drop()           # whatever the report was, no failure claimed those sockets
         if self.reports is None or not self.reports.pending:
             return
         if any(self._sent_from_outside(s) for s in REPORTED_SIGNALS):
@@ -739,6 +755,7 @@ class Shepherd:
     def _on_fault(self, sig: int) -> None:
         live = self.live
         if live is None or self._sent_from_outside(sig):
+            self.taken.drop()
             return                      # a signal sent to the program: it dies or copes as it would
         self._drain(live)               # a checkpoint it took just before comes first
         pol = self.policy.policy
@@ -791,6 +808,7 @@ class Shepherd:
             proc.role = Role.DYING    # only its keepers' hellos may still arrive on its channel
             self._orphans_of(pid)
             self._on_fault_report(act=False)   # its report, if any, is in the pipe by now
+            self._answer_clients(pid, alive=False)   # taken during its report, if they were
             self._on_live_death(status)
             return
         ck = self.ckpts.get(proc.n)
