@@ -1,6 +1,6 @@
 """Crash reports from faulthandler, read by the shepherd while the crashing process still runs.
 
-The live process enables faulthandler on a pipe whose read end the shepherd holds (see
+The live process enables faulthandler on a socket whose read end the shepherd holds (see
 ``_runtime.watch_faults``). faulthandler's C handler writes "Fatal Python error: Segmentation
 fault" and a traceback before the process dies; the kernel would tell the shepherd of the death only
 after tearing the process's memory down, tens of milliseconds later for a large heap. The first line
@@ -25,7 +25,7 @@ _SIGNALS = {b"Segmentation fault": signal.SIGSEGV, b"Bus error": signal.SIGBUS,
 
 
 class FaultReports:
-    """The read end of the fault pipe: report text, and the signals its headers name."""
+    """The read end of the fault socket: report text, and the signals its headers name."""
 
     def __init__(self, fd: int) -> None:
         self.fd: int | None = fd

@@ -380,7 +380,7 @@ def runtime() -> _Runtime:
 def _forget_in_forked_child() -> None:
     """In a child the program forks itself (os.fork, multiprocessing): it is not part of forkpoint.
 
-    Its copies of the channel and of the fault pipe are closed, so that it can neither be mistaken
+    Its copies of the channel and of the fault socket are closed, so that it can neither be mistaken
     for the live process nor keep a dead live process's channel open; its fatal errors go to stderr.
     (forkpoint's own snapshots are made with a raw clone that runs no at-fork hooks.)
     """

@@ -807,7 +807,7 @@ class Shepherd:
             self.live = None
             proc.role = Role.DYING    # only its keepers' hellos may still arrive on its channel
             self._orphans_of(pid)
-            self._on_fault_report(act=False)   # its report, if any, is in the pipe by now
+            self._on_fault_report(act=False)   # its report, if any, is in the socket by now
             self._answer_clients(pid, alive=False)   # taken during its report, if they were
             self._on_live_death(status)
             return
