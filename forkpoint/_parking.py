@@ -56,22 +56,42 @@ def slot_words(slot: int) -> int:
 
 
 def fault_channel() -> tuple[int, int]:
-    """(read end, write end) for faulthandler's reports: a stream socket pair, not a pipe.
-
-    Its write end has the smallest send buffer the kernel allows (4.6 kB, counted with each
-    write's bookkeeping), so a crashing process's report, written in dozens of small writes,
-    blocks after a few of them until the shepherd reads: until then the process is alive, and its
-    descriptors can be taken.
-    """
+    """(read end, write end) for faulthandler's reports: a stream socket pair, not a pipe, so that
+    a program that parks requests can shrink its send buffer (``hold_reports``)."""
     r, w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        w.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
         r.shutdown(socket.SHUT_WR)
     except OSError:
         r.close()
         w.close()
         raise
     return r.detach(), w.detach()
+
+
+HELD = 16384        # a send buffer below this: the program parks requests (``held``)
+
+
+def hold_reports(fd: int) -> None:
+    """Give the fault socket (write end ``fd``) the smallest send buffer the kernel allows (4.6 kB,
+    each small write charged with its bookkeeping): a crashing process's report, written in dozens
+    of small writes, then blocks after a few of them until the shepherd reads, and until then the
+    process is alive and its descriptors can be taken. Only a program that parks requests asks
+    for this: holding a crash in its report costs its restore about a millisecond (the shepherd
+    widens the buffer once it has what it needs, and the crashing process then finishes on the
+    shepherd's CPU)."""
+    s = socket.socket(fileno=os.dup(fd))
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
+    finally:
+        s.close()
+
+
+def held(writer: socket.socket) -> bool:
+    """Whether the program asked for its crashes to be held (``hold_reports``)."""
+    try:
+        return writer.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < HELD
+    except OSError:
+        return False
 
 
 def answer(fd: int, failed: bool) -> bool:
@@ -118,6 +138,7 @@ class Taken:
 
     def __init__(self, arena: Arena) -> None:
         self.arena = arena
+        self.region: memoryview | None = None       # found once: a region never moves
         self.pid = 0
         self.words: memoryview | None = None
         self.fds: list[tuple[int, int, int]] = []     # (state word, our descriptor, state)
@@ -130,10 +151,12 @@ class Taken:
             return
         self.drop()
         try:
-            region = find_region(self.arena, REGION, SIZE)
-            if region is None:
-                return
-            words = region.cast("Q")
+            if self.region is None:
+                found = find_region(self.arena, REGION, SIZE)
+                if found is None:
+                    return
+                self.region = found.cast("Q")
+            words = self.region
             if words[W_MAGIC] != MAGIC:
                 return
             own = int(words[W_OWN])

@@ -236,8 +236,9 @@ class _Runtime:
             log.debug("started: shepherd %d, live %d", parent, self.owner_pid)
             return
         mine.close()
-        os.close(fault_w)
-        become_shepherd(theirs, arena, pid, self.pgid, self.config, fault_r, qs.to_args())
+        # (the shepherd keeps the write end too: it widens the buffer once it has what it needs
+        # from a crashing process, so the rest of the report does not crawl: FaultReports.widen)
+        become_shepherd(theirs, arena, pid, self.pgid, self.config, (fault_r, fault_w), qs.to_args())
 
     def watch_faults(self) -> None:
         """Report fatal signals to the shepherd the moment they happen, through faulthandler.

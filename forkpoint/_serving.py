@@ -115,6 +115,9 @@ class Parked:
         self.words[_parking.W_MAGIC] = _parking.MAGIC
         self.busy = False
         self.pid = real_pid()
+        fault_fd = snapshots._rt.fault_fd
+        if fault_fd is not None:
+            _parking.hold_reports(fault_fd)     # a crash waits in its report for the shepherd
 
     def checkpoint_in(self, seq: int) -> None:
         """The checkpoint about to be taken is inside request ``seq`` (0: between requests): the

@@ -3,9 +3,9 @@
 Invariant protected: a process that crashes is still alive, blocked inside faulthandler's report,
 until the shepherd has read the report's first bytes, so its descriptors can be taken with
 ``pidfd_getfd``; once the report is read it dies by its own signal, as without forkpoint. If a
-kernel ever let the whole report into the fault socket at once, the shepherd would lose the race
-with the crash and the client would get a closed connection instead of a 500: this test says so
-before the end-to-end tests do.
+kernel ever let the whole report into the held fault socket at once, the shepherd would lose the
+race with the crash and the client would get a closed connection instead of a 500: this test says
+so before the end-to-end tests do.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ def test_a_crashing_process_waits_in_its_report_until_it_is_read(tmp_path, depth
     from forkpoint import _clone, _parking
 
     r, w = _parking.fault_channel()
+    _parking.hold_reports(w)                      # as a program that parks requests does
     client, kept = socket.socketpair()          # stands for a request's client socket
     pid = os.fork()
     if pid == 0:
