@@ -76,21 +76,3 @@ def clone_pidfd(sibling: bool) -> tuple[int, int]:
     fd = ctypes.c_int(-1)
     pid = clone(sibling, fd)
     return (pid, fd.value) if pid else (0, -1)
-
-
-_SYS_PIDFD_GETFD = 438      # the same number on every architecture (Linux 5.6)
-
-
-def take_fd(pid: int, fd: int) -> int:
-    """A duplicate, in this process, of descriptor ``fd`` of process ``pid`` (``pidfd_getfd(2)``,
-    close-on-exec). Needs the right to ptrace ``pid`` (our own child is fine under Yama's default
-    scope); raises OSError (ESRCH once ``pid`` is exiting, EBADF if it has no such descriptor)."""
-    pidfd = os.pidfd_open(pid)
-    try:
-        got = int(_syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0))
-        if got < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"pidfd_getfd: {os.strerror(err)}")
-        return got
-    finally:
-        os.close(pidfd)

@@ -17,19 +17,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from . import (
-    _channel,
-    _children,
-    _clone,
-    _eventloop,
-    _identity,
-    _parking,
-    _prctl,
-    _procfs,
-    _qkeys,
-    _qlookup,
-    _sigutil,
-)
+from . import _channel, _children, _clone, _eventloop, _identity, _prctl, _procfs, _qkeys, _qlookup, _sigutil
 from ._errors import (
     ConfigurationError,
     ForkpointError,
@@ -106,7 +94,7 @@ class _Runtime:
         self.unidle = False
         self.keeper: KeeperRef | None = None           # the newest keeper: its pidfd, from clone(2)
         self.killed: list[tuple[int, int]] = []        # (pidfd, pid) of keepers killed here, not yet gone
-        self.fault_fd: int | None = None                # faulthandler's socket to the shepherd
+        self.fault_fd: int | None = None                # faulthandler's pipe to the shepherd
         self.altstack: Any = None
         self.policy_generation = 0                      # bumped by recover_on(), which replaces
         self.qsettings: _qkeys.Settings | None = None   # resolved at first use, fixed at start
@@ -192,11 +180,11 @@ class _Runtime:
         except OSError as e:
             raise resource_error("could not start forkpoint: no channel to the shepherd", e) from e
         try:
-            fault_r, fault_w = _parking.fault_channel()
+            fault_r, fault_w = os.pipe()
         except OSError as e:
             mine.close()
             theirs.close()
-            raise resource_error("could not start forkpoint: no socket for crash reports", e) from e
+            raise resource_error("could not start forkpoint: no pipe for crash reports", e) from e
         _sigutil.flush_stdio()
         old = _sigutil.block_all()
         timers = [(w, signal.getitimer(w)) for w in _sigutil.ITIMERS]
@@ -236,20 +224,17 @@ class _Runtime:
             log.debug("started: shepherd %d, live %d", parent, self.owner_pid)
             return
         mine.close()
-        # (the shepherd keeps the write end too: it widens the buffer once it has what it needs
-        # from a crashing process, so the rest of the report does not crawl: FaultReports.widen)
-        become_shepherd(theirs, arena, pid, self.pgid, self.config, (fault_r, fault_w), qs.to_args())
+        os.close(fault_w)
+        become_shepherd(theirs, arena, pid, self.pgid, self.config, fault_r, qs.to_args())
 
     def watch_faults(self) -> None:
         """Report fatal signals to the shepherd the moment they happen, through faulthandler.
 
         The kernel tells the shepherd of a death only after it has torn the dead process's memory
         down (62 ms for a 1 GB heap the process had written). faulthandler's C-level handler writes
-        "Fatal Python error: Segmentation fault" and the traceback to this socket while the process
-        is still in the handler, so the shepherd can wake the checkpoint at once; the process then
-        dies by the signal as usual (the socket's small buffer holds it there until the shepherd
-        reads, long enough to take a failed request's client socket: ``_parking``). Every process
-        of the program inherits the write end; only the live
+        "Fatal Python error: Segmentation fault" and the traceback to this pipe while the process is
+        still in the handler, so the shepherd can wake the checkpoint at once; the process then dies
+        by the signal as usual. Every process of the program inherits the write end; only the live
         one runs code. The shepherd copies the text to the program's stderr, where it would have
         gone.
         """
@@ -381,7 +366,7 @@ def runtime() -> _Runtime:
 def _forget_in_forked_child() -> None:
     """In a child the program forks itself (os.fork, multiprocessing): it is not part of forkpoint.
 
-    Its copies of the channel and of the fault socket are closed, so that it can neither be mistaken
+    Its copies of the channel and of the fault pipe are closed, so that it can neither be mistaken
     for the live process nor keep a dead live process's channel open; its fatal errors go to stderr.
     (forkpoint's own snapshots are made with a raw clone that runs no at-fork hooks.)
     """

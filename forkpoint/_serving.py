@@ -3,21 +3,14 @@ checkpoint, and the rescue of the clients whose requests were in flight when the
 
 In restart mode a failure rolls the whole worker back to a checkpoint taken before it served. The
 connection of a request that failed was accepted after that checkpoint, so the restored process
-does not have it: only the failed process did. Two ways to reach it:
-
-* ``Parked`` (WSGI): each request writes which descriptor holds its client, and in which state it
-  is, into the arena; the shepherd takes the sockets out of the failed process before it dies and
-  answers them (``_parking``). Three words written per request, no system call.
-* ``Rescue`` (ASGI): the client socket is sent (SCM_RIGHTS) into a socketpair made before the
-  checkpoint, and taken out again when the connection is done. The queue of a socketpair is a
-  kernel object shared by every process of the program, so the restored process finds there the
-  socket of every connection that was open, answers it 500 (or closes it if the response had
-  started), and sends FIN with ``shutdown`` (a plain close would not, while another process holds
-  the socket). One ``sendmsg`` and one ``recvmsg`` per connection (a keep-alive connection keeps
-  its slot between requests), about 5 us here.
-
-Each slot's state (in flight, response started, which request) is in persistent memory, which
-survives the rollback.
+does not have it: only the failed process did, and it is dead. ``Rescue`` keeps it reachable: before
+the application runs, the client socket is sent (SCM_RIGHTS) into a socketpair made before the
+checkpoint, and taken out again when the request is done. The queue of a socketpair is a kernel
+object shared by every process of the program, so the restored process finds there the socket of
+every request that was in flight, answers it 500 (or closes it if the response had started), and
+sends FIN with ``shutdown`` (a plain close would not, while another process holds the socket). Each
+slot's state (in flight, response started, which request) is in persistent memory, which survives
+the rollback. Cost: one ``sendmsg`` and one ``recvmsg`` per request, about 6 us here.
 """
 from __future__ import annotations
 
@@ -30,27 +23,33 @@ import socket
 import time
 from typing import Any
 
-from . import _parking, snapshots
+from . import snapshots
 from ._errors import ConfigurationError
-from ._identity import real_pid
-from ._parking import FAILED, raw_response
 from .arena import processing_record
 from .persist import persist
 from .snapshots import FATAL_SIGNALS
 
 log = logging.getLogger("forkpoint")
 
-__all__ = ["FAILED", "MODES", "REFUSED", "Parked", "Records", "Refresh", "Rescue", "check_common",
-           "is_async", "key_from", "merge_policy", "raw_response", "restored_into"]
+__all__ = ["FAILED", "MODES", "REFUSED", "Records", "Refresh", "Rescue", "check_common", "is_async",
+           "key_from", "merge_policy", "raw_response", "restored_into"]
 
 MODES = ("transaction", "restart")
 MAX_KEY = 200           # bytes; longer keys keep a prefix and a digest (the arena keeps 256)
 
+FAILED = ("500 Internal Server Error", 500, b"forkpoint: the request failed and was rolled back\n")
 _ONE = [b"r"]
 _SOL_SOCKET, _SCM_RIGHTS = socket.SOL_SOCKET, socket.SCM_RIGHTS
 
 REFUSED = ("503 Service Unavailable", 503,
            b"forkpoint: this request is quarantined: it failed the server repeatedly\n")
+
+
+def raw_response(status: tuple[str, int, bytes]) -> bytes:
+    """A complete HTTP/1.1 response for a socket the server no longer knows (Connection: close)."""
+    line, _, body = status
+    return (f"HTTP/1.1 {line}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
 
 
 def key_from(method: str, path: str, query: str) -> str:
@@ -96,73 +95,6 @@ def restored_into(n: int) -> bool:
     """Whether this process is the one a restore to checkpoint ``n`` created."""
     rt = snapshots._rt
     return rt.recovered and rt.to_state == n
-
-
-class Parked:
-    """The WSGI request in flight, where the shepherd finds its client socket (``_parking``).
-
-    Made before the restart checkpoint, in the worker process. ``checkpoint_in(seq)`` just before
-    the checkpoint is taken; ``hold(fd, seq)`` before the application runs, ``started(slot)`` when
-    its response begins, ``release(slot)`` when the application's part is over (before the server
-    closes the socket: the shepherd must never take a descriptor number that names another file
-    by then); ``after_restore(own)`` in the restored process.
-    """
-
-    def __init__(self) -> None:
-        self.words = persist(_parking.REGION, _parking.SIZE).cast("Q")
-        for i in range(len(self.words)):
-            self.words[i] = 0
-        self.words[_parking.W_MAGIC] = _parking.MAGIC
-        self.busy = False
-        self.pid = real_pid()
-        fault_fd = snapshots._rt.fault_fd
-        if fault_fd is not None:
-            _parking.hold_reports(fault_fd)     # a crash waits in its report for the shepherd
-
-    def checkpoint_in(self, seq: int) -> None:
-        """The checkpoint about to be taken is inside request ``seq`` (0: between requests): the
-        restored process answers that one itself."""
-        self.words[_parking.W_OWN] = seq
-
-    def hold(self, fd: int, seq: int) -> int:
-        if fd < 0 or self.busy:
-            return -1
-        self.busy = True
-        words, w = self.words, _parking.HEADER_WORDS
-        words[w + 1] = seq
-        words[w + 2] = fd
-        words[w + 3] = self.pid
-        words[w] = _parking.INFLIGHT
-        return 0
-
-    def started(self, slot: int) -> None:
-        if slot >= 0:
-            self.words[_parking.HEADER_WORDS] = _parking.STARTED
-
-    def release(self, slot: int) -> None:
-        if slot >= 0:
-            self.words[_parking.HEADER_WORDS] = _parking.FREE
-            self.busy = False
-
-    def after_restore(self, own: int) -> tuple[bool, int, int]:
-        """In a restored process: (whether request ``own`` failed, clients the shepherd answered
-        500, clients it closed); every slot is free again afterwards."""
-        own_failed = answered = closed = 0
-        words = self.words
-        for slot in range(_parking.SLOTS):
-            w = _parking.slot_words(slot)
-            state, seq = int(words[w]), int(words[w + 1])
-            if state in (_parking.INFLIGHT, _parking.STARTED):
-                if seq == own:
-                    own_failed = 1
-                else:               # the shepherd could not take it: closed with the process
-                    closed += 1
-            answered += state == _parking.ANSWERED
-            closed += state == _parking.CLOSED
-            words[w] = _parking.FREE
-        self.busy = False
-        self.pid = real_pid()           # (the checkpoint's process was another)
-        return bool(own_failed), answered, closed
 
 
 class Rescue:

@@ -56,7 +56,6 @@ from ._control import ControlServer
 from ._faultreport import FaultReports
 from ._loop import EventLoop
 from ._orphans import Orphans
-from ._parking import Taken
 from ._qkeeper import Keeper
 from ._qkeys import Settings
 from ._sigutil import CARRIED, FORWARDED, REPORTED_SIGNALS, STOP_SIGNALS, TTY_SIGNALS, signame
@@ -127,10 +126,9 @@ class Checkpoint:
 
 
 def become_shepherd(chan: socket.socket, arena: Arena, live_pid: int, pgid: int, config: Any,
-                    faults: tuple[int, int], quarantine: dict[str, Any] | None = None) -> NoReturn:
-    """Turn the original process into the shepherd (``faults``: both ends of the fault socket)."""
-    args = {"chan": chan.fileno(), "arena_fd": arena.fd, "arena_size": arena.size, "faults": faults[0],
-            "faults_w": faults[1],
+                    faults: int, quarantine: dict[str, Any] | None = None) -> NoReturn:
+    """Turn the original process into the shepherd."""
+    args = {"chan": chan.fileno(), "arena_fd": arena.fd, "arena_size": arena.size, "faults": faults,
             "live": live_pid, "pgid": pgid, "max_checkpoints": config.max_checkpoints,
             "max_snapshot_memory": config.max_snapshot_memory,
             "level": logging.getLogger("forkpoint").getEffectiveLevel(), "quarantine": quarantine or {}}
@@ -138,8 +136,7 @@ def become_shepherd(chan: socket.socket, arena: Arena, live_pid: int, pgid: int,
         if config.shepherd_exec and sys.executable:
             os.set_inheritable(chan.fileno(), True)
             os.set_inheritable(arena.fd, True)
-            os.set_inheritable(faults[0], True)
-            os.set_inheritable(faults[1], True)
+            os.set_inheritable(faults, True)
             root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             env = dict(os.environ, **{_ENV: json.dumps(args)})
             for which in _sigutil.ITIMERS:
@@ -265,8 +262,7 @@ class Shepherd:
         self.parent_fd: int | None = None       # a pidfd of the face's parent
         self.next_deadline = float("inf")      # when the pending _deadline_due timer fires
         faults = args.get("faults")
-        self.reports = FaultReports(faults, args.get("faults_w")) if faults is not None else None
-        self.taken = Taken(arena)       # clients of a failing live process's request (_parking)
+        self.reports = FaultReports(faults) if faults is not None else None
         self.quarantine = Keeper(arena, Settings.from_args(args.get("quarantine") or {}), self.loop,
                                  os.getpid())
         self._handlers: dict[type[Message], Callable[[Proc, Any, list[int]], None]] = {
@@ -372,7 +368,6 @@ class Shepherd:
             self._close(proc)
             return
         if proc.lived:        # signals for the program still blocked there go to its successor
-            self._answer_clients(proc.pid, alive=True)
             self._read_signals(retiring=proc)    # what came before this instant was for it
             carried = CARRIED | proc.forwarded
             if proc.reported_pending is None:
@@ -401,25 +396,6 @@ class Shepherd:
         if was_keeper and proc.may_fork:
             self._kill_forks(proc)
         self._update_throttle()
-
-    def _answer_clients(self, pid: int, alive: bool) -> None:
-        """Live process ``pid`` failed: answer the clients of the requests it was serving
-        (``_parking``), before the restored process is woken and reads what became of them."""
-        reports = self.reports
-        parks = reports is not None and (reports.wide or reports.held())   # (else none to answer)
-        if reports is not None:
-            reports.narrow()            # its report is read: the next crash is held again
-        answered, closed = self.taken.answer(pid, alive and parks)
-        if answered or closed:
-            log.info("process %d failed inside a request: %d client(s) answered 500, %d closed",
-                     pid, answered, closed)
-
-    def _drop_clients(self) -> None:
-        """A report no failure claimed (a fault signal the program handles): give the sockets
-        taken during it back, unanswered, and hold the next crash's report again."""
-        if self.reports is not None:
-            self.reports.narrow()
-        self.taken.drop()
 
     def _kill_forks(self, keeper: Proc) -> None:
         """A spare the keeper forked but has not reported yet would outlive it (at idle priority,
@@ -741,12 +717,6 @@ class Shepherd:
         if reports is None:
             return
         had = bool(reports.pending)
-        if act and self.live is not None and reports.held():
-            # Its report blocks after a few writes until read here: take its clients' sockets
-            # while it lives (answered if it is retired for this fault, dropped if not); then let
-            # the rest of the report through at once.
-            self.taken.take(self.live.pid)
-            reports.widen()
         sigs = reports.read()
         if sigs is None:
             self.loop.remove(reports.fd)
@@ -759,7 +729,6 @@ class Shepherd:
                 self._on_fault(sig)
 
     def _unclaimed_report(self) -> None:
-        self._drop_clients()        # whatever the report was, no failure claimed those sockets
         if self.reports is None or not self.reports.pending:
             return
         if any(self._sent_from_outside(s) for s in REPORTED_SIGNALS):
@@ -770,7 +739,6 @@ class Shepherd:
     def _on_fault(self, sig: int) -> None:
         live = self.live
         if live is None or self._sent_from_outside(sig):
-            self._drop_clients()
             return                      # a signal sent to the program: it dies or copes as it would
         self._drain(live)               # a checkpoint it took just before comes first
         pol = self.policy.policy
@@ -822,8 +790,7 @@ class Shepherd:
             self.live = None
             proc.role = Role.DYING    # only its keepers' hellos may still arrive on its channel
             self._orphans_of(pid)
-            self._on_fault_report(act=False)   # its report, if any, is in the socket by now
-            self._answer_clients(pid, alive=False)   # taken during its report, if they were
+            self._on_fault_report(act=False)   # its report, if any, is in the pipe by now
             self._on_live_death(status)
             return
         ck = self.ckpts.get(proc.n)

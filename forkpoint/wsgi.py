@@ -12,7 +12,7 @@ first time it serves, so gunicorn still sees its worker under the same PID.
 * ``mode="restart"``: one checkpoint, taken when the worker first serves (before the first
   request runs), replaced every ``refresh`` seconds after a request while no other runs. A crash
   or a timeout restores the worker to it, warm and under the same PID; the client of the request
-  that failed gets a 500 (``_serving.Parked``), and that request's key is blamed. A few
+  that failed gets a 500 (``_serving.Rescue``), and that request's key is blamed. A few
   microseconds per request. Built for gunicorn's sync worker (one request at a time per worker).
 
 In both modes a key (``key(environ)``, by default method, path and query) that failed
@@ -34,9 +34,9 @@ from ._serving import (
     FAILED,
     MODES,
     REFUSED,
-    Parked,
     Records,
     Refresh,
+    Rescue,
     check_common,
     is_async,
     key_from,
@@ -204,7 +204,7 @@ class _Restart(_Base):
         super().__init__(app, timeout, key, quarantine_after)
         self.n = 0                      # the restart checkpoint, in this worker
         self.seq = 0                    # requests started in this process
-        self.rescue: Parked | None = None
+        self.rescue: Rescue | None = None
         self.refresh = Refresh(refresh)
         self.deadline = Deadline()
         self.record_of = Records()
@@ -299,8 +299,7 @@ class _Restart(_Base):
         merge_policy(self.quarantine_after)         # starts forkpoint in this worker
         _freeze()
         if self.rescue is None:
-            self.rescue = Parked()
-        self.rescue.checkpoint_in(seq)
+            self.rescue = Rescue(1, "wsgi-inflight")
         self.n = snapshots.tsetjmp(pin=True)
         self.arena = runtime().arena
         self.refresh.mark()
@@ -313,7 +312,9 @@ class _Restart(_Base):
         """In the restored process: answer the clients of the requests that failed."""
         rescue = self.rescue
         assert rescue is not None
-        own_failed, answered, closed = rescue.after_restore(own)
+        own_failed = any(int(rescue.words[2 * s]) != rescue.FREE and int(rescue.words[2 * s + 1]) == own
+                         for s in range(len(rescue.pairs)))
+        answered, closed = rescue.rescue(own)
         log.warning("forkpoint: worker restored to checkpoint %d (%s); %d client(s) answered 500, "
                     "%d closed", self.n, snapshots.restore_reason(), answered + int(own_failed), closed)
         return own_failed
@@ -321,8 +322,6 @@ class _Restart(_Base):
     def refresh_now(self) -> None:
         """Between requests (the response's close()): replace the checkpoint with one taken now."""
         old = self.n
-        assert self.rescue is not None
-        self.rescue.checkpoint_in(0)
         self.n = snapshots.tsetjmp(pin=True)
         self.refresh.mark()
         if restored_into(self.n):
