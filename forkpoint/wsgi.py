@@ -27,8 +27,7 @@ from typing import Any
 
 from . import snapshots
 from ._errors import Quarantined, Recovered
-from ._qlookup import GEN as _GEN
-from ._qlookup import QUIET as _QUIET
+from ._qlookup import quiet
 from ._runtime import runtime
 from ._serving import (
     FAILED,
@@ -235,8 +234,7 @@ class _Restart(_Base):
                     return _answer(start_response, FAILED)
                 raise _Abandon("forkpoint: restored into a request that was answered before")
         arena = self.arena
-        q = _QUIET
-        if (q[0] is None or q[0][_GEN] != q[1]) and k in _known.keys_of(arena):
+        if not quiet() and k in _known.keys_of(arena):
             return _answer(start_response, REFUSED)
         # The request's key (and deadline) in the arena: one call, unless an enclosing one is there
         marked: Any = None

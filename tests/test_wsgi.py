@@ -130,6 +130,22 @@ def test_a_crash_costs_one_request_not_the_worker(tmp_path, mode):
     assert _forkpoint_processes(proc.pid) == []
 
 
+@pytest.mark.parametrize("mode", ["transaction", "restart"])
+def test_the_default_key_is_method_path_and_query(tmp_path, mode):
+    """Invariant: a quarantine refuses exactly the request that failed, named by its method, path
+    and query: the same path with another query, or another method, still runs."""
+    proc, port = _gunicorn(tmp_path, "-w", "1", MODE=mode)
+    try:
+        assert [_get(port, "/crash?id=1")[0] for _ in range(3)] == [500, 500, 503]
+        assert _get(port, "/crash?id=2")[0] == 500         # not refused: another input
+        assert http(port, "/crash?id=1", method="HEAD")[0] == 500
+        assert _get(port, "/count?id=1")[0] == 200
+        assert _get(port, "/crash?id=1")[0] == 503
+    finally:
+        assert stop_server(proc) == 0, server_log(tmp_path)
+    assert _forkpoint_processes(proc.pid) == []
+
+
 def test_without_forkpoint_the_crash_takes_the_worker(tmp_path):
     """The baseline: the same app under plain gunicorn loses the request, the worker and its state."""
     proc, port = _gunicorn(tmp_path, "-w", "1", FORKPOINT_OFF="1")
