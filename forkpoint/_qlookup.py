@@ -23,18 +23,17 @@ from .arena import MIRROR_REGION, QUARANTINE_REGION, Arena
 # and every object a Python call touches (function, code object, bound method, int) has its
 # reference count written, so that each page holding one is copied on write: the lookup's six calls
 # cost 13-15 faults a call, about 25 us (benchmarks/servers.py, per call). Read inline as
-# ``q[0] is not None and q[0][GEN] == q[1]`` (``quiet``): the program's own table's words, and the
+# ``q[0] is not None and q[0][GEN_WORD] == q[1]`` (``quiet``): the program's own table's words, and the
 # generation at which it was last read with no entry, while the quarantine is the program's own
 # (at host or Redis scope the shared store must be read too, and q[0] stays None). Set by
 # ``Lookup.contains``; None again whenever the lookup is made afresh.
 QUIET: list[Any] = [None, 0]
-GEN = GEN_WORD
 
 
 def quiet() -> bool:
     """Whether nothing is quarantined, by ``QUIET`` alone (False: ask ``Lookup.contains``)."""
     q = QUIET
-    return q[0] is not None and q[0][GEN] == q[1]
+    return q[0] is not None and q[0][GEN_WORD] == q[1]
 
 
 def _table(arena: Arena, name: str, geometry: Geometry) -> Table | None:

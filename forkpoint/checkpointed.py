@@ -29,8 +29,8 @@ from typing import Any, TypeVar, overload
 
 from . import snapshots
 from ._errors import Quarantined, Recovered
-from ._qlookup import GEN as _GEN
 from ._qlookup import QUIET as _quiet
+from ._qtable import GEN_WORD as _GEN
 from ._runtime import runtime
 from .recovery import _key, _known
 from .watchdog import Deadline
