@@ -61,6 +61,7 @@ class Op(str, Enum):
     WAKE = "wake"
     FORK = "fork"
     PROMOTE = "promote"
+    HOLDER = "holder"
     OK = "ok"
     ERROR = "error"
 
@@ -125,6 +126,16 @@ class ForkFailed(Message):
     n: int
     errno: int
     error: str
+
+
+@dataclass
+class Holder(Message):
+    """The live process made ``pid`` to hold its descriptor table (``_fdholder``); a pidfd of it
+    travels with this. Not a process of the program's: the shepherd keeps it out of the program's
+    children and kills it when the program ends."""
+
+    OP = Op.HOLDER
+    pid: int
 
 
 @dataclass
@@ -259,7 +270,7 @@ class Error(Message):
 _CLASSES: dict[str, type[Message]] = {
     cls.OP.value: cls for cls in (Snap, Hello, Spare, ForkFailed, Up, Restore, Discard, ListCheckpoints,
                                   Throttle, SetPolicy, Configure, ChildQuery, Wake, Fork, Promote, Ok,
-                                  Error, QuarantineOp)}
+                                  Error, QuarantineOp, Holder)}
 # The JSON types each field may hold, read once from the annotations.
 _TYPES = {"int": (int,), "bool": (bool,), "str": (str,), "float": (int, float),
           "int | None": (int, type(None)), "str | None": (str, type(None)), "list[int]": (list,),

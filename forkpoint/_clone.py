@@ -21,6 +21,7 @@ import signal
 
 CLONE_PARENT = 0x00008000
 CLONE_PIDFD = 0x00001000
+CLONE_FILES = 0x00000400
 
 # clone(2) takes (flags, stack, parent_tid, ...) first on these architectures; with the rest zero
 # the differences in argument order after those three do not matter.
@@ -36,12 +37,13 @@ _FLAGS = int(signal.SIGCHLD)
 _pidfd_ok = True          # cleared for good when the kernel refuses CLONE_PIDFD (before Linux 5.2)
 
 
-def clone(sibling: bool, pidfd: ctypes.c_int | None = None) -> int:
+def clone(sibling: bool, pidfd: ctypes.c_int | None = None, share_files: bool = False) -> int:
     """Fork this process without Python's at-fork hooks; return the child's pid, or 0 in the child.
 
     ``sibling=True`` makes the child a child of our parent (CLONE_PARENT). ``pidfd``, if given,
     receives a pidfd of the child in the parent (CLONE_PIDFD; it stays as it was on kernels
-    without it).
+    without it). ``share_files=True`` (CLONE_FILES) gives both processes one descriptor table:
+    a descriptor either opens or closes is opened or closed for the other (``_fdholder``).
 
     After the system call every page of the parent is shared with the child, and each one the
     parent writes first is copied (a fault of a few microseconds). So the call takes plain ints
@@ -51,6 +53,8 @@ def clone(sibling: bool, pidfd: ctypes.c_int | None = None) -> int:
     if _SYS_CLONE is None:
         raise OSError(f"forkpoint does not support this architecture ({platform.machine()})")
     flags = _FLAGS | CLONE_PARENT if sibling else _FLAGS
+    if share_files:
+        flags |= CLONE_FILES
     if pidfd is not None and _pidfd_ok:
         pid = _syscall(_SYS_CLONE, flags | CLONE_PIDFD, 0, ctypes.byref(pidfd), 0, 0)
         if pid < 0 and ctypes.get_errno() == errno.EINVAL:
@@ -68,11 +72,11 @@ def clone(sibling: bool, pidfd: ctypes.c_int | None = None) -> int:
     return pid  # type: ignore[no-any-return]
 
 
-def clone_pidfd(sibling: bool) -> tuple[int, int]:
+def clone_pidfd(sibling: bool, share_files: bool = False) -> tuple[int, int]:
     """``clone`` that also returns a pidfd of the child: ``(pid, pidfd)`` in the caller, ``(0, -1)``
     in the child. The pidfd is made by the same system call, so it can never refer to a process
     that later took a recycled pid; it is close-on-exec, and the child does not have it. It is -1
     on kernels without CLONE_PIDFD (before Linux 5.2)."""
     fd = ctypes.c_int(-1)
-    pid = clone(sibling, fd)
+    pid = clone(sibling, fd, share_files)
     return (pid, fd.value) if pid else (0, -1)

@@ -45,6 +45,11 @@ class Orphans:
             self.exited.popitem(last=False)
         self._publish()
 
+    def forget(self, pid: int) -> None:
+        """``pid`` is one of forkpoint's own processes after all (a scan found it first)."""
+        if self.alive.pop(pid, None) is not None or self.exited.pop(pid, None) is not None:
+            self._publish()
+
     def claim(self, pid: int, group: int) -> tuple[int, int] | None:
         """Take the status of ``pid`` (pid > 0), or of any attributed child in the process group
         that waitpid's ``pid`` argument names (-1 any, 0 ``group``, < -1 that group)."""

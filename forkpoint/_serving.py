@@ -3,18 +3,25 @@ checkpoint, and the rescue of the clients whose requests were in flight when the
 
 In restart mode a failure rolls the whole worker back to a checkpoint taken before it served. The
 connection of a request that failed was accepted after that checkpoint, so the restored process
-does not have it: only the failed process did, and it is dead. ``Rescue`` keeps it reachable: before
-the application runs, the client socket is sent (SCM_RIGHTS) into a socketpair made before the
-checkpoint, and taken out again when the request is done. The queue of a socketpair is a kernel
-object shared by every process of the program, so the restored process finds there the socket of
-every request that was in flight, answers it 500 (or closes it if the response had started), and
-sends FIN with ``shutdown`` (a plain close would not, while another process holds the socket). Each
-slot's state (in flight, response started, which request) is in persistent memory, which survives
-the rollback. Cost: one ``sendmsg`` and one ``recvmsg`` per request, about 6 us here.
+does not have it: only the failed process did, and it is dead. ``Rescue`` keeps it reachable. Each
+live process has a *holder* (``_fdholder``): a process that shares its descriptor table, so the
+failed process's sockets stay open after its death. Per request the worker only writes down the
+socket's descriptor, with the slot's state (in flight, response started, which request), in
+persistent memory, which survives the rollback: 1.5-2 us per WSGI request in one process. The
+restored process hands each slot in use to the dead process's holder, which answers it 500 (or
+closes it if the response had started) and sends FIN with ``shutdown`` (a plain close would not,
+while another process holds the socket).
+
+Where no holder can be made, the client socket is parked instead: sent (SCM_RIGHTS) into a
+socketpair made before the checkpoint before the application runs, and taken out again when the
+request is done. The queue of a socketpair is a kernel object shared by every process of the
+program, so the restored process finds there the socket of every request that was in flight and
+answers it itself. Cost: one ``sendmsg`` and one ``recvmsg`` per request, about 6 us here.
 """
 from __future__ import annotations
 
 import array
+import ctypes
 import hashlib
 import inspect
 import logging
@@ -23,8 +30,10 @@ import socket
 import time
 from typing import Any
 
-from . import snapshots
+from . import _fdholder, _procfs, snapshots
 from ._errors import ConfigurationError
+from ._fdholder import send_all, shutdown
+from ._runtime import runtime
 from .arena import processing_record
 from .persist import persist
 from .snapshots import FATAL_SIGNALS
@@ -40,6 +49,8 @@ MAX_KEY = 200           # bytes; longer keys keep a prefix and a digest (the are
 FAILED = ("500 Internal Server Error", 500, b"forkpoint: the request failed and was rolled back\n")
 _ONE = [b"r"]
 _SOL_SOCKET, _SCM_RIGHTS = socket.SOL_SOCKET, socket.SCM_RIGHTS
+
+USE_HOLDER = True       # False: always park client sockets with SCM_RIGHTS (tests of that way)
 
 REFUSED = ("503 Service Unavailable", 503,
            b"forkpoint: this request is quarantined: it failed the server repeatedly\n")
@@ -98,16 +109,24 @@ def restored_into(n: int) -> bool:
 
 
 class Rescue:
-    """Slots holding the client sockets of in-flight requests where a restored process finds them.
+    """Slots recording the client sockets of in-flight requests, where a restored process finds them.
 
     Made before the restart checkpoint, in the worker process. ``hold(fd, seq)`` before the
     application runs, ``started(slot)`` when its response begins, ``release(slot)`` when it is
     done; ``rescue(own)`` in the restored process (see the module docstring). A keep-alive
     connection may keep its slot between requests (``idle``/``busy``), released when the
-    connection is lost: one ``sendmsg`` per connection instead of one per request.
+    connection is lost.
+
+    Each live process gets a holder of its descriptor table (``_fdholder``) at its first ``hold``,
+    and a slot then only names the socket's descriptor. Where no holder can be made (other threads
+    alive, no process slot left, an unsupported architecture) the socket itself is parked in the
+    slot's socketpair with SCM_RIGHTS, as the module docstring describes; a slot's table word says
+    which (0: parked).
     """
 
-    FREE, INFLIGHT, STARTED, IDLE = 0, 1, 2, 3
+    FREE, INFLIGHT, STARTED, IDLE = _fdholder.FREE, _fdholder.INFLIGHT, _fdholder.STARTED, _fdholder.IDLE
+    _HEAD = 2                  # words before the slots: the holders' bell, the last table id
+    _TABLES = 1
 
     def __init__(self, slots: int, name: str) -> None:
         self.pairs = []
@@ -116,53 +135,137 @@ class Rescue:
             a.setblocking(False)
             b.setblocking(False)
             self.pairs.append((a, b))
-        # per slot: state word, request sequence number
-        self.words = persist(f"forkpoint:{name}", slots * 16).cast("Q")
-        for i in range(slots * 2):
+        # the bell and the last table id, then per slot: state, request number, descriptor, table
+        raw = persist(f"forkpoint:{name}", (self._HEAD + 4 * slots) * 8)
+        self.words = raw.cast("Q")
+        for i in range(len(self.words)):
             self.words[i] = 0
+        self.bell = ctypes.addressof(ctypes.c_uint64.from_buffer(raw))
+        self.slots = slots
         self.free = list(range(slots - 1, -1, -1))
         self.fds = array.array("i", [0])
+        self.rt = runtime()
+        self.owner = 0                          # the live process whose table self.table names
+        self.table = 0                          # its id while a holder shares it; 0: park sockets
+        self.holder: _fdholder.Holder | None = None
+
+    def word(self, slot: int) -> int:
+        """Index in ``words`` of the slot's state word."""
+        return self._HEAD + 4 * slot
 
     def hold(self, fd: int, seq: int) -> int:
-        """Put client socket ``fd`` where a restored process will find it; -1 if no slot is free."""
-        if fd < 0 or not self.free:
+        """Record client socket ``fd`` where a restored process will find it; -1 if no slot is free."""
+        if fd < 0:
+            return -1
+        if self.owner != self.rt.owner_pid:
+            self._attach()
+        if not self.free and not self._reclaim():
             return -1
         slot = self.free.pop()
+        words = self.words
+        w = self._HEAD + 4 * slot
+        if self.table:
+            words[w + 1] = seq
+            words[w + 2] = fd
+            words[w + 3] = self.table
+            words[w] = self.INFLIGHT
+            return slot
         self.fds[0] = fd
         try:
             self.pairs[slot][0].sendmsg(_ONE, [(_SOL_SOCKET, _SCM_RIGHTS, self.fds)])
         except OSError:
             self.free.append(slot)
             return -1
-        self.words[2 * slot + 1] = seq
-        self.words[2 * slot] = self.INFLIGHT
+        words[w + 1] = seq
+        words[w + 3] = 0
+        words[w] = self.INFLIGHT
         return slot
 
     def started(self, slot: int) -> None:
         if slot >= 0:
-            self.words[2 * slot] = self.STARTED
+            self.words[self._HEAD + 4 * slot] = self.STARTED
 
     def busy(self, slot: int, seq: int) -> None:
         """A new request on a held connection."""
-        self.words[2 * slot + 1] = seq
-        self.words[2 * slot] = self.INFLIGHT
+        w = self._HEAD + 4 * slot
+        self.words[w + 1] = seq
+        self.words[w] = self.INFLIGHT
 
     def idle(self, slot: int) -> None:
         """The request is done; the connection stays held (a restore closes it, with FIN)."""
-        self.words[2 * slot] = self.IDLE
+        self.words[self._HEAD + 4 * slot] = self.IDLE
 
     def release(self, slot: int) -> None:
-        """The request is done: take its socket out of the slot (first: a death in between then
-        answers no one), and free the slot. One ``recv`` without room for descriptors: the kernel
+        """The request is done: free the slot. A parked socket is taken out first (a death in
+        between then answers no one), with one ``recv`` without room for descriptors: the kernel
         drops the socket it carried, with no descriptor installed and closed here."""
         if slot < 0:
+            return
+        w = self._HEAD + 4 * slot
+        if self.words[w + 3]:
+            self.words[w] = self.FREE
+            self.free.append(slot)
+            if self.owner != self.rt.owner_pid:     # recorded before a restore into this request:
+                self.words[0] += 1                  # that table's holder waits for it
+                _fdholder.ring(self.bell)
             return
         try:
             self.pairs[slot][1].recv(1)
         except OSError:             # (nothing queued: cannot happen, but a slot must never leak)
             pass
-        self.words[2 * slot] = self.FREE
+        self.words[w] = self.FREE
         self.free.append(slot)
+
+    def in_flight(self, seq: int) -> bool:
+        """Whether request ``seq`` holds a slot."""
+        words = self.words
+        return any(words[w] != self.FREE and words[w] < _fdholder.HAND_ANSWER and words[w + 1] == seq
+                   for w in range(self._HEAD, self._HEAD + 4 * self.slots, 4))
+
+    def _attach(self) -> None:
+        """This process is not the one whose table the holder shares (its first request, or a
+        restored process's): make a holder of its own, or park sockets if none can be made."""
+        if self.holder is not None:
+            self.holder.forget()       # a restored process's copy of its predecessor's pidfd
+            self.holder = None
+        self.owner, self.table = self.rt.owner_pid, 0
+        self.holder = self._spawn(0)
+        if self.holder is not None:
+            self.table = self.holder.table
+
+    def renew_holder(self) -> None:
+        """The worker checkpoint was replaced in this process: a new holder for the same table, so
+        that the old one does not keep the old checkpoint's pages (kept if none can be made)."""
+        old = self.holder
+        if old is None or self.owner != self.rt.owner_pid:
+            return
+        new = self._spawn(self.table)
+        if new is not None:
+            old.stop()
+            self.holder = new
+
+    def _spawn(self, table: int) -> _fdholder.Holder | None:
+        if not (USE_HOLDER and _fdholder.SUPPORTED):
+            return None
+        try:
+            if _procfs.other_threads():
+                raise OSError("other threads are alive; a copy of this process could deadlock")
+            if not table:
+                self.words[self._TABLES] += 1
+                table = int(self.words[self._TABLES])
+            return _fdholder.Holder.spawn(self.words, self._HEAD, self.slots, table, self.bell,
+                                          raw_response(FAILED), self.rt.chan)
+        except OSError as e:
+            log.info("forkpoint: no holder of this worker's descriptors (%s); parking each client "
+                     "socket with SCM_RIGHTS instead", e)
+            return None
+
+    def _reclaim(self) -> bool:
+        """Slots a holder freed since (they were handed to it): free here again."""
+        words = self.words
+        self.free = [s for s in range(self.slots - 1, -1, -1)
+                     if words[self._HEAD + 4 * s] == self.FREE]
+        return bool(self.free)
 
     def _drain(self, slot: int) -> list[int]:
         out: list[int] = []
@@ -182,23 +285,43 @@ class Rescue:
         A request that had not started its response gets a 500, one that had is closed, and so is
         an idle connection (with FIN: its client sees it closed, as after any restart); the
         request numbered ``own_seq`` is skipped (the restored process is inside it and answers it
-        itself). Returns (answered, closed). Every slot is free again afterwards.
+        itself). A recorded descriptor is handed to the holder of the dead process's table, which
+        does this; a parked socket is answered here. Returns (answered, closed). Every slot this
+        process may use is free again afterwards.
         """
         answered = closed = 0
-        for slot in range(len(self.pairs)):
-            state, seq = int(self.words[2 * slot]), int(self.words[2 * slot + 1])
+        words = self.words
+        handed = False
+        for slot in range(self.slots):
+            w = self._HEAD + 4 * slot
+            state, seq, table = int(words[w]), int(words[w + 1]), int(words[w + 3])
+            if table:
+                if state in _fdholder.IN_USE:
+                    if seq == own_seq:
+                        words[w] = _fdholder.HAND_LEAVE
+                    elif state == self.INFLIGHT:
+                        words[w] = _fdholder.HAND_ANSWER
+                        answered += 1
+                    else:
+                        words[w] = _fdholder.HAND_CLOSE
+                        closed += 1
+                    handed = True
+                continue
             fds = self._drain(slot)
             for i, fd in enumerate(fds):
                 last = i == len(fds) - 1
                 if last and state != self.FREE and seq != own_seq:
-                    if state == self.INFLIGHT and _send_all(fd, raw_response(FAILED)):
+                    if state == self.INFLIGHT and send_all(fd, raw_response(FAILED)):
                         answered += 1
                     else:
                         closed += 1
-                    _shutdown(fd)
+                    shutdown(fd)
                 _close(fd)
-            self.words[2 * slot] = self.FREE
-        self.free = list(range(len(self.pairs) - 1, -1, -1))
+            words[w] = self.FREE
+        if handed:
+            words[0] += 1
+            _fdholder.ring(self.bell)
+        self._reclaim()
         return answered, closed
 
     def close(self) -> None:
@@ -206,29 +329,6 @@ class Rescue:
             a.close()
             b.close()
         self.pairs = []
-
-
-def _send_all(fd: int, data: bytes, timeout: float = 1.0) -> bool:
-    s = socket.socket(fileno=fd)
-    try:
-        s.settimeout(timeout)          # the descriptor may be non-blocking (asyncio's)
-        s.sendall(data)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.detach()
-
-
-def _shutdown(fd: int) -> None:
-    """FIN now: the socket may still be held by a process that is being torn down."""
-    s = socket.socket(fileno=fd)
-    try:
-        s.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    finally:
-        s.detach()
 
 
 def _close(fd: int) -> None:

@@ -41,6 +41,7 @@ from ._channel import (
     ErrorKind,
     ForkFailed,
     Hello,
+    Holder,
     ListCheckpoints,
     Message,
     QuarantineOp,
@@ -88,6 +89,7 @@ class Role(enum.Enum):
     KEEPER = "keeper"         # checkpoint n itself; forks spares
     SPARE = "spare"           # a ready copy of a keeper; a restore wakes it
     DYING = "dying"           # killed, or its work is over; only a keeper's hello may still come
+    HOLDER = "holder"         # shares a live process's descriptor table (_fdholder); not the program's
 
 
 @dataclass
@@ -269,7 +271,8 @@ class Shepherd:
             Snap: self._on_snap, Hello: self._on_hello, Spare: self._on_spare, Up: self._on_up,
             Restore: self._on_restore, Discard: self._on_discard, ListCheckpoints: self._on_list,
             SetPolicy: self._on_policy, Configure: self._on_configure, ChildQuery: self._on_child,
-            QuarantineOp: self._on_quarantine, ForkFailed: self._on_fork_failed, Throttle: self._on_throttle}
+            QuarantineOp: self._on_quarantine, ForkFailed: self._on_fork_failed, Throttle: self._on_throttle,
+            Holder: self._on_holder}
 
     # -- what the control server sees (``_control.Controlled``) ---------------------------------------
     @property
@@ -778,6 +781,8 @@ class Shepherd:
             return
         self._drain(proc)     # what it said before dying (a checkpoint it took) comes first
         self.procs.pop(pid, None)
+        if proc.role is Role.HOLDER:
+            return
         if proc.role is Role.DYING:
             self._update_throttle()
             self._retry_forks()      # a process slot is free again
@@ -850,7 +855,7 @@ class Shepherd:
                 for ck in [c for c in self.ckpts.values() if c.awaiting and c.announcer is proc]:
                     self._discard(ck.n, "its keeper never introduced itself")
             return
-        if proc.role is Role.DYING and not isinstance(msg, Hello):
+        if proc.role is Role.DYING and not isinstance(msg, (Hello, Holder)):
             self._close_fds(fds)
             return
         handler = self._handlers.get(type(msg))
@@ -903,6 +908,14 @@ class Shepherd:
         if ck.pending is not None:
             self._urge(ck)
         self._answer_list()
+
+    def _on_holder(self, proc: Proc, msg: Holder, fds: list[int]) -> None:
+        """The live process made a holder of its descriptor table: a child of ours that is none of
+        the program's (an orphan scan may have counted it already, or reaped it)."""
+        self.orphans.forget(msg.pid)
+        self._close_fds(fds[1:])
+        if self._alive(msg.pid, fds[0] if fds else None):
+            self.procs[msg.pid] = Proc(msg.pid, Role.HOLDER, 0, None)
 
     def _on_spare(self, proc: Proc, msg: Spare, fds: list[int]) -> None:
         ck = self.ckpts.get(msg.n)

@@ -188,6 +188,7 @@ class _Protected:
                 snapshots.discard(old)
             except Exception as e:  # noqa: BLE001 - the new checkpoint is taken; the old one costs memory only
                 log.warning("forkpoint: could not discard the previous worker checkpoint %d: %s", old, e)
+            self.rescue.renew_holder()
         log.info("forkpoint: worker checkpoint %d taken", self.n)
 
     # -- ASGI ---------------------------------------------------------------------------------------
@@ -222,7 +223,7 @@ class _Protected:
         if slot >= 0:
             # A plain function returning the server's own awaitable: no coroutine of ours per send.
             # Whether the response started is the slot's state word (read back below).
-            words, w, started_word = rescue.words, 2 * slot, rescue.STARTED  # type: ignore[union-attr]
+            words, w, started_word = rescue.words, rescue.word(slot), rescue.STARTED  # type: ignore[union-attr]
 
             def app_send(message: Message) -> Awaitable[None]:
                 if message["type"] == "http.response.start":
@@ -262,7 +263,7 @@ class _Protected:
             if entry is None or not entry.expired:
                 raise
             log.warning("forkpoint: request %r waited longer than %gs: cancelled", k, self.timeout)
-            started = bool(began) if began is not None else int(rescue.words[2 * slot]) == rescue.STARTED  # type: ignore[union-attr]
+            started = bool(began) if began is not None else int(words[w]) == started_word
             if not started and http:
                 await _respond(send, FAILED)
         finally:

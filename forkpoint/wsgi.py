@@ -297,7 +297,7 @@ class _Restart(_Base):
         merge_policy(self.quarantine_after)         # starts forkpoint in this worker
         _freeze()
         if self.rescue is None:
-            self.rescue = Rescue(1, "wsgi-inflight")
+            self.rescue = Rescue(2, "wsgi-inflight")   # one in use, one a holder may still answer on
         self.n = snapshots.tsetjmp(pin=True)
         self.arena = runtime().arena
         self.refresh.mark()
@@ -310,8 +310,7 @@ class _Restart(_Base):
         """In the restored process: answer the clients of the requests that failed."""
         rescue = self.rescue
         assert rescue is not None
-        own_failed = any(int(rescue.words[2 * s]) != rescue.FREE and int(rescue.words[2 * s + 1]) == own
-                         for s in range(len(rescue.pairs)))
+        own_failed = rescue.in_flight(own)
         answered, closed = rescue.rescue(own)
         log.warning("forkpoint: worker restored to checkpoint %d (%s); %d client(s) answered 500, "
                     "%d closed", self.n, snapshots.restore_reason(), answered + int(own_failed), closed)
@@ -325,6 +324,8 @@ class _Restart(_Base):
         if restored_into(self.n):
             self._after_restore(-1)
             return
+        assert self.rescue is not None
+        self.rescue.renew_holder()
         try:
             snapshots.discard(old)
         except Exception as e:  # noqa: BLE001 - the new checkpoint is taken; the old one only costs memory

@@ -28,7 +28,7 @@ STARLETTE_APP = """
     from starlette.applications import Starlette
     from starlette.responses import JSONResponse, PlainTextResponse
     from starlette.routing import Route
-    import forkpoint.asgi
+    import forkpoint._serving, forkpoint.asgi
 
     state = {"served": 0}
 
@@ -57,6 +57,8 @@ STARLETTE_APP = """
     star = Starlette(routes=[Route("/__ready__", ready), Route("/count", count), Route("/crash", crash),
                              Route("/hang", hang), Route("/slow", slow)])
     REFRESH = float(os.environ["REFRESH"]) if os.environ.get("REFRESH") else None
+    if os.environ.get("FORKPOINT_PARK"):
+        forkpoint._serving.USE_HOLDER = False   # park client sockets with SCM_RIGHTS, never a holder
     if os.environ.get("FORKPOINT_OFF"):
         app = star
     else:
@@ -151,12 +153,15 @@ def test_requests_in_flight_fail_with_the_crash_but_are_not_blamed(tmp_path):
         assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
 
 
-def test_keep_alive_connections_are_answered_or_closed_never_left_hanging(tmp_path):
+@pytest.mark.parametrize("way", ["holder", "park"])
+def test_keep_alive_connections_are_answered_or_closed_never_left_hanging(tmp_path, way):
     """A keep-alive connection holds its rescue slot between requests. When the worker fails, the
-    one with a request in flight gets a 500 and the idle one is closed (FIN): neither client waits."""
+    one with a request in flight gets a 500 and the idle one is closed (FIN): neither client waits.
+    So whether a holder shares the worker's descriptors or the sockets are parked."""
     import http.client
 
-    proc, port = _uvicorn(tmp_path, TIMEOUT="5")
+    env = {"FORKPOINT_PARK": "1"} if way == "park" else {}
+    proc, port = _uvicorn(tmp_path, TIMEOUT="5", **env)
     busy = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     idle = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:

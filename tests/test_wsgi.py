@@ -24,7 +24,7 @@ pytestmark = pytest.mark.timeout(120)
 FLASK_APP = """
     import ctypes, json, os, re
     from flask import Flask
-    import forkpoint.wsgi
+    import forkpoint, forkpoint._serving, forkpoint.wsgi
 
     flask_app = Flask(__name__)
     state = {"served": 0}
@@ -54,9 +54,31 @@ FLASK_APP = """
         re.match(r"(a+)+$", "a" * 64 + "!")
         return "never"
 
+    @flask_app.route("/wait")
+    def wait():                            # the children the application can wait for
+        try:
+            return {"wait": list(os.waitpid(-1, os.WNOHANG))}
+        except ChildProcessError:
+            return {"wait": "no children"}
+
+    @forkpoint.checkpointed
+    def risky(n):
+        if n == 1:
+            ctypes.string_at(0)
+        return n
+
+    @flask_app.route("/inner/<int:n>")
+    def inner(n):                          # a transaction of its own inside the request
+        try:
+            return {"inner": risky(n)}
+        except forkpoint.Recovered:
+            return {"inner": "recovered"}
+
     MODE = os.environ.get("MODE", "transaction")
     TIMEOUT = float(os.environ.get("TIMEOUT", "2"))
     REFRESH = float(os.environ["REFRESH"]) if os.environ.get("REFRESH") else None
+    if os.environ.get("FORKPOINT_PARK"):
+        forkpoint._serving.USE_HOLDER = False   # park client sockets with SCM_RIGHTS, never a holder
     if os.environ.get("FORKPOINT_OFF"):
         app = flask_app
     else:
@@ -83,6 +105,22 @@ def _booted(tmp_path: Path) -> list[int]:
     """PIDs of the workers gunicorn booted, from its log."""
     return [int(line.rsplit(":", 1)[1]) for line in server_log(tmp_path).splitlines()
             if "Booting worker with pid:" in line]
+
+
+def _holders(worker: int) -> list[int]:
+    """The processes holding a descriptor table of the worker whose face PID is ``worker``."""
+    try:
+        kids = psutil.Process(worker).children()
+    except psutil.NoSuchProcess:
+        return []
+    out = []
+    for p in kids:
+        try:
+            if p.name() == "fp-fds":
+                out.append(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
 
 
 def _forkpoint_processes(pid: int) -> list[str]:
@@ -144,6 +182,67 @@ def test_the_default_key_is_method_path_and_query(tmp_path, mode):
     finally:
         assert stop_server(proc) == 0, server_log(tmp_path)
     assert _forkpoint_processes(proc.pid) == []
+
+
+@pytest.mark.parametrize("way", ["holder", "park"])
+def test_restart_mode_answers_the_failed_client_whichever_way_it_kept_the_socket(tmp_path, way):
+    """Invariant: the client of a request that crashed the worker gets a 500 from the restored
+    worker, crash after crash, whether a holder shares the worker's descriptor table (one per live
+    worker, none left of a dead one) or, where none can be made, the socket is parked."""
+    env = {"FORKPOINT_PARK": "1"} if way == "park" else {}
+    proc, port = _gunicorn(tmp_path, "-w", "1", MODE="restart", **env)
+    want = 1 if way == "holder" else 0
+    try:
+        pid = _get(port)[1]["pid"]
+        for i in range(3):
+            status, body = _get(port, f"/crash?try={i}")
+            assert status == 500 and "rolled back" in body, (status, body, server_log(tmp_path))
+            assert _get(port) == (200, {"pid": pid, "served": 1})
+            wait_for(lambda: len(_holders(pid)) == want, timeout=10)
+    finally:
+        assert stop_server(proc) == 0, server_log(tmp_path)
+    assert _forkpoint_processes(proc.pid) == []
+
+
+def test_a_request_restored_inside_itself_is_answered_by_its_own_code(tmp_path):
+    """Invariant: only a restore to the worker checkpoint answers a client 500. A @checkpointed
+    call inside a request that crashes is rolled back to its own checkpoint, inside the request:
+    the client gets the handler's answer, and the connection ends as soon as it is answered (the
+    dead process's holder lets the socket go), not when a holder gives up."""
+    import socket
+
+    proc, port = _gunicorn(tmp_path, "-w", "1", MODE="restart")
+    try:
+        pid = _get(port)[1]["pid"]
+        assert _get(port, "/inner/2") == (200, {"inner": 2})
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+            c.sendall(b"GET /inner/1 HTTP/1.1\r\nHost: x\r\n\r\n")
+            got = b""
+            while chunk := c.recv(65536):        # until EOF; a socket.timeout fails the test
+                got += chunk
+        assert got.startswith(b"HTTP/1.1 200") and b'"recovered"' in got, got
+        assert _get(port) == (200, {"pid": pid, "served": 2})      # no restore of the worker
+        wait_for(lambda: len(_holders(pid)) == 1, timeout=10)
+    finally:
+        assert stop_server(proc) == 0, server_log(tmp_path)
+
+
+@pytest.mark.parametrize("off", [False, True], ids=["forkpoint", "plain"])
+def test_the_application_has_no_children_it_did_not_make(tmp_path, off):
+    """The holder of a worker's descriptors is forkpoint's, not the application's: a wait for any
+    child says there is none, as under plain gunicorn, before a crash, while the orphan scan after
+    a restore runs, and once the restored worker has a holder of its own."""
+    env = {"FORKPOINT_OFF": "1"} if off else {}
+    proc, port = _gunicorn(tmp_path, "-w", "1", MODE="restart", **env)
+    try:
+        assert _get(port, "/wait") == (200, {"wait": "no children"})
+        if not off:
+            assert _get(port, "/crash")[0] == 500
+            for _ in range(5):
+                assert _get(port, "/wait") == (200, {"wait": "no children"})
+                time.sleep(0.03)
+    finally:
+        assert stop_server(proc) == 0, server_log(tmp_path)
 
 
 def test_without_forkpoint_the_crash_takes_the_worker(tmp_path):
