@@ -114,8 +114,8 @@ class Rescue:
     Made before the restart checkpoint, in the worker process. ``hold(fd, seq)`` before the
     application runs, ``started(slot)`` when its response begins, ``release(slot)`` when it is
     done; ``rescue(own)`` in the restored process (see the module docstring). A keep-alive
-    connection may keep its slot between requests (``idle``/``busy``), released when the
-    connection is lost.
+    connection may keep its slot between requests (see ``word``), released when the connection is
+    lost.
 
     Each live process gets a holder of its descriptor table (``_fdholder``) at its first ``hold``,
     and a slot then only names the socket's descriptor. Where no holder can be made (other threads
@@ -150,7 +150,11 @@ class Rescue:
         self.holder: _fdholder.Holder | None = None
 
     def word(self, slot: int) -> int:
-        """Index in ``words`` of the slot's state word."""
+        """Index in ``words`` of the slot's state word; the request's number is the next word.
+
+        A keep-alive connection keeps its slot between requests: a new request writes its number
+        there and then INFLIGHT in the state word, a finished one IDLE (a restore closes an idle
+        connection, with FIN); the ASGI wrapper writes them itself."""
         return self._HEAD + 4 * slot
 
     def hold(self, fd: int, seq: int) -> int:
@@ -184,16 +188,6 @@ class Rescue:
     def started(self, slot: int) -> None:
         if slot >= 0:
             self.words[self._HEAD + 4 * slot] = self.STARTED
-
-    def busy(self, slot: int, seq: int) -> None:
-        """A new request on a held connection."""
-        w = self._HEAD + 4 * slot
-        self.words[w + 1] = seq
-        self.words[w] = self.INFLIGHT
-
-    def idle(self, slot: int) -> None:
-        """The request is done; the connection stays held (a restore closes it, with FIN)."""
-        self.words[self._HEAD + 4 * slot] = self.IDLE
 
     def release(self, slot: int) -> None:
         """The request is done: free the slot. A parked socket is taken out first (a death in

@@ -58,6 +58,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+_running_loop = asyncio.get_running_loop
+_INFLIGHT, _STARTED, _IDLE = Rescue.INFLIGHT, Rescue.STARTED, Rescue.IDLE
 SLOTS = 64              # requests in flight whose clients a restored process can still answer
 _POLL = 0.05            # seconds between looks for a moment without connections (refresh)
 
@@ -108,7 +110,8 @@ class _Protected:
         self.seq = 0
         self.inflight = 0
         self.rescue: Rescue | None = None
-        self.slots: dict[Any, int] = {}         # connection (transport) -> its rescue slot
+        self.slots: dict[Any, int] = {}         # connection (transport) -> its slot's state word
+        self.known: dict[tuple[Any, ...], tuple[str, tuple[bytes, int]]] = {}
         self.arena: Any = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.watching = False
@@ -193,12 +196,18 @@ class _Protected:
 
     # -- ASGI ---------------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The usual request: a dictionary read for its key and record, one word for the quarantine,
+        # two words of its connection's rescue slot, the step's mark. Few Python calls: in a real
+        # worker each one is cold (see wsgi._Restart.__call__).
         kind = scope["type"]
-        if kind == "lifespan":
-            return await self._lifespan(scope, receive, send)
-        if kind not in ("http", "websocket"):
-            return await self.app(scope, receive, send)
-        if self._checked_loop():
+        if kind != "http":
+            if kind == "lifespan":
+                return await self._lifespan(scope, receive, send)
+            if kind != "websocket":
+                return await self.app(scope, receive, send)
+        if _running_loop() is not self.loop:
+            self._checked_loop()
+        if self.refused:
             raise RuntimeError(self.refused)
         if self.n == 0 and not self.watching:
             if not self.warned:
@@ -206,9 +215,15 @@ class _Protected:
                 log.warning("forkpoint: no ASGI lifespan startup was seen (lifespan off?): the worker "
                             "is checkpointed the first time it holds no connection")
             self._watch()
-        k = _default_key(scope) if self.keyfn is None else self.keyfn(scope)
-        if type(k) is not str or not 0 < len(k) <= 64:
-            k = _key(k)
+        record: tuple[bytes, int] | None = None
+        if self.keyfn is None:
+            seen = (kind, scope.get("method"), scope.get("path"), scope.get("query_string"))
+            known = self.known.get(seen) or self._know(seen, scope)
+            k, record = known
+        else:
+            k = self.keyfn(scope)
+            if type(k) is not str or not 0 < len(k) <= 64:
+                k = _key(k)
         if not quiet() and k in _known.keys_of(self.arena or runtime().arena_or_create()):
             if kind == "http":
                 await _respond(send, REFUSED)
@@ -217,17 +232,25 @@ class _Protected:
         self.inflight += 1
         rescue = self.rescue if self.n else None
         http = kind == "http"
-        slot = conn = -1
+        w = -1
+        conn: Any = None
         if rescue is not None and http:
-            conn, slot = self._slot(send, rescue)
-        if slot >= 0:
+            conn = getattr(getattr(send, "__self__", None), "transport", None)
+            w = self.slots.get(conn, -1) if conn is not None else -1
+            if w >= 0:                    # a request on a connection that holds a slot (Rescue.busy)
+                words = rescue.words
+                words[w + 1] = self.seq
+                words[w] = _INFLIGHT
+            elif conn is not None:
+                w = self._slot(conn, rescue)
+        if w >= 0:
             # A plain function returning the server's own awaitable: no coroutine of ours per send.
             # Whether the response started is the slot's state word (read back below).
-            words, w, started_word = rescue.words, rescue.word(slot), rescue.STARTED  # type: ignore[union-attr]
+            words = rescue.words  # type: ignore[union-attr]
 
             def app_send(message: Message) -> Awaitable[None]:
                 if message["type"] == "http.response.start":
-                    words[w] = started_word
+                    words[w] = _STARTED
                 return send(message)
             began: list[bool] | None = None
         else:
@@ -246,7 +269,8 @@ class _Protected:
             else:
                 # The first step runs here, marked; most requests end in it, and only one that
                 # suspends needs _Steps for the steps after.
-                record = self.record_of(k)
+                if record is None:
+                    record = self.record_of(k)
                 arena = self.arena
                 if arena.enter_step(record, self.timeout or 0.0, self.n):
                     try:
@@ -263,51 +287,54 @@ class _Protected:
             if entry is None or not entry.expired:
                 raise
             log.warning("forkpoint: request %r waited longer than %gs: cancelled", k, self.timeout)
-            started = bool(began) if began is not None else int(words[w]) == started_word
+            started = bool(began) if began is not None else int(words[w]) == _STARTED
             if not started and http:
                 await _respond(send, FAILED)
         finally:
             if entry is not None:
                 expiry.done(entry)  # type: ignore[union-attr]
-            if slot >= 0 and self.slots.get(conn) == slot:    # (still held: not lost meanwhile)
-                rescue.idle(slot)  # type: ignore[union-attr]
+            if w >= 0 and self.slots.get(conn) == w:     # (still held: not lost meanwhile)
+                words[w] = _IDLE                          # (Rescue.idle)
             self.inflight -= 1
-            if self.n and not self.inflight and not self.watching and self.refresh.due():
+            if self.n and not self.inflight and not self.watching and self.refresh.every is not None \
+                    and self.refresh.due():
                 self._watch()
         return None
 
-    def _slot(self, send: Send, rescue: Rescue) -> tuple[Any, int]:
-        """The rescue slot of the request's connection: held from its first request until it is
-        lost (its protocol's ``connection_lost``), so a keep-alive connection costs one
-        ``sendmsg`` and one ``recvmsg`` in all. (-1, -1) where the server hides the socket."""
-        transport = getattr(getattr(send, "__self__", None), "transport", None)
-        if transport is None:
-            return -1, -1
-        slot = self.slots.get(transport)
-        if slot is None:
-            sock = transport.get_extra_info("socket")
-            protocol = transport.get_protocol()
-            try:
-                fd = sock.fileno() if sock is not None else -1
-            except OSError:
-                fd = -1
-            slot = rescue.hold(fd, self.seq)
-            if slot < 0 or protocol is None:
+    def _know(self, seen: tuple[Any, ...], scope: Scope) -> tuple[str, tuple[bytes, int]]:
+        """The default key of a request with this type, method, path and query, and its record."""
+        if len(self.known) >= 1024:
+            self.known.clear()
+        k = _default_key(scope)
+        known = self.known[seen] = (k, self.record_of(k))
+        return known
+
+    def _slot(self, transport: Any, rescue: Rescue) -> int:
+        """A rescue slot for the request's connection, held from its first request until it is
+        lost (its protocol's ``connection_lost``), so a keep-alive connection records its socket
+        once. Returns the slot's state word in ``rescue.words`` (-1: the server hides the socket,
+        or no slot is free)."""
+        sock = transport.get_extra_info("socket")
+        protocol = transport.get_protocol()
+        try:
+            fd = sock.fileno() if sock is not None else -1
+        except OSError:
+            fd = -1
+        slot = rescue.hold(fd, self.seq)
+        if slot < 0 or protocol is None:
+            rescue.release(slot)
+            return -1
+        lost = protocol.connection_lost
+        slots = self.slots
+
+        def connection_lost(exc: BaseException | None) -> None:
+            if slots.pop(transport, None) is not None:
                 rescue.release(slot)
-                return -1, -1
-            lost = protocol.connection_lost
-            slots = self.slots
+            lost(exc)
 
-            def connection_lost(exc: BaseException | None) -> None:
-                if slots.pop(transport, None) is not None:
-                    rescue.release(slot)
-                lost(exc)
-
-            protocol.connection_lost = connection_lost
-            slots[transport] = slot
-        else:
-            rescue.busy(slot, self.seq)
-        return transport, slot
+        protocol.connection_lost = connection_lost
+        w = slots[transport] = rescue.word(slot)
+        return w
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         refused = self._checked_loop()
