@@ -119,6 +119,20 @@ def test_a_crash_restores_the_worker_warm_under_the_same_pid(tmp_path):
     assert "Finished server process" in server_log(tmp_path)
 
 
+def test_the_default_key_is_method_path_and_query(tmp_path):
+    """Invariant: a quarantine refuses exactly the request that failed, named by its method, path
+    and query: the same path with another query, or another method, still runs."""
+    proc, port = _uvicorn(tmp_path)
+    try:
+        assert [_get(port, "/crash?id=1")[0] for _ in range(3)] == [500, 500, 503]
+        assert _get(port, "/crash?id=2")[0] == 500         # not refused: another input
+        assert http(port, "/crash?id=1", method="HEAD")[0] == 500
+        assert _get(port, "/count?id=1")[0] == 200
+        assert _get(port, "/crash?id=1")[0] == 503
+    finally:
+        assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
+
+
 def test_without_forkpoint_the_crash_takes_the_server(tmp_path):
     proc, port = _uvicorn(tmp_path, FORKPOINT_OFF="1")
     try:
