@@ -75,7 +75,8 @@ def clone(sibling: bool, pidfd: ctypes.c_int | None = None, share_files: bool = 
 def clone_pidfd(sibling: bool, share_files: bool = False) -> tuple[int, int]:
     """``clone`` that also returns a pidfd of the child: ``(pid, pidfd)`` in the caller, ``(0, -1)``
     in the child. The pidfd is made by the same system call, so it can never refer to a process
-    that later took a recycled pid; it is close-on-exec, and the child does not have it. It is -1
+    that later took a recycled pid; it is close-on-exec, and the child does not have it (unless it
+shares the caller's descriptor table: ``share_files``). It is -1
     on kernels without CLONE_PIDFD (before Linux 5.2)."""
     fd = ctypes.c_int(-1)
     pid = clone(sibling, fd, share_files)

@@ -32,6 +32,10 @@ from typing import Any
 
 from . import _fdholder, _procfs, snapshots
 from ._errors import ConfigurationError
+from ._fdholder import FD as _FD
+from ._fdholder import INO as _INO
+from ._fdholder import SEQ as _SEQ
+from ._fdholder import TABLE as _TABLE
 from ._fdholder import send_all, shutdown
 from ._runtime import runtime
 from .arena import processing_record
@@ -127,6 +131,7 @@ class Rescue:
     FREE, INFLIGHT, STARTED, IDLE = _fdholder.FREE, _fdholder.INFLIGHT, _fdholder.STARTED, _fdholder.IDLE
     _HEAD = 2                  # words before the slots: the holders' bell, the last table id
     _TABLES = 1
+    _SLOT = _fdholder.SLOT     # words per slot: state, request number, descriptor, table, inode
 
     def __init__(self, slots: int, name: str) -> None:
         self.pairs = []
@@ -135,8 +140,7 @@ class Rescue:
             a.setblocking(False)
             b.setblocking(False)
             self.pairs.append((a, b))
-        # the bell and the last table id, then per slot: state, request number, descriptor, table
-        raw = persist(f"forkpoint:{name}", (self._HEAD + 4 * slots) * 8)
+        raw = persist(f"forkpoint:{name}", (self._HEAD + self._SLOT * slots) * 8)
         self.words = raw.cast("Q")
         for i in range(len(self.words)):
             self.words[i] = 0
@@ -148,6 +152,7 @@ class Rescue:
         self.owner = 0                          # the live process whose table self.table names
         self.table = 0                          # its id while a holder shares it; 0: park sockets
         self.holder: _fdholder.Holder | None = None
+        self.warned = False
 
     def word(self, slot: int) -> int:
         """Index in ``words`` of the slot's state word; the request's number is the next word.
@@ -155,23 +160,35 @@ class Rescue:
         A keep-alive connection keeps its slot between requests: a new request writes its number
         there and then INFLIGHT in the state word, a finished one IDLE (a restore closes an idle
         connection, with FIN); the ASGI wrapper writes them itself."""
-        return self._HEAD + 4 * slot
+        return self._HEAD + self._SLOT * slot
 
-    def hold(self, fd: int, seq: int) -> int:
-        """Record client socket ``fd`` where a restored process will find it; -1 if no slot is free."""
+    def slot_of(self, w: int) -> int:
+        """The slot whose state word is ``words[w]``."""
+        return (w - self._HEAD) // self._SLOT
+
+    def hold(self, fd: int, seq: int, ino: int = 0) -> int:
+        """Record client socket ``fd`` where a restored process will find it; -1 if no slot is free.
+
+        ``ino``, the socket's inode, lets a holder check that the descriptor is still that socket
+        (given where a slot may outlive its request: a keep-alive connection's)."""
         if fd < 0:
             return -1
         if self.owner != self.rt.owner_pid:
             self._attach()
         if not self.free and not self._reclaim():
+            if not self.warned:
+                self.warned = True
+                log.warning("forkpoint: all %d rescue slots are taken; the client of a request that "
+                            "fails now sees a closed connection instead of a 500", self.slots)
             return -1
         slot = self.free.pop()
         words = self.words
-        w = self._HEAD + 4 * slot
+        w = self._HEAD + self._SLOT * slot
         if self.table:
-            words[w + 1] = seq
-            words[w + 2] = fd
-            words[w + 3] = self.table
+            words[w + _SEQ] = seq
+            words[w + _FD] = fd
+            words[w + _TABLE] = self.table
+            words[w + _INO] = ino
             words[w] = self.INFLIGHT
             return slot
         self.fds[0] = fd
@@ -180,14 +197,14 @@ class Rescue:
         except OSError:
             self.free.append(slot)
             return -1
-        words[w + 1] = seq
-        words[w + 3] = 0
+        words[w + _SEQ] = seq
+        words[w + _TABLE] = 0
         words[w] = self.INFLIGHT
         return slot
 
     def started(self, slot: int) -> None:
         if slot >= 0:
-            self.words[self._HEAD + 4 * slot] = self.STARTED
+            self.words[self._HEAD + self._SLOT * slot] = self.STARTED
 
     def release(self, slot: int) -> None:
         """The request is done: free the slot. A parked socket is taken out first (a death in
@@ -195,8 +212,8 @@ class Rescue:
         drops the socket it carried, with no descriptor installed and closed here."""
         if slot < 0:
             return
-        w = self._HEAD + 4 * slot
-        if self.words[w + 3]:
+        w = self._HEAD + self._SLOT * slot
+        if self.words[w + _TABLE]:
             self.words[w] = self.FREE
             self.free.append(slot)
             if self.owner != self.rt.owner_pid:     # recorded before a restore into this request:
@@ -213,8 +230,8 @@ class Rescue:
     def in_flight(self, seq: int) -> bool:
         """Whether request ``seq`` holds a slot."""
         words = self.words
-        return any(words[w] != self.FREE and words[w] < _fdholder.HAND_ANSWER and words[w + 1] == seq
-                   for w in range(self._HEAD, self._HEAD + 4 * self.slots, 4))
+        return any(words[w] != self.FREE and words[w] < _fdholder.HAND_ANSWER and words[w + _SEQ] == seq
+                   for w in range(self._HEAD, self._HEAD + self._SLOT * self.slots, self._SLOT))
 
     def _attach(self) -> None:
         """This process is not the one whose table the holder shares (its first request, or a
@@ -258,7 +275,7 @@ class Rescue:
         """Slots a holder freed since (they were handed to it): free here again."""
         words = self.words
         self.free = [s for s in range(self.slots - 1, -1, -1)
-                     if words[self._HEAD + 4 * s] == self.FREE]
+                     if words[self._HEAD + self._SLOT * s] == self.FREE]
         return bool(self.free)
 
     def _drain(self, slot: int) -> list[int]:
@@ -287,8 +304,8 @@ class Rescue:
         words = self.words
         handed = False
         for slot in range(self.slots):
-            w = self._HEAD + 4 * slot
-            state, seq, table = int(words[w]), int(words[w + 1]), int(words[w + 3])
+            w = self._HEAD + self._SLOT * slot
+            state, seq, table = int(words[w]), int(words[w + _SEQ]), int(words[w + _TABLE])
             if table:
                 if state in _fdholder.IN_USE:
                     if seq == own_seq:
@@ -316,6 +333,7 @@ class Rescue:
             words[0] += 1
             _fdholder.ring(self.bell)
         self._reclaim()
+        self.owner = 0          # this process's first request makes a holder of its own table
         return answered, closed
 
     def close(self) -> None:

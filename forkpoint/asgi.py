@@ -26,11 +26,12 @@ import asyncio
 import gc
 import inspect
 import logging
+import os
 from collections import deque
 from collections.abc import Awaitable, Callable, Generator, MutableMapping
 from typing import Any
 
-from . import _asgiloop, snapshots
+from . import _asgiloop, _fdholder, snapshots
 from ._qlookup import quiet
 from ._runtime import runtime
 from ._serving import (
@@ -60,6 +61,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _current_task = asyncio.current_task
 _INFLIGHT, _STARTED, _IDLE = Rescue.INFLIGHT, Rescue.STARTED, Rescue.IDLE
+_SEQ = _fdholder.SEQ
 SLOTS = 64              # requests in flight whose clients a restored process can still answer
 _POLL = 0.05            # seconds between looks for a moment without connections (refresh)
 
@@ -240,12 +242,14 @@ class _Protected:
         http = kind == "http"
         w = -1
         conn: Any = None
-        if rescue is not None and http:
+        if rescue is not None and not http:
+            self._upgraded(send, rescue)
+        elif rescue is not None:
             conn = getattr(getattr(send, "__self__", None), "transport", None)
             w = self.slots.get(conn, -1) if conn is not None else -1
             if w >= 0:                    # a request on a connection that holds a slot (Rescue.busy)
                 words = rescue.words
-                words[w + 1] = self.seq
+                words[w + _SEQ] = self.seq
                 words[w] = _INFLIGHT
             elif conn is not None:
                 w = self._slot(conn, rescue)
@@ -315,6 +319,14 @@ class _Protected:
         known = self.known[seen] = (k, self.record_of(k))
         return known
 
+    def _upgraded(self, send: Send, rescue: Rescue) -> None:
+        """A websocket on a connection that held a slot for its HTTP requests: the server gives
+        the connection another protocol, whose loss would never release the slot."""
+        transport = getattr(getattr(send, "__self__", None), "transport", None)
+        w = self.slots.pop(transport, -1) if transport is not None else -1
+        if w >= 0:
+            rescue.release(rescue.slot_of(w))
+
     def _slot(self, transport: Any, rescue: Rescue) -> int:
         """A rescue slot for the request's connection, held from its first request until it is
         lost (its protocol's ``connection_lost``), so a keep-alive connection records its socket
@@ -324,9 +336,10 @@ class _Protected:
         protocol = transport.get_protocol()
         try:
             fd = sock.fileno() if sock is not None else -1
+            ino = os.fstat(fd).st_ino if fd >= 0 else 0
         except OSError:
-            fd = -1
-        slot = rescue.hold(fd, self.seq)
+            fd, ino = -1, 0
+        slot = rescue.hold(fd, self.seq, ino)
         if slot < 0 or protocol is None:
             rescue.release(slot)
             return -1

@@ -74,6 +74,22 @@ FLASK_APP = """
         except forkpoint.Recovered:
             return {"inner": "recovered"}
 
+    @flask_app.route("/inner-then-crash")
+    def inner_then_crash():                # restored inside the request, then the worker fails
+        try:
+            risky(1)
+        except forkpoint.Recovered:
+            pass
+        ctypes.string_at(0)
+
+    if os.environ.get("EXTRA_FDS"):        # a worker with many descriptors open (numbers > 1024)
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = int(os.environ["EXTRA_FDS"]) + 256
+        if soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
+        extra = [open(os.devnull) for _ in range(int(os.environ["EXTRA_FDS"]))]
+
     MODE = os.environ.get("MODE", "transaction")
     TIMEOUT = float(os.environ.get("TIMEOUT", "2"))
     REFRESH = float(os.environ["REFRESH"]) if os.environ.get("REFRESH") else None
@@ -222,6 +238,36 @@ def test_a_request_restored_inside_itself_is_answered_by_its_own_code(tmp_path):
                 got += chunk
         assert got.startswith(b"HTTP/1.1 200") and b'"recovered"' in got, got
         assert _get(port) == (200, {"pid": pid, "served": 2})      # no restore of the worker
+        wait_for(lambda: len(_holders(pid)) == 1, timeout=10)
+    finally:
+        assert stop_server(proc) == 0, server_log(tmp_path)
+
+
+def test_a_worker_with_descriptors_above_1024_still_answers_its_failed_clients(tmp_path):
+    """Invariant: how many descriptors a worker has open does not matter: its holder waits for
+    its slots whatever their numbers (a select() on a descriptor above 1024 killed it silently)."""
+    proc, port = _gunicorn(tmp_path, "-w", "1", MODE="restart", EXTRA_FDS="1100")
+    try:
+        pid = _get(port)[1]["pid"]
+        for i in range(2):
+            status, body = _get(port, f"/crash?try={i}")
+            assert status == 500 and "rolled back" in body, (status, body, server_log(tmp_path))
+            assert _get(port) == (200, {"pid": pid, "served": 1})
+        wait_for(lambda: len(_holders(pid)) == 1, timeout=10)
+    finally:
+        assert stop_server(proc) == 0, server_log(tmp_path)
+
+
+def test_a_request_restored_inside_itself_then_failing_is_answered_500(tmp_path):
+    """The process restored inside a request (a @checkpointed call in it) goes on with the slot
+    the dead process recorded; when it fails too, the restored worker hands that slot to the first
+    process's holder, which has waited for it, and the client gets its 500."""
+    proc, port = _gunicorn(tmp_path, "-w", "1", MODE="restart")
+    try:
+        pid = _get(port)[1]["pid"]
+        status, body = _get(port, "/inner-then-crash")
+        assert status == 500 and "rolled back" in body, (status, body, server_log(tmp_path))
+        assert _get(port) == (200, {"pid": pid, "served": 1})
         wait_for(lambda: len(_holders(pid)) == 1, timeout=10)
     finally:
         assert stop_server(proc) == 0, server_log(tmp_path)
