@@ -27,7 +27,7 @@ STARLETTE_APP = """
     import asyncio, ctypes, os
     from starlette.applications import Starlette
     from starlette.responses import JSONResponse, PlainTextResponse
-    from starlette.routing import Route
+    from starlette.routing import Route, WebSocketRoute
     import forkpoint._serving, forkpoint.asgi
 
     state = {"served": 0}
@@ -54,8 +54,15 @@ STARLETTE_APP = """
         await asyncio.sleep(float(request.query_params.get("s", "1")))
         return PlainTextResponse("slow done")
 
+    async def ws(websocket):
+        await websocket.accept()
+        try:
+            await websocket.receive_text()
+        except Exception:
+            pass
+
     star = Starlette(routes=[Route("/__ready__", ready), Route("/count", count), Route("/crash", crash),
-                             Route("/hang", hang), Route("/slow", slow)])
+                             Route("/hang", hang), Route("/slow", slow), WebSocketRoute("/ws", ws)])
     REFRESH = float(os.environ["REFRESH"]) if os.environ.get("REFRESH") else None
     if os.environ.get("FORKPOINT_PARK"):
         forkpoint._serving.USE_HOLDER = False   # park client sockets with SCM_RIGHTS, never a holder
@@ -202,6 +209,40 @@ def test_keep_alive_connections_are_answered_or_closed_never_left_hanging(tmp_pa
     finally:
         busy.close()
         idle.close()
+        assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
+
+
+def test_connections_upgraded_to_websockets_give_their_rescue_slots_back(tmp_path):
+    """A keep-alive connection holds a rescue slot from its first HTTP request. When it is upgraded
+    to a websocket, uvicorn gives it another protocol, whose loss would never free the slot: more
+    such connections than there are slots (64) must still leave one for a request that crashes,
+    whose client gets its 500."""
+    import socket
+
+    def response(c: socket.socket) -> bytes:
+        got = b""
+        while b"\r\n\r\n" not in got:
+            got += c.recv(65536)
+        head, _, body = got.partition(b"\r\n\r\n")
+        length = int(next((line.split(b":")[1] for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), b"0"))
+        while len(body) < length:
+            body += c.recv(65536)
+        return head
+
+    proc, port = _uvicorn(tmp_path)
+    try:
+        for _ in range(70):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+                c.sendall(b"GET /count HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert response(c).startswith(b"HTTP/1.1 200")
+                c.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+                assert response(c).startswith(b"HTTP/1.1 101"), server_log(tmp_path)
+        status, body = _get(port, "/crash")
+        assert status == 500 and "rolled back" in body, (status, body, server_log(tmp_path))
+        assert "rescue slots are taken" not in server_log(tmp_path)
+    finally:
         assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
 
 
