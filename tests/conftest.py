@@ -197,6 +197,17 @@ def http(port: int, path: str = "/", timeout: float = 10.0, method: str = "GET")
         conn.close()
 
 
+def check_default_key(port: int) -> None:
+    """A server whose ``/crash`` segfaults and ``/count`` answers, protected with the default key
+    and ``quarantine_after=2``: the quarantine refuses exactly the request that failed, named by
+    its method, path and query; the same path with another query, or another method, still runs."""
+    assert [http(port, "/crash?id=1")[0] for _ in range(3)] == [500, 500, 503]
+    assert http(port, "/crash?id=2")[0] == 500         # not refused: another input
+    assert http(port, "/crash?id=1", method="HEAD")[0] == 500
+    assert http(port, "/count?id=1")[0] == 200
+    assert http(port, "/crash?id=1")[0] == 503
+
+
 def start_server(argv: list[str], cwd: Path, port: int, timeout: float = 20.0,
                  **extra_env: str) -> subprocess.Popen[str]:
     """Start a server as its own process group and wait until it answers on ``port``.
