@@ -22,6 +22,9 @@ The restore protocol, top to bottom::
                                      <------------------------------ Up (it runs as the live process)
                                      Fork --------------------------> keeper replaces the spare
 
+A live process in a server's restart mode also says ``Holder(pid)`` (a pidfd with it) when it made
+the process that shares its descriptor table (``_fdholder``); nothing answers it.
+
 Hello and Spare carry a pidfd of the new process besides its channel: the shepherd checks with it
 that the process is still there (not already reaped, its pid possibly recycled) before it takes
 the pid into its registry. A keeper that dies while a spare lives is replaced by that spare

@@ -217,8 +217,7 @@ class Rescue:
             self.words[w] = self.FREE
             self.free.append(slot)
             if self.owner != self.rt.owner_pid:     # recorded before a restore into this request:
-                self.words[0] += 1                  # that table's holder waits for it
-                _fdholder.ring(self.bell)
+                self._ring()                        # that table's holder waits for it
             return
         try:
             self.pairs[slot][1].recv(1)
@@ -230,8 +229,13 @@ class Rescue:
     def in_flight(self, seq: int) -> bool:
         """Whether request ``seq`` holds a slot."""
         words = self.words
-        return any(words[w] != self.FREE and words[w] < _fdholder.HAND_ANSWER and words[w + _SEQ] == seq
+        return any(words[w] in _fdholder.IN_USE and words[w + _SEQ] == seq
                    for w in range(self._HEAD, self._HEAD + self._SLOT * self.slots, self._SLOT))
+
+    def _ring(self) -> None:
+        """Wake the holders: a slot was handed over or freed (the bell word changes first)."""
+        self.words[0] += 1
+        _fdholder.ring(self.bell)
 
     def _attach(self) -> None:
         """This process is not the one whose table the holder shares (its first request, or a
@@ -330,8 +334,7 @@ class Rescue:
                 _close(fd)
             words[w] = self.FREE
         if handed:
-            words[0] += 1
-            _fdholder.ring(self.bell)
+            self._ring()
         self._reclaim()
         self.owner = 0          # this process's first request makes a holder of its own table
         return answered, closed
