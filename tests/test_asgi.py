@@ -271,8 +271,13 @@ def test_two_workers_keep_their_pids_and_answer_health_checks(tmp_path):
     copy a thread). A worker that stopped answering would be killed and replaced."""
     proc, port = _uvicorn(tmp_path, "--workers", "2", "--timeout-worker-healthcheck", "1")
     try:
-        wait_for(lambda: len({_get(port)[1]["pid"] for _ in range(8)}) == 2, timeout=20)
-        workers = {_get(port)[1]["pid"] for _ in range(16)}
+        workers: set[int] = set()
+
+        def both_answer() -> bool:      # (which worker accepts a connection is the kernel's choice)
+            workers.update(_get(port)[1]["pid"] for _ in range(8))
+            return len(workers) == 2
+
+        wait_for(both_answer, timeout=20)
         assert _get(port, "/crash")[0] == 500
         time.sleep(3)                                         # several health checks
         seen = {_get(port)[1]["pid"] for _ in range(16)}
