@@ -27,7 +27,6 @@ import gc
 import inspect
 import logging
 import os
-from collections import deque
 from collections.abc import Awaitable, Callable, Generator, MutableMapping
 from typing import Any
 
@@ -271,8 +270,9 @@ class _Protected:
                     began.append(True)
                 return send(message)
         coro: Any = self.app(scope, receive, app_send)     # a coroutine (driven by hand below)
-        expiry = self.expiry
-        entry = expiry.add(task) if expiry is not None else None
+        expiry = self.expiry if task is not None else None
+        if expiry is not None:
+            expiry.add(task)  # type: ignore[arg-type]
         try:
             if not self.n:
                 await coro
@@ -294,15 +294,15 @@ class _Protected:
                 else:
                     await _Steps(coro, record, self)
         except asyncio.CancelledError:
-            if entry is None or not entry.expired:
+            if expiry is None or task not in expiry.expired:
                 raise
             log.warning("forkpoint: request %r waited longer than %gs: cancelled", k, self.timeout)
             started = bool(began) if began is not None else int(words[w]) == _STARTED
             if not started and http:
                 await _respond(send, FAILED)
         finally:
-            if entry is not None:
-                expiry.done(entry)  # type: ignore[union-attr]
+            if expiry is not None:
+                expiry.done(task)  # type: ignore[arg-type]
             if w >= 0 and self.slots.get(conn) == w:     # (still held: not lost meanwhile)
                 words[w] = _IDLE                          # (Rescue.idle)
             self.inflight -= 1
@@ -386,66 +386,50 @@ async def _respond(send: Send, what: tuple[str, int, bytes]) -> None:
 _DONE = object()        # a coroutine's first step returned (or: nothing pending)
 
 
-class _Entry:
-    __slots__ = ("at", "task", "expired")
-
-    def __init__(self, at: float, task: asyncio.Task[Any] | None) -> None:
-        self.at = at
-        self.task = task            # None once the request is over
-        self.expired = False
-
-
 class _Expiry:
     """The ``timeout`` of every request in flight, on one timer of the loop.
 
-    Every request gets the same timeout, so deadlines come in the order requests start: a FIFO
-    whose head is the next to expire, instead of a ``call_later`` handle per request (which costs
-    its creation, a heap push and a cancel). A request that ends is marked over, and the head is
-    trimmed of requests that are over; when a long request holds the head, the queue is compacted
-    once it is mostly requests already over, so it stays proportional to those in flight.
+    Every request gets the same timeout, so deadlines come in the order requests start: a dict
+    from each request's task to its deadline keeps them in that order, and its first entry is the
+    next to expire. That is one dict store and one pop per request, instead of a ``call_later``
+    handle per request (its creation, a heap push and a cancel). A task cancelled for its timeout
+    is in ``expired`` until its request ends.
     """
 
-    __slots__ = ("loop", "timeout", "queue", "live", "handle")
+    __slots__ = ("loop", "timeout", "due", "expired", "handle", "time")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
         self.loop = loop
         self.timeout = timeout
-        self.queue: deque[_Entry] = deque()
-        self.live = 0
+        self.due: dict[asyncio.Task[Any], float] = {}
+        self.expired: set[asyncio.Task[Any]] = set()
         self.handle: asyncio.TimerHandle | None = None
+        self.time = loop.time
 
-    def add(self, task: asyncio.Task[Any] | None) -> _Entry:
-        entry = _Entry(self.loop.time() + self.timeout, task)
-        self.queue.append(entry)
-        self.live += 1
+    def add(self, task: asyncio.Task[Any]) -> None:
+        at = self.due[task] = self.time() + self.timeout
         if self.handle is None:
-            self.handle = self.loop.call_at(entry.at, self._due)
-        return entry
+            self.handle = self.loop.call_at(at, self._due)
 
-    def done(self, entry: _Entry) -> None:
-        if entry.task is None:
-            return
-        entry.task = None
-        self.live -= 1
-        queue = self.queue
-        while queue and queue[0].task is None:
-            queue.popleft()
-        if len(queue) > 64 and len(queue) > 4 * self.live:
-            self.queue = deque(e for e in queue if e.task is not None)
+    def done(self, task: asyncio.Task[Any]) -> bool:
+        """The request of ``task`` is over; whether its timeout had cancelled it."""
+        self.due.pop(task, None)
+        if self.expired and task in self.expired:
+            self.expired.discard(task)
+            return True
+        return False
 
     def _due(self) -> None:
         self.handle = None
-        queue, now = self.queue, self.loop.time()
-        while queue and (queue[0].task is None or queue[0].at <= now):
-            entry = queue.popleft()
-            task = entry.task
-            if task is not None:
-                entry.task = None
-                entry.expired = True
-                self.live -= 1
-                task.cancel()
-        if queue:
-            self.handle = self.loop.call_at(queue[0].at, self._due)
+        due, now = self.due, self.loop.time()
+        while due:
+            task, at = next(iter(due.items()))
+            if at > now:
+                self.handle = self.loop.call_at(at, self._due)
+                return
+            del due[task]
+            self.expired.add(task)
+            task.cancel()
 
 
 class _Steps:

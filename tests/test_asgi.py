@@ -180,6 +180,31 @@ def test_requests_in_flight_fail_with_the_crash_but_are_not_blamed(tmp_path):
         assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
 
 
+def test_each_request_is_cut_at_its_own_timeout(tmp_path):
+    """Requests that start at different moments each expire at their own deadline (one timer for
+    all, re-armed for the next): of three long requests started 0.4 s apart under a 1.5 s timeout,
+    each is cancelled with a 500 (none runs its 6 s), while a short one started among them, and one
+    started after the first was cut, answer."""
+    proc, port = _uvicorn(tmp_path, TIMEOUT="1.5")
+    try:
+        long = []
+        for _ in range(3):
+            long.append(_in_background(port, "/slow?s=6"))
+            time.sleep(0.4)
+        short = _in_background(port, "/slow?s=0.2")
+        wait_for(lambda: bool(long[0][1]), timeout=10)
+        assert long[0][1][0][0] == 500
+        assert _get(port, "/slow?s=0.1") == (200, "slow done")
+        for t, _ in [*long, short]:
+            t.join(15)
+        assert [got[0][0] for _, got in long] == [500, 500, 500]
+        assert short[1] == [(200, "slow done")]
+        assert server_log(tmp_path).count("waited longer than 1.5s: cancelled") == 3
+        assert _get(port)[1]["served"] == 1                   # no restore: the state is kept
+    finally:
+        assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
+
+
 @pytest.mark.parametrize("way", ["holder", "park"])
 def test_keep_alive_connections_are_answered_or_closed_never_left_hanging(tmp_path, way):
     """A keep-alive connection holds its rescue slot between requests. When the worker fails, the
