@@ -101,6 +101,19 @@ def _listed_children(parents: set[int]) -> list[tuple[int, int]] | None:
     return out
 
 
+def alive_since(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot, field 22 of its stat), or None if it is gone, a
+    zombie or exiting: with the start, a pid that was reused since is told apart from the process
+    it named."""
+    fields = read_stat(pid)
+    if fields is None or fields[0] in ("Z", "X", "x"):
+        return None
+    try:
+        return None if int(fields[6]) & _PF_EXITING else int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
 def process_start(pid: int) -> float | None:
     """When process ``pid`` started (epoch seconds), or None if it is gone or a zombie."""
     fields = read_stat(pid)

@@ -126,11 +126,18 @@ class Rescue:
     alive, no process slot left, an unsupported architecture) the socket itself is parked in the
     slot's socketpair with SCM_RIGHTS, as the module docstring describes; a slot's table word says
     which (0: parked).
+
+    The last few holders are written down (table, pid, start time), so that a restored process can
+    tell that a table's holder was killed from outside (the OOM killer, a stray ``kill``): the
+    sockets of that table closed with it, and its slots are freed instead of handed to no one,
+    where they stayed taken for the worker's whole life.
     """
 
     FREE, INFLIGHT, STARTED, IDLE = _fdholder.FREE, _fdholder.INFLIGHT, _fdholder.STARTED, _fdholder.IDLE
-    _HEAD = 2                  # words before the slots: the holders' bell, the last table id
-    _TABLES = 1
+    _TABLES = 1                # word 0: the holders' bell; word 1: the last table id
+    _KNOWN = 4                 # holders written down, a (table, pid, start) entry each, by table id
+    _HOLDERS = 2               # the first entry's word
+    _HEAD = _HOLDERS + 3 * _KNOWN      # words before the slots
     _SLOT = _fdholder.SLOT     # words per slot: state, request number, descriptor, table, inode
 
     def __init__(self, slots: int, name: str) -> None:
@@ -268,16 +275,36 @@ class Rescue:
             if not table:
                 self.words[self._TABLES] += 1
                 table = int(self.words[self._TABLES])
-            return _fdholder.Holder.spawn(self.words, self._HEAD, self.slots, table, self.bell,
-                                          raw_response(FAILED), self.rt.chan)
+            holder = _fdholder.Holder.spawn(self.words, self._HEAD, self.slots, table, self.bell,
+                                            raw_response(FAILED), self.rt.chan)
         except OSError as e:
             log.info("forkpoint: no holder of this worker's descriptors (%s); parking each client "
                      "socket with SCM_RIGHTS instead", e)
             return None
+        entry = self._HOLDERS + 3 * (table % self._KNOWN)
+        self.words[entry + 1] = holder.pid
+        self.words[entry + 2] = _procfs.alive_since(holder.pid) or 0
+        self.words[entry] = table
+        return holder
+
+    def _holder_gone(self, table: int) -> bool:
+        """Whether the holder of ``table`` is known to be dead (killed from outside: one that ends
+        by itself frees its slots first). False when it is not written down any more."""
+        e = self._HOLDERS + 3 * (table % self._KNOWN)
+        words = self.words
+        if words[e] != table:
+            return False
+        since = _procfs.alive_since(int(words[e + 1]))
+        return since is None or (words[e + 2] != 0 and since != words[e + 2])
 
     def _reclaim(self) -> bool:
-        """Slots a holder freed since (they were handed to it): free here again."""
+        """Slots a holder freed since (they were handed to it): free here again; and slots handed
+        to a holder that was killed before it could free them."""
         words = self.words
+        for s in range(self.slots):
+            w = self._HEAD + self._SLOT * s
+            if words[w] >= _fdholder.HAND_ANSWER and self._holder_gone(int(words[w + _TABLE])):
+                words[w] = self.FREE
         self.free = [s for s in range(self.slots - 1, -1, -1)
                      if words[self._HEAD + self._SLOT * s] == self.FREE]
         return bool(self.free)
@@ -307,11 +334,18 @@ class Rescue:
         answered = closed = 0
         words = self.words
         handed = False
+        gone: dict[int, bool] = {}
         for slot in range(self.slots):
             w = self._HEAD + self._SLOT * slot
             state, seq, table = int(words[w]), int(words[w + _SEQ]), int(words[w + _TABLE])
             if table:
                 if state in _fdholder.IN_USE:
+                    if table not in gone:
+                        gone[table] = self._holder_gone(table)
+                    if gone[table]:                 # its socket closed with the table
+                        words[w] = self.FREE
+                        closed += seq != own_seq
+                        continue
                     if seq == own_seq:
                         words[w] = _fdholder.HAND_LEAVE
                     elif state == self.INFLIGHT:

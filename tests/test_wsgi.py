@@ -227,6 +227,30 @@ def test_restart_mode_answers_the_failed_client_whichever_way_it_kept_the_socket
     assert _forkpoint_processes(proc.pid) == []
 
 
+def test_a_holder_killed_from_outside_costs_its_clients_not_the_rescue_slots(tmp_path):
+    """Invariant: a holder killed from outside (the OOM killer, a stray kill) costs the clients
+    in flight when its worker fails their 500 (their sockets close with its table), never a rescue
+    slot: the restored worker frees the slots it would have handed to that holder, and the next
+    failure is answered 500 again. With two slots, two such losses used to leave none."""
+    proc, port = _gunicorn(tmp_path, "-w", "1", MODE="restart")
+    try:
+        pid = _get(port)[1]["pid"]
+        for i in range(3):
+            wait_for(lambda: len(_holders(pid)) == 1, timeout=10)
+            os.kill(_holders(pid)[0], signal.SIGKILL)
+            wait_for(lambda: not _holders(pid), timeout=10)      # reaped by the shepherd
+            status, body = _get(port, f"/crash?lost={i}")
+            assert status == 0, (status, body)                  # closed with the table
+            assert _get(port) == (200, {"pid": pid, "served": 1})
+        wait_for(lambda: len(_holders(pid)) == 1, timeout=10)
+        status, body = _get(port, "/crash?kept=1")
+        assert status == 500 and "rolled back" in body, (status, body, server_log(tmp_path))
+        assert _get(port) == (200, {"pid": pid, "served": 1})
+    finally:
+        assert stop_server(proc) == 0, server_log(tmp_path)
+    assert _forkpoint_processes(proc.pid) == []
+
+
 def test_a_request_restored_inside_itself_is_answered_by_its_own_code(tmp_path):
     """Invariant: only a restore to the worker checkpoint answers a client 500. A @checkpointed
     call inside a request that crashes is rolled back to its own checkpoint, inside the request:
