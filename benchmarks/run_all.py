@@ -49,6 +49,11 @@ How each figure is taken (see `forkpoint/bench.py`):
   - *crash loop*: the restored process jumps again at once, so the spare it came from has not been
     replaced: each restore waits for a fork of the checkpoint (the first jump of the loop, which
     found a spare, is not counted). Its floor is the fork.
+  - *floor after running*: the real case's floor, with nothing of forkpoint in it. A fork of the
+    same process blocks on a pipe; the program spins as long as between faults, writes to the pipe
+    and blocks; the copy stamps the time on its next line. "two": the wake-up goes through one more
+    fork blocked on a pipe that only passes it on, as a restore has two (the live process wakes
+    the shepherd, the shepherd wakes the spare).
 - **pickle**: `pickle.dump` to a file on the root filesystem, `flush` + `fsync`, then `pickle.load`
   (from the page cache).
 - **memory**: psutil USS/PSS of the checkpoint's processes (keeper + spare). USS counts pages mapped by

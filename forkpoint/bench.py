@@ -17,7 +17,9 @@ run and the same process:
 * ``tlongjmp_run`` / ``tlongjmp_run_dirty``: restores as a program meets them, the program running
   (and rewriting its heap) 50 ms between faults, nothing waited for; ``crashloop``: the restored
   process fails again at once, so each restore waits for a fork of the checkpoint (see
-  ``_restore_loops``);
+  ``_restore_loops``); ``wake_run`` / ``wake_relay_run``: their floor, a frozen fork of the same
+  process woken after the program ran as long, directly or through one more process that only
+  passes the wake-up on, as the shepherd does (``_wake_floor``);
 * ``pickle_save`` / ``pickle_load``: the heap pickled to a file with ``fsync`` and loaded back;
 * memory: USS and PSS of the snapshot's processes right after the checkpoint and after the live
   program wrote 10% and 100% of its heap, and the shepherd's own USS.
@@ -32,10 +34,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import mmap
 import os
 import platform
 import shutil
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -59,7 +63,7 @@ GC_KINDS = ("dict", "records")
 _ITEM_BYTES = {"dict": 138, "records": 228}
 PAGE = os.sysconf("SC_PAGE_SIZE")
 SPEED_METRICS = ("fork", "tsetjmp", "tlongjmp", "tlongjmp_dirty", "tlongjmp_run", "tlongjmp_run_dirty",
-                 "crashloop", "pickle_save", "pickle_load")
+                 "crashloop", "wake_run", "wake_relay_run", "pickle_save", "pickle_load")
 CRIU_DEBIAN_NOTE = ("Debian's criu 3.17 fails `criu check` on recent kernels (6.x) such as this "
                     "one; install a current CRIU (>= 3.19) to include it")
 
@@ -198,6 +202,58 @@ def _fork_floor() -> float:
     return t1 - t0
 
 
+def _wake_floor(run: float, relay: bool) -> float:
+    """The floor of a restore as a program meets it, with nothing of forkpoint in it.
+
+    A fork of this process blocks on a pipe, frozen like a spare; the program runs (spins) ``run``
+    seconds, so that the frozen side sleeps and the caches go cold as they do between faults; then
+    it wakes the copy and blocks, and the copy stamps the time on its next line. With ``relay``
+    the wake-up goes through one more fork of the process, blocked on a pipe too, that only passes
+    it on: a restore's two wake-ups (the live process wakes the shepherd, which wakes the spare)
+    without any work done between them.
+    """
+    stamp = mmap.mmap(-1, 8)
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    copy = os.fork()
+    if copy == 0:
+        try:
+            os.close(w1)
+            os.close(w2)
+            os.read(r2 if relay else r1, 1)
+            stamp[:8] = struct.pack("d", time.perf_counter())
+        finally:
+            os._exit(0)
+    passer = 0
+    if relay:
+        passer = os.fork()
+        if passer == 0:
+            try:
+                os.close(w1)
+                os.close(r2)
+                os.read(r1, 1)
+                os.write(w2, b"x")
+                os.read(r1, 1)          # stays, as the shepherd does, until the pipe closes
+            finally:
+                os._exit(0)
+    os.close(r1)
+    os.close(r2)
+    time.sleep(0.01)                    # both are blocked on their pipes
+    _spin(time.perf_counter() + run)
+    t0 = time.perf_counter()
+    os.write(w1, b"x")
+    os.waitpid(copy, 0)
+    woke = struct.unpack("d", stamp[:8])[0]
+    os.close(w1)
+    os.close(w2)
+    if passer:
+        os.waitpid(passer, 0)
+    stamp.close()
+    if not woke:
+        raise RuntimeError("the woken copy did not run its next line")
+    return woke - t0
+
+
 def _memory_stage(emit: _Emitter, phase: str, stage: str, n: int, live_pid: int) -> None:
     pids = _snapshot_pids(n)
     mems = [_proc_mem(p) for p in pids]
@@ -231,6 +287,9 @@ def _restore_loops(emit: _Emitter, heap: Any, spec: dict[str, Any]) -> int:
     schedule = (["tlongjmp_run"] * spec.get("run_repeats", 0)
                 + ["tlongjmp_run_dirty"] * spec.get("run_dirty_repeats", 0)
                 + ["crashloop_first"] + ["crashloop"] * spec.get("crash_repeats", 0))
+    for _ in range(spec.get("run_repeats", 0)):
+        emit(m="wake_run", v=_wake_floor(run, relay=False))
+        emit(m="wake_relay_run", v=_wake_floor(run, relay=True))
     step = fp.persist_int("bench.loops.step")
     out = fp.persist_array("bench.loops.out", len(schedule))
     stamp = fp.persist_array("bench.loops.stamp", 1)
@@ -497,7 +556,7 @@ def plan(sizes: list[int], kinds: list[str], quick: bool, repeats: int | None, g
             spec = {"kind": kind, "size": size, "phases": phases, "repeats": rep, "dirty_repeats": dirty,
                     "pickle_repeats": prep, "tmpdir": tmpdir, "run_ms": 50, "run_repeats": runs,
                     "run_dirty_repeats": runs, "crash_repeats": crash}
-            units = 3 + 2 * rep + rep + dirty + 2 * runs + crash + 2 * prep + (4 if memory else 0)
+            units = 3 + 2 * rep + rep + dirty + 4 * runs + crash + 2 * prep + (4 if memory else 0)
             jobs.append(Job(f"{kind} {size_label(size)}", spec, units))
         if memory:
             spec = {"kind": "bytes", "size": size, "phases": ["memory"], "shepherd_exec": False}
@@ -656,16 +715,22 @@ def tables(data: dict[str, Any]) -> str:
             "killed before is gone. Runs between faults: the program spins "
             f"{_run_ms(data)} ms (and rewrites its whole heap, in the last of these columns) between "
             "restores, and nothing is waited for. Crash loop: the restored process fails again at once, "
-            "so each restore waits for a new copy of the checkpoint; compare it with the fork floor.", "",
+            "so each restore waits for a new copy of the checkpoint; compare it with the fork floor. "
+            "Floors after running: a frozen fork of the same process, woken after the program ran as "
+            "long, until it runs its next line: directly (one wake-up), and through one more process "
+            "that only passes the wake-up on (two, as in a restore: the live process wakes the "
+            "shepherd, which wakes the spare).", "",
             "| heap | fork floor | tlongjmp, best case | best case, rewritten heap "
-            "| runs between faults | runs between faults, rewritten heap | crash loop | crash loop / fork |",
-            "|---|---|---|---|---|---|---|---|"]
+            "| runs between faults | runs between faults, rewritten heap "
+            "| floor after running: one wake-up, two | crash loop | crash loop / fork |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for r in data["results"]:
         m, q = r["metrics"], r["ratios"]
         out.append(f"| {r['kind']} {r['size_label']} | {_ms(m['fork'])} | {_ms(m['tlongjmp'])} "
                    f"| {_ms(m['tlongjmp_dirty'])} | {_ms(m.get('tlongjmp_run'))} "
-                   f"| {_ms(m.get('tlongjmp_run_dirty'))} | {_ms(m.get('crashloop'))} "
-                   f"| {_x(q.get('crashloop_over_fork'))} |")
+                   f"| {_ms(m.get('tlongjmp_run_dirty'))} "
+                   f"| {_ms(m.get('wake_run'))}, {_ms(m.get('wake_relay_run'))} "
+                   f"| {_ms(m.get('crashloop'))} | {_x(q.get('crashloop_over_fork'))} |")
     out += [""]
     out += ["### Snapshot memory (MB) as the live program writes its heap", "",
             "Snapshot USS / PSS: the checkpoint's keeper and spare together (summed). Copied: what the "

@@ -41,6 +41,9 @@ def test_bench_json_structure(tmp_path):
         assert row["metrics"]["fork"]["n"] == row["metrics"]["tsetjmp"]["n"] == 2
         assert row["metrics"]["tlongjmp"]["n"] == 2
         assert row["metrics"]["tlongjmp_run"]["n"] == row["metrics"]["tlongjmp_run_dirty"]["n"] >= 2
+        # the floor of a restore as a program meets it: as many samples, each woken twice or once
+        assert row["metrics"]["wake_relay_run"]["n"] == row["metrics"]["wake_run"]["n"] \
+            == row["metrics"]["tlongjmp_run"]["n"]
         assert row["metrics"]["crashloop"]["n"] >= 3
         assert row["ratios"]["tsetjmp_over_fork"] > 0 and row["ratios"]["pickle_load_over_tlongjmp"] > 0
         assert row["ratios"]["crashloop_over_fork"] > 0
