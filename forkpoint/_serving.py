@@ -281,16 +281,20 @@ class Rescue:
             log.info("forkpoint: no holder of this worker's descriptors (%s); parking each client "
                      "socket with SCM_RIGHTS instead", e)
             return None
-        entry = self._HOLDERS + 3 * (table % self._KNOWN)
+        entry = self._entry(table)
         self.words[entry + 1] = holder.pid
         self.words[entry + 2] = _procfs.alive_since(holder.pid) or 0
         self.words[entry] = table
         return holder
 
+    def _entry(self, table: int) -> int:
+        """The first word of the entry where table ``table``'s holder is written down."""
+        return self._HOLDERS + 3 * (table % self._KNOWN)
+
     def _holder_gone(self, table: int) -> bool:
         """Whether the holder of ``table`` is known to be dead (killed from outside: one that ends
         by itself frees its slots first). False when it is not written down any more."""
-        e = self._HOLDERS + 3 * (table % self._KNOWN)
+        e = self._entry(table)
         words = self.words
         if words[e] != table:
             return False
