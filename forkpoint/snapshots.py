@@ -6,6 +6,7 @@ which returns from its ``tsetjmp()`` a second time. docs/architecture.md describ
 """
 from __future__ import annotations
 
+import _signal
 import errno
 import fcntl
 import gc
@@ -61,24 +62,39 @@ class CheckpointInfo:
 def _handler_signal() -> int:
     """The signal whose Python handler is on the stack, or 0: tlongjmp(0) from a handler reports it.
 
-    A handler is called as ``handler(signum, frame)``: look for a frame whose code is the handler
-    installed for the signal number in its first argument (or second, for a bound method).
+    A handler is called as ``handler(signum, frame)``: look for a frame running the code of a
+    handler installed now whose first argument (or second, for a bound method) is a signal that
+    handler is installed for. The installed handlers are read first, one C call per signal (about
+    5 us for all of them), so that only their own frames have their locals read: reading the
+    locals of every frame on the way cost a jump from program code 30 frames deep 90 us, 60 deep
+    200 us.
     """
+    codes = set()               # by identity: hashing a code object hashes its bytecode
+    for s in _SIGNAL_NUMBERS:
+        h = _signal.getsignal(s)
+        if callable(h):
+            codes.add(id(getattr(getattr(h, "__func__", h), "__code__", None)))
+    codes.discard(id(None))
+    if not codes:
+        return 0
     f: Any = sys._getframe(2)
     while f is not None:
         code = f.f_code
-        if 2 <= code.co_argcount <= 3:
+        if id(code) in codes and 2 <= code.co_argcount <= 3:
             for var in code.co_varnames[: code.co_argcount - 1]:
                 v = f.f_locals.get(var)
                 if type(v) is int or isinstance(v, signal.Signals):
                     try:
-                        h = signal.getsignal(v)
+                        h = _signal.getsignal(int(v))
                     except (ValueError, OSError):
                         continue
                     if getattr(getattr(h, "__func__", h), "__code__", None) is code:
                         return int(v)
         f = f.f_back
     return 0
+
+
+_SIGNAL_NUMBERS = tuple(int(s) for s in signal.valid_signals())
 
 
 # ---- the public API ------------------------------------------------------------------------------

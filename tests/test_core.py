@@ -73,6 +73,43 @@ def test_chkpt_status_follows_the_paper(tmp_path):
     assert lines[1] == f"after 1 2 1 3 3 {int(signal.SIGUSR1)} 3 3"
 
 
+def test_a_jump_reports_the_signal_of_the_handler_it_was_made_from(tmp_path):
+    """Invariant: tlongjmp(0) reports the signal whose Python handler it was called from, however
+    deep below the handler, whether the handler is a function serving several signals or a bound
+    method; from program code it reports none, handlers installed or not."""
+    r = run_py(HEADER + """
+    class Service:
+        def on_signal(self, signum, frame):
+            self.below(signum)
+        def below(self, signum):
+            fp.tlongjmp(0)
+    def shared(signum, frame):
+        deeper(3)
+    def deeper(n):
+        if n:
+            deeper(n - 1)
+        fp.tlongjmp(0)
+    service = Service()
+    signal.signal(signal.SIGUSR1, shared)
+    signal.signal(signal.SIGUSR2, shared)
+    signal.signal(signal.SIGHUP, service.on_signal)
+    step = fp.persist_int("step")
+    fp.tsetjmp()
+    k = step.add()
+    if k > 1:
+        print("restored", k - 1, fp.chkpt_status(fp.CKPT_SIGTYPE), flush=True)
+    if k == 1:
+        os.kill(os.getpid(), signal.SIGUSR2)
+    elif k == 2:
+        os.kill(os.getpid(), signal.SIGHUP)
+    elif k == 3:
+        deeper(5)                            # program code, not a handler
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [f"restored 1 {int(signal.SIGUSR2)}", f"restored 2 {int(signal.SIGHUP)}",
+                                     "restored 3 0"], r.stdout
+
+
 def test_bad_checkpoint_numbers_raise_and_change_nothing(tmp_path):
     r = run_py(HEADER + """
     for bad in (0, 1, -1):
