@@ -102,16 +102,24 @@ def _listed_children(parents: set[int]) -> list[tuple[int, int]] | None:
 
 
 def alive_since(pid: int) -> int | None:
-    """When ``pid`` started (clock ticks since boot, field 22 of its stat), or None if it is gone, a
-    zombie or exiting: with the start, a pid that was reused since is told apart from the process
-    it named."""
-    fields = read_stat(pid)
-    if fields is None or fields[0] in ("Z", "X", "x"):
+    """When ``pid`` started (clock ticks since boot, field 22 of its stat): with it, a pid that was
+    reused since is told apart from the process it named. None only when the process is known to
+    be gone, a zombie or exiting; 0 when it is there but its stat could not be read (no descriptor
+    left, no memory): "gone" must never be a guess."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError:
+        return 0
+    fields = data[data.rindex(")") + 2:].split()
+    if fields[0] in ("Z", "X", "x"):
         return None
     try:
         return None if int(fields[6]) & _PF_EXITING else int(fields[19])
     except (IndexError, ValueError):
-        return None
+        return 0
 
 
 def process_start(pid: int) -> float | None:

@@ -282,6 +282,7 @@ class Rescue:
                      "socket with SCM_RIGHTS instead", e)
             return None
         entry = self._entry(table)
+        self.words[entry] = 0           # (a renewal: never the old holder's start with the new pid)
         self.words[entry + 1] = holder.pid
         self.words[entry + 2] = _procfs.alive_since(holder.pid) or 0
         self.words[entry] = table
@@ -296,10 +297,10 @@ class Rescue:
         by itself frees its slots first). False when it is not written down any more."""
         e = self._entry(table)
         words = self.words
-        if words[e] != table:
+        if not table or words[e] != table:
             return False
         since = _procfs.alive_since(int(words[e + 1]))
-        return since is None or (words[e + 2] != 0 and since != words[e + 2])
+        return since is None or (since != 0 and words[e + 2] != 0 and since != words[e + 2])
 
     def _reclaim(self) -> bool:
         """Slots a holder freed since (they were handed to it): free here again; and slots handed

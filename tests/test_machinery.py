@@ -422,3 +422,36 @@ def test_a_full_descriptor_table_in_the_program_raises_a_forkpoint_error(tmp_pat
     """, tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["refused True", "then 2 [2]"], (r.stdout, r.stderr)
+
+
+def test_a_process_is_called_gone_only_when_it_is(tmp_path):
+    """A holder judged gone has its rescue slots freed while it may still write them, so
+    ``alive_since`` says "gone" only for a process that is: reaped, a zombie or exiting. A stat it
+    cannot read for another reason (no descriptor left) means "there, start unknown" (0)."""
+    r = run_py("""
+    import os, resource, signal, time
+    from forkpoint import _procfs
+    me = os.getpid()
+    assert _procfs.alive_since(me) > 0
+    child = os.fork()
+    if child == 0:
+        os._exit(0)
+    time.sleep(0.2)
+    zombie = _procfs.alive_since(child)
+    os.waitpid(child, 0)
+    gone = _procfs.alive_since(child)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+    held = []
+    try:
+        while True:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        pass
+    full = _procfs.alive_since(me)
+    for fd in held:
+        os.close(fd)
+    print(zombie, gone, full)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["None", "None", "0"], r.stdout
