@@ -76,7 +76,8 @@ def test_chkpt_status_follows_the_paper(tmp_path):
 def test_a_jump_reports_the_signal_of_the_handler_it_was_made_from(tmp_path):
     """Invariant: tlongjmp(0) reports the signal whose Python handler it was called from, however
     deep below the handler, whether the handler is a function serving several signals or a bound
-    method; from program code it reports none, handlers installed or not."""
+    method; from program code it reports none, handlers installed or not; and finding that out
+    never runs a handler object's own code (its __getattr__)."""
     r = run_py(HEADER + """
     class Service:
         def on_signal(self, signum, frame):
@@ -89,7 +90,13 @@ def test_a_jump_reports_the_signal_of_the_handler_it_was_made_from(tmp_path):
         if n:
             deeper(n - 1)
         fp.tlongjmp(0)
+    class Odd:                               # a callable handler whose attributes are its own code
+        def __call__(self, signum, frame):
+            pass
+        def __getattr__(self, name):
+            raise RuntimeError("forkpoint ran a handler's own code")
     service = Service()
+    signal.signal(signal.SIGWINCH, Odd())
     signal.signal(signal.SIGUSR1, shared)
     signal.signal(signal.SIGUSR2, shared)
     signal.signal(signal.SIGHUP, service.on_signal)
