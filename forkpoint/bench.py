@@ -38,6 +38,7 @@ import mmap
 import os
 import platform
 import shutil
+import signal
 import statistics
 import struct
 import subprocess
@@ -213,42 +214,49 @@ def _wake_floor(run: float, relay: bool) -> float:
     without any work done between them.
     """
     stamp = mmap.mmap(-1, 8)
-    r1, w1 = os.pipe()
-    r2, w2 = os.pipe()
-    copy = os.fork()
-    if copy == 0:
-        try:
-            os.close(w1)
-            os.close(w2)
-            os.read(r2 if relay else r1, 1)
-            stamp[:8] = struct.pack("d", time.perf_counter())
-        finally:
-            os._exit(0)
-    passer = 0
-    if relay:
-        passer = os.fork()
-        if passer == 0:
+    fds: list[int] = []
+    kids: list[int] = []
+    try:
+        r1, w1 = os.pipe()
+        fds += (r1, w1)
+        r2, w2 = os.pipe()
+        fds += (r2, w2)
+        kids.append(os.fork())
+        if kids[-1] == 0:
             try:
                 os.close(w1)
-                os.close(r2)
-                os.read(r1, 1)
-                os.write(w2, b"x")
-                os.read(r1, 1)          # stays, as the shepherd does, until the pipe closes
+                os.close(w2)
+                os.read(r2 if relay else r1, 1)
+                stamp[:8] = struct.pack("d", time.perf_counter())
             finally:
                 os._exit(0)
-    os.close(r1)
-    os.close(r2)
-    time.sleep(0.01)                    # both are blocked on their pipes
-    _spin(time.perf_counter() + run)
-    t0 = time.perf_counter()
-    os.write(w1, b"x")
-    os.waitpid(copy, 0)
-    woke = struct.unpack("d", stamp[:8])[0]
-    os.close(w1)
-    os.close(w2)
-    if passer:
-        os.waitpid(passer, 0)
-    stamp.close()
+        if relay:
+            kids.append(os.fork())
+            if kids[-1] == 0:
+                try:
+                    os.close(w1)
+                    os.close(r2)
+                    os.read(r1, 1)
+                    os.write(w2, b"x")
+                    os.read(r1, 1)      # stays, as the shepherd does, until the pipe closes
+                finally:
+                    os._exit(0)
+        time.sleep(0.01)                # both are blocked on their pipes
+        _spin(time.perf_counter() + run)
+        t0 = time.perf_counter()
+        os.write(w1, b"x")
+        os.waitpid(kids.pop(0), 0)
+        woke = struct.unpack("d", stamp[:8])[0]
+    finally:
+        for fd in fds:                  # EOF for a passer still waiting, and no descriptor leaks
+            os.close(fd)
+        for pid in kids:                # the passer; or, after an error, whoever was forked
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.waitpid(pid, 0)
+        stamp.close()
     if not woke:
         raise RuntimeError("the woken copy did not run its next line")
     return woke - t0
