@@ -160,6 +160,10 @@ class Rescue:
         self.table = 0                          # its id while a holder shares it; 0: park sockets
         self.holder: _fdholder.Holder | None = None
         self.warned = False
+        arena = self.rt.arena
+        assert arena is not None                # (persist() above started forkpoint)
+        self.lost = arena.holders_lost          # killed holders so far, as the shepherd counts them
+        self.lost_seen = 0
 
     def word(self, slot: int) -> int:
         """Index in ``words`` of the slot's state word; the request's number is the next word.
@@ -182,6 +186,8 @@ class Rescue:
             return -1
         if self.owner != self.rt.owner_pid:
             self._attach()
+        elif self.lost() != self.lost_seen:
+            self._replace_if_killed()
         if not self.free and not self._reclaim():
             if not self.warned:
                 self.warned = True
@@ -251,9 +257,26 @@ class Rescue:
             self.holder.forget()       # a restored process's copy of its predecessor's pidfd
             self.holder = None
         self.owner, self.table = self.rt.owner_pid, 0
+        self.lost_seen = self.lost()
         self.holder = self._spawn(0)
         if self.holder is not None:
             self.table = self.holder.table
+
+    def _replace_if_killed(self) -> None:
+        """A holder was killed (the OOM killer, a stray kill): if it was this process's, make a new
+        one for the same table, so that this process's failures are answered 500 again, not only
+        those after its next restore."""
+        self.lost_seen = self.lost()
+        old = self.holder
+        if old is None or not self._holder_gone(self.table):
+            return
+        new = self._spawn(self.table)
+        old.forget()
+        self.holder = new
+        if new is None:
+            self.table = 0                      # park sockets from now on
+        log.warning("forkpoint: the holder of this worker's descriptors was killed; %s",
+                    "a new one replaces it" if new is not None else "parking client sockets instead")
 
     def renew_holder(self) -> None:
         """The worker checkpoint was replaced in this process: a new holder for the same table, so

@@ -782,6 +782,8 @@ class Shepherd:
         self._drain(proc)     # what it said before dying (a checkpoint it took) comes first
         self.procs.pop(pid, None)
         if proc.role is Role.HOLDER:
+            if os.WIFSIGNALED(status):      # killed (one ends by itself once its work is done)
+                self.arena.holder_lost()
             return
         if proc.role is Role.DYING:
             self._update_throttle()

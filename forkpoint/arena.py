@@ -34,8 +34,9 @@ and a damaged one is detected and reported, never used as if it were valid:
 * each history record, the key being processed and the armed watchdog's record carry checksums;
   a damaged one is left out (and logged), never returned.
 
-The throttle and "introduced" words are hints that the shepherd's answers make authoritative; the
-words of ``_identity``/``_children`` (face parent, orphans, reaped children) are not covered here.
+The throttle, "introduced" and "holders lost" words are hints that the shepherd's answers (or a
+look at /proc) make authoritative; the words of ``_identity``/``_children`` (face parent, orphans,
+reaped children) are not covered here.
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ MAX_NAME = 64
 
 # Header words (8 bytes each) at offset 0.
 (_H_MAGIC, _H_VERSION, _H_SIZE, _H_NEXT_ID, _H_TOP, _H_HISTORY, _H_START, _H_WD_AT, _H_WD_TO,
- _H_FACE_PPID, _H_ORPHANS, _H_REAPED, _H_THROTTLE, _H_INTRODUCED) = range(14)
+ _H_FACE_PPID, _H_ORPHANS, _H_REAPED, _H_THROTTLE, _H_INTRODUCED, _H_HOLDERS_LOST) = range(15)
 # Second copies and checks of the counters, and the watchdog record's check (see "Stray writes").
 _C_NEXT_ID = (_H_NEXT_ID, 32, 33, 34)     # (value, its complement), (second value, its complement)
 _C_TOP = (_H_TOP, 35, 36, 37)
@@ -324,6 +325,14 @@ class Arena:
     def throttled(self) -> bool:
         """A hint only: tsetjmp then asks the shepherd, whose answer is authoritative."""
         return self.words[_H_THROTTLE] != 0
+
+    def holder_lost(self) -> None:
+        """A server worker's descriptor holder (``_fdholder``) was killed: each worker looks
+        whether it was its own at its next request (a hint, like the throttle word)."""
+        self.words[_H_HOLDERS_LOST] += 1
+
+    def holders_lost(self) -> int:
+        return int(self.words[_H_HOLDERS_LOST])
 
     def set_introduced(self, n: int) -> None:
         """The newest checkpoint whose keeper introduced itself (or was given up on)."""

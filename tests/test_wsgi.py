@@ -31,7 +31,7 @@ from conftest import (
 pytestmark = pytest.mark.timeout(120)
 
 FLASK_APP = """
-    import ctypes, json, os, re
+    import ctypes, json, os, re, time
     from flask import Flask
     import forkpoint, forkpoint._serving, forkpoint.wsgi
 
@@ -50,6 +50,12 @@ FLASK_APP = """
     @flask_app.route("/crash")
     def crash():
         state["served"] += 1000            # a change the failed request must not leave behind
+        ctypes.string_at(0)
+
+    @flask_app.route("/slow-crash")
+    def slow_crash():                      # time for the test to do something while it is in flight
+        state["served"] += 1000
+        time.sleep(1.0)
         ctypes.string_at(0)
 
     @flask_app.route("/hang")
@@ -228,24 +234,54 @@ def test_restart_mode_answers_the_failed_client_whichever_way_it_kept_the_socket
 
 
 def test_a_holder_killed_from_outside_costs_its_clients_not_the_rescue_slots(tmp_path):
-    """Invariant: a holder killed from outside (the OOM killer, a stray kill) costs the clients
-    in flight when its worker fails their 500 (their sockets close with its table), never a rescue
-    slot: the restored worker frees the slots it would have handed to that holder, and the next
-    failure is answered 500 again. With two slots, two such losses used to leave none."""
+    """Invariant: a holder killed from outside (the OOM killer, a stray kill) while a request is
+    in flight costs that request's client its 500 when the worker then fails (the socket closes
+    with the table), never a rescue slot: the restored worker frees the slots it would have handed
+    to that holder, and the next failure is answered 500 again. With two slots, two such losses
+    used to leave none."""
+    from concurrent.futures import ThreadPoolExecutor
+
     proc, port = _gunicorn(tmp_path, "-w", "1", MODE="restart")
     try:
         pid = _get(port)[1]["pid"]
         for i in range(3):
             wait_for(lambda: len(_holders(pid)) == 1, timeout=10)
-            os.kill(_holders(pid)[0], signal.SIGKILL)
-            wait_for(lambda: not _holders(pid), timeout=10)      # reaped by the shepherd
-            status, body = _get(port, f"/crash?lost={i}")
+            with ThreadPoolExecutor(1) as pool:
+                failing = pool.submit(_get, port, f"/slow-crash?lost={i}")
+                time.sleep(0.4)                                  # in flight: its slot is taken
+                os.kill(_holders(pid)[0], signal.SIGKILL)
+                wait_for(lambda: not _holders(pid), timeout=10)  # reaped by the shepherd
+                status, body = failing.result(timeout=20)
             assert status == 0, (status, body)                  # closed with the table
             assert _get(port) == (200, {"pid": pid, "served": 1})
         wait_for(lambda: len(_holders(pid)) == 1, timeout=10)
         status, body = _get(port, "/crash?kept=1")
         assert status == 500 and "rolled back" in body, (status, body, server_log(tmp_path))
         assert _get(port) == (200, {"pid": pid, "served": 1})
+    finally:
+        assert stop_server(proc) == 0, server_log(tmp_path)
+    assert _forkpoint_processes(proc.pid) == []
+
+
+def test_a_holder_killed_while_its_worker_lives_is_replaced_at_the_next_request(tmp_path):
+    """Invariant: a holder killed while its worker is idle (the OOM killer weighs it by the
+    worker's memory, which it maps) is replaced at the worker's next request, so the worker's next
+    failure is answered 500 again, not only the failures after its next restore."""
+    proc, port = _gunicorn(tmp_path, "-w", "1", MODE="restart")
+    try:
+        pid = _get(port)[1]["pid"]
+        wait_for(lambda: len(_holders(pid)) == 1, timeout=10)
+        [killed] = _holders(pid)
+        os.kill(killed, signal.SIGKILL)
+        wait_for(lambda: not _holders(pid), timeout=10)          # reaped (and counted) by the shepherd
+        time.sleep(0.1)
+        assert _get(port) == (200, {"pid": pid, "served": 2})     # makes the new holder
+        wait_for(lambda: len(_holders(pid)) == 1, timeout=10)
+        assert _holders(pid) != [killed]
+        status, body = _get(port, "/crash?after=kill")
+        assert status == 500 and "rolled back" in body, (status, body, server_log(tmp_path))
+        assert _get(port) == (200, {"pid": pid, "served": 1})
+        assert "holder of this worker's descriptors was killed; a new one replaces it" in server_log(tmp_path)
     finally:
         assert stop_server(proc) == 0, server_log(tmp_path)
     assert _forkpoint_processes(proc.pid) == []
