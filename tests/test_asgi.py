@@ -243,6 +243,32 @@ def test_keep_alive_connections_are_answered_or_closed_never_left_hanging(tmp_pa
         assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
 
 
+def test_a_holder_killed_while_the_worker_lives_is_replaced_at_the_next_connection(tmp_path):
+    """Invariant: a holder killed while its worker lives is replaced when the worker next takes a
+    connection, so the worker's next failure is answered 500 again (not a closed connection)."""
+    def holders() -> list[int]:
+        return [p.pid for p in psutil.Process(proc.pid).children() if p.name() == "fp-fds"]
+
+    proc, port = _uvicorn(tmp_path)
+    try:
+        assert _get(port)[0] == 200
+        wait_for(lambda: len(holders()) == 1, timeout=10)
+        [killed] = holders()
+        os.kill(killed, signal.SIGKILL)
+        wait_for(lambda: not holders(), timeout=10)        # reaped (and counted) by the shepherd
+
+        def replaced() -> bool:                             # a new connection: the new holder
+            assert _get(port)[0] == 200
+            return len(holders()) == 1
+
+        wait_for(replaced, timeout=10)
+        status, body = _get(port, "/crash")
+        assert status == 500 and "rolled back" in body, (status, body, server_log(tmp_path))
+        assert "a new one replaces it" in server_log(tmp_path)
+    finally:
+        assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
+
+
 def test_connections_upgraded_to_websockets_give_their_rescue_slots_back(tmp_path):
     """A keep-alive connection holds a rescue slot from its first HTTP request. When it is upgraded
     to a websocket, uvicorn gives it another protocol, whose loss would never free the slot: more
