@@ -231,6 +231,29 @@ section show each leg as perf sees it, and the shepherd's instructions. What bou
    reads the kernel's per-task child lists now (0.1 ms). With issue 10 merged the shepherd executes
    650,000 instructions per restore (the scan, the crash-report bookkeeping); main's own count is not
    given, because its scan reads as many processes as the machine happens to run.
+6. *The real case, and its floor* (measured 2026-11-28, not a change). Between faults the program
+   runs and everything else sleeps, and on this machine (2 vCPUs of a shared host) the code that
+   runs next pays for cold caches far beyond its size: in one process, after a 10 ms spin, a
+   `getppid()` took 12 us instead of 0.3 us (after a 2 ms spin: 1.1 us) and a 200-item list
+   comprehension 31 us instead of 4 (medians of 30). A restore runs cold code in three processes.
+   Instrumented timestamps of 20 restores at 10 MB, the program spinning 50 ms between them
+   (medians): the caller's `tlongjmp()` up to its `Restore` message 160-230 us (its checks, the
+   stdio flush, the mask), from there until the shepherd runs 130 us, the shepherd until its `Wake`
+   is sent 300 us (10-40 us for each of its ten steps, none dominant), until the spare runs 110 us,
+   the spare's resume up to the program's next line 170 us: about 0.95 ms in all. Its floor is in
+   the table below ("floor after running"): a frozen fork of the same worker woken after the same
+   50 ms runs its next line after 0.14-0.23 ms (medians over the six heaps of the run below), or
+   0.17-0.22 ms through one more process that only passes the wake-up on. Moving the shepherd's history record and orphan bookkeeping after the
+   wake did not change the total beyond the run's noise (about 100 us), so it was not kept. The
+   0.5 ms target of this case needs far less interpreted code between the fault and the program's
+   next line (a decision and a resume prepared before the fault, or made in C), not more trimming.
+7. *A jump from deep in a program's stack.* `tlongjmp(0)` reports the signal whose Python handler
+   it was called from, and looked for that handler by reading the locals of every frame with two or
+   three arguments on the way up: a real program's methods. From program code 30 frames deep (six
+   handlers installed, as a gunicorn worker has) that cost 24 us warm, 60 deep 43 us. The installed
+   handlers are now read first (one C call per signal, about 5 us for all of them) and only their
+   own frames' locals are read: 9 and 12 us; 5 frames deep it went from 4 to 5 us. The benchmark's
+   program is shallow, so its figures do not show this.
 
 **Crash loop.** A restore whose spare was used by the restore before has to wait for the keeper's
 next fork; its floor is that fork, and the fresh copy then takes its first faults (about 300 in its
@@ -242,6 +265,13 @@ its warming. Keeping one spare beyond the number asked for while a checkpoint lo
 next restore finds a warmed copy, was tried and left out: it broke issue 13's bound (the configured
 number of spares, at every instant). At 1 GB the fork dominates and a crash
 loop costs about one fork; at 10 MB the fresh copy's faults cost more than the fork itself.
+Counted again on 2026-11-28 (`getrusage` around each step, 10 MB, 20 restores): a copy that a
+waiting restore skips the warming for takes 170 faults from its fork to its first read of the
+channel, 98 in its resume and 72 until the program's next line. Most are Python's own bookkeeping in
+a fresh fork (reference counts written on shared pages), spread over every call; a keeper, which
+does the same kind of start-up, takes 250 faults before it blocks, 65 of them in setting its
+name through ctypes, 37 in `sched_setscheduler`, 28 in `PR_SET_PDEATHSIG`, 33 in making its
+channel and pidfd and 36 in its `Hello`.
 
 **tsetjmp.** The fork itself costs what `os.fork()` costs (without its at-fork hooks, a little less);
 the difference is bookkeeping. After the fork every page the parent writes is copied, so the parent
