@@ -243,10 +243,11 @@ section show each leg as perf sees it, and the shepherd's instructions. What bou
    the spare's resume up to the program's next line 170 us: about 0.95 ms in all. Its floor is in
    the table below ("floor after running"): a frozen fork of the same worker woken after the same
    50 ms runs its next line after 0.14-0.23 ms (medians over the six heaps of the run below), or
-   0.17-0.22 ms through one more process that only passes the wake-up on. Moving the shepherd's history record and orphan bookkeeping after the
-   wake did not change the total beyond the run's noise (about 100 us), so it was not kept. The
-   0.5 ms target of this case needs far less interpreted code between the fault and the program's
-   next line (a decision and a resume prepared before the fault, or made in C), not more trimming.
+   0.17-0.22 ms through one more process that only passes the wake-up on. Moving the shepherd's
+   history record and orphan bookkeeping after the wake did not change the total beyond the run's
+   noise (about 100 us), so it was not kept. The 0.5 ms target of this case needs far less
+   interpreted code between the fault and the program's next line (a decision and a resume
+   prepared before the fault, or made in C), not more trimming.
 7. *A jump from deep in a program's stack.* `tlongjmp(0)` reports the signal whose Python handler
    it was called from, and looked for that handler by reading the locals of every frame with two or
    three arguments on the way up: a real program's methods. From program code 30 frames deep (six
