@@ -197,6 +197,22 @@ def http(port: int, path: str = "/", timeout: float = 10.0, method: str = "GET")
         conn.close()
 
 
+def holders_of(worker: int) -> list[int]:
+    """The processes holding a descriptor table of the worker whose face PID is ``worker``."""
+    try:
+        kids = psutil.Process(worker).children()
+    except psutil.NoSuchProcess:
+        return []
+    out = []
+    for p in kids:
+        try:
+            if p.name() == "fp-fds":
+                out.append(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
 def check_default_key(port: int) -> None:
     """A server whose ``/crash`` segfaults and ``/count`` answers, protected with the default key
     and ``quarantine_after=2``: the quarantine refuses exactly the request that failed, named by

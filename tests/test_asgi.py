@@ -21,6 +21,7 @@ from conftest import (
     check_default_key,
     clean_env,
     free_port,
+    holders_of,
     http,
     read_to_eof,
     server_log,
@@ -246,10 +247,11 @@ def test_keep_alive_connections_are_answered_or_closed_never_left_hanging(tmp_pa
 def test_a_holder_killed_while_the_worker_lives_is_replaced_at_the_next_connection(tmp_path):
     """Invariant: a holder killed while its worker lives is replaced when the worker next takes a
     connection, so the worker's next failure is answered 500 again (not a closed connection)."""
-    def holders() -> list[int]:
-        return [p.pid for p in psutil.Process(proc.pid).children() if p.name() == "fp-fds"]
-
     proc, port = _uvicorn(tmp_path)
+
+    def holders() -> list[int]:
+        return holders_of(proc.pid)
+
     try:
         assert _get(port)[0] == 200
         wait_for(lambda: len(holders()) == 1, timeout=10)

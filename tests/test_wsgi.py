@@ -20,6 +20,7 @@ import pytest
 from conftest import (
     check_default_key,
     free_port,
+    holders_of,
     http,
     read_to_eof,
     server_log,
@@ -138,22 +139,6 @@ def _booted(tmp_path: Path) -> list[int]:
             if "Booting worker with pid:" in line]
 
 
-def _holders(worker: int) -> list[int]:
-    """The processes holding a descriptor table of the worker whose face PID is ``worker``."""
-    try:
-        kids = psutil.Process(worker).children()
-    except psutil.NoSuchProcess:
-        return []
-    out = []
-    for p in kids:
-        try:
-            if p.name() == "fp-fds":
-                out.append(p.pid)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
 def _forkpoint_processes(pid: int) -> list[str]:
     try:
         kids = psutil.Process(pid).children(recursive=True)
@@ -227,7 +212,7 @@ def test_restart_mode_answers_the_failed_client_whichever_way_it_kept_the_socket
             status, body = _get(port, f"/crash?try={i}")
             assert status == 500 and "rolled back" in body, (status, body, server_log(tmp_path))
             assert _get(port) == (200, {"pid": pid, "served": 1})
-            wait_for(lambda: len(_holders(pid)) == want, timeout=10)
+            wait_for(lambda: len(holders_of(pid)) == want, timeout=10)
     finally:
         assert stop_server(proc) == 0, server_log(tmp_path)
     assert _forkpoint_processes(proc.pid) == []
@@ -245,16 +230,16 @@ def test_a_holder_killed_from_outside_costs_its_clients_not_the_rescue_slots(tmp
     try:
         pid = _get(port)[1]["pid"]
         for i in range(3):
-            wait_for(lambda: len(_holders(pid)) == 1, timeout=10)
+            wait_for(lambda: len(holders_of(pid)) == 1, timeout=10)
             with ThreadPoolExecutor(1) as pool:
                 failing = pool.submit(_get, port, f"/slow-crash?lost={i}")
                 time.sleep(0.4)                                  # in flight: its slot is taken
-                os.kill(_holders(pid)[0], signal.SIGKILL)
-                wait_for(lambda: not _holders(pid), timeout=10)  # reaped by the shepherd
+                os.kill(holders_of(pid)[0], signal.SIGKILL)
+                wait_for(lambda: not holders_of(pid), timeout=10)  # reaped by the shepherd
                 status, body = failing.result(timeout=20)
             assert status == 0, (status, body)                  # closed with the table
             assert _get(port) == (200, {"pid": pid, "served": 1})
-        wait_for(lambda: len(_holders(pid)) == 1, timeout=10)
+        wait_for(lambda: len(holders_of(pid)) == 1, timeout=10)
         status, body = _get(port, "/crash?kept=1")
         assert status == 500 and "rolled back" in body, (status, body, server_log(tmp_path))
         assert _get(port) == (200, {"pid": pid, "served": 1})
@@ -270,18 +255,18 @@ def test_a_holder_killed_while_its_worker_lives_is_replaced_at_the_next_request(
     proc, port = _gunicorn(tmp_path, "-w", "1", MODE="restart")
     try:
         pid = _get(port)[1]["pid"]
-        wait_for(lambda: len(_holders(pid)) == 1, timeout=10)
-        [killed] = _holders(pid)
+        wait_for(lambda: len(holders_of(pid)) == 1, timeout=10)
+        [killed] = holders_of(pid)
         os.kill(killed, signal.SIGKILL)
-        wait_for(lambda: not _holders(pid), timeout=10)          # reaped (and counted) by the shepherd
+        wait_for(lambda: not holders_of(pid), timeout=10)          # reaped (and counted) by the shepherd
 
         def replaced() -> bool:                                  # a request makes the new holder
             status, body = _get(port)
             assert status == 200 and body["pid"] == pid, (status, body)
-            return len(_holders(pid)) == 1
+            return len(holders_of(pid)) == 1
 
         wait_for(replaced, timeout=10)
-        assert _holders(pid) != [killed]
+        assert holders_of(pid) != [killed]
         status, body = _get(port, "/crash?after=kill")
         assert status == 500 and "rolled back" in body, (status, body, server_log(tmp_path))
         assert _get(port) == (200, {"pid": pid, "served": 1})
@@ -309,7 +294,7 @@ def test_a_request_restored_inside_itself_is_answered_by_its_own_code(tmp_path):
                 got += chunk
         assert got.startswith(b"HTTP/1.1 200") and b'"recovered"' in got, got
         assert _get(port) == (200, {"pid": pid, "served": 2})      # no restore of the worker
-        wait_for(lambda: len(_holders(pid)) == 1, timeout=10)
+        wait_for(lambda: len(holders_of(pid)) == 1, timeout=10)
     finally:
         assert stop_server(proc) == 0, server_log(tmp_path)
 
@@ -324,7 +309,7 @@ def test_a_request_restored_inside_itself_then_failing_is_answered_500(tmp_path)
         status, body = _get(port, "/inner-then-crash")
         assert status == 500 and "rolled back" in body, (status, body, server_log(tmp_path))
         assert _get(port) == (200, {"pid": pid, "served": 1})
-        wait_for(lambda: len(_holders(pid)) == 1, timeout=10)
+        wait_for(lambda: len(holders_of(pid)) == 1, timeout=10)
     finally:
         assert stop_server(proc) == 0, server_log(tmp_path)
 
