@@ -19,10 +19,14 @@ _PF_EXITING = 0x4              # include/linux/sched.h: the task is in do_exit()
 def read_stat(pid: int) -> list[str] | None:
     """Fields 3.. of /proc/PID/stat (after the command name), or None if the process is gone."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            data = f.read()
+        return _stat_fields(pid)
     except OSError:
         return None
+
+
+def _stat_fields(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/stat") as f:
+        data = f.read()
     return data[data.rindex(")") + 2:].split()
 
 
@@ -107,13 +111,11 @@ def alive_since(pid: int) -> int | None:
     be gone, a zombie or exiting; 0 when it is there but its stat could not be read (no descriptor
     left, no memory): "gone" must never be a guess."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            data = f.read()
+        fields = _stat_fields(pid)
     except (FileNotFoundError, ProcessLookupError):
         return None
     except OSError:
         return 0
-    fields = data[data.rindex(")") + 2:].split()
     if fields[0] in ("Z", "X", "x"):
         return None
     try:
