@@ -878,7 +878,7 @@ class Shepherd:
         self.ckpts[n] = Checkpoint(n, None, msg.pin, awaiting=True, announcer=proc, want_spares=msg.spares,
                                    key=msg.key, deadline=msg.deadline, forking=msg.spares)
         if msg.deadline:
-            self._at_deadline(n, msg.deadline)
+            self._at_deadline(msg.deadline)
         self.current = n
         self._enforce_bounds()
         self._check_memory()
@@ -1556,56 +1556,61 @@ class Shepherd:
         Past either, the live process is killed here and the checkpoint restored as a timeout.
         Neither costs the call a timer or a handler: a POSIX timer set through ctypes and a
         SIGALRM handler cost every checkpointed call some 30 copy-on-write faults. The arena is
-        read every 50 ms; a checkpoint's own deadline also gets a timer of its own (``_at_deadline``).
+        read every 50 ms, which is how the shepherd learns of its deadline without a message; once
+        seen, a deadline still ahead gets a timer of its own (``_at_deadline``), as a checkpoint's
+        own deadline does from its ``Snap``: a deadline is then late only when it was set less than
+        one tick before it falls due.
         """
         self.loop.after(_WATCHDOG_TICK, self._watchdog_tick)
-        self._check_deadlines()
+        self._at_deadline(self._check_deadlines())
 
-    def _at_deadline(self, n: int, deadline: float) -> None:
-        """Check a protected call's deadline on time, not at the next tick (one timer at a time:
-        the shepherd's timers cannot be cancelled, and a committed call's timer finds nothing)."""
-        if deadline < self.next_deadline and deadline > 0:
+    def _at_deadline(self, deadline: float) -> None:
+        """Check a deadline on time, not at the next tick (one timer at a time: the shepherd's
+        timers cannot be cancelled, and a timer whose call committed or whose request ended finds
+        nothing, and sets the next one)."""
+        if 0 < deadline < self.next_deadline:
             self.next_deadline = deadline
             self.loop.after(max(0.0, deadline - time.monotonic()), self._deadline_due)
 
     def _deadline_due(self) -> None:
         self.next_deadline = float("inf")
-        self._check_deadlines()
-        ck = self.ckpts.get(self.current)
-        if ck is not None and ck.deadline > time.monotonic():
-            self._at_deadline(ck.n, ck.deadline)
+        self._at_deadline(self._check_deadlines())
 
-    def _check_deadlines(self) -> None:
+    def _check_deadlines(self) -> float:
+        """Restore the live process if it is past a deadline; return the earliest deadline still
+        ahead (0: none)."""
         live = self.live
         if live is None or not self.live_up:
-            return
+            return 0.0
         now = time.monotonic()
         armed, ck = self.arena.watchdog(), self.ckpts.get(self.current)
         own = ck is not None and 0 < ck.deadline <= now
         if not own and (armed is None or now < armed[0]):
-            return
+            ahead = [d for d in (ck.deadline if ck is not None else 0.0, armed[0] if armed else 0.0)
+                     if d > now]
+            return min(ahead, default=0.0)
         self._drain(live)               # a transaction it committed meanwhile comes first
         if self.live is not live:
-            return
+            return 0.0
         if own:
             if ck is None or self.ckpts.get(self.current) is not ck:
-                return                  # committed: the checkpoint is gone
+                return 0.0              # committed: the checkpoint is gone
             target, reason = ck.n, "timeout"
         else:
             if armed is None:
-                return
+                return 0.0
             handled = self.arena.watchdog_handled()
             if self.arena.watchdog() != armed:
-                return                  # the block ended, or the process moved on
+                return 0.0              # the block ended, or the process moved on
             target = armed[1] or self.current
             reason = "timeout (stuck in native code: killed)" if handled else "timeout"
         if target in self.ckpts and self.ckpts[target].awaiting:
-            return                      # inside tsetjmp, before its keeper exists: next tick
+            return 0.0                  # inside tsetjmp, before its keeper exists: next tick
         if target not in self.ckpts:    # nothing to restore: it dies, as a hang would end it
             log.error("live process %d is past its watchdog deadline and checkpoint %d is gone",
                       live.pid, target)
             os.kill(live.pid, signal.SIGKILL)
-            return
+            return 0.0
         log.info("live process %d is past its deadline: %s", live.pid, reason)
         self.live = None
         held = len(self.pending_signals)
@@ -1614,6 +1619,7 @@ class Shepherd:
         # passed on to the restored process (where it would find no watchdog, or end it).
         self.pending_signals[held:] = [e for e in self.pending_signals[held:] if e[0] != signal.SIGALRM]
         self._failure(target, signal.SIGALRM, reason, None)
+        return 0.0
 
     # -- the end --------------------------------------------------------------------------------
     def shutdown(self, code: int = 0, sig: int = 0) -> NoReturn:

@@ -1,9 +1,9 @@
 """``watchdog(seconds)`` and ``Deadline``: roll back code that runs too long.
 
-Both record a deadline in the arena, a word of shared memory the shepherd checks every 50 ms: past
-it, the shepherd kills the live process and restores the recorded checkpoint as a timeout
-(``_shepherd.Shepherd._watchdog_tick``). SIGKILL reaches the process whatever it is doing, so
-this also cuts code stuck in C.
+Both record a deadline in the arena, a word of shared memory the shepherd reads every 50 ms (and
+then on time, once it has seen the deadline ahead): past it, the shepherd kills the live process and
+restores the recorded checkpoint as a timeout (``_shepherd.Shepherd._watchdog_tick``). SIGKILL
+reaches the process whatever it is doing, so this also cuts code stuck in C.
 
 * ``watchdog(seconds)`` (the public context manager) first tries a SIGALRM handler that rolls back
   with ``tlongjmp``; the deadline recorded is ``seconds + hard_after``, the last resort.

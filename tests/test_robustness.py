@@ -69,6 +69,35 @@ def test_nested_watchdogs_keep_the_outer_hard_deadline(tmp_path):
     assert r.stdout.strip() == "restored: timeout (stuck in native code: killed)"
 
 
+def test_a_hard_deadline_seen_ahead_is_kept_on_time_not_at_the_next_tick(tmp_path):
+    """The shepherd learns of a deadline recorded in the arena by reading it (no message per
+    request); once it has seen one ahead, that deadline gets a timer of its own instead of waiting
+    for a later reading, which came every 50 ms (up to 50 ms late). Here the periodic reading is
+    put off for 1,000 s: the only reading is the one a committed protected call's timer makes, and
+    the watchdog's hard deadline, still ahead then, must still cut the stuck block."""
+    r = run_py(HEADER + """
+    import forkpoint._shepherd
+    forkpoint._shepherd._WATCHDOG_TICK = 1000.0
+    fp.configure(shepherd_exec=False)       # the shepherd stays this process, with that setting
+    fp.start()
+
+    @fp.checkpointed(timeout=0.3)
+    def quick():
+        return "committed"
+
+    n = fp.tsetjmp()
+    if not fp.chkpt_status(fp.CHKPT_RECOVERED):
+        print(quick(), flush=True)      # its deadline's timer fires 0.3 s later and finds nothing
+        with fp.watchdog(0.1, hard_after=0.6):
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+            while True:
+                pass
+    print("restored:", fp.restore_reason(), flush=True)
+    """, tmp_path, timeout=20)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert r.stdout.splitlines() == ["committed", "restored: timeout (stuck in native code: killed)"]
+
+
 def test_recover_on_does_not_disarm_checkpointed_handlers(tmp_path):
     r = run_py(HEADER + """
     @fp.checkpointed
