@@ -124,6 +124,10 @@ def env_for(mode: str, handler: str) -> dict[str, str]:
     return env
 
 
+# Each server in a process group of its own (Popen's process_group= is Python 3.11+).
+_OWN_GROUP: dict = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+
+
 def start(server: str, mode: str, handler: str, workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     if server == "gunicorn":
@@ -133,7 +137,7 @@ def start(server: str, mode: str, handler: str, workdir: Path) -> tuple[subproce
                 "--host", HOST, "--port", str(port), "app:asgi_app"]
     log = open(workdir / f"{server}.log", "ab")
     proc = subprocess.Popen(argv, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
-                            env=env_for(mode, handler), process_group=0)
+                            env=env_for(mode, handler), **_OWN_GROUP)
     log.close()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

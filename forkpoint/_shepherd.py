@@ -1557,9 +1557,11 @@ class Shepherd:
         Neither costs the call a timer or a handler: a POSIX timer set through ctypes and a
         SIGALRM handler cost every checkpointed call some 30 copy-on-write faults. The arena is
         read every 50 ms, which is how the shepherd learns of its deadline without a message; once
-        seen, a deadline still ahead gets a timer of its own (``_at_deadline``), as a checkpoint's
-        own deadline does from its ``Snap``: a deadline is then late only when it was set less than
-        one tick before it falls due.
+        seen less than two readings ahead, a deadline gets a timer of its own (``_at_deadline``),
+        as a checkpoint's own deadline does from its ``Snap``: a deadline is then late only when it
+        was set less than one reading before it falls due. (A deadline further ahead waits for a
+        later reading: a server's requests end long before a timeout of seconds, and their
+        deadlines then cost no timer.)
         """
         self.loop.after(_WATCHDOG_TICK, self._watchdog_tick)
         self._at_deadline(self._check_deadlines())
@@ -1568,7 +1570,7 @@ class Shepherd:
         """Check a deadline on time, not at the next tick (one timer at a time: the shepherd's
         timers cannot be cancelled, and a timer whose call committed or whose request ended finds
         nothing, and sets the next one)."""
-        if 0 < deadline < self.next_deadline:
+        if 0 < deadline < self.next_deadline and deadline - time.monotonic() < 2 * _WATCHDOG_TICK:
             self.next_deadline = deadline
             self.loop.after(max(0.0, deadline - time.monotonic()), self._deadline_due)
 
