@@ -186,19 +186,23 @@ class _Runtime:
             theirs.close()
             raise resource_error("could not start forkpoint: no pipe for crash reports", e) from e
         _sigutil.flush_stdio()
-        old = _sigutil.block_all()
-        timers = [(w, signal.getitimer(w)) for w in _sigutil.ITIMERS]
-        parent = os.getpid()
-        _prctl.set_child_subreaper(True)
+        old = _sigutil.unset_mask()
+        subreaper = False
         try:
+            _sigutil.block_all_into(old)     # inside the try: see _sigutil.unset_mask
+            timers = [(w, signal.getitimer(w)) for w in _sigutil.ITIMERS]
+            parent = os.getpid()
+            _prctl.set_child_subreaper(True)
+            subreaper = True
             pid = _clone.clone(sibling=False)
         except BaseException as e:
-            _sigutil.restore_mask(old)
+            _sigutil.restore_blocked(old)
             os.close(fault_r)
             os.close(fault_w)
             mine.close()
             theirs.close()
-            _prctl.set_child_subreaper(False)
+            if subreaper:
+                _prctl.set_child_subreaper(False)
             if isinstance(e, OSError):
                 raise resource_error("could not start forkpoint: the fork of the live program failed",
                                      e) from e
@@ -268,12 +272,14 @@ class _Runtime:
         fd, pid, self.keeper = self.keeper.fd, self.keeper.pid, None
         if fd < 0:          # no pidfd (a kernel before 5.2): the shepherd kills it alone
             return
+        # Counted until it is gone (the bound on processes); listed first, so that a handler that
+        # raises as the kill returns cannot lose the pidfd.
+        self.killed.append((fd, pid))
         try:
             signal.pidfd_send_signal(fd, _SIGKILL)
         except OSError:
+            self.killed.remove((fd, pid))
             os.close(fd)
-            return
-        self.killed.append((fd, pid))      # counted until it is gone (the bound on processes)
 
     def wait_killed(self) -> None:
         """Before a new keeper: at most DYING_MAX keepers this process killed may still be dying.
@@ -299,10 +305,12 @@ class _Runtime:
                 poller.register(fd, select.POLLIN)
             poller.poll(1000)
             left = _not_gone(left)
-        for fd, pid in self.killed:
-            if (fd, pid) not in left:
-                os.close(fd)
+        gone = [fd for fd, pid in self.killed if (fd, pid) not in left]
         self.killed = left
+        # Off the list first, then closed in one C loop (map): a handler that raises (Ctrl-C) can
+        # only come after the last close. Closed while still listed, a pidfd was closed a second
+        # time at the next look: EBADF, or another descriptor of the program's that took its number.
+        list(map(os.close, gone))
 
     # -- requests to the shepherd -----------------------------------------------------------------
     def request(self, msg: _channel.Message, send_fds: tuple[int, ...] = (), *,
@@ -322,14 +330,16 @@ class _Runtime:
         """``request``, also returning the descriptors that came with the answer."""
         # Signals wait until the reply is in: a handler that raised between the send and the recv
         # would leave the reply queued, and every later request would read its predecessor's.
-        old = None if blocked else _sigutil.block_all()
+        old = None if blocked else _sigutil.unset_mask()
         try:
+            if old is not None:
+                _sigutil.block_all_into(old)     # inside the try: see _sigutil.unset_mask
             with self.chan_lock:
                 _channel.send(self.chan, msg, send_fds)
                 reply, fds = _channel.recv(self.chan)
         finally:
             if old is not None:
-                _sigutil.restore_mask(old)
+                _sigutil.restore_blocked(old)
         if reply is None:
             raise ForkpointError("the shepherd is gone")
         if isinstance(reply, _channel.Error):
@@ -377,9 +387,8 @@ def _forget_in_forked_child() -> None:
         rt.chan.close()
         rt.chan = None
     rt.forget_keeper()
-    for fd, _pid in rt.killed:
-        os.close(fd)
-    rt.killed = []
+    killed, rt.killed = rt.killed, []
+    list(map(os.close, (fd for fd, _pid in killed)))     # off the list first: see wait_killed
     if rt.fault_fd is not None:
         if rt.altstack is not None:
             faulthandler.enable(file=sys.stderr, all_threads=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import _signal
 import ctypes
+import functools
 import mmap
 import os
 import signal
@@ -138,6 +139,35 @@ def restore_mask(mask: ctypes.Array[ctypes.c_char]) -> None:
     _pthread_sigmask(_SIG_SETMASK, mask, None)
 
 
+# Blocking every signal is the first step of a section that must not be interrupted, and it cannot
+# come before the section's ``try``: CPython runs the Python handlers of signals that arrived just
+# before the block right after the call that blocked them returns, and one that raises there
+# (KeyboardInterrupt) would leave the program with every signal blocked. So the block is the first
+# thing inside the ``try`` (``block_all_into``), into a buffer marked "not filled": the kernel never
+# reports SIGKILL as blocked, so a previous mask with that bit set was never written, and there is
+# nothing to restore.
+_UNSET = b"\xff" * 128
+
+
+# ``block_all(old)`` as a C call with no Python frame of its own: the only point where a pending
+# handler can run (and raise) is right after it returns, with every signal blocked and ``old`` filled.
+block_all_into = functools.partial(_pthread_sigmask, _SIG_BLOCK, _ALL)
+
+
+def unset_mask(mask: ctypes.Array[ctypes.c_char] | None = None) -> ctypes.Array[ctypes.c_char]:
+    """A buffer (``mask``, or a new one) for ``block_all``'s previous mask, marked "not filled"."""
+    if mask is None:
+        return ctypes.create_string_buffer(_UNSET, 128)
+    mask.raw = _UNSET
+    return mask
+
+
+def restore_blocked(mask: ctypes.Array[ctypes.c_char]) -> None:
+    """``restore_mask(mask)`` if ``block_all(mask)`` filled it (see ``unset_mask``); else nothing."""
+    if not mask[1][0] & 1:              # SIGKILL is bit 8: set only in an unfilled buffer
+        _pthread_sigmask(_SIG_SETMASK, mask, None)
+
+
 def flush_stdio() -> None:
     """Flush Python's and C's stdio so that no buffered output is copied into a fork."""
     for stream in (sys.stdout, sys.stderr):
@@ -149,17 +179,29 @@ def flush_stdio() -> None:
     _libc.fflush(None)
 
 
-# The same two calls for the masks a checkpoint keeps (``_frozen.Saved.mask``), with masks as sets
-# of plain ints through ``_signal`` (the C functions under ``signal``, whose Python wrapper would
-# turn every number into a ``Signals`` member): ``tsetjmp()`` restores its mask right after the fork,
-# where each page the call touches is copied, and a ctypes call there touched about 14 pages
-# against about 7 for this one (minor faults counted around 200 forks).
+# The mask a checkpoint keeps (``_frozen.Saved.mask``) is a set of plain ints (``set_of``), put back
+# through ``_signal`` (the C function under ``signal``, whose Python wrapper would turn every number
+# into a ``Signals`` member): ``tsetjmp()`` restores its mask right after the fork, where each page
+# the call touches is copied, and a ctypes call there touched about 14 pages against about 7 for
+# this one (minor faults counted around 200 forks).
 _ALL_INTS = frozenset(int(s) for s in ALL_SIGNALS)
 
 
 def block_all_set() -> set[int]:
-    """Block every blockable signal; return the previous mask as a set of signal numbers."""
-    return _signal.pthread_sigmask(_SIG_BLOCK, _ALL_INTS)  # type: ignore[no-any-return]
+    """Block every blockable signal; return the previous mask as a set of signal numbers.
+
+    ``_signal.pthread_sigmask`` runs the Python handlers of signals that came before the block
+    once the block is in place, and if one raises (Ctrl-C), the previous mask is lost with the
+    return value: it is read first (handlers that raise there raise before anything changed), and
+    put back before the exception goes on. Two calls through ``_signal`` touch fewer pages than
+    one through ctypes (see above), and this runs on every protected call.
+    """
+    before = _signal.pthread_sigmask(_SIG_BLOCK, ())
+    try:
+        return _signal.pthread_sigmask(_SIG_BLOCK, _ALL_INTS)  # type: ignore[no-any-return]
+    except BaseException:
+        _signal.pthread_sigmask(_SIG_SETMASK, before)
+        raise
 
 
 def set_mask(mask: set[int]) -> None:

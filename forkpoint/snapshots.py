@@ -162,7 +162,11 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int
     keeper = rt.expect_keeper(n)
     global _held
     _held = saved                       # freed at the next checkpoint, not on the way out of this one
-    saved.mask = _sigutil.block_all_set()   # from the announcement to the fork, nothing interrupts
+    try:
+        saved.mask = _sigutil.block_all_set()   # from the announcement to the fork, nothing interrupts
+    except BaseException:               # a handler that ran as signals were blocked raised
+        rt.forget_keeper()
+        raise
     rt.chan.send(_channel.encode_snap(n, bool(pin), spares, key, deadline))
     try:
         pid = _clone.clone(True, keeper.buf)
@@ -218,7 +222,9 @@ def _warm_restore_path() -> None:
     rt = _rt
     rt.check_caller()
     _handler_signal()
-    _sigutil.restore_mask(_sigutil.block_all())
+    mask = _sigutil.unset_mask()
+    _sigutil.block_all_into(mask)
+    _sigutil.restore_blocked(mask)
     _channel.encode(_channel.Restore(rt.current, 0, "tlongjmp", _sigutil.pending_mask()))
 
 
@@ -244,10 +250,15 @@ def tlongjmp(n: int = 0, sig: int = 0, reason: str | None = None) -> NoReturn:
     if target == 0:
         raise NoSuchCheckpoint("no current checkpoint to restore")
     _sigutil.flush_stdio()
-    old = _sigutil.block_all()
+    old = _sigutil.unset_mask()
     try:
+        _sigutil.block_all_into(old)    # a handler that raises as it returns: nothing was asked
         msg = _channel.Restore(target, int(sig), reason or ("signal" if sig else "tlongjmp"),
                                _sigutil.pending_mask())
+    except BaseException:
+        _sigutil.restore_blocked(old)
+        raise
+    try:
         rt.request(msg, blocked=True)
     except NoSuchCheckpoint:
         _sigutil.restore_mask(old)

@@ -43,8 +43,9 @@ _setitimer = _signal.setitimer
 _set_handler = _signal.signal          # the C function: no enum conversion
 _sigtimedwait = _signal.sigtimedwait
 _monotonic = time.monotonic
-_block_all = _sigutil.block_all
-_restore_mask = _sigutil.restore_mask
+_block_all_into = _sigutil.block_all_into
+_unset_mask = _sigutil.unset_mask
+_restore_blocked = _sigutil.restore_blocked
 _rt = runtime()
 
 
@@ -84,8 +85,9 @@ class Alarm:
         self.mask = _sigutil.new_mask()
 
     def arm(self) -> None:
-        mask = _block_all(self.mask)
+        mask = _unset_mask(self.mask)
         try:
+            _block_all_into(mask)    # inside the try: see _sigutil.unset_mask
             self.arena = arena = _rt.arena if _rt.chan is not None else None    # (started)
             self.outer = outer = arena.watchdog() if arena is not None else None
             self.old_handler = _set_handler(_SIGALRM, self._expired)   # main thread only
@@ -103,7 +105,7 @@ class Alarm:
                 _set_handler(_SIGALRM, self.old_handler if self.old_handler is not None else _DFL)
                 raise
         finally:
-            _restore_mask(mask)      # a signal that arrived meanwhile runs here
+            _restore_blocked(mask)   # a signal that arrived meanwhile runs here
 
     def _restore_record(self) -> None:
         arena = self.arena
@@ -117,8 +119,16 @@ class Alarm:
     def disarm(self) -> None:
         if not self.armed:
             return
-        mask = _block_all(self.mask)
+        mask = _unset_mask(self.mask)
+        raised = None
         try:
+            try:
+                _block_all_into(mask)
+            except BaseException as e:  # noqa: BLE001 - raised again below
+                # A handler of a signal that came just before the block ran as it returned, and
+                # raised (Ctrl-C): the alarm is disarmed all the same, or its timer and hard
+                # deadline would outlive the block; what it raised comes after.
+                raised = e
             self.armed = False
             if _setitimer(_ITIMER_REAL, 0)[0] == 0.0:    # it expired as the block ended:
                 _sigtimedwait(_ALRM_ONLY, 0)                # the block did end, drop its signal
@@ -130,7 +140,9 @@ class Alarm:
                 left = max(left - (_monotonic() - self.started), 1e-6)
                 _setitimer(_ITIMER_REAL, left, interval)
         finally:
-            _restore_mask(mask)
+            _restore_blocked(mask)
+        if raised is not None:
+            raise raised
 
     def _expired(self, signum: int, frame: Any) -> None:
         if not self.armed:          # disarmed already (the expiry raced the end of the block)
