@@ -86,7 +86,9 @@ def test_an_interrupt_as_forkpoint_blocks_signals_never_leaves_them_blocked(tmp_
 
     inside = False
     def handler(sig, frame):
-        if inside:                      # the harness's own lines are never interrupted
+        global inside
+        if inside:                      # the harness's own lines are never interrupted, and a
+            inside = False              # call at most once (no second one while it unwinds)
             raise Interrupt()
     signal.signal(signal.SIGINT, handler)
 
