@@ -179,7 +179,7 @@ def flush_stdio() -> None:
     _libc.fflush(None)
 
 
-# The mask a checkpoint keeps (``_frozen.Saved.mask``) is a set of plain ints (``set_of``), put back
+# The mask a checkpoint keeps (``_frozen.Saved.mask``) is a set of plain ints (``block_all_set``), put back
 # through ``_signal`` (the C function under ``signal``, whose Python wrapper would turn every number
 # into a ``Signals`` member): ``tsetjmp()`` restores its mask right after the fork, where each page
 # the call touches is copied, and a ctypes call there touched about 14 pages against about 7 for
