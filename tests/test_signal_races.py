@@ -132,6 +132,46 @@ def test_an_interrupt_as_forkpoint_blocks_signals_never_leaves_them_blocked(tmp_
     assert r.stdout.splitlines() == ["interrupted True unchanged True"], r.stdout
 
 
+def test_an_interrupt_in_the_look_at_killed_keepers_never_closes_a_descriptor_twice(tmp_path):
+    """A committed transaction kills its keeper itself and keeps the keeper's pidfd until it is
+    gone; every few checkpoints, tsetjmp() closes the pidfds of those that are. Interrupted there
+    (a KeyboardInterrupt raised at each line in turn, by the tracer), it must never leave a closed
+    pidfd listed: the next look would close the number again, and by then it can be a descriptor
+    of the program's own. Found by the SIGINT flood above as EBADF out of tsetjmp()."""
+    r = run_py(HEADER + """
+    import forkpoint._runtime as runtime_mod
+    rt = runtime_mod.runtime()
+    call = fp.checkpointed(lambda: 1)
+    code = runtime_mod._Runtime.wait_killed.__code__
+    mine = []
+    for k in range(1, 40):             # the k-th line event of wait_killed() raises
+        while len(rt.killed) < runtime_mod.DYING_MAX:
+            call()                     # each commit kills its keeper and lists its pidfd
+        time.sleep(0.05)               # they are gone: the next look closes their pidfds
+        seen = [0]
+        def local(frame, event, arg):
+            if event == "line":
+                seen[0] += 1
+                if seen[0] == k:
+                    raise KeyboardInterrupt
+            return local
+        sys.settrace(lambda f, e, a: local if f.f_code is code else None)
+        try:
+            fp.tsetjmp()
+        except KeyboardInterrupt:
+            pass
+        sys.settrace(None)
+        mine += [os.open("/dev/null", os.O_RDONLY) for _ in range(4)]  # the lowest free numbers
+        call()                         # the next look
+    null = os.stat("/dev/null")
+    # Closed by a look, a number is taken again by the next keeper's pidfd: compare what it is.
+    ours = sum(1 for fd in mine if (os.fstat(fd).st_dev, os.fstat(fd).st_ino) == (null.st_dev, null.st_ino))
+    print("still ours", ours, "of", len(mine), flush=True)
+    """, tmp_path, timeout=50)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert r.stdout.strip() == "still ours 156 of 156", r.stdout
+
+
 def test_ctrl_c_during_watchdog_setup_leaves_no_armed_watchdog(tmp_path):
     """The same in the setup: an interrupt between installing the handler/timer and entering the
     `try` (or after the kill timer is created, before `killer` is assigned) has no cleanup at all;
