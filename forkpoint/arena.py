@@ -559,10 +559,13 @@ class Arena:
             if _DATA_OFF + cap > self.size:
                 cap = size
             off = self._alloc(cap, f"cache(IN, {name!r})")
+            # Its check computed first: between these stores no handler can run (a Ctrl-C's would
+            # have made the placement look damaged at the next store), only a kill can land.
+            placement = _placement_check(slot, which, off, cap)
             self.words[b + 1] = 0
             self.words[b] = off
             self.words[b + 1] = cap
-            self.words[w + _PLACED + which] = _placement_check(slot, which, off, cap)
+            self.words[w + _PLACED + which] = placement
         self.map[off:off + 1] = tag
         self.map[off + 1:off + size] = body            # one copy, straight into the arena
         self.words[b + 2] = size

@@ -151,9 +151,23 @@ def checkpointed(func: Any = None, *, recover_on: tuple[int, ...] = snapshots.FA
                     snapshots.tlongjmp(n, reason=f"exception: {type(e).__name__}")
                     raise  # pragma: no cover - tlongjmp does not return
             finally:
-                restarted.clear()
-                if n:
-                    snapshots.end_transaction(n, before)
+                # Done again if cut short. A handler that raises (Ctrl-C's) runs as a call returns or
+                # a function starts: as tsetjmp() unblocks signals after its fork (before ``n`` is
+                # assigned), or as one of these calls begins. A commit skipped so would leave the
+                # call's checkpoint current after the call, with its deadline: the shepherd would
+                # later roll the program back into a call that is over.
+                try:
+                    restarted.clear()
+                    if not n and rt.current != before:     # taken; the handler raised as it ended
+                        n = rt.current
+                    if n:
+                        snapshots.end_transaction(n, before)
+                finally:
+                    restarted.clear()
+                    if not n and rt.current != before:
+                        n = rt.current
+                    if n and rt.current != before:          # not committed yet
+                        snapshots.end_transaction(n, before)
 
         return wrapper  # type: ignore[return-value]
 

@@ -55,8 +55,9 @@ class Alarm:
     ``arm()`` installs the handler and the timer, and records the hard deadline in the arena for
     the shepherd; ``disarm()`` puts back whatever was there before (the program's own SIGALRM
     handler and timer, an enclosing watchdog's deadline). Both run with every signal blocked, so a
-    Ctrl-C cannot leave half of it armed; ``disarm()`` of an alarm that is not armed does nothing,
-    so ``try: alarm.arm() ... finally: alarm.disarm()`` is safe wherever an interrupt lands.
+    Ctrl-C cannot leave half of it armed; ``disarm()`` of an alarm that is not armed does nothing.
+    An interrupt can still land as ``disarm()`` is entered, before its block, and skip it whole:
+    the caller calls it again if ``armed`` is still set (see ``watchdog``).
 
     ``target`` is the checkpoint to roll back to (0: the current one at expiry); it may be set after
     ``arm()``, for a checkpoint taken inside the guarded section. ``record`` is the checkpoint the
@@ -193,13 +194,13 @@ class Deadline:
 
     def clear(self) -> None:
         arena = self.arena
-        if arena is not None:
-            self.arena = None
+        if arena is not None:      # forgotten once cleared: an interrupt before leaves it to redo
             outer = self.outer
             if outer is None:
                 arena.set_watchdog(None)
             else:
                 arena.set_watchdog(outer[0], outer[1])
+            self.arena = None
 
 
 @contextmanager
@@ -226,4 +227,11 @@ def watchdog(seconds: float, *, to: int = 0, hard_after: float = 1.0) -> Iterato
         alarm.arm()         # inside the try: an interrupt as it unblocks signals is cleaned up
         yield
     finally:
-        alarm.disarm()
+        try:
+            alarm.disarm()
+        finally:
+            # A handler that raised as disarm() began (Ctrl-C's, run at a function's entry)
+            # skipped it whole: the timer would fire later into code that has moved on, or the
+            # shepherd kill it at the hard deadline. Once more; what was raised goes on after.
+            if alarm.armed:
+                alarm.disarm()

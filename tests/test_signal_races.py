@@ -329,3 +329,78 @@ def test_a_signal_pending_in_a_tlongjmp_caller_reaches_the_restored_program_once
     """, tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == ["handled", "1"], (r.stdout, r.stderr[-2000:])
+
+
+def test_ctrl_c_as_a_protected_call_checkpoints_never_runs_it_again_later(tmp_path):
+    """A real SIGINT that comes while tsetjmp() has every signal blocked for its fork is handled as
+    the mask comes back: the KeyboardInterrupt leaves tsetjmp() after the checkpoint was taken,
+    before the protected call learns its number. The call must still commit it: left current,
+    with the call's timeout, the shepherd restored it at the deadline, 0.5 s after the program had
+    caught the interrupt and moved on, and ran the interrupted call again."""
+    r = run_py(HEADER + """
+    import inspect
+    from forkpoint import snapshots
+    fp.start()
+    calls = fp.persist_int("calls")
+
+    @fp.checkpointed(timeout=0.5)
+    def work():
+        calls.add()
+
+    src, first = inspect.getsourcelines(snapshots.tsetjmp)
+    target = first + next(i for i, l in enumerate(src) if "rt.chan.send(_channel.encode_snap" in l)
+    code = snapshots.tsetjmp.__code__
+    real = int(os.readlink("/proc/self"))
+    def local(frame, event, arg):
+        if event == "line" and frame.f_lineno == target:
+            sys.settrace(None)
+            os.kill(real, signal.SIGINT)      # every signal is blocked here
+        return local
+    before = fp.current_state()
+    sys.settrace(lambda f, e, a: local if f.f_code is code else None)
+    try:
+        work()
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+    sys.settrace(None)
+    print("current", fp.current_state() == before, flush=True)
+    time.sleep(1.5)                          # past the call's timeout
+    print("calls", calls.value, "restored", fp.chkpt_status(fp.CHKPT_RECOVERED), flush=True)
+    """, tmp_path)
+    assert r.returncode == 0, (r.stdout, r.stderr[-2000:])
+    assert r.stdout.splitlines() == ["interrupted", "current True", "calls 0 restored 0"], \
+        (r.stdout, r.stderr[-2000:])
+
+
+def test_ctrl_c_as_watchdog_cleanup_begins_leaves_no_armed_watchdog(tmp_path):
+    """A real SIGINT sent as the watchdog's cleanup (Alarm.disarm) is entered is handled at its
+    first instruction, before anything is disarmed. The cleanup must run all the same: its timer
+    fired 0.3 s later into the function that had caught the interrupt (still on the stack, so the
+    owner check passed) and rolled the program back as a timeout."""
+    r = run_py(HEADER + """
+    n = fp.tsetjmp()
+    if fp.chkpt_status(fp.CHKPT_RECOVERED):
+        print("spurious rollback:", fp.restore_reason(), flush=True)
+        sys.exit(3)
+    code = sys.modules["forkpoint.watchdog"].Alarm.disarm.__code__
+    real = int(os.readlink("/proc/self"))
+    def enter(frame, event, arg):
+        if frame.f_code is code:
+            sys.settrace(None)
+            os.kill(real, signal.SIGINT)      # handled as disarm() starts
+    def main():
+        sys.settrace(enter)
+        try:
+            with fp.watchdog(0.3, hard_after=0.3):
+                pass
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+        sys.settrace(None)
+        t = time.monotonic()
+        while time.monotonic() - t < 1.0:    # the program goes on in the same function
+            pass
+        print("still here", flush=True)
+    main()
+    """, tmp_path)
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr[-2000:])
+    assert r.stdout.splitlines() == ["interrupted", "still here"], (r.stdout, r.stderr[-2000:])
