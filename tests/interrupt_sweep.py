@@ -7,7 +7,7 @@ interrupt must never leave behind, and that a checkpoint still restores; it stop
 call that runs to its end with no point left, and prints one line per violation, then a summary.
 
 Where handlers run (CPython 3.11-3.13): at a function's start (RESUME), after a loop's back edge,
-and as a call into C code returns, inside that CALL instruction; not as a Python function
+and as a call into C code returns, inside that CALL (3.13: or CALL_KW) instruction; not as a Python function
 returns (such calls run inline, with no check). The tracer raises before the next instruction,
 which a different exception-table entry may cover than the CALL: such points are listed as not
 modelled, to be read by hand. A handler runs only if its signal could have arrived: SIGINT was not
@@ -135,7 +135,7 @@ if API == "cache":
     whole[0] = stored[0]
 
 # -- the tracer --------------------------------------------------------------------------------------
-CALL_OPS = {dis.opmap["CALL"], dis.opmap["CALL_FUNCTION_EX"]}
+CALL_OPS = {dis.opmap[name] for name in ("CALL", "CALL_KW", "CALL_FUNCTION_EX") if name in dis.opmap}
 JUMP_BACK = dis.opmap["JUMP_BACKWARD"]
 RESUME = dis.opmap["RESUME"]
 HERE = os.path.abspath(__file__)
@@ -207,6 +207,7 @@ def enter(frame, event, arg):  # noqa: ANN001, ANN201
         return None
     frame.f_trace_opcodes = True
     frame.f_trace_lines = False
+    frame.f_trace = local             # (3.13 reports opcodes only to a frame's own f_trace)
     return local(frame, event, arg)
 
 
