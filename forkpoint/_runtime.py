@@ -12,6 +12,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import sys
 import threading
 from dataclasses import dataclass
@@ -136,8 +137,12 @@ class _Runtime:
     def arena_or_create(self) -> Arena:
         if self.arena is None:
             arena = Arena.create(self.config.arena_size)
-            # The program's quarantine table, made while this process is the arena's only writer.
-            arena_table(arena, QUARANTINE_REGION, LOCAL, create=True)
+            try:
+                # The program's quarantine table, made while this process is the arena's only writer.
+                arena_table(arena, QUARANTINE_REGION, LOCAL, create=True)
+            except BaseException:   # (a Ctrl-C): the next call makes a new arena; its memory goes now
+                os.close(arena.fd)
+                raise
             self.arena = arena
         return self.arena
 
@@ -175,21 +180,23 @@ class _Runtime:
         self.pgid = os.getpgrp()
         self.comm = _prctl.get_name()
         self.unidle = _procfs.can_leave_sched_idle()
-        try:
-            mine, theirs = _channel.pair()
-        except OSError as e:
-            raise resource_error("could not start forkpoint: no channel to the shepherd", e) from e
-        try:
-            fault_r, fault_w = os.pipe()
-        except OSError as e:
-            mine.close()
-            theirs.close()
-            raise resource_error("could not start forkpoint: no pipe for crash reports", e) from e
         _sigutil.flush_stdio()
         old = _sigutil.unset_mask()
+        # Made with signals blocked, so that no interrupt (Ctrl-C) comes between making and listing:
+        # closed if the start fails.
+        socks: list[socket.socket] = []
+        fds: list[int] = []
         subreaper = False
+        what = "the fork of the live program failed"
         try:
             _sigutil.block_all_into(old)     # inside the try: see _sigutil.unset_mask
+            what = "no channel to the shepherd"
+            mine, theirs = _channel.pair()
+            socks += (mine, theirs)
+            what = "no pipe for crash reports"
+            fault_r, fault_w = os.pipe()
+            fds += (fault_r, fault_w)
+            what = "the fork of the live program failed"
             timers = [(w, signal.getitimer(w)) for w in _sigutil.ITIMERS]
             parent = os.getpid()
             _prctl.set_child_subreaper(True)
@@ -197,15 +204,14 @@ class _Runtime:
             pid = _clone.clone(sibling=False)
         except BaseException as e:
             _sigutil.restore_blocked(old)
-            os.close(fault_r)
-            os.close(fault_w)
-            mine.close()
-            theirs.close()
+            for sock in socks:
+                sock.close()
+            for fd in fds:
+                os.close(fd)
             if subreaper:
                 _prctl.set_child_subreaper(False)
             if isinstance(e, OSError):
-                raise resource_error("could not start forkpoint: the fork of the live program failed",
-                                     e) from e
+                raise resource_error(f"could not start forkpoint: {what}", e) from e
             raise
         if pid == 0:  # the live program goes on here
             theirs.close()

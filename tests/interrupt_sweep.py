@@ -6,40 +6,19 @@ handler inside it, as a Ctrl-C typed at that moment would. After each call it ch
 interrupt must never leave behind, and that a checkpoint still restores; it stops at the first
 call that runs to its end with no point left, and prints one line per violation, then a summary.
 
-Where handlers run (CPython 3.11-3.13): at a function's start (RESUME), after a loop's back edge,
-and as a call into C code returns, inside that CALL (3.13: or CALL_KW) instruction; not as a Python function
-returns (such calls run inline, with no check). The tracer raises before the next instruction,
-which a different exception-table entry may cover than the CALL: such points are listed as not
-modelled, to be read by hand. A handler runs only if its signal could have arrived: SIGINT was not
-blocked at that point, or at some instruction since the point before (a signal that came just
-before forkpoint blocked every signal runs its handler as the block returns).
+Where CPython runs handlers, and how that is modelled: tests/interrupt_tracer.py.
 """
 from __future__ import annotations
 
-import ctypes
-import dis
 import io
 import logging
-import os
 import signal
 import sys
 
+from interrupt_tracer import Interrupter, blocked_mask
+
 import forkpoint as fp
 from forkpoint import _runtime
-
-libc = ctypes.CDLL(None, use_errno=True)
-_mask_buf = ctypes.create_string_buffer(128)
-
-
-def sigint_blocked() -> bool:
-    libc.pthread_sigmask(0, None, _mask_buf)       # SIG_BLOCK with no set: read the mask
-    return bool(_mask_buf.raw[0] & 1 << (signal.SIGINT - 1))
-
-
-def blocked_mask() -> int:
-    with open("/proc/thread-self/status") as f:
-        return next(int(line.split()[1], 16) for line in f if line.startswith("SigBlk:"))
-
 
 logged: list[str] = []
 
@@ -134,83 +113,6 @@ if API == "cache":
     call_cache()        # the entry exists: the sweep is of a store (a first one scans the directory)
     whole[0] = stored[0]
 
-# -- the tracer --------------------------------------------------------------------------------------
-CALL_OPS = {dis.opmap[name] for name in ("CALL", "CALL_KW", "CALL_FUNCTION_EX") if name in dis.opmap}
-JUMP_BACK = dis.opmap["JUMP_BACKWARD"]
-RESUME = dis.opmap["RESUME"]
-HERE = os.path.abspath(__file__)
-state = {"k": 0, "seen": 0, "since": False, "where": ""}
-last_op: dict[int, int] = {}
-last_off: dict[int, int] = {}
-inline: set[int] = set()
-not_modelled: set[str] = set()
-tables: dict[object, list] = {}
-real_pid = libc.getpid()
-
-
-def handler_of(code: object, offset: int) -> int | None:
-    table = tables.get(code)
-    if table is None:
-        table = tables[code] = dis._parse_exception_table(code)  # type: ignore[attr-defined]
-    return next((e.target for e in table if e.start <= offset < e.end), None)
-
-
-def place(frame: object) -> str:
-    code = frame.f_code  # type: ignore[attr-defined]
-    return f"{os.path.basename(code.co_filename)}:{frame.f_lineno} {code.co_name}"  # type: ignore[attr-defined]
-
-
-def local(frame, event, arg):  # noqa: ANN001, ANN201
-    key = id(frame)
-    if event == "return":
-        last_op.pop(key, None)
-        last_off.pop(key, None)
-        inline.discard(key)
-        return local
-    if event not in ("call", "opcode") or libc.getpid() != real_pid:   # the live process only
-        return local
-    code = frame.f_code
-    op = RESUME if event == "call" else code.co_code[frame.f_lasti]
-    prev = last_op.get(key)
-    last_op[key] = op
-    if event == "call":
-        if frame.f_back is not None:
-            inline.add(id(frame.f_back))        # the caller's CALL ran this frame inline
-    elif key in inline:
-        inline.discard(key)
-        prev = None
-    unblocked = not sigint_blocked()
-    after_call = prev in CALL_OPS
-    if event == "opcode":
-        if after_call and handler_of(code, last_off.get(key, -1)) != handler_of(code, frame.f_lasti):
-            if state["since"] or unblocked:
-                not_modelled.add(place(frame))
-            state["since"] = unblocked
-            last_off[key] = frame.f_lasti
-            return local
-        last_off[key] = frame.f_lasti
-    if op == RESUME or after_call or prev == JUMP_BACK:
-        eligible = unblocked or state["since"]
-        state["since"] = unblocked
-        if eligible:
-            state["seen"] += 1
-            if state["seen"] == state["k"]:
-                state["where"] = f"{place(frame)} @{frame.f_lasti} {dis.opname[op]}"
-                raise KeyboardInterrupt
-    elif unblocked:
-        state["since"] = True
-    return local
-
-
-def enter(frame, event, arg):  # noqa: ANN001, ANN201
-    if frame.f_code.co_filename == HERE:
-        return None
-    frame.f_trace_opcodes = True
-    frame.f_trace_lines = False
-    frame.f_trace = local             # (3.13 reports opcodes only to a frame's own f_trace)
-    return local(frame, event, arg)
-
-
 # -- what an interrupt must never leave behind ------------------------------------------------------------
 mask0 = blocked_mask()
 alarm0 = signal.getsignal(signal.SIGALRM)
@@ -253,23 +155,19 @@ def violations(current_before: int) -> list[str]:
     return out
 
 
+not_modelled: set[str] = set()
 while True:
     K.add()
     k = K.value
-    real_pid = libc.getpid()           # a restore below makes another process the live one
-    state.update(k=k, seen=0, since=not sigint_blocked(), where="")
-    last_op.clear()
-    last_off.clear()
-    inline.clear()
     current_before = fp.current_state()
     interrupted = False
-    sys.settrace(enter)
+    tracer = Interrupter(k, skip=__file__)
     try:
-        call()
+        with tracer:
+            call()
     except KeyboardInterrupt:
         interrupted = True
-    finally:
-        sys.settrace(None)
+    not_modelled |= tracer.not_modelled
     bad = violations(current_before)
     n = fp.tsetjmp()                    # and the machinery still restores
     if not (fp.chkpt_status(fp.CHKPT_RECOVERED) and fp.chkpt_status(fp.CKPT_TO_STATE) == n):
@@ -279,7 +177,7 @@ while True:
             bad.append(f"tlongjmp({n}) after it: {e!r}")
     if bad:
         BAD.add()
-        print(f"point {k} at {state['where']}: {'; '.join(bad)}", flush=True)
+        print(f"point {k} at {tracer.where}: {'; '.join(bad)}", flush=True)
     if not interrupted:
         for p in sorted(not_modelled):
             print(f"not modelled: {p}", flush=True)
