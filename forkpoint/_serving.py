@@ -194,7 +194,10 @@ class Rescue:
                 log.warning("forkpoint: all %d rescue slots are taken; the client of a request that "
                             "fails now sees a closed connection instead of a 500", self.slots)
             return -1
-        slot = self.free.pop()
+        # Taken without a call (not pop()): a handler that raises as a call returns (a Ctrl-C) would
+        # come between taking the slot and handing it to the request, and the slot would be lost.
+        slot = self.free[-1]
+        del self.free[-1]
         words = self.words
         w = self._HEAD + self._SLOT * slot
         if self.table:
@@ -210,6 +213,13 @@ class Rescue:
         except OSError:
             self.free.append(slot)
             return -1
+        except BaseException:       # a handler raised as it returned: the socket may be parked
+            try:
+                self.pairs[slot][1].recv(1, socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+            self.free.append(slot)
+            raise
         words[w + _SEQ] = seq
         words[w + _TABLE] = 0
         words[w] = self.INFLIGHT
@@ -226,6 +236,8 @@ class Rescue:
         if slot < 0:
             return
         w = self._HEAD + self._SLOT * slot
+        if self.words[w] == self.FREE:     # released already (a release cut short, done again)
+            return
         if self.words[w + _TABLE]:
             self.words[w] = self.FREE
             self.free.append(slot)

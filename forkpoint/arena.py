@@ -286,14 +286,19 @@ class Arena:
         w = _PROCESSING_OFF // 8 + 1
         if words[_H_WD_AT] or words[w]:
             return False
+        # Every call before the first write: an interrupt (a handler that raises as a call returns
+        # or a function starts) then leaves nothing written; the writes make no calls.
+        at = to = check = 0
+        if seconds:
+            at = _Q.unpack(_D.pack(time.monotonic() + seconds))[0]
+            to = target | _WD_UNHANDLED
+            check = _wd_check(at, to)
         raw, word = record
         self.map[_PROCESSING_OFF + 16:_PROCESSING_OFF + 16 + len(raw)] = raw
         words[w] = word
         if seconds:
-            at = _Q.unpack(_D.pack(time.monotonic() + seconds))[0]
-            to = target | _WD_UNHANDLED
             words[_H_WD_TO] = to
-            words[_H_WD_CHECK] = _wd_check(at, to)
+            words[_H_WD_CHECK] = check
             words[_H_WD_AT] = at
         return True
 

@@ -236,31 +236,45 @@ class _Restart(_Base):
         arena = self.arena
         if not quiet() and k in _known.keys_of(arena):
             return _answer(start_response, REFUSED)
-        # The request's key (and deadline) in the arena: one call, unless an enclosing one is there
+        # The request's key (and deadline) in the arena: one call, unless an enclosing one is there.
+        # Undone whatever raises from here on, also a signal handler (a Ctrl-C, an application's
+        # SIGALRM timeout) run as a call returns: left marked, the key would be blamed and the
+        # worker restored at the deadline, long after the request was answered.
         marked: Any = None
-        if not arena.enter_step(record, self.timeout or 0.0, self.n):
-            try:
-                marked = mark(k)
-            except Quarantined:
-                return _answer(start_response, REFUSED)
-            if self.timeout is not None:
-                self.deadline.set(self.timeout, self.n)
-        sock = environ.get("gunicorn.socket")
+        entered = False
+        slot = -1
         rescue = self.rescue
         assert rescue is not None
-        slot = rescue.hold(sock.fileno() if sock is not None else -1, seq)
         try:
+            entered = arena.enter_step(record, self.timeout or 0.0, self.n)   # all or nothing
+            if not entered:
+                try:
+                    marked = mark(k)
+                except Quarantined:
+                    return _answer(start_response, REFUSED)
+                if self.timeout is not None:
+                    self.deadline.set(self.timeout, self.n)
+            sock = environ.get("gunicorn.socket")
+            slot = rescue.hold(sock.fileno() if sock is not None else -1, seq)
             result = self.app(environ, start_response)
+            whole = type(result) is list or isinstance(result, tuple) or \
+                isinstance(result, _file_wrapper(environ))
         except BaseException:
-            self._done(marked, slot)
+            self._undo(entered, marked, slot)
             raise
-        if type(result) is list or isinstance(result, tuple) or isinstance(result, _file_wrapper(environ)):
+        if whole:
             # the application's part is over (self._done, inline)
-            if marked is None:
-                arena.leave_step()
-            else:
-                self._done_nested(marked)
-            rescue.release(slot)
+            done = False
+            try:
+                if marked is None:
+                    arena.leave_step()
+                else:
+                    self._done_nested(marked)
+                rescue.release(slot)
+                done = True
+            finally:
+                if not done:                # cut short by a handler that raised: once more
+                    self._undo(marked is None, marked, slot)
             refresh = self.refresh
             if refresh.every is not None and refresh.due():
                 return _Closing(self, result, None, None)
@@ -279,6 +293,15 @@ class _Restart(_Base):
         if marked is None:
             self.arena.leave_step()
         else:
+            self._done_nested(marked)
+        assert self.rescue is not None
+        self.rescue.release(slot)
+
+    def _undo(self, entered: bool, marked: Any, slot: int) -> None:
+        """Whatever of the request's bookkeeping was done (each step may be done already)."""
+        if entered:
+            self.arena.leave_step()
+        elif marked is not None:
             self._done_nested(marked)
         assert self.rescue is not None
         self.rescue.release(slot)
@@ -363,6 +386,12 @@ class _Closing:
                 close()
         finally:
             if self.slot is not None:
-                self.owner._done(self.marked, self.slot)
+                done = False
+                try:
+                    self.owner._done(self.marked, self.slot)
+                    done = True
+                finally:
+                    if not done:            # cut short by a handler that raised: once more
+                        self.owner._done(self.marked, self.slot)
         if self.owner.refresh.due():
             self.owner.refresh_now()

@@ -10,6 +10,10 @@ Found by it (each fails here on the code before its fix):
 - a Ctrl-C as a protected call's checkpoint unblocked signals, or as the call's commit began,
   left the call's checkpoint current: with ``timeout=``, the shepherd rolled the program back into
   the finished call at its deadline (re-running it);
+- in a WSGI restart-mode request, a handler that raised in the bookkeeping before or after the
+  application (a Ctrl-C, an application's own SIGALRM timeout) left the request's key marked and
+  its deadline armed: the worker restored at the deadline and the key blamed, long after the
+  request was answered;
 - a Ctrl-C as a watchdog's cleanup began left its timer and hard deadline armed: a rollback
   "timeout" later into code that had moved on;
 - a Ctrl-C as cache(IN) placed a new buffer made the next store log the entry as damaged;
@@ -35,7 +39,7 @@ pytestmark = [
 ]
 
 CALLS = ["tsetjmp", "tsetjmp_no_spare", "tlongjmp", "discard", "checkpoints", "checkpointed",
-         "checkpointed_timeout_key", "watchdog", "wsgi_transaction", "processing", "quarantine",
+         "checkpointed_timeout_key", "watchdog", "wsgi_transaction", "wsgi_restart", "processing", "quarantine",
          "cache", "recover_on"]
 
 
