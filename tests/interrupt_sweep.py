@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import logging
 import signal
+import socket
 import sys
 
 from interrupt_tracer import Interrupter, blocked_mask
@@ -80,7 +81,7 @@ def call_wsgi() -> None:
 
 
 wsgi_restart = None
-server_side, _client_side = __import__("socket").socketpair()
+server_side, _client_side = socket.socketpair()     # the request's connection, as gunicorn gives it
 
 
 def call_wsgi_restart() -> None:
