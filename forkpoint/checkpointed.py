@@ -156,17 +156,18 @@ def checkpointed(func: Any = None, *, recover_on: tuple[int, ...] = snapshots.FA
                 # assigned), or as one of these calls begins. A commit skipped so would leave the
                 # call's checkpoint current after the call, with its deadline: the shepherd would
                 # later roll the program back into a call that is over.
+                # (Twice, not a helper: a helper's own start is such a point.)
                 try:
                     restarted.clear()
                     if not n and rt.current != before:     # taken; the handler raised as it ended
                         n = rt.current
-                    if n:
+                    if n and rt.current != before:          # not committed yet
                         snapshots.end_transaction(n, before)
                 finally:
                     restarted.clear()
                     if not n and rt.current != before:
                         n = rt.current
-                    if n and rt.current != before:          # not committed yet
+                    if n and rt.current != before:
                         snapshots.end_transaction(n, before)
 
         return wrapper  # type: ignore[return-value]

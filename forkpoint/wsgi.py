@@ -260,7 +260,7 @@ class _Restart(_Base):
             whole = type(result) is list or isinstance(result, tuple) or \
                 isinstance(result, _file_wrapper(environ))
         except BaseException:
-            self._undo(entered, marked, slot)
+            self._done(marked, slot, entered)
             raise
         if whole:
             # the application's part is over (self._done, inline)
@@ -274,7 +274,7 @@ class _Restart(_Base):
                 done = True
             finally:
                 if not done:                # cut short by a handler that raised: once more
-                    self._undo(marked is None, marked, slot)
+                    self._done(marked, slot)
             refresh = self.refresh
             if refresh.every is not None and refresh.due():
                 return _Closing(self, result, None, None)
@@ -289,20 +289,13 @@ class _Restart(_Base):
         known = self.known[seen] = (k, self.record_of(k))
         return known
 
-    def _done(self, marked: Any, slot: int) -> None:
-        if marked is None:
-            self.arena.leave_step()
-        else:
+    def _done(self, marked: Any, slot: int, entered: bool = True) -> None:
+        """Undo the request's bookkeeping: its step (``entered``) or its nested marks, and its
+        rescue slot; each part may be undone already (a cleanup cut short, done again)."""
+        if marked is not None:
             self._done_nested(marked)
-        assert self.rescue is not None
-        self.rescue.release(slot)
-
-    def _undo(self, entered: bool, marked: Any, slot: int) -> None:
-        """Whatever of the request's bookkeeping was done (each step may be done already)."""
-        if entered:
+        elif entered:
             self.arena.leave_step()
-        elif marked is not None:
-            self._done_nested(marked)
         assert self.rescue is not None
         self.rescue.release(slot)
 
