@@ -236,44 +236,49 @@ class _Protected:
                 await _respond(send, REFUSED)
             return None
         self.seq += 1
-        self.inflight += 1
         rescue = self.rescue if self.n else None
+        words: Any = rescue.words if rescue is not None else None
         http = kind == "http"
         w = -1
         conn: Any = None
-        if rescue is not None and not http:
-            self._upgraded(send, rescue)
-        elif rescue is not None:
-            conn = getattr(getattr(send, "__self__", None), "transport", None)
-            w = self.slots.get(conn, -1) if conn is not None else -1
-            if w >= 0:                    # a request on a connection that holds a slot (Rescue.busy)
-                words = rescue.words
-                words[w + _SEQ] = self.seq
-                words[w] = _INFLIGHT
-            elif conn is not None:
-                w = self._slot(conn, rescue)
-        if w >= 0:
-            # A plain function returning the server's own awaitable: no coroutine of ours per send.
-            # Whether the response started is the slot's state word (read back below).
-            words = rescue.words  # type: ignore[union-attr]
-
-            def app_send(message: Message) -> Awaitable[None]:
-                if message["type"] == "http.response.start":
-                    words[w] = _STARTED
-                return send(message)
-            began: list[bool] | None = None
-        else:
-            began = []
-
-            def app_send(message: Message) -> Awaitable[None]:
-                if not began and message["type"] == "http.response.start":
-                    began.append(True)
-                return send(message)
-        coro: Any = self.app(scope, receive, app_send)     # a coroutine (driven by hand below)
-        expiry = self.expiry if task is not None else None
-        if expiry is not None:
-            expiry.add(task)  # type: ignore[arg-type]
+        expiry = None
+        # From here on the request is in flight until the finally below, whatever raises: a
+        # request counted and never uncounted would hold off every checkpoint after it (the
+        # first one too, without a lifespan startup), and a slot left marked in flight would be
+        # answered by a restore long after this request was.
+        self.inflight += 1
         try:
+            if rescue is not None and not http:
+                self._upgraded(send, rescue)
+            elif rescue is not None:
+                conn = getattr(getattr(send, "__self__", None), "transport", None)
+                w = self.slots.get(conn, -1) if conn is not None else -1
+                if w >= 0:                # a request on a connection that holds a slot (Rescue.busy)
+                    words[w + _SEQ] = self.seq
+                    words[w] = _INFLIGHT
+                elif conn is not None:
+                    w = self._slot(conn, rescue)
+            if w >= 0:
+                # A plain function returning the server's own awaitable: no coroutine of ours per
+                # send. Whether the response started is the slot's state word (read back below).
+                def app_send(message: Message) -> Awaitable[None]:
+                    if message["type"] == "http.response.start":
+                        words[w] = _STARTED
+                    return send(message)
+                began: list[bool] | None = None
+            else:
+                began = []
+
+                def app_send(message: Message) -> Awaitable[None]:
+                    if not began and message["type"] == "http.response.start":
+                        began.append(True)
+                    return send(message)
+            # A coroutine (driven by hand below); an application whose __call__ is a plain
+            # function may raise here, before any coroutine exists.
+            coro: Any = self.app(scope, receive, app_send)
+            if task is not None and self.expiry is not None:
+                expiry = self.expiry
+                expiry.add(task)  # type: ignore[arg-type]
             if not self.n:
                 await coro
             else:

@@ -74,6 +74,19 @@ STARLETTE_APP = """
 
     star = Starlette(routes=[Route("/__ready__", ready), Route("/count", count), Route("/crash", crash),
                              Route("/hang", hang), Route("/slow", slow), WebSocketRoute("/ws", ws)])
+    class SyncRaising:
+        # An ASGI application whose __call__ is a plain function (an adapter, a middleware) that
+        # raises before any coroutine exists.
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, scope, receive, send):
+            if scope["type"] == "http" and scope["path"] == "/sync-raise":
+                raise RuntimeError("refused before any coroutine")
+            return self.inner(scope, receive, send)
+
+    if os.environ.get("SYNC_RAISING"):
+        star = SyncRaising(star)
     REFRESH = float(os.environ["REFRESH"]) if os.environ.get("REFRESH") else None
     if os.environ.get("FORKPOINT_PARK"):
         forkpoint._serving.USE_HOLDER = False   # park client sockets with SCM_RIGHTS, never a holder
@@ -314,6 +327,30 @@ def test_refresh_keeps_what_the_worker_learned(tmp_path):
         wait_for(lambda: [c["id"] for c in operator.request(proc.pid, "ls")["checkpoints"]] == [2])
         assert _get(port, "/crash")[0] == 500
         assert _get(port)[1]["served"] == 4                   # back to 3, then this request
+    finally:
+        assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
+
+
+def _checkpoint_ids(pid: int) -> list[int] | None:
+    try:
+        return [c["id"] for c in operator.request(pid, "ls")["checkpoints"]]
+    except operator.OperatorError:      # no checkpoint taken yet
+        return None
+
+
+def test_an_application_that_raises_before_its_coroutine_exists_leaves_the_worker_protected(tmp_path):
+    """Invariant: a request that ends, however it ends, is no longer in flight. An application
+    whose __call__ raises synchronously (before any coroutine exists) still ends its request: the
+    wrapper must not count it in flight for ever, or the worker's checkpoint, which waits for a
+    moment with nothing in flight, is never taken (lifespan off) and a crash ends the worker."""
+    proc, port = _uvicorn(tmp_path, "--lifespan", "off", SYNC_RAISING="1")
+    try:
+        assert _get(port, "/sync-raise")[0] == 500          # uvicorn's answer to the exception
+        first = _get(port)[1]
+        wait_for(lambda: _checkpoint_ids(proc.pid) == [1], timeout=10)
+        assert _get(port, "/crash")[0] == 500, server_log(tmp_path)
+        after = _get(port)[1]
+        assert after["pid"] == first["pid"] and after["served"] == first["served"] + 1, (first, after)
     finally:
         assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
 
