@@ -293,7 +293,15 @@ class _Protected:
                     except StopIteration:
                         pending = _DONE
                     finally:
-                        arena.leave_step()
+                        # Once more if a handler raised as it began (it makes no call, so only its
+                        # start can be cut short): a step left marked would blame this request, and
+                        # its deadline restore the worker, long after the step ended. Inline: a
+                        # helper's own start could be cut short before its try.
+                        try:
+                            arena.leave_step()
+                        except BaseException:
+                            arena.leave_step()
+                            raise
                     if pending is not _DONE:
                         await _Steps(coro, record, self, pending)
                 else:
@@ -306,15 +314,24 @@ class _Protected:
             if not started and http:
                 await _respond(send, FAILED)
         finally:
-            if expiry is not None:
-                expiry.done(task)  # type: ignore[arg-type]
-            if w >= 0 and self.slots.get(conn) == w:     # (still held: not lost meanwhile)
-                words[w] = _IDLE                          # (Rescue.idle)
-            self.inflight -= 1
+            self.inflight -= 1          # first, and with no call before it: nothing cuts it short
+            try:
+                self._ended(task, expiry, conn, w, words)
+            except BaseException:       # cut short by a handler that raised (Ctrl-C): once more
+                self._ended(task, expiry, conn, w, words)
+                raise
             if self.n and not self.inflight and not self.watching and self.refresh.every is not None \
                     and self.refresh.due():
                 self._watch()
         return None
+
+    def _ended(self, task: Any, expiry: _Expiry | None, conn: Any, w: int, words: Any) -> None:
+        """The request is over: its timeout and, if its connection still holds it, its slot's state
+        (idle: a restore now must not answer that connection). Each part may be done already."""
+        if expiry is not None:
+            expiry.done(task)
+        if w >= 0 and self.slots.get(conn) == w:     # (still held: not lost meanwhile)
+            words[w] = _IDLE                          # (Rescue.idle)
 
     def _know(self, seen: tuple[Any, ...], scope: Scope) -> tuple[str, tuple[bytes, int]]:
         """The default key of a request with this type, method, path and query, and its record."""
@@ -389,6 +406,13 @@ async def _respond(send: Send, what: tuple[str, int, bytes]) -> None:
 
 
 _DONE = object()        # a coroutine's first step returned (or: nothing pending)
+
+
+def _unmark(arena: Any, deadline: Deadline | None) -> None:
+    """Undo a nested step's marks; each may be undone already (``Deadline.clear`` forgets)."""
+    if deadline is not None:
+        deadline.clear()
+    arena.set_processing(None)
 
 
 class _Expiry:
@@ -474,7 +498,11 @@ class _Steps:
             try:
                 return self.coro.send(value)
             finally:
-                arena.leave_step()
+                try:                # (as in _Protected.__call__)
+                    arena.leave_step()
+                except BaseException:
+                    arena.leave_step()
+                    raise
         return self._nested(self.coro.send, value)
 
     __next__ = send     # (value None: the loop resumes a task with next())
@@ -486,17 +514,19 @@ class _Steps:
     def _nested(self, step: Callable[..., Any], *args: Any) -> Any:
         """A step with a deadline armed already (a ``watchdog()`` around the loop), or a throw."""
         arena = self.arena
-        arena.set_processing_record(self.record)
         deadline = None
-        if self.timeout is not None:
-            deadline = self.deadline = self.deadline or Deadline()
-            deadline.set(self.timeout, self.n)
-        try:
+        try:        # the marks too: a handler that raises as one is made finds it undone below
+            arena.set_processing_record(self.record)
+            if self.timeout is not None:
+                deadline = self.deadline = self.deadline or Deadline()
+                deadline.set(self.timeout, self.n)
             return step(*args)
         finally:
-            if deadline is not None:
-                deadline.clear()
-            arena.set_processing(None)
+            try:
+                _unmark(arena, deadline)
+            except BaseException:       # cut short by a handler that raised: once more
+                _unmark(arena, deadline)
+                raise
 
     def close(self) -> None:
         self.coro.close()

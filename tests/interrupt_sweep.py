@@ -10,8 +10,10 @@ Where CPython runs handlers, and how that is modelled: tests/interrupt_tracer.py
 """
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
+import os
 import signal
 import socket
 import sys
@@ -99,6 +101,54 @@ def call_wsgi_restart() -> None:
             body.close()
 
 
+asgi_loop = asyncio.new_event_loop()
+asgi_protected = None
+
+
+async def asgi_app(scope: dict, receive: object, send: object) -> None:
+    await asyncio.sleep(0)          # a second step: the steps after the first one are _Steps'
+    await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
+    await send({"type": "http.response.body", "body": b"ok"})  # type: ignore[operator]
+
+
+async def asgi_receive() -> dict:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def asgi_send(message: dict) -> None:
+    pass
+
+
+async def asgi_checkpoint() -> None:
+    """The worker's checkpoint, as the wrapper takes it once uvicorn listens."""
+    asgi_protected._checked_loop()  # type: ignore[union-attr]
+    asgi_protected._checkpoint()  # type: ignore[union-attr]
+
+
+def call_asgi(nested: bool) -> None:
+    """One request; ``nested``: inside a watchdog, so each step arms its own deadline (_nested)."""
+    global asgi_protected
+    if asgi_protected is None:
+        from forkpoint import asgi
+        asgi_protected = asgi.protect(asgi_app, timeout=5)
+        asgi_loop.run_until_complete(asgi_checkpoint())
+    scope = {"type": "http", "method": "GET", "path": "/x", "query_string": b"", "headers": []}
+    request = asgi_protected(scope, asgi_receive, asgi_send)
+    if nested:
+        with fp.watchdog(5, hard_after=5):
+            asgi_loop.run_until_complete(request)
+    else:
+        asgi_loop.run_until_complete(request)
+
+
+def settle_loop() -> None:
+    """An interrupt out of a loop callback leaves the request's task pending: the program's loop
+    runs on, and the request ends."""
+    pending = [t for t in asyncio.all_tasks(asgi_loop) if not t.done()]
+    if pending:
+        asgi_loop.run_until_complete(asyncio.wait(pending))
+
+
 def call_processing() -> None:
     with fp.processing("some-key"):
         pass
@@ -124,6 +174,8 @@ CALLS = {
     "watchdog": call_watchdog,
     "wsgi_transaction": call_wsgi,
     "wsgi_restart": call_wsgi_restart,
+    "asgi": lambda: call_asgi(False),
+    "asgi_nested": lambda: call_asgi(True),
     "processing": call_processing,
     "quarantine": lambda: (fp.quarantine("qk"), fp.release("qk")),
     "cache": call_cache,
@@ -133,6 +185,8 @@ call = CALLS[API]
 if API == "cache":
     call_cache()        # the entry exists: the sweep is of a store (a first one scans the directory)
     whole[0] = stored[0]
+if API.startswith("asgi"):
+    call_asgi(False)    # the worker's checkpoint is taken: the sweep is of a request
 if API == "wsgi_restart":
     call_wsgi_restart()  # the worker's checkpoint is taken: the sweep is of a request (3,232 points
     #                     with the first one, the checkpoint's; swept once by hand: none bad)
@@ -172,6 +226,15 @@ def violations(current_before: int) -> list[str]:
         if sorted(r.free) != list(range(r.slots)):
             out.append(f"rescue slots not all free once: {sorted(r.free)} of {r.slots}")
             r.free[:] = range(r.slots)
+    if API.startswith("asgi"):
+        settle_loop()
+        p = asgi_protected
+        if p.inflight:  # type: ignore[union-attr]
+            out.append(f"{p.inflight} request(s) left counted in flight")  # type: ignore[union-attr]
+            p.inflight = 0  # type: ignore[union-attr]
+        if p.expiry.due:  # type: ignore[union-attr]
+            out.append(f"request timeouts left: {len(p.expiry.due)}")  # type: ignore[union-attr]
+            p.expiry.due.clear()  # type: ignore[union-attr]
     if logged:
         out.append(f"logged: {logged[:2]}")
         del logged[:]
@@ -184,13 +247,16 @@ def violations(current_before: int) -> list[str]:
     return out
 
 
+ONLY = os.path.dirname(fp.__file__) if API.startswith("asgi") else None
 not_modelled: set[str] = set()
 while True:
     K.add()
     k = K.value
     current_before = fp.current_state()
     interrupted = False
-    tracer = Interrupter(k, skip=__file__)
+    # An event loop's own machinery is not forkpoint's: its points are not counted (a call into it
+    # from forkpoint still is, as an interrupt anywhere inside it).
+    tracer = Interrupter(k, skip=__file__, only=ONLY)
     try:
         with tracer:
             call()

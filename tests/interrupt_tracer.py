@@ -41,10 +41,13 @@ def _place(frame: Any) -> str:
 
 class Interrupter:
     """``with Interrupter(k, skip=file):`` raises at the k-th point (in the live process only; not
-    in frames of ``skip``, the harness's own file); ``seen`` counts the points passed."""
+    in frames of ``skip``, the harness's own file); ``seen`` counts the points passed. ``only``: a
+    directory; points are counted in frames of its files alone (forkpoint's, not an event loop's
+    own machinery, whose robustness to an interrupt is asyncio's affair)."""
 
-    def __init__(self, k: int, skip: str) -> None:
+    def __init__(self, k: int, skip: str, only: str | None = None) -> None:
         self.k, self.skip = k, os.path.abspath(skip)
+        self.only = os.path.abspath(only) + os.sep if only else None
         self.seen, self.where = 0, ""
         self.not_modelled: set[str] = set()
         self._pid = _libc.getpid()      # a restore makes another process the live one: per use
@@ -71,6 +74,8 @@ class Interrupter:
 
     def _enter(self, frame: Any, event: str, arg: Any) -> Any:
         if frame.f_code.co_filename == self.skip:
+            return None
+        if self.only is not None and not frame.f_code.co_filename.startswith(self.only):
             return None
         frame.f_trace_opcodes = True
         frame.f_trace_lines = False

@@ -16,6 +16,10 @@ Found by it (each fails here on the code before its fix):
   request was answered;
 - a Ctrl-C as a watchdog's cleanup began left its timer and hard deadline armed: a rollback
   "timeout" later into code that had moved on;
+- in an ASGI request, a handler that raised as a step's cleanup began left the step marked (its
+  key blamed, its deadline armed), one that raised as the request's own cleanup began left the
+  request counted in flight (no checkpoint of the worker was taken after it), and in a step nested
+  in a watchdog one that raised as the step's marks were made left the key marked;
 - a Ctrl-C as cache(IN) placed a new buffer made the next store log the entry as damaged;
 - a Ctrl-C during forkpoint's start leaked the arena's memfd (and the memory written to it), or the
   channel's socket pair.
@@ -39,8 +43,8 @@ pytestmark = [
 ]
 
 CALLS = ["tsetjmp", "tsetjmp_no_spare", "tlongjmp", "discard", "checkpoints", "checkpointed",
-         "checkpointed_timeout_key", "watchdog", "wsgi_transaction", "wsgi_restart", "processing", "quarantine",
-         "cache", "recover_on"]
+         "checkpointed_timeout_key", "watchdog", "wsgi_transaction", "wsgi_restart", "asgi", "asgi_nested",
+         "processing", "quarantine", "cache", "recover_on"]
 
 
 @pytest.mark.parametrize("call", CALLS)
