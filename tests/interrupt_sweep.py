@@ -149,6 +149,12 @@ def settle_loop() -> None:
         asgi_loop.run_until_complete(asyncio.wait(pending))
 
 
+def call_wsgi_restart_nested() -> None:
+    """A restart-mode request inside a watchdog: its key and deadline nest (``mark``, ``Deadline``)."""
+    with fp.watchdog(5, hard_after=5):
+        call_wsgi_restart()
+
+
 def call_processing() -> None:
     with fp.processing("some-key"):
         pass
@@ -174,6 +180,7 @@ CALLS = {
     "watchdog": call_watchdog,
     "wsgi_transaction": call_wsgi,
     "wsgi_restart": call_wsgi_restart,
+    "wsgi_restart_nested": call_wsgi_restart_nested,
     "asgi": lambda: call_asgi(False),
     "asgi_nested": lambda: call_asgi(True),
     "processing": call_processing,
@@ -187,7 +194,7 @@ if API == "cache":
     whole[0] = stored[0]
 if API.startswith("asgi"):
     call_asgi(False)    # the worker's checkpoint is taken: the sweep is of a request
-if API == "wsgi_restart":
+if API.startswith("wsgi_restart"):
     call_wsgi_restart()  # the worker's checkpoint is taken: the sweep is of a request (3,232 points
     #                     with the first one, the checkpoint's; swept once by hand: none bad)
 
@@ -221,7 +228,7 @@ def violations(current_before: int) -> list[str]:
             if got not in (stored[0], whole[0]):
                 out.append(f"cache holds {got}: neither the last whole store {whole[0]} nor {stored[0]}")
             whole[0] = got
-    if API == "wsgi_restart":
+    if API.startswith("wsgi_restart"):
         r = wsgi_restart.rescue  # type: ignore[union-attr]
         if sorted(r.free) != list(range(r.slots)):
             out.append(f"rescue slots not all free once: {sorted(r.free)} of {r.slots}")

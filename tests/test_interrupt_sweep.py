@@ -43,8 +43,8 @@ pytestmark = [
 ]
 
 CALLS = ["tsetjmp", "tsetjmp_no_spare", "tlongjmp", "discard", "checkpoints", "checkpointed",
-         "checkpointed_timeout_key", "watchdog", "wsgi_transaction", "wsgi_restart", "asgi", "asgi_nested",
-         "processing", "quarantine", "cache", "recover_on"]
+         "checkpointed_timeout_key", "watchdog", "wsgi_transaction", "wsgi_restart", "wsgi_restart_nested",
+         "asgi", "asgi_nested", "processing", "quarantine", "cache", "recover_on"]
 
 
 @pytest.mark.parametrize("call", CALLS)
