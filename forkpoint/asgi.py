@@ -39,6 +39,7 @@ from ._serving import (
     Records,
     Refresh,
     Rescue,
+    WorkerCheckpoint,
     check_common,
     is_async,
     key_from,
@@ -98,7 +99,7 @@ def _default_key(scope: Scope) -> str:
                     scope.get("path", ""), qs.decode("latin-1") if qs else "")
 
 
-class _Protected:
+class _Protected(WorkerCheckpoint):
     def __init__(self, app: ASGIApp, timeout: float | None, key: Callable[[Scope], Any] | None,
                  quarantine_after: int, refresh: float | None) -> None:
         self.app = app
@@ -173,27 +174,18 @@ class _Protected:
         self._checkpoint()
 
     def _checkpoint(self) -> None:
-        old = self.n
         merge_policy(self.quarantine_after)
-        if not old:
+        if not self.n:
             gc.freeze()         # the worker's heap at startup: see wsgi._freeze
         if self.rescue is None:
             self.rescue = Rescue(SLOTS, "asgi-inflight")
-        self.n = snapshots.tsetjmp(pin=True)
-        self.arena = runtime().arena
-        self.refresh.mark()
-        if restored_into(self.n):
+        n = self.take_checkpoint()
+        if restored_into(n):
             answered, closed = self.rescue.rescue()
             log.warning("forkpoint: worker restored to checkpoint %d (%s); %d client(s) answered 500, "
-                        "%d closed", self.n, snapshots.restore_reason(), answered, closed)
+                        "%d closed", n, snapshots.restore_reason(), answered, closed)
             return
-        if old:
-            try:
-                snapshots.discard(old)
-            except Exception as e:  # noqa: BLE001 - the new checkpoint is taken; the old one costs memory only
-                log.warning("forkpoint: could not discard the previous worker checkpoint %d: %s", old, e)
-            self.rescue.renew_holder()
-        log.info("forkpoint: worker checkpoint %d taken", self.n)
+        log.info("forkpoint: worker checkpoint %d taken", n)
 
     # -- ASGI ---------------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -28,7 +28,6 @@ from typing import Any
 from . import snapshots
 from ._errors import Quarantined, Recovered
 from ._qlookup import quiet
-from ._runtime import runtime
 from ._serving import (
     FAILED,
     MODES,
@@ -36,6 +35,7 @@ from ._serving import (
     Records,
     Refresh,
     Rescue,
+    WorkerCheckpoint,
     check_common,
     is_async,
     key_from,
@@ -195,7 +195,7 @@ class _Abandon(StopIteration):
     connection quietly on StopIteration, without writing or logging it again."""
 
 
-class _Restart(_Base):
+class _Restart(_Base, WorkerCheckpoint):
     """One checkpoint per worker; a failure restores it (see the module docstring)."""
 
     def __init__(self, app: WSGIApp, timeout: float | None, key: Callable[..., Any] | None,
@@ -314,11 +314,9 @@ class _Restart(_Base):
         _freeze()
         if self.rescue is None:
             self.rescue = Rescue(2, "wsgi-inflight")   # one in use, one a holder may still answer on
-        self.n = snapshots.tsetjmp(pin=True)
-        self.arena = runtime().arena
-        self.refresh.mark()
-        log.info("forkpoint: worker checkpoint %d taken before request %d", self.n, seq)
-        if not restored_into(self.n):
+        n = self.take_checkpoint()
+        log.info("forkpoint: worker checkpoint %d taken before request %d", n, seq)
+        if not restored_into(n):
             return None
         return self._after_restore(seq)
 
@@ -335,18 +333,11 @@ class _Restart(_Base):
     def refresh_now(self) -> None:
         """Between requests (the response's close()): replace the checkpoint with one taken now."""
         old = self.n
-        self.n = snapshots.tsetjmp(pin=True)
-        self.refresh.mark()
-        if restored_into(self.n):
+        n = self.take_checkpoint()
+        if restored_into(n):
             self._after_restore(-1)
             return
-        assert self.rescue is not None
-        self.rescue.renew_holder()
-        try:
-            snapshots.discard(old)
-        except Exception as e:  # noqa: BLE001 - the new checkpoint is taken; the old one only costs memory
-            log.warning("forkpoint: could not discard the previous worker checkpoint %d: %s", old, e)
-        log.info("forkpoint: worker checkpoint %d replaces %d", self.n, old)
+        log.info("forkpoint: worker checkpoint %d replaces %d", n, old)
 
 
 class _Closing:

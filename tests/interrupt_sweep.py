@@ -183,6 +183,8 @@ CALLS = {
     "wsgi_restart_nested": call_wsgi_restart_nested,
     "asgi": lambda: call_asgi(False),
     "asgi_nested": lambda: call_asgi(True),
+    "asgi_refresh": lambda: asgi_protected._checkpoint(),  # type: ignore[union-attr]
+    "wsgi_refresh": lambda: wsgi_restart.refresh_now(),  # type: ignore[union-attr]
     "processing": call_processing,
     "quarantine": lambda: (fp.quarantine("qk"), fp.release("qk")),
     "cache": call_cache,
@@ -194,7 +196,7 @@ if API == "cache":
     whole[0] = stored[0]
 if API.startswith("asgi"):
     call_asgi(False)    # the worker's checkpoint is taken: the sweep is of a request
-if API.startswith("wsgi_restart"):
+if API.startswith(("wsgi_restart", "wsgi_refresh")):
     call_wsgi_restart()  # the worker's checkpoint is taken: the sweep is of a request (3,232 points
     #                     with the first one, the checkpoint's; swept once by hand: none bad)
 
@@ -228,7 +230,15 @@ def violations(current_before: int) -> list[str]:
             if got not in (stored[0], whole[0]):
                 out.append(f"cache holds {got}: neither the last whole store {whole[0]} nor {stored[0]}")
             whole[0] = got
-    if API.startswith("wsgi_restart"):
+    worker = asgi_protected if API.startswith("asgi") else wsgi_restart
+    if worker is not None:      # its checkpoint, and no other pinned one but the sweep's own
+        pinned = [c.id for c in fp.checkpoints() if c.pinned]
+        if sorted(pinned) != sorted({base, worker.n}):
+            out.append(f"the worker's checkpoint is {worker.n}, the pinned ones {pinned}")
+            for c in pinned:
+                if c not in (base, worker.n):
+                    fp.discard(c)
+    if API.startswith(("wsgi_restart", "wsgi_refresh")):
         r = wsgi_restart.rescue  # type: ignore[union-attr]
         if sorted(r.free) != list(range(r.slots)):
             out.append(f"rescue slots not all free once: {sorted(r.free)} of {r.slots}")
