@@ -108,15 +108,16 @@ class Holder:
             finally:
                 os._exit(0)
         try:
+            holder = cls(pid, pidfd, worker_fd, table)
             # The shepherd takes it out of the program's children before anything else of it.
             _channel.send(chan, _channel.Holder(pid), (pidfd,) if pidfd >= 0 else ())
-        except OSError:
+        except BaseException:              # (also a handler that raised as the send returned)
             _kill(pid, pidfd)              # unregistered, it would count as the program's child
             os.close(worker_fd)
             if pidfd >= 0:
                 os.close(pidfd)
             raise
-        return cls(pid, pidfd, worker_fd, table)
+        return holder
 
     def stop(self) -> None:
         """In the worker it serves: end it (a holder replaced while its worker lives)."""
@@ -124,8 +125,10 @@ class Holder:
         self.forget()
 
     def forget(self) -> None:
-        """Close this process's copies of the pidfds (in a restored process, its predecessor's)."""
-        for fd in (self.worker_fd, self.pidfd):
+        """Close this process's copies of the pidfds (in a restored process, its predecessor's).
+        Once: a second call (a cleanup run again) must not close numbers that other files took."""
+        fds, self.worker_fd, self.pidfd = (self.worker_fd, self.pidfd), -1, -1
+        for fd in fds:
             if fd >= 0:
                 try:
                     os.close(fd)

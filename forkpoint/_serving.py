@@ -283,8 +283,8 @@ class Rescue:
         if old is None or not self._holder_gone(self.table):
             return
         new = self._spawn(self.table)
-        old.forget()
         self.holder = new
+        old.forget()
         if new is None:
             self.table = 0                      # park sockets from now on
         log.warning("forkpoint: the holder of this worker's descriptors was killed; %s",
@@ -298,8 +298,12 @@ class Rescue:
             return
         new = self._spawn(self.table)
         if new is not None:
-            old.stop()
-            self.holder = new
+            self.holder = new           # first: an interrupt from here on cannot lose it
+            try:
+                old.stop()
+            except BaseException:       # cut short as it began (a handler that raised): once more
+                old.stop()
+                raise
 
     def _spawn(self, table: int) -> _fdholder.Holder | None:
         if not (USE_HOLDER and _fdholder.SUPPORTED):
@@ -316,11 +320,15 @@ class Rescue:
             log.info("forkpoint: no holder of this worker's descriptors (%s); parking each client "
                      "socket with SCM_RIGHTS instead", e)
             return None
-        entry = self._entry(table)
-        self.words[entry] = 0           # (a renewal: never the old holder's start with the new pid)
-        self.words[entry + 1] = holder.pid
-        self.words[entry + 2] = _procfs.alive_since(holder.pid) or 0
-        self.words[entry] = table
+        try:        # a holder made and then lost (a handler that raised here) would live on unused
+            entry = self._entry(table)
+            self.words[entry] = 0       # (a renewal: never the old holder's start with the new pid)
+            self.words[entry + 1] = holder.pid
+            self.words[entry + 2] = _procfs.alive_since(holder.pid) or 0
+            self.words[entry] = table
+        except BaseException:
+            holder.stop()
+            raise
         return holder
 
     def _entry(self, table: int) -> int:

@@ -24,6 +24,8 @@ Found by it (each fails here on the code before its fix):
   fork left that checkpoint pinned and unknown to the wrapper, which served on from the one
   before; one that raised in the bookkeeping after it kept the replaced checkpoint: either way a
   checkpoint too many, pinned, for the worker's life;
+- a handler that raised as a worker made the holder of its descriptor table lost that holder: it
+  lived on unused, and the worker parked every client socket from then on;
 - a Ctrl-C as cache(IN) placed a new buffer made the next store log the entry as damaged;
 - a Ctrl-C during forkpoint's start leaked the arena's memfd (and the memory written to it), or the
   channel's socket pair.
