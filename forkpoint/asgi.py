@@ -398,13 +398,17 @@ async def _respond(send: Send, what: tuple[str, int, bytes]) -> None:
 
 
 _DONE = object()        # a coroutine's first step returned (or: nothing pending)
+_UNREAD = object()      # a nested step had not read the input marked around it yet
 
 
-def _unmark(arena: Any, deadline: Deadline | None) -> None:
-    """Undo a nested step's marks; each may be undone already (``Deadline.clear`` forgets)."""
+def _unmark(arena: Any, deadline: Deadline | None, outer: Any) -> None:
+    """Undo a nested step's marks; each may be undone already (``Deadline.clear`` forgets). The
+    input marked around the step (``outer``: a ``processing()`` held across an await) is marked
+    again, as WSGI and ``processing()`` itself do; ``_UNREAD``: nothing was marked yet."""
     if deadline is not None:
         deadline.clear()
-    arena.set_processing(None)
+    if outer is not _UNREAD:
+        arena.set_processing(outer)
 
 
 class _Expiry:
@@ -507,7 +511,9 @@ class _Steps:
         """A step with a deadline armed already (a ``watchdog()`` around the loop), or a throw."""
         arena = self.arena
         deadline = None
+        outer = _UNREAD
         try:        # the marks too: a handler that raises as one is made finds it undone below
+            outer = arena.processing()
             arena.set_processing_record(self.record)
             if self.timeout is not None:
                 deadline = self.deadline = self.deadline or Deadline()
@@ -515,9 +521,9 @@ class _Steps:
             return step(*args)
         finally:
             try:
-                _unmark(arena, deadline)
+                _unmark(arena, deadline, outer)
             except BaseException:       # cut short by a handler that raised: once more
-                _unmark(arena, deadline)
+                _unmark(arena, deadline, outer)
                 raise
 
     def close(self) -> None:

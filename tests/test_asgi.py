@@ -24,6 +24,7 @@ from conftest import (
     holders_of,
     http,
     read_to_eof,
+    run_py,
     server_log,
     start_server,
     stop_server,
@@ -418,3 +419,46 @@ def test_uvloop_is_refused_with_a_clear_message(tmp_path):
                         "app:app"], cwd=tmp_path, capture_output=True, text=True, timeout=30, env=clean_env())
     assert r.returncode != 0
     assert "run uvicorn with --loop asyncio" in r.stderr + r.stdout
+
+
+NESTED_STEP = """
+    import asyncio
+    import forkpoint as fp
+    from forkpoint import asgi
+
+    async def app(scope, receive, send):
+        await asyncio.sleep(0)                   # a second step
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        pass
+
+    async def serve():
+        protected._checked_loop()                # the worker's checkpoint, as once uvicorn listens
+        protected._checkpoint()
+        with fp.processing("outer"):             # an input marked around the request
+            await protected({"type": "http", "method": "GET", "path": "/x", "query_string": b"",
+                             "headers": []}, receive, send)
+            fp.tlongjmp(base, reason="after the request")
+
+    base = fp.tsetjmp()
+    if fp.chkpt_status(fp.CHKPT_RECOVERED):
+        print("blamed:", fp.history()[-1].key)
+    else:
+        protected = asgi.protect(app, timeout=5)
+        asyncio.run(serve())
+"""
+
+
+def test_a_request_inside_a_marked_input_leaves_that_input_marked(tmp_path):
+    """Invariant: what ``processing(key)`` marks stays marked until its block ends, as without the
+    request in it. A request's steps mark the request; a step that found another input marked
+    (a ``processing()`` block, or a ``watchdog()`` around the loop, takes the nested path) puts it
+    back when it ends: a failure after the request, inside the block, blames that input."""
+    r = run_py(NESTED_STEP, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "blamed: outer", (r.stdout, r.stderr)
