@@ -43,7 +43,7 @@ import socket
 import time
 from typing import Any
 
-from . import _channel, _clone, _identity, _prctl
+from . import _channel, _clone, _identity, _prctl, _sigutil
 
 LINGER = 60.0     # seconds a dead worker's holder waits for slots a restored process still uses
 
@@ -92,12 +92,21 @@ class Holder:
         ``bell`` the address of its first word. ``chan`` is the live process's channel to the
         shepherd.
         """
-        worker_fd = os.pidfd_open(_identity.real_pid())
-        shepherd = _identity.real_ppid()
+        # Every signal is blocked from before the clone to the handover: a handler that raised as
+        # the clone returned would lose the new holder before anything held its pid (it would live
+        # on, unused, until the worker's death). The block is the first thing inside the ``try``
+        # (``_sigutil.unset_mask``); the handlers of signals that came meanwhile run at the end.
+        mask = _sigutil.unset_mask()
+        worker_fd = -1
         try:
+            _sigutil.block_all_into(mask)
+            worker_fd = os.pidfd_open(_identity.real_pid())
+            shepherd = _identity.real_ppid()
             pid, pidfd = _clone.clone_pidfd(sibling=True, share_files=True)
-        except OSError:
-            os.close(worker_fd)
+        except BaseException:
+            if worker_fd >= 0:
+                os.close(worker_fd)
+            _sigutil.restore_blocked(mask)
             raise
         if pid == 0:                       # the holder
             try:
@@ -111,11 +120,13 @@ class Holder:
             holder = cls(pid, pidfd, worker_fd, table)
             # The shepherd takes it out of the program's children before anything else of it.
             _channel.send(chan, _channel.Holder(pid), (pidfd,) if pidfd >= 0 else ())
-        except BaseException:              # (also a handler that raised as the send returned)
+            _sigutil.restore_blocked(mask)
+        except BaseException:              # (also a handler that raised as the signals came back)
             _kill(pid, pidfd)              # unregistered, it would count as the program's child
             os.close(worker_fd)
             if pidfd >= 0:
                 os.close(pidfd)
+            _sigutil.restore_blocked(mask)
             raise
         return holder
 
@@ -126,14 +137,21 @@ class Holder:
 
     def forget(self) -> None:
         """Close this process's copies of the pidfds (in a restored process, its predecessor's).
-        Once: a second call (a cleanup run again) must not close numbers that other files took."""
-        fds, self.worker_fd, self.pidfd = (self.worker_fd, self.pidfd), -1, -1
-        for fd in fds:
-            if fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+        Once each: a second call (a cleanup run again) must not close numbers that other files
+        took, and must close what the first one did not reach (a handler that raised as the first
+        close returned). Each number is dropped just before its close, with no call in between."""
+        fd, self.worker_fd = self.worker_fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        fd, self.pidfd = self.pidfd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 def _kill(pid: int, pidfd: int) -> None:

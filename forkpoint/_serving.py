@@ -322,10 +322,14 @@ class Rescue:
             return None
         try:        # a holder made and then lost (a handler that raised here) would live on unused
             entry = self._entry(table)
-            self.words[entry] = 0       # (a renewal: never the old holder's start with the new pid)
-            self.words[entry + 1] = holder.pid
-            self.words[entry + 2] = _procfs.alive_since(holder.pid) or 0
-            self.words[entry] = table
+            since = _procfs.alive_since(holder.pid) or 0
+            # No call from here to the end: a handler that raised in between would leave the entry
+            # cleared, and a renewal's old holder, which then serves on, unknown.
+            words = self.words
+            words[entry] = 0            # (a renewal: never the old holder's start with the new pid)
+            words[entry + 1] = holder.pid
+            words[entry + 2] = since
+            words[entry] = table
         except BaseException:
             holder.stop()
             raise

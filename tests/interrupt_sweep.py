@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import sys
+import time
 
 from interrupt_tracer import Interrupter, blocked_mask
 
@@ -155,6 +156,14 @@ def call_wsgi_restart_nested() -> None:
         call_wsgi_restart()
 
 
+def holder_attached() -> None:
+    """Before each ``wsgi_renew`` point, untraced: the worker makes its holder as its first request
+    after a restore does (each point runs in a process restored after the point before)."""
+    r = wsgi_restart.rescue  # type: ignore[union-attr]
+    if r.owner != _runtime.runtime().owner_pid:
+        r._attach()
+
+
 def call_processing() -> None:
     with fp.processing("some-key"):
         pass
@@ -185,6 +194,7 @@ CALLS = {
     "asgi_nested": lambda: call_asgi(True),
     "asgi_refresh": lambda: asgi_protected._checkpoint(),  # type: ignore[union-attr]
     "wsgi_refresh": lambda: wsgi_restart.refresh_now(),  # type: ignore[union-attr]
+    "wsgi_renew": lambda: wsgi_restart.refresh_now(),  # type: ignore[union-attr]
     "processing": call_processing,
     "quarantine": lambda: (fp.quarantine("qk"), fp.release("qk")),
     "cache": call_cache,
@@ -196,7 +206,7 @@ if API == "cache":
     whole[0] = stored[0]
 if API.startswith("asgi"):
     call_asgi(False)    # the worker's checkpoint is taken: the sweep is of a request
-if API.startswith(("wsgi_restart", "wsgi_refresh")):
+if API.startswith(("wsgi_restart", "wsgi_refresh", "wsgi_renew")):
     call_wsgi_restart()  # the worker's checkpoint is taken: the sweep is of a request (3,232 points
     #                     with the first one, the checkpoint's; swept once by hand: none bad)
 
@@ -232,11 +242,50 @@ def table_holders() -> list[int]:
         os.close(w)
 
 
-tracer_where = ""
+def descriptors() -> dict[int, str]:
+    """This process's open descriptors and what each names (the listing's own one left out), but
+    the pidfds of keepers: the newest checkpoint's, which a call that takes a checkpoint keeps,
+    and those a committed call killed, closed once they are gone (``_Runtime.wait_killed``); and
+    the two of a server worker's descriptor holder (judged on their own: exactly its own holder)."""
+    out = {}
+    kept = {fd for fd, _pid in rt.killed}
+    if rt.keeper is not None:
+        kept.add(rt.keeper.fd)
+    for worker in (wsgi_restart, asgi_protected):
+        holder = worker.rescue.holder if worker is not None and worker.rescue is not None else None
+        if holder is not None:
+            kept |= {holder.pidfd, holder.worker_fd}
+    for name in os.listdir("/proc/self/fd"):
+        if int(name) in kept:
+            continue
+        try:
+            what = os.readlink(f"/proc/self/fd/{name}")
+            if what == "anon_inode:[pidfd]":        # which process: a holder, a keeper, a worker
+                with open(f"/proc/self/fdinfo/{name}") as f:
+                    pid = next(line.split()[1] for line in f if line.startswith("Pid:"))
+                what = f"pidfd of {pid} ({_comm(pid)})"
+            out[int(name)] = what
+        except (OSError, StopIteration):
+            continue
+    return out
 
 
-def violations(current_before: int) -> list[str]:
+def _comm(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "gone"
+
+
+def violations(current_before: int, fds_before: dict[int, str]) -> list[str]:
     out = []
+    fds = descriptors()
+    if len(fds) > len(fds_before):      # the call may replace a descriptor, never keep one more
+        new = {fd: what for fd, what in fds.items() if fds_before.get(fd) != what}
+        gone = {fd: what for fd, what in fds_before.items() if fds.get(fd) != what}
+        out.append(f"{len(fds) - len(fds_before)} descriptor(s) more after the call: {new}, "
+                   f"instead of {gone}")
     if blocked_mask() != mask0:
         out.append(f"signals left blocked: {blocked_mask():#x}")
     if signal.getsignal(signal.SIGALRM) is not alarm0:
@@ -268,17 +317,27 @@ def violations(current_before: int) -> list[str]:
             for c in pinned:
                 if c not in (base, worker.n):
                     fp.discard(c)
-        holders = table_holders()
         want = [worker.rescue.holder.pid] if worker.rescue and worker.rescue.holder else []
-        # Not judged: an interrupt as the holder's clone(2) returns in the worker (before any
-        # object has its pid; a known gap, docs/reliability.md). Everywhere else, the worker's
-        # table has no holder but its own (one is made lazily after a restore).
-        in_clone = tracer_where.startswith("_clone.py")
-        if not in_clone and (len(holders) > 1 or (holders and holders != want)):
+        # The worker's table has no holder but its own (one is made lazily after a restore). A
+        # holder just stopped (a renewal's old one) shares it until the kernel has torn it down.
+        deadline = time.monotonic() + 2.0
+        while (holders := table_holders()) and holders != want and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if holders and holders != want:
             out.append(f"holders of the worker's descriptor table: {holders}, its own {want}")
             for pid in set(holders) - set(want):
-                os.kill(pid, signal.SIGKILL)
-    if API.startswith(("wsgi_restart", "wsgi_refresh")):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        r = worker.rescue
+        if r is not None and r.holder is not None:    # written down where a restored process looks
+            e = r._entry(r.table)
+            if r.words[e] != r.table or r.words[e + 1] != r.holder.pid:
+                out.append(f"the holder's entry says table {r.words[e]}, pid {r.words[e + 1]}: "
+                           f"its holder is {r.holder.pid} of table {r.table}")
+                r.words[e + 1], r.words[e] = r.holder.pid, r.table
+    if API.startswith(("wsgi_restart", "wsgi_refresh", "wsgi_renew")):
         r = wsgi_restart.rescue  # type: ignore[union-attr]
         if sorted(r.free) != list(range(r.slots)):
             out.append(f"rescue slots not all free once: {sorted(r.free)} of {r.slots}")
@@ -309,7 +368,10 @@ not_modelled: set[str] = set()
 while True:
     K.add()
     k = K.value
+    if API == "wsgi_renew":
+        holder_attached()       # a refresh in a worker with a holder: the holder is renewed
     current_before = fp.current_state()
+    fds_before = descriptors()
     interrupted = False
     # An event loop's own machinery is not forkpoint's: its points are not counted (a call into it
     # from forkpoint still is, as an interrupt anywhere inside it).
@@ -320,8 +382,7 @@ while True:
     except KeyboardInterrupt:
         interrupted = True
     not_modelled |= tracer.not_modelled
-    tracer_where = tracer.where
-    bad = violations(current_before)
+    bad = violations(current_before, fds_before)
     n = fp.tsetjmp()                    # and the machinery still restores
     if not (fp.chkpt_status(fp.CHKPT_RECOVERED) and fp.chkpt_status(fp.CKPT_TO_STATE) == n):
         try:

@@ -50,7 +50,7 @@ pytestmark = [
 
 CALLS = ["tsetjmp", "tsetjmp_no_spare", "tlongjmp", "discard", "checkpoints", "checkpointed",
          "checkpointed_timeout_key", "watchdog", "wsgi_transaction", "wsgi_restart", "wsgi_restart_nested",
-         "asgi", "asgi_nested", "asgi_refresh", "wsgi_refresh", "processing", "quarantine", "cache",
+         "asgi", "asgi_nested", "asgi_refresh", "wsgi_refresh", "wsgi_renew", "processing", "quarantine", "cache",
          "recover_on"]
 
 
