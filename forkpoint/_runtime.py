@@ -30,6 +30,7 @@ from ._errors import (
 from ._qhost import HostStore
 from ._qtable import LOCAL, MIRROR, arena_table
 from ._shepherd import DYING_MAX, become_shepherd
+from ._witness import Witness
 from .arena import DEFAULT_SIZE, MIRROR_REGION, QUARANTINE_REGION, Arena
 
 log = logging.getLogger("forkpoint")
@@ -187,9 +188,11 @@ class _Runtime:
         socks: list[socket.socket] = []
         fds: list[int] = []
         subreaper = False
+        witness = None
         what = "the fork of the live program failed"
         try:
             _sigutil.block_all_into(old)     # inside the try: see _sigutil.unset_mask
+            witness = Witness.spawn(os.getpid())     # before the live process: see _witness
             what = "no channel to the shepherd"
             mine, theirs = _channel.pair()
             socks += (mine, theirs)
@@ -208,6 +211,8 @@ class _Runtime:
                 sock.close()
             for fd in fds:
                 os.close(fd)
+            if witness is not None:
+                witness.stop()
             if subreaper:
                 _prctl.set_child_subreaper(False)
             if isinstance(e, OSError):
@@ -216,6 +221,8 @@ class _Runtime:
         if pid == 0:  # the live program goes on here
             theirs.close()
             os.close(fault_r)
+            if witness is not None:
+                witness.close()
             self.fault_fd = fault_w
             os.register_at_fork(after_in_child=_forget_in_forked_child)
             self.chan = mine
@@ -235,7 +242,7 @@ class _Runtime:
             return
         mine.close()
         os.close(fault_w)
-        become_shepherd(theirs, arena, pid, self.pgid, self.config, fault_r, qs.to_args())
+        become_shepherd(theirs, arena, pid, self.pgid, self.config, fault_r, qs.to_args(), witness)
 
     def watch_faults(self) -> None:
         """Report fatal signals to the shepherd the moment they happen, through faulthandler.

@@ -60,6 +60,7 @@ from ._orphans import Orphans
 from ._qkeeper import Keeper
 from ._qkeys import Settings
 from ._sigutil import CARRIED, FORWARDED, REPORTED_SIGNALS, STOP_SIGNALS, TTY_SIGNALS, signame
+from ._witness import Witness
 from .arena import QUARANTINE_SIZE, Arena, HistoryRecord
 from .policy import Action, Decision, Policy, RecoveryPolicy
 
@@ -90,6 +91,7 @@ class Role(enum.Enum):
     SPARE = "spare"           # a ready copy of a keeper; a restore wakes it
     DYING = "dying"           # killed, or its work is over; only a keeper's hello may still come
     HOLDER = "holder"         # shares a live process's descriptor table (_fdholder); not the program's
+    WITNESS = "witness"       # holds the signals sent to the program's group (_witness); not the program's
 
 
 @dataclass
@@ -128,17 +130,21 @@ class Checkpoint:
 
 
 def become_shepherd(chan: socket.socket, arena: Arena, live_pid: int, pgid: int, config: Any,
-                    faults: int, quarantine: dict[str, Any] | None = None) -> NoReturn:
+                    faults: int, quarantine: dict[str, Any] | None = None,
+                    witness: Witness | None = None) -> NoReturn:
     """Turn the original process into the shepherd."""
     args = {"chan": chan.fileno(), "arena_fd": arena.fd, "arena_size": arena.size, "faults": faults,
             "live": live_pid, "pgid": pgid, "max_checkpoints": config.max_checkpoints,
             "max_snapshot_memory": config.max_snapshot_memory,
-            "level": logging.getLogger("forkpoint").getEffectiveLevel(), "quarantine": quarantine or {}}
+            "level": logging.getLogger("forkpoint").getEffectiveLevel(), "quarantine": quarantine or {},
+            "witness": [witness.pid, *witness.fds()] if witness is not None else None}
     try:
         if config.shepherd_exec and sys.executable:
             os.set_inheritable(chan.fileno(), True)
             os.set_inheritable(arena.fd, True)
             os.set_inheritable(faults, True)
+            for fd in witness.fds() if witness is not None else ():
+                os.set_inheritable(fd, True)
             root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             env = dict(os.environ, **{_ENV: json.dumps(args)})
             for which in _sigutil.ITIMERS:
@@ -249,6 +255,8 @@ class Shepherd:
         self.forwarded_fatal: dict[int, float] = {}   # fault signal -> when one was forwarded
         self.live_up = True
         self.control: ControlServer | None = None
+        witness = args.get("witness")
+        self.witness = Witness(*witness) if witness else None
         # Recently reaped pids we did not know: only consulted for a keeper or spare that came
         # without a pidfd (before Linux 5.3), and trimmed by age on every use.
         self.reaped_unknown: list[tuple[int, float]] = []
@@ -505,6 +513,8 @@ class Shepherd:
             signal.setitimer(which, 0)   # exec kept the program's timers; the live process has them
         watched = FORWARDED | {signal.SIGCHLD, signal.SIGCONT}
         _sigutil.block_all()
+        if self.witness is not None:
+            self.procs[self.witness.pid] = Proc(self.witness.pid, Role.WITNESS, 0, None)
         self.sfd = _sigutil.open_signalfd(watched)
         for s in STOP_SIGNALS:
             signal.signal(s, signal.SIG_DFL)     # when the live process stops, so does the face
@@ -581,15 +591,35 @@ class Shepherd:
             self._reap()
             self._mirror_stop()
             live = retiring or (self.live if self.live_up else None)
+        group = self._sent_to_group(got, live)
         for sig, sender in rest:
+            bit = 1 << (sig - 1)
             if sig == signal.SIGCONT:
                 self._continue_live()     # whoever sent it (a hangup sends it too)
             elif sender == self.me or (self.live is not None and sender == self.live.pid):
                 continue    # our own (SIGPIPE of a closed channel), or the program's signal to its group
+            elif group & bit:
+                group &= ~bit   # sent to the program's whole group: the live process got its own copy
             elif sig < signal.SIGRTMIN and self._has_pending(live or self.live, sig):
-                continue    # sent to the program's whole group: the live process has its own copy
+                continue    # the same, judged without the witness: it still has its copy pending
             else:
                 self._deliver(sig, False, live, retiring)
+
+    def _sent_to_group(self, got: list[tuple[int, int, int]], live: Proc | None) -> int:
+        """The signals of this batch that went to the program's whole process group, as a mask:
+        those the witness has pending (``_witness``), if ``live`` is in that group (it then got
+        its own copy; mid-restore, with no live process, the restored one did not). The witness
+        drops them before the next batch is judged."""
+        witness = self.witness
+        if witness is None or all(sig == signal.SIGCHLD for sig, _, _ in got) or not witness.usable():
+            return 0
+        mask = witness.pending()
+        if mask:
+            witness.drain()
+        if not mask or live is None:
+            return 0
+        stat = _procfs.read_stat(live.pid)
+        return mask if stat is not None and len(stat) > 2 and stat[2] == str(self.pgid) else 0
 
     def _restored_has(self, sig: int, tty: bool) -> bool:
         """Whether the spare being woken (not up yet) got this terminal signal itself.
@@ -784,6 +814,13 @@ class Shepherd:
         if proc.role is Role.HOLDER:
             if os.WIFSIGNALED(status):      # killed (one ends by itself once its work is done)
                 self.arena.holder_lost()
+            return
+        if proc.role is Role.WITNESS:       # killed from outside: group signals judged without it
+            if self.witness is not None and self.witness.pid == pid:
+                self.witness.close()
+                self.witness = None
+            if not self.ending:
+                log.info("the witness of group signals died (%s)", _describe_status(status))
             return
         if proc.role is Role.DYING:
             self._update_throttle()

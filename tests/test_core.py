@@ -379,8 +379,9 @@ def test_snapshots_are_inert(tmp_path):
     """, tmp_path)
     lines = Lines(proc)
     lines.until("ready")
-    family = wait_for(lambda: len(_program_processes(proc.pid)) == 5 and _program_processes(proc.pid))
-    frozen = [p for p in family if p.name().startswith("fp-")]
+    # the live process, two checkpoints of two processes each, and the witness of group signals
+    family = wait_for(lambda: len(_program_processes(proc.pid)) == 6 and _program_processes(proc.pid))
+    frozen = [p for p in family if p.name().startswith(("fp-snap", "fp-spare"))]
     assert len(frozen) == 4
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGALRM):
         os.killpg(os.getpgid(proc.pid), s)
@@ -487,7 +488,7 @@ def test_threads_are_refused_clearly(tmp_path):
 
 
 def test_snapshots_have_recognizable_names(tmp_path):
-    """An operator sees every role in ps (fp-shepherd, fp-snap-N, fp-spare-N)."""
+    """An operator sees every role in ps (fp-shepherd, fp-snap-N, fp-spare-N, fp-witness)."""
     proc = start_py(HEADER + """
     from forkpoint import _prctl
     fp.tsetjmp(); fp.tsetjmp()
@@ -498,9 +499,9 @@ def test_snapshots_have_recognizable_names(tmp_path):
     expected = os.environ.get("FORKPOINT_EXPECT_PRCTL")
     if expected:
         assert line.split()[1] == expected
-    want = ["fp-snap-1", "fp-snap-2", "fp-spare-1", "fp-spare-2"]
+    want = ["fp-snap-1", "fp-snap-2", "fp-spare-1", "fp-spare-2", "fp-witness"]
     try:
-        wait_for(lambda: sorted(p.name() for p in _program_processes(proc.pid))[:4] == want)
+        wait_for(lambda: sorted(p.name() for p in _program_processes(proc.pid))[:5] == want)
         wait_for(lambda: psutil.Process(proc.pid).name() == "fp-shepherd")
         ps = subprocess.run(["ps", "-o", "comm=", "--ppid", str(proc.pid)], capture_output=True, text=True)
         assert "fp-snap-1" in ps.stdout

@@ -19,7 +19,7 @@ LAYERS: dict[str, list[str]] = {
     "os": ["_errors", "_clone", "_prctl", "_sigutil", "_procfs"],
     "data and wire": ["_channel", "arena", "policy", "_rundir", "_qkeys", "_qtable", "_qhost"],
     "shepherd": ["_loop", "_faultreport", "_budget", "_orphans", "_control", "_qredis", "_qkeeper",
-                 "_shepherd"],
+                 "_witness", "_shepherd"],
     "program side": ["_identity", "_children", "_eventloop", "_asgiloop", "_qlookup", "_runtime", "_frozen",
                      "_fdholder"],
     "public api": ["snapshots", "persist", "recovery", "watchdog", "checkpointed", "_serving", "wsgi", "asgi"],

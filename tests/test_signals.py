@@ -241,6 +241,46 @@ def test_a_signal_the_program_sends_its_own_group_arrives_once(tmp_path):
     assert out.strip() == "got 1"
 
 
+GROUP_SIGNALS = HEADER + """
+    got = []
+    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(s, lambda sig, frame: got.append(int(sig)))
+    if sys.argv[1] == "forkpoint":
+        fp.tsetjmp()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    time.sleep(0.3)
+    print("got", sorted(got), flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["plain", "forkpoint"])
+def test_a_signal_sent_to_the_group_from_outside_arrives_once(tmp_path, how):
+    """Invariant 10: ``kill -TERM -PGID`` (a shell's ``kill %1``, coreutils ``timeout``) reaches the
+    live process directly and the shepherd, which cannot tell it from a signal sent to its PID
+    alone; it is handled once, as without forkpoint, while one sent to the PID still arrives."""
+    proc = start_py(GROUP_SIGNALS, tmp_path, how)
+    try:
+        lines = Lines(proc)
+        lines.until("ready")
+        group = os.getpgid(proc.pid)
+        for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            os.killpg(group, s)
+            time.sleep(0.2)         # each is handled (or forwarded) before the next comes
+        os.kill(proc.pid, signal.SIGUSR1)
+        time.sleep(0.2)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        got = lines.until("got")
+        assert proc.wait(10) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    want = sorted(int(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGUSR1))
+    assert got == f"got {want}", got
+
+
 def _state(pid: int) -> str:
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0]
