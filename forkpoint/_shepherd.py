@@ -82,6 +82,7 @@ _FD_RESERVE = 4
 # killed processes are torn down at normal priority instead of SCHED_IDLE.
 DYING_MAX = 4
 _PARAM = os.sched_param(0)    # the only priority SCHED_IDLE and SCHED_OTHER take
+_WITNESS_AGAIN = 1.0          # seconds before a witness that died is replaced (at most one a second)
 _LOOP_WINDOW = 2.0            # seconds a keeper stays at normal priority after a restore waited for a copy
 
 
@@ -515,6 +516,8 @@ class Shepherd:
         _sigutil.block_all()
         if self.witness is not None:
             self.procs[self.witness.pid] = Proc(self.witness.pid, Role.WITNESS, 0, None)
+        else:
+            self._start_witness()     # (the original process could not: a late one beats none)
         self.sfd = _sigutil.open_signalfd(watched)
         for s in STOP_SIGNALS:
             signal.signal(s, signal.SIG_DFL)     # when the live process stops, so does the face
@@ -540,6 +543,14 @@ class Shepherd:
         self.loop.after(_WATCHDOG_TICK, self._watchdog_tick)
         self.loop.run_forever()
         raise AssertionError("the shepherd's loop ended")  # pragma: no cover
+
+    def _start_witness(self) -> None:
+        """A witness of group signals (``_witness``) in place of one that died, or never came."""
+        if self.ending or self.witness is not None:
+            return
+        self.witness = Witness.spawn(self.me)
+        if self.witness is not None:
+            self.procs[self.witness.pid] = Proc(self.witness.pid, Role.WITNESS, 0, None)
 
     def _after_internal_error(self) -> None:
         """After a contained fault in the shepherd: go on only if the program still has a way on."""
@@ -820,7 +831,9 @@ class Shepherd:
                 self.witness.close()
                 self.witness = None
             if not self.ending:
-                log.info("the witness of group signals died (%s)", _describe_status(status))
+                log.info("the witness of group signals died (%s); another in %gs",
+                         _describe_status(status), _WITNESS_AGAIN)
+                self.loop.after(_WITNESS_AGAIN, self._start_witness)
             return
         if proc.role is Role.DYING:
             self._update_throttle()

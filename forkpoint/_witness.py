@@ -37,6 +37,8 @@ class Witness:
         self._ask = ask
         self._answer = answer
         self._owed = 0               # drains asked for and not answered yet
+        for fd in (ask, answer):     # (inherited across the shepherd's exec: no further)
+            os.set_inheritable(fd, False)
 
     @classmethod
     def spawn(cls, shepherd: int) -> Witness | None:

@@ -281,6 +281,44 @@ def test_a_signal_sent_to_the_group_from_outside_arrives_once(tmp_path, how):
     assert got == f"got {want}", got
 
 
+def _witness_of(face: int) -> int:
+    with open(f"/proc/{face}/task/{face}/children") as f:
+        kids = [int(p) for p in f.read().split()]
+    for pid in kids:
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() == "fp-witness":
+                    return pid
+        except OSError:
+            continue
+    return 0
+
+
+def test_a_witness_killed_from_outside_is_replaced(tmp_path):
+    """Invariant 11: a member of forkpoint killed at any instant does not end the program; the
+    witness of group signals is replaced, and a signal to the group is again handled once."""
+    proc = start_py(GROUP_SIGNALS, tmp_path, "forkpoint")
+    try:
+        lines = Lines(proc)
+        lines.until("ready")
+        first = wait_for(lambda: _witness_of(proc.pid))
+        os.kill(first, signal.SIGKILL)
+        second = wait_for(lambda: _witness_of(proc.pid) not in (0, first) and _witness_of(proc.pid),
+                          timeout=5)
+        assert second != first
+        os.killpg(os.getpgid(proc.pid), signal.SIGUSR1)
+        time.sleep(0.2)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        got = lines.until("got")
+        assert proc.wait(10) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert got == f"got {[int(signal.SIGUSR1)]}", got
+
+
 def _state(pid: int) -> str:
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0]
