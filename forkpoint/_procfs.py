@@ -168,8 +168,9 @@ def environ_of(pid: int) -> dict[str, str]:
     return out
 
 
-def pending_signals(pid: int) -> list[int]:
-    """Signals pending (blocked, not yet delivered) in process ``pid``, from /proc/PID/status."""
+def pending_mask(pid: int) -> int:
+    """Signals pending (blocked, not yet delivered) in process ``pid``, from /proc/PID/status, as
+    a mask (bit ``s - 1`` for signal ``s``); 0 if it cannot be read."""
     mask = 0
     try:     # one read of raw bytes: a restore waits for this (a text file read line by line: 5x)
         fd = os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
@@ -182,7 +183,13 @@ def pending_signals(pid: int) -> list[int]:
             if at >= 0:
                 mask |= int(data[at + 8:data.index(b"\n", at + 8)], 16)
     except (OSError, ValueError):
-        return []
+        return 0
+    return mask
+
+
+def pending_signals(pid: int) -> list[int]:
+    """Signals pending (blocked, not yet delivered) in process ``pid``, from /proc/PID/status."""
+    mask = pending_mask(pid)
     out = []
     while mask:                         # one step per pending signal (a killed process has SIGKILL)
         low = mask & -mask

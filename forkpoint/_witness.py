@@ -10,10 +10,12 @@ which it usually had handled already: a handler ran twice.
 The kernel delivers a process-group signal to every member under one lock, before ``kill()``
 returns. So a member that blocks every signal and never reads them holds, when the shepherd reads
 its own copy, a pending copy of exactly the signals that went to the whole group. The witness is
-that member: a fork of the shepherd that blocks everything, dies with the shepherd, and whose
-pending signals are cleared (``drain``) after each batch the shepherd judged, so that one judgement
-never sees a signal of an earlier one. It only knows about its own group: a program that moved its
-live process to another group, and per-process kills (systemd's cgroup kill), are judged as before.
+that member: a small process that the program's original process spawns before the live process
+exists, which blocks everything from its first instruction, ends when the shepherd is gone, and
+whose pending signals are cleared (``drain``) after each batch the shepherd judged, so that one
+judgement never sees a signal of an earlier one. It only knows about its own group: a program
+that moved its live process to another group, and per-process kills (systemd's cgroup kill), are
+judged as before.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ import os
 import select
 import signal
 import sys
+
+from . import _procfs
 
 log = logging.getLogger("forkpoint")
 
@@ -46,11 +50,10 @@ class Witness:
         be started (signals are then judged without it).
 
         Called by the program's original process (``shepherd``, its pid) before it makes the live
-        process, so that a
-        signal sent to the group from then on is pending in the witness when the shepherd reads
-        its own copy. ``posix_spawn`` (a vfork) costs the same whatever the program's heap, and
-        the witness runs a few lines of its own, not forkpoint: it holds none of the program's
-        descriptors but stdio and its two pipes, and imports nothing of the program.
+        process, so that a signal sent to the group from then on is pending in the witness when
+        the shepherd reads its own copy. ``posix_spawn`` (a vfork) costs the same whatever the
+        program's heap, and the witness runs a few lines of its own, not forkpoint: it holds none
+        of the program's descriptors but stdio and its two pipes, and imports nothing of it.
         """
         fds: list[int] = []
         try:
@@ -90,20 +93,7 @@ class Witness:
 
     def pending(self) -> int:
         """The signals it has pending, as a mask (bit ``s - 1`` for signal ``s``); 0 if unknown."""
-        try:     # one raw read (a text file read line by line costs several times that)
-            fd = os.open(f"/proc/{self.pid}/status", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                data = os.read(fd, 1 << 16)
-            finally:
-                os.close(fd)
-            mask = 0
-            for key in (b"\nSigPnd:", b"\nShdPnd:"):
-                at = data.find(key)
-                if at >= 0:
-                    mask |= int(data[at + 8:data.index(b"\n", at + 8)], 16)
-            return mask
-        except (OSError, ValueError):
-            return 0
+        return _procfs.pending_mask(self.pid)
 
     def drain(self) -> None:
         """Have it drop every signal it has pending, and wait (briefly) until it has."""

@@ -22,7 +22,7 @@ import time
 from interrupt_tracer import Interrupter, blocked_mask
 
 import forkpoint as fp
-from forkpoint import _runtime
+from forkpoint import _procfs, _runtime
 
 logged: list[str] = []
 
@@ -263,19 +263,11 @@ def descriptors() -> dict[int, str]:
             if what == "anon_inode:[pidfd]":        # which process: a holder, a keeper, a worker
                 with open(f"/proc/self/fdinfo/{name}") as f:
                     pid = next(line.split()[1] for line in f if line.startswith("Pid:"))
-                what = f"pidfd of {pid} ({_comm(pid)})"
+                what = f"pidfd of {pid} ({_procfs.comm(int(pid))})"
             out[int(name)] = what
         except (OSError, StopIteration):
             continue
     return out
-
-
-def _comm(pid: str) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return "gone"
 
 
 def violations(current_before: int, fds_before: dict[int, str]) -> list[str]:

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from conftest import Lines, clean_env, program, start_py, wait_exit, wait_for
 
+from forkpoint import _procfs
+
 pytestmark = pytest.mark.timeout(60)
 
 HEADER = """
@@ -254,69 +256,57 @@ GROUP_SIGNALS = HEADER + """
 """
 
 
+def _signalled(tmp_path, how: str, send) -> list[int]:
+    """Run GROUP_SIGNALS (``how``: "plain" or "forkpoint"), call ``send(pid)`` once it is ready,
+    and return the signals its handlers ran for, sorted."""
+    proc = start_py(GROUP_SIGNALS, tmp_path, how)
+    try:
+        lines = Lines(proc)
+        lines.until("ready")
+        send(proc.pid)
+        time.sleep(0.2)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        got = lines.until("got")
+        assert proc.wait(10) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return [int(s) for s in got.removeprefix("got [").removesuffix("]").split(", ") if s]
+
+
 @pytest.mark.parametrize("how", ["plain", "forkpoint"])
 def test_a_signal_sent_to_the_group_from_outside_arrives_once(tmp_path, how):
     """Invariant 10: ``kill -TERM -PGID`` (a shell's ``kill %1``, coreutils ``timeout``) reaches the
     live process directly and the shepherd, which cannot tell it from a signal sent to its PID
     alone; it is handled once, as without forkpoint, while one sent to the PID still arrives."""
-    proc = start_py(GROUP_SIGNALS, tmp_path, how)
-    try:
-        lines = Lines(proc)
-        lines.until("ready")
-        group = os.getpgid(proc.pid)
+    def send(pid: int) -> None:
         for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            os.killpg(group, s)
+            os.killpg(os.getpgid(pid), s)
             time.sleep(0.2)         # each is handled (or forwarded) before the next comes
-        os.kill(proc.pid, signal.SIGUSR1)
-        time.sleep(0.2)
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        got = lines.until("got")
-        assert proc.wait(10) == 0, proc.stderr.read() if proc.stderr else ""
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    want = sorted(int(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGUSR1))
-    assert got == f"got {want}", got
+        os.kill(pid, signal.SIGUSR1)
+
+    got = _signalled(tmp_path, how, send)
+    assert got == sorted(int(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGUSR1))
 
 
 def _witness_of(face: int) -> int:
     with open(f"/proc/{face}/task/{face}/children") as f:
         kids = [int(p) for p in f.read().split()]
-    for pid in kids:
-        try:
-            with open(f"/proc/{pid}/comm") as f:
-                if f.read().strip() == "fp-witness":
-                    return pid
-        except OSError:
-            continue
-    return 0
+    return next((pid for pid in kids if _procfs.comm(pid) == "fp-witness"), 0)
 
 
 def test_a_witness_killed_from_outside_is_replaced(tmp_path):
     """Invariant 11: a member of forkpoint killed at any instant does not end the program; the
     witness of group signals is replaced, and a signal to the group is again handled once."""
-    proc = start_py(GROUP_SIGNALS, tmp_path, "forkpoint")
-    try:
-        lines = Lines(proc)
-        lines.until("ready")
-        first = wait_for(lambda: _witness_of(proc.pid))
+    def send(pid: int) -> None:
+        first = wait_for(lambda: _witness_of(pid))
         os.kill(first, signal.SIGKILL)
-        second = wait_for(lambda: _witness_of(proc.pid) not in (0, first) and _witness_of(proc.pid),
-                          timeout=5)
-        assert second != first
-        os.killpg(os.getpgid(proc.pid), signal.SIGUSR1)
-        time.sleep(0.2)
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        got = lines.until("got")
-        assert proc.wait(10) == 0, proc.stderr.read() if proc.stderr else ""
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert got == f"got {[int(signal.SIGUSR1)]}", got
+        wait_for(lambda: _witness_of(pid) not in (0, first), timeout=5)
+        os.killpg(os.getpgid(pid), signal.SIGUSR1)
+
+    assert _signalled(tmp_path, "forkpoint", send) == [int(signal.SIGUSR1)]
 
 
 def _state(pid: int) -> str:
