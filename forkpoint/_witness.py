@@ -68,10 +68,11 @@ class Witness:
             for fd in (ask_r, answer_w):
                 os.set_inheritable(fd, True)
             every = signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}
+            # Its code goes through its environment, so that ``ps`` shows a short command line.
             pid = os.posix_spawn(sys.executable,
-                                 [sys.executable, "-I", "-S", "-c", _CODE, str(shepherd),
+                                 [sys.executable, "-I", "-S", "-c", _BOOT, str(shepherd),
                                   str(ask_r), str(answer_w)],
-                                 {}, file_actions=actions, setsigmask=every)
+                                 {_ENV: _CODE}, file_actions=actions, setsigmask=every)
         except (OSError, ValueError) as e:
             for fd in fds:
                 os.close(fd)
@@ -145,6 +146,8 @@ def _is_open(fd: int) -> bool:
 # from its start (posix_spawn's mask) and never reads them but when asked to drop them all. It
 # ends at EOF on its pipe, that is when the shepherd is gone (no process of the program but the
 # shepherd holds the pipe's other end); ctypes (for PR_SET_PDEATHSIG) would cost it 1.5 MB.
+_ENV = "FORKPOINT_WITNESS"
+_BOOT = f"import os;exec(os.environ.pop({_ENV!r}))"
 _CODE = """
 import os, signal, sys
 if os.getppid() == int(sys.argv[1]):
