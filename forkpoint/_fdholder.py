@@ -88,7 +88,8 @@ class Holder:
               answer: bytes, chan: Any) -> Holder:
         """Make the holder of table ``table`` (raises OSError if it cannot be made).
 
-        ``words`` is the slots' persistent memory (``head`` words, then ``SLOT`` per slot) and
+        ``words`` is the slots' persistent memory (``head`` words, the last of them the id of a
+        table whose worker a restored process knows to be dead, then ``SLOT`` per slot) and
         ``bell`` the address of its first word. ``chan`` is the live process's channel to the
         shepherd.
         """
@@ -214,7 +215,7 @@ def _hold(worker_fd: int, shepherd: int, words: memoryview, head: int, slots: in
                 else:
                     continue
                 mine.append(int(words[w + FD]))
-            if not dead_since and (handed or worker.poll(0)):
+            if not dead_since and (handed or worker.poll(0) or words[head - 1] == table):
                 dead_since = time.monotonic()
                 _close_all_but({worker_fd, *mine})
             if handed:

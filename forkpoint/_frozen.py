@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import _channel, _clone, _eventloop, _identity, _prctl, _sigutil
+from . import _channel, _clone, _eventloop, _identity, _locks, _prctl, _sigutil
 from ._runtime import _Runtime
 
 log = logging.getLogger("forkpoint")
@@ -45,6 +45,7 @@ class Saved:
     itimer: tuple[float, float]
     key: str | None = None
     loop: Any = None                 # the asyncio loop running at the checkpoint
+    locks: tuple[_locks.Lock, ...] = ()     # POSIX locks held at the checkpoint (fork drops them)
 
 def set_idle(pid: int = 0) -> None:
     try:
@@ -264,6 +265,8 @@ def resume(rt: _Runtime, saved: Saved, wake: _channel.Wake) -> None:
             pass
     if saved.itimer[0] > 0:
         signal.setitimer(signal.ITIMER_REAL, *saved.itimer)
+    if saved.locks:                 # held by the process this one replaces until it is gone
+        _locks.take(saved.locks, rt.shepherd_pid, rt.unidle, rt.lock_nudge)
     rt.current = n
     rt.recovered = True
     rt.from_state = wake.from_state

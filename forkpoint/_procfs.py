@@ -293,22 +293,29 @@ def file_offsets() -> dict[int, int]:
     return open_files()[0]
 
 
-def open_files() -> tuple[dict[int, int], int]:
-    """``file_offsets()``, and how many descriptors this process has open (the listing's own not
-    counted): ``tsetjmp()`` knows from that count, without a system call more, that the keeper will
-    have room for its channel."""
+def open_files() -> tuple[dict[int, int], int, list[int]]:
+    """``file_offsets()``, how many descriptors this process has open (the listing's own not
+    counted: ``tsetjmp()`` knows from that count, without a system call more, that the keeper will
+    have room for its channel), and one descriptor of each regular file open (``_locks`` asks
+    them for the POSIX locks this process holds)."""
     out = {}
+    regular = []
+    inodes = set()
     names = os.listdir("/proc/self/fd")
     for name in names:
         fd = int(name)
-        try:   # tsetjmp() waits for this: the type is checked first, so no pipe or socket raises
-            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
+        try:   # tsetjmp() waits for this: pipes and sockets cost one fstat each
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
                 continue
-            if stat.S_ISREG(os.fstat(fd).st_mode):
+            if (st.st_dev, st.st_ino) not in inodes:
+                inodes.add((st.st_dev, st.st_ino))
+                regular.append(fd)
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
                 out[fd] = os.lseek(fd, 0, os.SEEK_CUR)
         except OSError:     # closed meanwhile (the directory's own descriptor)
             continue
-    return out, len(names) - 1
+    return out, len(names) - 1, regular
 
 
 def open_fd_count() -> int:

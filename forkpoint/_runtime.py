@@ -15,10 +15,23 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import _channel, _children, _clone, _eventloop, _identity, _prctl, _procfs, _qkeys, _qlookup, _sigutil
+from . import (
+    _channel,
+    _children,
+    _clone,
+    _eventloop,
+    _identity,
+    _locks,
+    _prctl,
+    _procfs,
+    _qkeys,
+    _qlookup,
+    _sigutil,
+)
 from ._errors import (
     ConfigurationError,
     ForkpointError,
@@ -94,6 +107,9 @@ class _Runtime:
         self.attempt = 0
         self.recovery_seconds = 0.0
         self.unidle = False
+        # Wakes whatever may still hold a failed process's POSIX locks for it (the holder of a
+        # server worker's descriptors, _serving): a restored process waits for those locks.
+        self.lock_nudge: Callable[[], None] | None = None
         self.keeper: KeeperRef | None = None           # the newest keeper: its pidfd, from clone(2)
         self.killed: list[tuple[int, int]] = []        # (pidfd, pid) of keepers killed here, not yet gone
         self.fault_fd: int | None = None                # faulthandler's pipe to the shepherd
@@ -202,6 +218,10 @@ class _Runtime:
             what = "the fork of the live program failed"
             timers = [(w, signal.getitimer(w)) for w in _sigutil.ITIMERS]
             parent = os.getpid()
+            what = "could not read the program's POSIX locks"
+            # the shepherd lets go of them, the live process takes them
+            locks = _locks.held(parent, _procfs.open_files()[2])
+            what = "the fork of the live program failed"
             _prctl.set_child_subreaper(True)
             subreaper = True
             pid = _clone.clone(sibling=False)
@@ -237,6 +257,7 @@ class _Runtime:
             for which, value in timers:      # fork() does not copy interval timers; exec keeps them
                 if value[0] > 0:
                     signal.setitimer(which, *value)
+            _locks.take(locks, parent, raise_holders=False)   # nor POSIX locks
             _sigutil.restore_mask(old)
             log.debug("started: shepherd %d, live %d", parent, self.owner_pid)
             return

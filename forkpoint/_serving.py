@@ -137,7 +137,11 @@ class Rescue:
     _TABLES = 1                # word 0: the holders' bell; word 1: the last table id
     _KNOWN = 4                 # holders written down, a (table, pid, start) entry each, by table id
     _HOLDERS = 2               # the first entry's word
-    _HEAD = _HOLDERS + 3 * _KNOWN      # words before the slots
+    # A table whose worker a restored process knows to be dead, before it hands anything over: it
+    # waits for the POSIX locks of its checkpoint, which the dead worker's table holds until its
+    # holder closes it (``_fdholder``, ``_locks``).
+    _DEAD = _HOLDERS + 3 * _KNOWN
+    _HEAD = _DEAD + 1                  # words before the slots
     _SLOT = _fdholder.SLOT     # words per slot: state, request number, descriptor, table, inode
 
     def __init__(self, slots: int, name: str) -> None:
@@ -156,6 +160,7 @@ class Rescue:
         self.free = list(range(slots - 1, -1, -1))
         self.fds = array.array("i", [0])
         self.rt = runtime()
+        self.rt.lock_nudge = self._worker_dead   # a restored worker waits for the dead one's locks
         self.owner = 0                          # the live process whose table self.table names
         self.table = 0                          # its id while a holder shares it; 0: park sockets
         self.holder: _fdholder.Holder | None = None
@@ -261,6 +266,12 @@ class Rescue:
         """Wake the holders: a slot was handed over or freed (the bell word changes first)."""
         self.words[0] += 1
         _fdholder.ring(self.bell)
+
+    def _worker_dead(self) -> None:
+        """In a restored process, before its program code runs: the newest table is the failed
+        worker's (this process has none yet), and its holder may let go of it now."""
+        self.words[self._DEAD] = self.words[self._TABLES]
+        self._ring()
 
     def _attach(self) -> None:
         """This process is not the one whose table the holder shares (its first request, or a

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from . import _budget, _channel, _prctl, _procfs, _sigutil
+from . import _budget, _channel, _locks, _prctl, _procfs, _sigutil
 from ._channel import (
     ChildQuery,
     Configure,
@@ -140,6 +140,8 @@ def become_shepherd(chan: socket.socket, arena: Arena, live_pid: int, pgid: int,
             "level": logging.getLogger("forkpoint").getEffectiveLevel(), "quarantine": quarantine or {},
             "witness": [witness.pid, *witness.fds()] if witness is not None else None}
     try:
+        # The program's POSIX locks are the live process's now: it waits for them (_locks).
+        _locks.release_all(_procfs.open_files()[2])
         if config.shepherd_exec and sys.executable:
             os.set_inheritable(chan.fileno(), True)
             os.set_inheritable(arena.fd, True)

@@ -19,7 +19,7 @@ import types
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from . import _channel, _clone, _eventloop, _procfs, _qkeys, _qlookup, _sigutil
+from . import _channel, _clone, _eventloop, _locks, _procfs, _qkeys, _qlookup, _sigutil
 from ._errors import ConfigurationError, NoSuchCheckpoint, resource_error
 from ._frozen import Saved, frozen, resume
 from ._runtime import _Runtime, runtime
@@ -144,12 +144,15 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int
     n = rt.arena.take_id()
     _sigutil.flush_stdio()
     try:
-        offsets, open_fds = _procfs.open_files()
+        offsets, open_fds, files = _procfs.open_files()
     except OSError as e:
         raise resource_error(f"could not take checkpoint {n}: cannot read /proc/self/fd", e) from e
+    locks = _locks.held(rt.owner_pid, files)
+    if locks:
+        _warn_sqlite(n, locks)
     saved = Saved(mask=None, offsets=offsets,
                   itimer=signal.getitimer(signal.ITIMER_REAL), key=rt.arena.processing(),
-                  loop=_eventloop.running_loop())
+                  loop=_eventloop.running_loop(), locks=locks)
     # The shepherd hears of the checkpoint before the fork: after it, every page this process
     # writes is copied on first write, so the parent's side of the fork restores its signal mask
     # and records the current state, nothing more: the keeper's pidfd is written by clone(2)
@@ -184,6 +187,23 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int
     rt.current = n
     _sigutil.set_mask(saved.mask)
     return n
+
+
+_sqlite_warned: set[str] = set()
+
+
+def _warn_sqlite(n: int, locks: tuple[_locks.Lock, ...]) -> None:
+    """Say it (once a database) when a checkpoint is taken inside a SQLite write transaction."""
+    for fd in _locks.sqlite_writers(locks):
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            path = f"descriptor {fd}"
+        if path not in _sqlite_warned:
+            _sqlite_warned.add(path)
+            log.warning("checkpoint %d is taken inside a SQLite write transaction on %s: a rollback to "
+                        "it cannot undo what the transaction writes to the file after it, and its commit "
+                        "would then corrupt the database; commit first, or use journal_mode=WAL", n, path)
 
 
 def _room_for_keeper(rt: _Runtime, open_fds: int) -> bool:

@@ -106,6 +106,11 @@ FLASK_APP = """
             resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
         extra = [open(os.devnull) for _ in range(int(os.environ["EXTRA_FDS"]))]
 
+    if os.environ.get("HOLD_LOCK"):        # a POSIX lock the worker holds for its whole life
+        import fcntl
+        held = open("app.lock", "w")
+        fcntl.lockf(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
     MODE = os.environ.get("MODE", "transaction")
     TIMEOUT = float(os.environ.get("TIMEOUT", "2"))
     REFRESH = float(os.environ["REFRESH"]) if os.environ.get("REFRESH") else None
@@ -182,6 +187,43 @@ def test_a_crash_costs_one_request_not_the_worker(tmp_path, mode):
     finally:
         assert stop_server(proc) == 0, server_log(tmp_path)
     assert _forkpoint_processes(proc.pid) == []
+
+
+def _lock_free(path: Path) -> bool:
+    """Whether another process (this one) could take the POSIX lock ``path``'s owner holds."""
+    import fcntl
+
+    with open(path, "a") as f:
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        fcntl.lockf(f, fcntl.LOCK_UN)
+        return True
+
+
+@pytest.mark.parametrize("mode", ["transaction", "restart"])
+def test_a_worker_keeps_its_posix_lock_through_crashes(tmp_path, mode):
+    """Invariant: a lock the application took when it was loaded (a POSIX lock, as SQLite's or
+    a PID file's) stays the worker's through the start of forkpoint, every checkpoint and every
+    restore, as in a worker without forkpoint: a second process can never take it meanwhile.
+    In restart mode the dead worker's lock lives on in the holder of its descriptors, which lets
+    go of it for the restored worker."""
+    proc, port = _gunicorn(tmp_path, "-w", "1", MODE=mode, HOLD_LOCK="1")
+    try:
+        pid = _get(port)[1]["pid"]
+        assert not _lock_free(tmp_path / "app.lock")
+        for i in range(3):
+            status, body = _get(port, f"/crash?try={i}")
+            assert status in (500, 503), (status, body, server_log(tmp_path))
+            status, after = _get(port)
+            assert status == 200 and after["pid"] == pid
+            assert not _lock_free(tmp_path / "app.lock"), f"the lock was free after crash {i}"
+        assert "gave up the lock" not in server_log(tmp_path)
+    finally:
+        assert stop_server(proc) == 0, server_log(tmp_path)
+    assert _forkpoint_processes(proc.pid) == []
+    assert _lock_free(tmp_path / "app.lock")            # and it ends with the worker
 
 
 @pytest.mark.parametrize("mode", ["transaction", "restart"])
