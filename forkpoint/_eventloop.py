@@ -11,8 +11,12 @@ called ``tsetjmp()``. Three things about a running loop are tied to the process 
   no longer matches what the restored loop believes is registered (a connection it still serves
   could never be reported ready). ``rejoin`` gives the restored loop a new epoll instance holding
   exactly its own registrations.
-* Bytes in the loop's self-pipe were written by signal handlers of the process that was rolled back;
-  the restored process drops them, as it drops the signals that were pending in its frozen copy.
+
+The loop's self-pipe is left as it is. A byte in it is a signal whose C handler ran (in the process
+that was rolled back, or before the checkpoint) and whose ``add_signal_handler`` callback has not:
+asyncio reads the byte and schedules the callback in one go. Dropping such bytes after a restore
+lost the signal for good: a SIGTERM that came during a step that then crashed was never handled
+(tests/test_signals.py).
 
 Nothing here imports asyncio: a program that never did has no loop to rejoin. Other event loops
 (uvloop, trio) are not covered.
@@ -34,8 +38,8 @@ def running_loop() -> Any:
 def rejoin(loop: Any, *, moved_heap: bool) -> None:
     """Make ``loop`` the running loop of this process again.
 
-    ``moved_heap`` says that another process may have used the loop's selector and self-pipe
-    since (a restore); after ``start()`` the only other holder is the shepherd, which never does.
+    ``moved_heap`` says that another process may have used the loop's selector since (a restore);
+    after ``start()`` the only other holder is the shepherd, which never does.
     """
     aio = sys.modules.get("asyncio")
     if loop is None or aio is None:
@@ -46,13 +50,6 @@ def rejoin(loop: Any, *, moved_heap: bool) -> None:
     selector = getattr(loop, "_selector", None)
     if isinstance(selector, selectors.EpollSelector):
         _renew_epoll(selector)
-    ssock = getattr(loop, "_ssock", None)
-    if ssock is not None:
-        try:
-            while ssock.recv(4096):
-                pass
-        except (BlockingIOError, InterruptedError, OSError):
-            pass
 
 
 def _renew_epoll(selector: selectors.EpollSelector) -> None:

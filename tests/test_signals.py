@@ -372,3 +372,73 @@ def test_a_program_that_ignores_sigterm_during_a_restore_keeps_running(tmp_path)
     proc.send_signal(signal.SIGTERM)
     lines.until("up 4", timeout=30)
     assert proc.wait(20) == 0
+
+
+@pytest.mark.parametrize("how", ["plain", "segfault", "tlongjmp", "checkpointed"])
+def test_an_asyncio_signal_that_came_during_a_rolled_back_step_is_handled_once(tmp_path, how):
+    """A signal for ``loop.add_signal_handler()`` that arrives while a step of the loop runs
+    synchronously is only written into the loop's self-pipe: its handler runs when the loop reads
+    the byte. If that step is then rolled back, the byte is all that is left of the signal. The
+    restored loop used to drop such bytes, and the handler never ran anywhere (the program ignored
+    its SIGTERM); it must run once, as when the step simply ends."""
+    p = start_py(HEADER + """
+    import asyncio, select
+    how = sys.argv[1]
+    if how != "plain":
+        fp.recover_on(signal.SIGSEGV)
+        calls = fp.persist_int("calls")             # the handler's calls, in every process
+        crashed = fp.persist_int("crashed")
+    else:
+        class Counter:
+            value = 0
+            def add(self):
+                self.value += 1
+                return self.value
+        calls, crashed = Counter(), Counter()
+
+    def until_written(loop):                        # the signal came: its byte is in the pipe
+        while not select.select([loop._ssock], [], [], 0)[0]:
+            time.sleep(0.001)
+
+    def helper(loop):
+        until_written(loop)
+        ctypes.string_at(0)
+    if how == "checkpointed":
+        helper = fp.checkpointed(helper)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+        def on_term():
+            calls.add()
+            done.set()
+        loop.add_signal_handler(signal.SIGTERM, on_term)
+        if how in ("segfault", "tlongjmp"):
+            n = fp.tsetjmp()
+        await asyncio.sleep(0)
+        if how == "checkpointed":
+            print("step", flush=True)
+            try:
+                helper(loop)
+            except fp.Recovered:
+                pass
+        elif crashed.add() == 1:
+            print("step", flush=True)
+            until_written(loop)                     # a step running synchronously meanwhile
+            if how == "segfault":
+                ctypes.string_at(0)
+            elif how == "tlongjmp":
+                fp.tlongjmp(n)
+        try:
+            await asyncio.wait_for(done.wait(), 5.0)
+            await asyncio.sleep(0.2)                # a second call would come now
+        except asyncio.TimeoutError:
+            pass
+        print("handler calls", calls.value, flush=True)
+    asyncio.run(main())
+    """, tmp_path, how)
+    out = Lines(p)
+    out.until("step")
+    os.kill(p.pid, signal.SIGTERM)
+    assert out.until("handler calls", timeout=20) == "handler calls 1"
+    assert p.wait(20) == 0, p.stderr.read()
