@@ -17,6 +17,14 @@ So the live process replaces three functions of the ``os`` module (``install``):
 A child the program forks itself (``os.fork``, ``multiprocessing``) gets the real functions back
 through an at-fork hook: it sees its own PID, and its parent as the face PID while the live process
 that forked it runs (after a restore it is the shepherd's child, whose PID is the face PID anyway).
+The replacements answer the same in such a child, for code that bound them before the fork.
+
+``multiprocessing.util.Finalize`` binds ``os.getpid`` as a default argument when it is first
+imported and runs a finalizer only where ``getpid()`` still equals the PID taken when the finalizer
+was made. Bound before the start (the real function) it disagreed with every finalizer of the live
+process, and bound after it, with every finalizer of a forked child: pools were not terminated,
+and a child's last ``Queue.put()`` was lost (its feeder thread was not flushed). So ``install``
+binds the replacement there too.
 
 Where it ends: C code that calls ``getpid(2)`` directly, ``/proc/self`` (the real process), code
 that took a reference to the function before forkpoint started (``from os import getpid``), and
@@ -25,6 +33,7 @@ tools that look a PID up in ``/proc`` (``psutil.Process()`` describes the shephe
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from .arena import Arena
@@ -36,6 +45,7 @@ _real_kill = os.kill
 _face = 0                  # the face PID; 0 until install()
 _arena: Arena | None = None
 _parent_live = 0           # in a forked child: the real PID of the live process that forked it
+_forked = False            # this is a child the program forked: the replacements answer as os does
 
 
 def real_pid() -> int:
@@ -49,17 +59,19 @@ def real_ppid() -> int:
 
 
 def _getpid() -> int:
-    return _face
+    return _real_getpid() if _forked else _face
 
 
 def _getppid() -> int:
+    if _forked:
+        return _child_getppid()
     arena = _arena
     ppid = arena.face_ppid() if arena is not None else 0
     return ppid if ppid else _real_getppid()
 
 
 def _kill(pid: int, sig: int, /) -> None:
-    _real_kill(_real_getpid() if pid == _face else pid, sig)
+    _real_kill(_real_getpid() if pid == _face and not _forked else pid, sig)
 
 
 def _child_getppid() -> int:
@@ -77,6 +89,16 @@ def install(face: int, arena: Arena) -> None:
     global _face, _arena
     _face, _arena = face, arena
     _set(getpid=_getpid, getppid=_getppid, kill=_kill)
+    util = sys.modules.get("multiprocessing.util")
+    if util is not None:                # else it binds ours when it is imported
+        _rebind(util.Finalize.__call__, _real_getpid, _getpid)
+
+
+def _rebind(fn: Any, old: Any, new: Any) -> None:
+    """Replace ``old`` among ``fn``'s default arguments by ``new``."""
+    defaults = getattr(fn, "__defaults__", None)
+    if defaults and any(d is old for d in defaults):
+        fn.__defaults__ = tuple(new if d is old else d for d in defaults)
 
 
 def forget_in_forked_child() -> None:
@@ -85,9 +107,10 @@ def forget_in_forked_child() -> None:
     (At-fork hooks are inherited: in a grandchild this hook runs again and restores the real
     ``os.getppid`` as well.)
     """
-    global _parent_live
+    global _parent_live, _forked
     if os.getpid is _getpid:
         _parent_live = _real_getppid()
+        _forked = True
         _set(getpid=_real_getpid, getppid=_child_getppid, kill=_real_kill)
     else:
         _set(getpid=_real_getpid, getppid=_real_getppid, kill=_real_kill)

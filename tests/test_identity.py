@@ -413,3 +413,44 @@ def test_pid_files_and_log_records_carry_the_face_pid(tmp_path):
     lines = r.stdout.splitlines()
     pids = {line.split()[0] for line in lines if not line.startswith("pidfile")}
     assert len(pids) == 1 and lines[-1] == f"pidfile {pids.pop()} alive True", r.stdout
+
+
+@pytest.mark.parametrize("imported", ["before start", "after start"])
+def test_multiprocessing_runs_its_finalizers(tmp_path, imported):
+    """``multiprocessing.util.Finalize`` binds ``os.getpid`` when it is first imported and skips a
+    finalizer wherever ``getpid()`` differs from the PID taken when the finalizer was made. With
+    the real function bound before forkpoint started, a pool's ``terminate()`` left its workers
+    running; with forkpoint's bound after, a forked child's last ``Queue.put()`` was lost (its
+    feeder thread was never flushed). Both must behave as without forkpoint, after a restore too."""
+    r = run_py(HEADER + """
+    import multiprocessing as mp
+    if sys.argv[1] == "before start":
+        import multiprocessing.util                 # (as concurrent.futures.process does)
+    fp.start()
+    step = fp.persist_int("step")
+    n = fp.tsetjmp()
+    if step.add() == 1:
+        fp.tlongjmp(n)
+
+    def work(q):
+        q.put("from the child")
+
+    ctx = mp.get_context("fork")
+    got = []
+    for _ in range(3):
+        q = ctx.Queue()
+        p = ctx.Process(target=work, args=(q,))
+        p.start()
+        got.append(q.get(timeout=10))
+        p.join()
+    print(*got)
+    with ctx.Pool(2) as pool:
+        print(pool.map(abs, [-1, -2, -3]))
+        workers = list(pool._pool)
+    for w in workers:
+        w.join(10)                                  # terminate() ended them
+    print("workers alive:", [w.is_alive() for w in workers])
+    """, tmp_path, imported)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["from the child from the child from the child", "[1, 2, 3]",
+                                     "workers alive: [False, False]"], r.stdout + r.stderr
