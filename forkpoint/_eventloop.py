@@ -12,11 +12,13 @@ called ``tsetjmp()``. Three things about a running loop are tied to the process 
   could never be reported ready). ``rejoin`` gives the restored loop a new epoll instance holding
   exactly its own registrations.
 
-The loop's self-pipe is left as it is. A byte in it is a signal whose C handler ran (in the process
-that was rolled back, or before the checkpoint) and whose ``add_signal_handler`` callback has not:
-asyncio reads the byte and schedules the callback in one go. Dropping such bytes after a restore
-lost the signal for good: a SIGTERM that came during a step that then crashed was never handled
-(tests/test_signals.py).
+A byte in the loop's self-pipe is a signal whose C handler ran (in the process that was rolled
+back, or before the checkpoint) and whose ``add_signal_handler`` callback has not: asyncio reads
+the byte and schedules the callback in one go. So a restore keeps those bytes (dropping them all
+lost a SIGTERM that came during a step that then crashed: its callback never ran), except the
+bytes of signals the shepherd sends the restored process again (``drop``: after a failure, every
+signal that reached the program since the checkpoint, ``_shepherd._replay``), which would
+otherwise be handled twice.
 
 Nothing here imports asyncio: a program that never did has no loop to rejoin. Other event loops
 (uvloop, trio) are not covered.
@@ -35,11 +37,12 @@ def running_loop() -> Any:
     return aio.events._get_running_loop() if aio is not None else None
 
 
-def rejoin(loop: Any, *, moved_heap: bool) -> None:
+def rejoin(loop: Any, *, moved_heap: bool, drop: int = 0) -> None:
     """Make ``loop`` the running loop of this process again.
 
     ``moved_heap`` says that another process may have used the loop's selector since (a restore);
-    after ``start()`` the only other holder is the shepherd, which never does.
+    after ``start()`` the only other holder is the shepherd, which never does. ``drop``: the
+    signals (bit ``s - 1``) whose bytes are taken out of the loop's self-pipe.
     """
     aio = sys.modules.get("asyncio")
     if loop is None or aio is None:
@@ -50,6 +53,27 @@ def rejoin(loop: Any, *, moved_heap: bool) -> None:
     selector = getattr(loop, "_selector", None)
     if isinstance(selector, selectors.EpollSelector):
         _renew_epoll(selector)
+    if drop:
+        _drop_signals(loop, drop)
+
+
+def _drop_signals(loop: Any, drop: int) -> None:
+    """Take the bytes of the signals in ``drop`` out of the loop's self-pipe, keep the others."""
+    ssock, csock = getattr(loop, "_ssock", None), getattr(loop, "_csock", None)
+    if ssock is None or csock is None:
+        return
+    data = b""
+    try:
+        while chunk := ssock.recv(4096):
+            data += chunk
+    except (BlockingIOError, InterruptedError, OSError):
+        pass
+    keep = bytes(b for b in data if not (b and drop >> (b - 1) & 1))
+    if keep:
+        try:
+            csock.send(keep)
+        except OSError:
+            pass
 
 
 def _renew_epoll(selector: selectors.EpollSelector) -> None:

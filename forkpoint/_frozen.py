@@ -277,7 +277,7 @@ def resume(rt: _Runtime, saved: Saved, wake: _channel.Wake) -> None:
     rt.recovery_seconds = time.monotonic() - wake.t
     if saved.key is not None and rt.arena is not None:
         rt.arena.set_processing(saved.key)   # the checkpoint was taken inside processing(key)
-    _eventloop.rejoin(saved.loop, moved_heap=True)
+    _eventloop.rejoin(saved.loop, moved_heap=True, drop=wake.replay)
     rt.chan.send(_UP)
     if wake.hold:
         # Signals came for the program while it was being restored: the shepherd sends them now,

@@ -84,6 +84,9 @@ DYING_MAX = 4
 _PARAM = os.sched_param(0)    # the only priority SCHED_IDLE and SCHED_OTHER take
 _WITNESS_AGAIN = 1.0          # seconds before a witness that died is replaced (at most one a second)
 _LOOP_WINDOW = 2.0            # seconds a keeper stays at normal priority after a restore waited for a copy
+# Signals handled again after a rollback (see _replay): those from users and terminals, but not the
+# job-control stops, whose handlers (curses) redraw a terminal rather than change the program.
+REPLAYED = CARRIED - STOP_SIGNALS
 
 
 class Role(enum.Enum):
@@ -128,6 +131,9 @@ class Checkpoint:
     deadline: float = 0.0
     forking: int = 0              # spares asked of the keeper (or owed by a new one) not yet arrived
     fork_failures: int = 0        # failed forks in a row (the process limit): asked again later
+    # Signals from users and terminals that reached the live process after this checkpoint was
+    # announced: a rollback to it undoes their handlers' work, so they are handled again (_replay).
+    delivered: set[int] = field(default_factory=set)
 
 
 def become_shepherd(chan: socket.socket, arena: Arena, live_pid: int, pgid: int, config: Any,
@@ -597,6 +603,8 @@ class Shepherd:
                 self._deliver(sig, False, live, retiring)   # a hangup reaches the session leader alone
             elif sig in TTY_SIGNALS and live is None and not self._restored_has(sig, tty=True):
                 self._deliver(sig, True, None)    # no live process was in the terminal's group
+            elif sig in TTY_SIGNALS:
+                self._delivered(sig)              # the live (or restored) process has its own copy
             # else: typed at the terminal (the live process has it too), or about the shepherd
             # itself (SIGXCPU, SIGXFSZ)
         if reap and any(sig == signal.SIGCHLD for sig, _, _ in got):
@@ -613,8 +621,9 @@ class Shepherd:
                 continue    # our own (SIGPIPE of a closed channel), or the program's signal to its group
             elif group & bit:
                 group &= ~bit   # sent to the program's whole group: the live process got its own copy
+                self._delivered(sig)
             elif sig < signal.SIGRTMIN and self._has_pending(live or self.live, sig):
-                continue    # the same, judged without the witness: it still has its copy pending
+                self._delivered(sig)    # the same, judged without the witness: its copy is pending
             else:
                 self._deliver(sig, False, live, retiring)
 
@@ -696,10 +705,44 @@ class Shepherd:
             try:
                 os.kill(live.pid, sig)
                 live.forwarded.add(sig)
+                self._delivered(sig)
             except ProcessLookupError:
                 self.pending_signals.append((sig, False))
         else:
             self.pending_signals.append((sig, False))
+
+    def _delivered(self, sig: int) -> None:
+        """``sig`` reached the live process: a rollback to any checkpoint there is now must have
+        it handled again."""
+        if sig in REPLAYED:
+            for ck in self.ckpts.values():
+                ck.delivered.add(sig)
+
+    def _replay(self, ck: Checkpoint) -> int:
+        """Queue for the process restored into ``ck`` the signals that reached the program after
+        ``ck`` was taken and that it handles there.
+
+        Their handlers ran in processes whose work the rollback undoes: uvicorn's SIGTERM handler
+        had set ``should_exit``, asyncio.run's Ctrl-C handler had cancelled the main task, and a
+        request that then crashed (or hung until its timeout) took that with it: the server kept
+        serving, the program ran on. Handled again, they do what they did once. (Signals still
+        pending in the process that failed are carried over anyway; these are not counted twice.)
+        A signal whose handler only had effects outside memory (a log line) has them twice.
+        Returns them as a mask: the restored asyncio loop drops their bytes from its self-pipe,
+        where the failed process's C handler may have left them unread (``_eventloop``).
+
+        Only after a failure (a crash, a timeout, an exception rolled back, an operator's
+        restore), not after a plain ``tlongjmp()``: a program that jumps back as its own control
+        flow handled its signals as it went, and a Ctrl-C it caught once would otherwise be
+        raised again at every later jump to an older checkpoint.
+        """
+        queued = {s for s, _ in self.pending_signals}
+        mask = 0
+        for sig in sorted(ck.delivered - queued):
+            if self._disposition(sig) == "catch":
+                self.pending_signals.append((sig, False))
+                mask |= 1 << (sig - 1)
+        return mask
 
     def _crash_reported(self) -> bool:
         fd = self.reports.fd if self.reports is not None else None
@@ -1302,6 +1345,9 @@ class Shepherd:
         self.current = decision.target
         ck = self.ckpts[decision.target]
         ck.deadline = 0.0               # the restored process answers for the call, in time
+        voluntary = requester is not None and not sig and not cause.startswith("exception")
+        if ck.delivered and not voluntary:
+            wake.replay = self._replay(ck)
 
         def restore() -> None:
             if self.backoff is not restore and decision.delay > 0:

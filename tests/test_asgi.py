@@ -66,6 +66,16 @@ STARLETTE_APP = """
         await asyncio.sleep(float(request.query_params.get("s", "1")))
         return PlainTextResponse("slow done")
 
+    async def term_crash(request):
+        # Busy in the loop's thread (a CPU-bound request) until uvicorn's SIGTERM handler has run
+        # here, then a segfault: the handler's work is in the process that is rolled back.
+        import gc, time
+        servers = [o for o in gc.get_objects() if type(o).__name__ == "Server" and hasattr(o, "should_exit")]
+        end = time.monotonic() + 10
+        while not any(s.should_exit for s in servers) and time.monotonic() < end:
+            time.sleep(0.005)
+        ctypes.string_at(0)
+
     async def ws(websocket):
         await websocket.accept()
         try:
@@ -74,7 +84,8 @@ STARLETTE_APP = """
             pass
 
     star = Starlette(routes=[Route("/__ready__", ready), Route("/count", count), Route("/crash", crash),
-                             Route("/hang", hang), Route("/slow", slow), WebSocketRoute("/ws", ws)])
+                             Route("/hang", hang), Route("/slow", slow), Route("/term-crash", term_crash),
+                             WebSocketRoute("/ws", ws)])
     class SyncRaising:
         # An ASGI application whose __call__ is a plain function (an adapter, a middleware) that
         # raises before any coroutine exists.
@@ -170,6 +181,27 @@ def test_without_forkpoint_the_crash_takes_the_server(tmp_path):
     finally:
         if proc.poll() is None:
             stop_server(proc)
+
+
+def test_a_sigterm_handled_by_a_request_that_then_crashes_still_stops_the_server(tmp_path):
+    """uvicorn's SIGTERM handler sets ``should_exit`` in whatever process runs when it comes; in
+    a request that then crashed, that was the process the rollback threw away, and the restored
+    worker served on, deaf to the SIGTERM (found by an audit). The shepherd sends the restored
+    process the signal again: the server shuts down, lifespan and all, leaving nothing behind."""
+    proc, port = _uvicorn(tmp_path)
+    try:
+        tree = _tree(proc.pid)
+        failing, got = _in_background(port, "/term-crash")
+        time.sleep(0.3)                                       # in flight, busy
+        os.kill(proc.pid, signal.SIGTERM)
+        failing.join(20)
+        assert got and got[0][0] == 500, (got, server_log(tmp_path))
+        proc.wait(20)
+    finally:
+        if proc.poll() is None:
+            stop_server(proc, signal.SIGKILL)
+    assert "Application shutdown complete" in server_log(tmp_path), server_log(tmp_path)
+    assert wait_for(lambda: _all_gone(tree), timeout=5)
 
 
 def test_requests_in_flight_fail_with_the_crash_but_are_not_blamed(tmp_path):

@@ -442,3 +442,82 @@ def test_an_asyncio_signal_that_came_during_a_rolled_back_step_is_handled_once(t
     os.kill(p.pid, signal.SIGTERM)
     assert out.until("handler calls", timeout=20) == "handler calls 1"
     assert p.wait(20) == 0, p.stderr.read()
+
+
+@pytest.mark.parametrize("how", ["plain", "segfault", "tlongjmp", "checkpointed", "timeout"])
+def test_a_signal_handled_in_a_step_that_is_rolled_back_is_handled_again(tmp_path, how):
+    """A handler that ran in a step which then failed did its work in a process the rollback
+    throws away: uvicorn's SIGTERM handler had set ``should_exit``, and the server kept serving;
+    asyncio.run's Ctrl-C had cancelled the main task, and the program ran on. The restored process
+    must handle the signal again, so that the program does what it did with it once: here it
+    stops. A signal handled before the checkpoint is part of it, and is not handled again. A
+    plain ``tlongjmp()`` is the program's own control flow, not a failure: nothing is replayed
+    (a Ctrl-C it caught once would otherwise come back at every later jump)."""
+    p = start_py(HEADER + """
+    how = sys.argv[1]
+    if how != "plain":
+        fp.recover_on(signal.SIGSEGV)
+        calls = fp.persist_array("calls", 2, "q")   # handler runs in every process: TERM, USR1
+    else:
+        calls = [0, 0]
+    stopping = False                                # the program's own state: rolled back
+
+    def on_term(signum, frame):
+        global stopping
+        calls[0] += 1
+        stopping = True
+
+    def on_usr1(signum, frame):
+        calls[1] += 1
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGUSR1, on_usr1)
+    print("ready", flush=True)
+    while calls[1] == 0:                            # SIGUSR1 comes before the checkpoint
+        time.sleep(0.005)
+
+    def step(request=None):                         # a transaction (it takes an argument)
+        print("step", flush=True)
+        while not stopping:                         # until SIGTERM's handler ran here
+            time.sleep(0.005)
+        if how == "timeout":
+            while True:
+                pass
+        ctypes.string_at(0)
+
+    if how in ("checkpointed", "timeout"):
+        step = fp.checkpointed(timeout=1.0 if how == "timeout" else None)(step)
+        try:
+            step("request")
+        except fp.Recovered:
+            pass
+    elif how == "plain":
+        while not stopping:
+            print("step", flush=True)
+            time.sleep(0.05)
+    else:
+        n = fp.tsetjmp()
+        if not fp.chkpt_status(fp.CHKPT_RECOVERED):
+            if how == "tlongjmp":
+                print("step", flush=True)
+                while not stopping:
+                    time.sleep(0.005)
+                fp.tlongjmp(n)
+            step()
+    for _ in range(0 if how == "tlongjmp" else 500):
+        if stopping:
+            break
+        time.sleep(0.01)
+    print("stopping", stopping, "TERM handled", calls[0], "USR1 handled", calls[1], flush=True)
+    """, tmp_path, how)
+    out = Lines(p)
+    out.until("ready")
+    os.kill(p.pid, signal.SIGUSR1)
+    out.until("step")
+    os.kill(p.pid, signal.SIGTERM)
+    if how == "tlongjmp":
+        want = "stopping False TERM handled 1 USR1 handled 1"
+    else:                                       # in the failed step, and again after the rollback
+        want = f"stopping True TERM handled {1 if how == 'plain' else 2} USR1 handled 1"
+    assert out.until("stopping", timeout=20) == want
+    assert p.wait(20) == 0, p.stderr.read()
