@@ -46,6 +46,12 @@ class Saved:
     key: str | None = None
     loop: Any = None                 # the asyncio loop running at the checkpoint
     locks: tuple[_locks.Lock, ...] = ()     # POSIX locks held at the checkpoint (fork drops them)
+    # The CPU-time timers (ITIMER_VIRTUAL, ITIMER_PROF: profilers, CPU limits), which fork() does
+    # not copy either, and the scheduling policy if it is not SCHED_OTHER (a program run under
+    # ``chrt -b``; a spare leaves the keeper's SCHED_IDLE for SCHED_OTHER).
+    cpu_timers: tuple[tuple[float, float], tuple[float, float]] = ((0.0, 0.0), (0.0, 0.0))
+    policy: tuple[int, int] | None = None
+    taken: float = 0.0               # time.monotonic() at the checkpoint (see _real_timer)
 
 def set_idle(pid: int = 0) -> None:
     try:
@@ -233,7 +239,7 @@ def _prewarm(rt: _Runtime, saved: Saved | None, warm_hook: Callable[[], None] | 
         if saved is not None:
             for fd, off in saved.offsets.items():
                 fd + off
-            (saved.itimer[0], saved.key, saved.mask)
+            (saved.itimer[0], saved.key, saved.mask, saved.cpu_timers, saved.policy)
         rt.owner_pid = _identity.real_pid()     # a spare's pid is the one it will run with
         for name in ("recovered", "from_state", "to_state", "sigtype", "reason", "attempt",
                      "recovery_seconds", "current", "owner_pid"):
@@ -242,6 +248,22 @@ def _prewarm(rt: _Runtime, saved: Saved | None, warm_hook: Callable[[], None] | 
             warm_hook()
     except Exception:  # noqa: BLE001 - warming is an optimisation only
         pass
+
+
+def _real_timer(saved: Saved) -> tuple[float, float]:
+    """The checkpoint's ITIMER_REAL as the restored process arms it.
+
+    A program's own ``alarm()`` or ``setitimer()`` counts wall-clock time, which a rollback does
+    not turn back: it fires when it would have fired (at once, if that time has passed), or a
+    crash loop would put an overall deadline off for ever. A ``forkpoint.watchdog()`` block's
+    timer (its handler is the watchdog's) keeps what it had left at the checkpoint instead: the
+    block runs again from there, with that much time.
+    """
+    left, interval = saved.itimer
+    handler = signal.getsignal(signal.SIGALRM)
+    if getattr(getattr(handler, "__func__", None), "__qualname__", "") != "Alarm._expired":
+        left = max(left - (time.monotonic() - saved.taken), 1e-6)
+    return left, interval
 
 
 def resume(rt: _Runtime, saved: Saved, wake: _channel.Wake) -> None:
@@ -264,7 +286,18 @@ def resume(rt: _Runtime, saved: Saved, wake: _channel.Wake) -> None:
         except OSError:
             pass
     if saved.itimer[0] > 0:
-        signal.setitimer(signal.ITIMER_REAL, *saved.itimer)
+        signal.setitimer(signal.ITIMER_REAL, *_real_timer(saved))
+    virtual, prof = saved.cpu_timers
+    if virtual[0] > 0:
+        signal.setitimer(signal.ITIMER_VIRTUAL, *virtual)
+    if prof[0] > 0:
+        signal.setitimer(signal.ITIMER_PROF, *prof)
+    if saved.policy is not None:
+        try:
+            os.sched_setscheduler(0, saved.policy[0], os.sched_param(saved.policy[1]))
+        except OSError as e:
+            log.warning("restored process could not take back its scheduling policy %d: %s",
+                        saved.policy[0], e)
     if saved.locks:                 # held by the process this one replaces until it is gone
         _locks.take(saved.locks, rt.shepherd_pid, rt.unidle, rt.lock_nudge)
     rt.current = n

@@ -15,6 +15,7 @@ import os
 import resource
 import signal
 import sys
+import time
 import types
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -150,9 +151,13 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int
     locks = _locks.held(rt.owner_pid, files)
     if locks:
         _warn_sqlite(n, locks)
+    policy = os.sched_getscheduler(0)
     saved = Saved(mask=None, offsets=offsets,
                   itimer=signal.getitimer(signal.ITIMER_REAL), key=rt.arena.processing(),
-                  loop=_eventloop.running_loop(), locks=locks)
+                  loop=_eventloop.running_loop(), locks=locks,
+                  cpu_timers=(signal.getitimer(signal.ITIMER_VIRTUAL), signal.getitimer(signal.ITIMER_PROF)),
+                  policy=None if policy == os.SCHED_OTHER else (policy, os.sched_getparam(0).sched_priority),
+                  taken=time.monotonic())
     # The shepherd hears of the checkpoint before the fork: after it, every page this process
     # writes is copied on first write, so the parent's side of the fork restores its signal mask
     # and records the current state, nothing more: the keeper's pidfd is written by clone(2)

@@ -454,3 +454,59 @@ def test_multiprocessing_runs_its_finalizers(tmp_path, imported):
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["from the child from the child from the child", "[1, 2, 3]",
                                      "workers alive: [False, False]"], r.stdout + r.stderr
+
+
+def test_cpu_timers_and_the_scheduling_policy_survive_a_restore(tmp_path):
+    """fork() copies neither ITIMER_VIRTUAL nor ITIMER_PROF (a statistical profiler's and a CPU
+    limit's timers), and a spare leaves its keeper's SCHED_IDLE for SCHED_OTHER: after a restore
+    the profiler got no more samples and a program run under ``chrt -b`` ran as SCHED_OTHER. The
+    restored process has the checkpoint's timers and policy, as the program had them."""
+    r = run_py(HEADER + """
+    prof = fp.persist_int("prof")
+    def on_prof(signum, frame):
+        prof.add()
+    signal.signal(signal.SIGPROF, on_prof)
+    signal.signal(signal.SIGVTALRM, signal.SIG_IGN)
+    os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    signal.setitimer(signal.ITIMER_PROF, 0.01, 0.01)
+    signal.setitimer(signal.ITIMER_VIRTUAL, 5, 5)
+    step = fp.persist_int("step")
+    n = fp.tsetjmp()
+    if step.add() == 1:
+        fp.tlongjmp(n)
+    before = prof.value
+    end = time.process_time() + 0.3
+    while time.process_time() < end:
+        pass
+    print("policy", os.sched_getscheduler(0) == os.SCHED_BATCH)
+    print("intervals", signal.getitimer(signal.ITIMER_PROF)[1], signal.getitimer(signal.ITIMER_VIRTUAL)[1])
+    print("profiled", prof.value > before)
+    signal.setitimer(signal.ITIMER_PROF, 0)         # (a SIGPROF during the exit would end it)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["policy True", "intervals 0.01 5.0", "profiled True"], r.stdout
+
+
+def test_a_programs_own_alarm_keeps_its_wall_clock_deadline_through_a_restore(tmp_path):
+    """``alarm()`` counts wall-clock time, which a rollback does not turn back: the restored
+    process's timer must fall due when the program's would have, not be re-armed with what was
+    left at the checkpoint (then a crash loop could put an overall deadline off for ever). The
+    0.6 s between the checkpoint and the rollback must come off the timer (half of it is the
+    margin here; a watchdog() block's own timer keeps its time, see test_core)."""
+    r = run_py(HEADER + """
+    fired = fp.persist_int("fired")
+    at = fp.persist_array("at", 2)
+    signal.signal(signal.SIGALRM, lambda s, f: fired.add())
+    signal.setitimer(signal.ITIMER_REAL, 5.0)
+    step = fp.persist_int("step")
+    n = fp.tsetjmp()
+    if step.add() == 1:
+        at[0], at[1] = time.monotonic(), signal.getitimer(signal.ITIMER_REAL)[0]
+        time.sleep(0.6)
+        fp.tlongjmp(n)
+    left = signal.getitimer(signal.ITIMER_REAL)[0]
+    print("moved on", left < at[1] - 0.3, "fired", fired.value)
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "moved on True fired 0", r.stdout
