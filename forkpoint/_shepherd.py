@@ -744,6 +744,21 @@ class Shepherd:
                 mask |= 1 << (sig - 1)
         return mask
 
+    def _child_exited(self) -> None:
+        """One of the program's children that the shepherd holds (started before ``start()``, or
+        by a live process that a restore killed) exited: the kernel told the shepherd, its parent
+        now, so the program would never hear of it. Its SIGCHLD goes to the live process (after
+        the Up of one being restored), whose handler or asyncio child watcher then finds the
+        status through ``os.waitpid`` (``_children``)."""
+        live = self.live if self.live_up else None
+        if live is None:
+            self.pending_signals.append((signal.SIGCHLD, False))
+            return
+        try:
+            os.kill(live.pid, signal.SIGCHLD)
+        except ProcessLookupError:
+            self.pending_signals.append((signal.SIGCHLD, False))
+
     def _crash_reported(self) -> bool:
         fd = self.reports.fd if self.reports is not None else None
         if fd is None:
@@ -859,7 +874,13 @@ class Shepherd:
         proc = self.procs.get(pid)
         if proc is None:
             log.debug("reaped adopted orphan %d", pid)
+            ours = pid in self.orphans.alive
             self.orphans.reaped(pid, status)
+            # Not attributed yet while a scan is pending: most likely a child of the live process
+            # just retired, which ended within the 50 ms before the scan. A SIGCHLD too many
+            # finds nothing to wait for; one too few leaves a job runner waiting for ever.
+            if ours or self.scan_pending:
+                self._child_exited()
             now = time.monotonic()
             self.reaped_unknown = [(p, t) for p, t in self.reaped_unknown if now - t < _UNKNOWN_TTL][-255:]
             self.reaped_unknown.append((pid, now))

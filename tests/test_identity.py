@@ -510,3 +510,34 @@ def test_a_programs_own_alarm_keeps_its_wall_clock_deadline_through_a_restore(tm
     """, tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "moved on True fired 0", r.stdout
+
+
+@pytest.mark.parametrize("started", ["before start", "before the checkpoint"])
+def test_a_job_that_ends_after_a_restore_still_sends_sigchld(tmp_path, started):
+    """A job runner that learns of finished jobs through SIGCHLD: a child started before
+    ``start()`` is the shepherd's child, and one started by a live process that a restore killed
+    is re-parented to the shepherd. Its SIGCHLD went to the shepherd, and the program never heard
+    of the job; the shepherd passes it on, and the status is the job's own."""
+    r = run_py(HEADER + """
+    got = []
+    signal.signal(signal.SIGCHLD, lambda s, f: got.append(s))
+    if sys.argv[1] == "before start":
+        job = subprocess.Popen(["sh", "-c", "read x; exit 5"], stdin=subprocess.PIPE)
+        fp.start()
+    else:
+        fp.start()
+        job = subprocess.Popen(["sh", "-c", "read x; exit 5"], stdin=subprocess.PIPE)
+    step = fp.persist_int("step")
+    n = fp.tsetjmp()
+    if step.add() == 1:
+        fp.tlongjmp(n)                              # the job's parent, if it was this one, dies
+    job.stdin.write(b"go\\n")
+    job.stdin.flush()                               # the job ends now
+    for _ in range(1000):
+        if got:
+            break
+        time.sleep(0.01)
+    print("SIGCHLD", bool(got), "status", job.wait(timeout=10))
+    """, tmp_path, started)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "SIGCHLD True status 5", r.stdout + r.stderr
