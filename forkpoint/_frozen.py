@@ -97,7 +97,7 @@ def frozen(rt: _Runtime, n: int, spares: int, saved: Saved | None = None,
         _prctl.set_pdeathsig(signal.SIGKILL)
         if _identity.real_ppid() != shepherd:
             os._exit(0)
-        os.setpgid(0, 0)
+        _identity.real_setpgid(0, 0)
         _prctl.set_name(f"fp-snap-{n}")
         # Introduce ourselves on the live process's channel (inherited), with a channel of our
         # own and a pidfd of ourselves: this work is ours, not the live process's, so it stays off
@@ -227,7 +227,7 @@ def _prewarm(rt: _Runtime, saved: Saved | None, warm_hook: Callable[[], None] | 
         own()
         if waited_for():
             return
-        os.setpgid(0, os.getpgid(0))
+        _identity.real_setpgid(0, os.getpgid(0))
         mask = _sigutil.new_mask()
         _sigutil.block_all(mask)
         _sigutil.restore_mask(mask)
@@ -273,7 +273,7 @@ def resume(rt: _Runtime, saved: Saved, wake: _channel.Wake) -> None:
     rt.chan_lock = _Ready.lock if _Ready.lock is not None else threading.Lock()
     _sigutil.drain_pending()        # before rejoining the terminal's group: what comes later is real
     try:
-        os.setpgid(0, rt.pgid)
+        _identity.real_setpgid(0, rt.pgid)
     except OSError as e:
         log.warning("restored process could not rejoin process group %d: %s", rt.pgid, e)
     if _Ready.comm is not None:

@@ -12,7 +12,13 @@ So the live process replaces three functions of the ``os`` module (``install``):
 * ``os.getppid()`` returns the face's parent *now*: the shepherd keeps it in the arena and rewrites
   it when that parent dies (so gunicorn's orphan check still works when its master is killed);
 * ``os.kill(face, sig)`` signals the calling process itself, so a signal a program sends itself
-  arrives before the call returns, as it would without forkpoint; any other target is unchanged.
+  arrives before the call returns, as it would without forkpoint; any other target is unchanged;
+* ``os.setpgrp()``, ``os.setpgid(0, 0)`` and ``os.setsid()`` answer as the face would when it leads
+  its process group (a shell with job control, systemd and ``setsid`` all make it so): making
+  itself a group leader changes nothing, and a new session is refused with EPERM. The live
+  process, a child, could do both: it left the terminal's foreground group, and Ctrl-C, Ctrl-Z
+  and terminal reads no longer reached the program. (A face that leads no group gets the calls
+  as they are: the live process, not the program, moves.)
 
 A child the program forks itself (``os.fork``, ``multiprocessing``) gets the real functions back
 through an at-fork hook: it sees its own PID, and its parent as the face PID while the live process
@@ -41,6 +47,9 @@ from .arena import Arena
 _real_getpid = os.getpid
 _real_getppid = os.getppid
 _real_kill = os.kill
+_real_setpgrp = os.setpgrp
+_real_setpgid = os.setpgid
+_real_setsid = os.setsid
 
 _face = 0                  # the face PID; 0 until install()
 _arena: Arena | None = None
@@ -51,6 +60,13 @@ _forked = False            # this is a child the program forked: the replacement
 def real_pid() -> int:
     """This process's own PID, whatever ``os.getpid()`` says."""
     return _real_getpid()
+
+
+def real_setpgid(pid: int, pgrp: int) -> None:
+    """``setpgid(2)`` itself: forkpoint's own processes move between groups (keepers and spares
+    leave the program's group, a restored process rejoins it), which ``os.setpgid`` answers as
+    for the face in the live process and every copy of it."""
+    _real_setpgid(pid, pgrp)
 
 
 def real_ppid() -> int:
@@ -74,6 +90,29 @@ def _kill(pid: int, sig: int, /) -> None:
     _real_kill(_real_getpid() if pid == _face and not _forked else pid, sig)
 
 
+def _leads_group() -> bool:
+    """Whether the face leads the program's process group (the live process is in it)."""
+    return not _forked and os.getpgid(0) == _face
+
+
+def _setpgrp() -> None:
+    if not _leads_group():
+        _real_setpgrp()
+
+
+def _setpgid(pid: int, pgrp: int, /) -> None:
+    me = pid in (0, _face) and not _forked
+    if me and pgrp in (0, _face) and _leads_group():
+        return                          # already the leader of its own group
+    _real_setpgid(0 if me else pid, pgrp)
+
+
+def _setsid() -> None:
+    if _leads_group():
+        raise PermissionError(1, "Operation not permitted")    # a group leader cannot (setsid(2))
+    _real_setsid()
+
+
 def _child_getppid() -> int:
     ppid = _real_getppid()
     return _face if ppid == _parent_live else ppid
@@ -82,13 +121,16 @@ def _child_getppid() -> int:
 _getpid.__doc__ = _real_getpid.__doc__
 _getppid.__doc__ = _real_getppid.__doc__
 _kill.__doc__ = _real_kill.__doc__
+_setpgrp.__doc__ = _real_setpgrp.__doc__
+_setpgid.__doc__ = _real_setpgid.__doc__
+_setsid.__doc__ = _real_setsid.__doc__
 
 
 def install(face: int, arena: Arena) -> None:
     """Make this (live) process answer as the face PID."""
     global _face, _arena
     _face, _arena = face, arena
-    _set(getpid=_getpid, getppid=_getppid, kill=_kill)
+    _set(getpid=_getpid, getppid=_getppid, kill=_kill, setpgrp=_setpgrp, setpgid=_setpgid, setsid=_setsid)
     util = sys.modules.get("multiprocessing.util")
     if util is not None:                # else it binds ours when it is imported
         _rebind(util.Finalize.__call__, _real_getpid, _getpid)
@@ -114,6 +156,7 @@ def forget_in_forked_child() -> None:
         _set(getpid=_real_getpid, getppid=_child_getppid, kill=_real_kill)
     else:
         _set(getpid=_real_getpid, getppid=_real_getppid, kill=_real_kill)
+    _set(setpgrp=_real_setpgrp, setpgid=_real_setpgid, setsid=_real_setsid)
 
 
 def _set(**functions: Any) -> None:

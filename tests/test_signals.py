@@ -521,3 +521,36 @@ def test_a_signal_handled_in_a_step_that_is_rolled_back_is_handled_again(tmp_pat
         want = f"stopping True TERM handled {1 if how == 'plain' else 2} USR1 handled 1"
     assert out.until("stopping", timeout=20) == want
     assert p.wait(20) == 0, p.stderr.read()
+
+
+def test_a_program_that_makes_itself_a_group_leader_keeps_its_terminal(tmp_path):
+    """A program run from a terminal (here its session leader, as under ``ssh -t``) already leads
+    its process group: ``os.setpgrp()`` changes nothing and ``os.setsid()`` fails with EPERM. The
+    live process, a child of the face, could do both: it left the terminal's foreground group,
+    and Ctrl-C no longer reached the program (found by an audit). Both answer as for the face."""
+    pid, fd = _in_pty(HEADER + """
+    got = []
+    signal.signal(signal.SIGINT, lambda s, f: got.append(s))
+    fp.tsetjmp()
+    os.setpgrp()
+    os.setpgid(0, 0)
+    try:
+        os.setsid()
+        print("setsid allowed", flush=True)
+    except PermissionError:
+        print("setsid EPERM", flush=True)
+    print("leader", os.getpgrp() == os.getpid(), "foreground", os.tcgetpgrp(0) == os.getpgrp(), flush=True)
+    print("ready", flush=True)
+    while not got:
+        time.sleep(0.01)
+    print("interrupted", flush=True)
+    """, tmp_path)
+    out = bytearray()
+    try:
+        _read_until(fd, b"ready", out)
+        os.write(fd, b"\x03")                       # Ctrl-C
+        _read_until(fd, b"interrupted", out)
+    finally:
+        os.close(fd)
+    wait_exit(pid)
+    assert b"setsid EPERM" in out and b"leader True foreground True" in out, bytes(out)
