@@ -5,10 +5,11 @@ copies would keep every such socket open, so a connection the server closes late
 FIN (asyncio closes without ``shutdown``) and its client would wait forever. So the checkpoint is
 taken from a loop callback once the server listens and no connection is open (at startup).
 
-forkpoint refuses to checkpoint beside other threads (fork copies one). Two are common in a
+forkpoint refuses to checkpoint beside other threads (fork copies one). Three are common in a
 uvicorn worker and are dealt with here: the default executor's idle threads (asyncio resolves host
-names there), which are shut down (a new executor starts on next use), and the health-check thread
-of ``uvicorn --workers N``, which answers its supervisor's pings over a socketpair; its duty moves
+names there) and AnyIO's idle worker threads (Starlette's plain ``def`` endpoints), which are shut
+down (new ones start on next use) before the first checkpoint and every refresh; and the health-check
+thread of ``uvicorn --workers N``, which answers its supervisor's pings over a socketpair; its duty moves
 into the event loop (``take_over_uvicorn_pings``), where it survives checkpoints and restores.
 
 Only asyncio's selector loops are covered (as by ``_eventloop``); uvloop is not.
@@ -56,17 +57,80 @@ def client_connections(loop: Any) -> int:
                if isinstance(t, kind) and getattr(t, "_sock", None) is not None)
 
 
-def quiesce_threads(loop: Any) -> list[str]:
-    """Stop the threads a checkpoint cannot copy, where that is safe; return those left running."""
+def quiesce_threads(loop: Any, wait: bool = True) -> list[str]:
+    """Stop the threads a checkpoint cannot copy, where that is safe; return those left running.
+
+    Stopped: the default executor's threads (asyncio runs ``to_thread``, ``run_in_executor`` and
+    host name lookups there; it starts a new executor on next use), AnyIO's idle worker threads of
+    this loop (Starlette and FastAPI run plain ``def`` endpoints, dependencies and background tasks
+    there; AnyIO starts new ones on next use) and uvicorn's health-check thread (its duty moves into
+    the loop). An application makes the first two while it serves, so a refresh of the checkpoint
+    finds them too, not only the first checkpoint: without this every refresh was refused
+    (``ThreadsAlive``) and a crash went back to the startup state.
+
+    ``wait``: the first checkpoint, which must come before any connection: an executor with no job
+    queued is shut down and waited for, even if a job still runs. False (a refresh): threads are
+    stopped only if each of them is idle now and none would be left, so that the loop never waits
+    for a job and an executor is not shut down again and again for a checkpoint that another
+    thread holds off; the caller tries again later.
+    """
+    main = threading.main_thread()
+    others = [t for t in threading.enumerate() if t is not main and t.is_alive()]
+    if not others:
+        return []
     executor = getattr(loop, "_default_executor", None)
+    pool = set(getattr(executor, "_threads", ()) or ()) if executor is not None else set()
+    anyio_idle = [t for t in others if _idle_anyio_worker(t, loop)]
+    if not wait:
+        held = [t for t in others
+                if t not in anyio_idle and not _is_uvicorn_ping_thread(t)
+                and (t not in pool or not _executor_idle(executor))]
+        if held:
+            return [t.name for t in held]
     if executor is not None and getattr(executor, "_work_queue", None) is not None \
             and executor._work_queue.empty():
         loop._default_executor = None        # asyncio starts a new one on next use
         executor.shutdown(wait=True)
+    for t in anyio_idle:
+        _stop_anyio_worker(t)
+    for t in anyio_idle:
+        t.join(1.0)
     for t in threading.enumerate():
-        if t is not threading.main_thread() and _is_uvicorn_ping_thread(t):
+        if t is not main and _is_uvicorn_ping_thread(t):
             take_over_uvicorn_pings(loop, t)
-    return [t.name for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()]
+    return [t.name for t in threading.enumerate() if t is not main and t.is_alive()]
+
+
+def _executor_idle(executor: Any) -> bool:
+    """Whether every thread of a ``ThreadPoolExecutor`` waits for work (no job queued or running):
+    each thread releases ``_idle_semaphore`` when its job is done, and a submission takes it back.
+    Unknown internals count as busy."""
+    try:
+        return bool(executor._work_queue.empty()
+                    and executor._idle_semaphore._value >= len(executor._threads))
+    except AttributeError:
+        return False
+
+
+def _idle_anyio_worker(t: threading.Thread, loop: Any) -> bool:
+    """An AnyIO worker thread of ``loop`` waiting for work: it is in its loop's idle list (AnyIO puts
+    it back there, from the loop, once it has reported its job's result)."""
+    kind = type(t)
+    if kind.__name__ != "WorkerThread" or not kind.__module__.startswith("anyio."):
+        return False
+    idle = getattr(t, "idle_workers", None)
+    return (getattr(t, "loop", None) is loop and idle is not None and t in idle
+            and callable(getattr(t, "stop", None)))
+
+
+def _stop_anyio_worker(t: Any) -> None:
+    """Stop an idle AnyIO worker as AnyIO itself stops one idle for too long: off its loop's lists
+    (so a checkpoint's copy does not hand work to a thread it has not got), its root task's
+    callback removed, and told to end."""
+    root = getattr(t, "root_task", None)
+    if root is not None:
+        root.remove_done_callback(t.stop)
+    t.stop()
 
 
 def _is_uvicorn_ping_thread(t: threading.Thread) -> bool:

@@ -4,9 +4,10 @@ Wrap the application where it is defined; the command line does not change (``uv
 any ``--workers``). An event loop runs many requests at once, so there is no per-request
 transaction: the worker is checkpointed once, as soon as it listens and before it holds any
 connection (right after the ASGI lifespan startup), and every ``refresh`` seconds after that
-whenever no request is in flight and no connection is open. A segfault or abort anywhere in the
-worker, or a request whose code runs (without yielding to the loop) longer than ``timeout``,
-restores that checkpoint: the worker serves on warm, under the same PID.
+whenever no request is in flight, no connection is open and no thread runs but idle executor and
+AnyIO worker threads (which are stopped first). A segfault or abort anywhere in the worker, or a
+request whose code runs (without yielding to the loop) longer than ``timeout``, restores that
+checkpoint: the worker serves on warm, under the same PID.
 
 * Every request in flight on the worker fails the same way: its client gets a 500 from the
   restored process (or a closed connection if its response had started; ``_serving.Rescue``).
@@ -31,6 +32,7 @@ from collections.abc import Awaitable, Callable, Generator, MutableMapping
 from typing import Any
 
 from . import _asgiloop, _fdholder, snapshots
+from ._errors import ThreadsAlive
 from ._qlookup import quiet
 from ._runtime import runtime
 from ._serving import (
@@ -120,6 +122,7 @@ class _Protected(WorkerCheckpoint):
         self.eager = False
         self.refused: str | None = None
         self.warned = False
+        self.put_off = False            # a refresh is being put off (logged once, at INFO)
         self.expiry: _Expiry | None = None
         self.record_of = Records()
 
@@ -163,15 +166,41 @@ class _Protected(WorkerCheckpoint):
         if self.inflight or _asgiloop.client_connections(loop):
             loop.call_later(_POLL, self._poll)
             return
-        if runtime().chan is None:      # forkpoint starts here: no thread may run beside it
-            left = _asgiloop.quiesce_threads(loop)
-            if left:
+        # No thread may run beside a checkpoint, the first or a refresh: the application makes
+        # idle ones as it serves (Starlette's plain def endpoints: AnyIO's worker threads;
+        # asyncio.to_thread: the default executor), so they are stopped for a refresh too.
+        first = not self.n
+        left = _asgiloop.quiesce_threads(loop, wait=first)
+        if left:
+            if first:
                 log.warning("forkpoint: waiting for threads to end before the worker's checkpoint: %s",
                             ", ".join(left))
                 loop.call_later(1.0, self._poll)
-                return
+            else:
+                self._put_off(left)
+            return
         self.watching = self.eager = False
-        self._checkpoint()
+        if first:
+            self._checkpoint()
+            return
+        try:
+            self._checkpoint()
+        except ThreadsAlive as e:       # a thread Python does not list (a C library's own)
+            self._put_off([str(e)])
+            return
+        self.put_off = False
+
+    def _put_off(self, threads: list[str]) -> None:
+        """A refresh is due but a thread it cannot stop runs (a job in the executor, another
+        thread): try again in a second, saying so once per episode (DEBUG after), never with a
+        traceback (a ``ThreadsAlive`` raised from the loop callback was logged at every try)."""
+        assert self.loop is not None
+        log.log(logging.DEBUG if self.put_off else logging.INFO,
+                "forkpoint: refresh of the worker's checkpoint put off while other threads run: %s",
+                ", ".join(threads))
+        self.put_off = True
+        self.watching = True
+        self.loop.call_later(1.0, self._poll)
 
     def _checkpoint(self) -> None:
         merge_policy(self.quarantine_after)

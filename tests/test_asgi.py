@@ -76,6 +76,26 @@ STARLETTE_APP = """
             time.sleep(0.005)
         ctypes.string_at(0)
 
+    def sync_count(request):
+        # A plain def endpoint: Starlette runs it in one of AnyIO's worker threads.
+        state["served"] += 1
+        return JSONResponse({"pid": os.getpid(), "served": state["served"]})
+
+    async def to_thread(request):
+        state["served"] += 1
+        await asyncio.to_thread(lambda: None)       # the loop's default executor keeps a thread
+        return JSONResponse({"pid": os.getpid(), "served": state["served"]})
+
+    jobs = set()
+
+    async def background(request):
+        # A job in the default executor that outlives its request.
+        import time
+        job = asyncio.ensure_future(asyncio.to_thread(time.sleep, float(request.query_params.get("s", "1"))))
+        jobs.add(job)
+        job.add_done_callback(jobs.discard)
+        return PlainTextResponse("started")
+
     async def ws(websocket):
         await websocket.accept()
         try:
@@ -85,7 +105,8 @@ STARLETTE_APP = """
 
     star = Starlette(routes=[Route("/__ready__", ready), Route("/count", count), Route("/crash", crash),
                              Route("/hang", hang), Route("/slow", slow), Route("/term-crash", term_crash),
-                             WebSocketRoute("/ws", ws)])
+                             Route("/sync-count", sync_count), Route("/to-thread", to_thread),
+                             Route("/background", background), WebSocketRoute("/ws", ws)])
     class SyncRaising:
         # An ASGI application whose __call__ is a plain function (an adapter, a middleware) that
         # raises before any coroutine exists.
@@ -99,6 +120,10 @@ STARLETTE_APP = """
 
     if os.environ.get("SYNC_RAISING"):
         star = SyncRaising(star)
+    if os.environ.get("FORKPOINT_INFO"):                 # forkpoint's INFO lines, to stderr
+        import logging
+        logging.getLogger("forkpoint").addHandler(logging.StreamHandler())
+        logging.getLogger("forkpoint").setLevel(logging.INFO)
     REFRESH = float(os.environ["REFRESH"]) if os.environ.get("REFRESH") else None
     if os.environ.get("FORKPOINT_PARK"):
         forkpoint._serving.USE_HOLDER = False   # park client sockets with SCM_RIGHTS, never a holder
@@ -360,6 +385,46 @@ def test_refresh_keeps_what_the_worker_learned(tmp_path):
         wait_for(lambda: [c["id"] for c in operator.request(proc.pid, "ls")["checkpoints"]] == [2])
         assert _get(port, "/crash")[0] == 500
         assert _get(port)[1]["served"] == 4                   # back to 3, then this request
+    finally:
+        assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
+
+
+@pytest.mark.parametrize("path", ["/sync-count", "/to-thread"])
+def test_refresh_stops_the_idle_threads_the_application_made(tmp_path, path):
+    """A plain def endpoint leaves AnyIO worker threads behind, ``asyncio.to_thread`` the default
+    executor's: idle, but a checkpoint cannot copy them. They were stopped before the first
+    checkpoint only, so every refresh was refused (a ``ThreadsAlive`` traceback from the loop
+    callback at each try) and a crash went back to the startup state (found by an audit). A
+    refresh stops them as the first checkpoint does, and keeps what the worker learned."""
+    proc, port = _uvicorn(tmp_path, REFRESH="0.3")
+    try:
+        assert [_get(port, path)[1]["served"] for _ in range(3)] == [1, 2, 3]
+        time.sleep(0.4)
+        assert _get(port)[1]["served"] == 4       # a new checkpoint is taken after this
+        wait_for(lambda: _checkpoint_ids(proc.pid) == [2], timeout=10)
+        assert _get(port, "/crash")[0] == 500
+        assert _get(port)[1]["served"] == 5                   # back to 4, then this request
+        log = server_log(tmp_path)
+        assert "Exception in callback" not in log and "ThreadsAlive" not in log, log
+        assert psutil.Process(proc.pid).num_threads() == 1 or path == "/to-thread"
+    finally:
+        assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
+
+
+def test_a_refresh_beside_a_busy_thread_is_put_off_quietly(tmp_path):
+    """A thread that cannot be stopped (a job still running in the executor) puts the refresh off,
+    with one INFO line and no traceback, and it is taken once the job is over."""
+    proc, port = _uvicorn(tmp_path, REFRESH="0.3", FORKPOINT_INFO="1")
+    try:
+        assert _get(port, "/background?s=2") == (200, "started")
+        time.sleep(0.4)
+        assert _get(port)[1]["served"] == 1       # refresh due: put off while the job runs
+        time.sleep(1.0)
+        assert _checkpoint_ids(proc.pid) == [1]
+        wait_for(lambda: _checkpoint_ids(proc.pid) == [2], timeout=10)
+        log = server_log(tmp_path)
+        assert "Exception in callback" not in log and "ThreadsAlive" not in log, log
+        assert log.count("refresh of the worker's checkpoint put off") == 1, log
     finally:
         assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
 
