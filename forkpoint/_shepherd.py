@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from . import _budget, _channel, _locks, _prctl, _procfs, _sigutil
+from . import _budget, _channel, _locks, _prctl, _procfs, _sigutil, _threadmarks
 from ._channel import (
     ChildQuery,
     Configure,
@@ -1329,10 +1329,14 @@ class Shepherd:
         """The live process failed (or asked to go back): decide, record, and restore or give up."""
         detected = time.monotonic()
         key = self.arena.processing()
+        if sig and self.reports is not None and self.reports.pending:
+            # The main thread's mark is not whose code crashed in another thread (_threadmarks).
+            key = _threadmarks.blamed(self.arena, self.reports.pending, key)
         ck_failed = self.ckpts.get(self.current)
         if ck_failed is not None and ck_failed.key is not None:
             key = ck_failed.key         # a protected call failed inside its own checkpoint
         self.arena.set_processing(None)
+        _threadmarks.clear(self.arena)
         self.arena.set_watchdog(None)
         from_state = self.current
         if operator:

@@ -246,6 +246,16 @@ class Arena:
         self.map[_PROCESSING_OFF + 16:_PROCESSING_OFF + 16 + len(raw)] = raw
         self.words[w] = word                # length and check: one store
 
+    def processing_now(self) -> tuple[bytes, int] | None:
+        """The record ``set_processing_record`` wrote, as it is (None: nothing marked): for work
+        handed to a thread to be marked with it there (``_threadmarks``). Read by the live process,
+        in the thread that wrote it; the shepherd checks it where it reads it."""
+        word = int(self.words[_PROCESSING_OFF // 8 + 1])
+        n = word & 0xFFFF_FFFF
+        if not word or not 0 < n <= _PROCESSING_MAX:
+            return None
+        return bytes(self.map[_PROCESSING_OFF + 16:_PROCESSING_OFF + 16 + n]), word
+
     def processing(self) -> str | None:
         word = int(self.words[_PROCESSING_OFF // 8 + 1])
         if word == 0:

@@ -14,6 +14,8 @@ checkpoint: the worker serves on warm, under the same PID.
 * Only the request whose code was running is blamed: its key is written to the arena at every step
   of its coroutine and cleared when the step yields, so the shepherd knows whose step crashed.
   A key that failed ``quarantine_after`` times is answered 503 without running the application.
+  Work a request hands to a thread (a plain ``def`` endpoint, ``asyncio.to_thread``) is marked with
+  the request in that thread, so that a crash there blames it and no other (``_threadmarks``).
 * A request that merely waits longer than ``timeout`` (the loop is fine) is cancelled and answered
   500 without a restore and without blame.
 
@@ -31,7 +33,7 @@ import os
 from collections.abc import Awaitable, Callable, Generator, MutableMapping
 from typing import Any
 
-from . import _asgiloop, _fdholder, snapshots
+from . import _asgiloop, _fdholder, _threadmarks, snapshots
 from ._errors import ThreadsAlive
 from ._qlookup import quiet
 from ._runtime import runtime
@@ -208,6 +210,10 @@ class _Protected(WorkerCheckpoint):
             gc.freeze()         # the worker's heap at startup: see wsgi._freeze
         if self.rescue is None:
             self.rescue = Rescue(SLOTS, "asgi-inflight")
+        if not self.n and self.loop is not None:
+            # Work a request hands to a thread (a plain def endpoint) is marked with the request
+            # there, so that a crash in it blames that request and no other (_threadmarks).
+            _threadmarks.install(self.loop, runtime().arena_or_create())
         n = self.take_checkpoint()
         if restored_into(n):
             answered, closed = self.rescue.rescue()

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "forkpoint"
 
 LAYERS: dict[str, list[str]] = {
     "os": ["_errors", "_clone", "_prctl", "_sigutil", "_procfs", "_locks"],
-    "data and wire": ["_channel", "arena", "policy", "_rundir", "_qkeys", "_qtable", "_qhost"],
+    "data and wire": ["_channel", "arena", "policy", "_rundir", "_qkeys", "_qtable", "_qhost", "_threadmarks"],
     "shepherd": ["_loop", "_faultreport", "_budget", "_orphans", "_control", "_qredis", "_qkeeper",
                  "_witness", "_shepherd"],
     "program side": ["_identity", "_children", "_eventloop", "_asgiloop", "_qlookup", "_runtime", "_frozen",

@@ -1,0 +1,213 @@
+"""Whose code a thread runs: blame for a crash in work that an input handed to a thread.
+
+The arena's processing mark (``Arena.enter_step``, ``processing()``) names the input whose code the
+*main* thread runs; the shepherd blames it for a crash. Work an input hands to a thread runs after
+the step that handed it off has yielded: Starlette and FastAPI run a plain ``def`` endpoint in an
+AnyIO worker thread, ``asyncio.to_thread`` and ``run_in_executor`` use a ``ThreadPoolExecutor``.
+A crash there found the main thread's mark cleared (nobody blamed: the same request crashed the
+worker until the recovery budget ran out) or set by another request's step running meanwhile (an
+innocent request blamed, and quarantined).
+
+So work handed off while an input is marked (in the main thread: its mark; in a thread running
+marked work: that work's) is wrapped to mark it again in the thread that runs it, in this region:
+an entry per thread running marked work (thread id, then the key as ``Arena.set_processing_record``
+stores it), written when the work starts and cleared when it ends. Word 0 holds the main thread's
+id. The shepherd reads the crashing thread's id from faulthandler's report (``Current thread
+0x...``) and blames (``blamed``): that thread's entry if it has one; the main thread's mark if it
+is the main thread; nobody if it is another thread (its work was handed off by no marked input, or
+the table was full): never the main thread's mark for a crash in another thread.
+
+Costs nothing per request that hands nothing off; a hand-off (tens of microseconds of thread
+wake-up already) gets a closure, and its thread a few stores before and after the work.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+from .arena import _PROCESSING_MAX, Arena, find_region
+
+log = logging.getLogger("forkpoint")
+
+__all__ = ["REGION", "blamed", "clear", "install"]
+
+REGION = "forkpoint:thread-marks"
+_HEAD = 8                                   # words: the main thread's id, then unused
+_ENTRY = 2 + _PROCESSING_MAX // 8           # words: thread id, length and check, the key's bytes
+ENTRIES = 64                                # threads running marked work at once
+SIZE = (_HEAD + ENTRIES * _ENTRY) * 8
+_CURRENT = re.compile(rb"Current thread (0x[0-9a-fA-F]+)")
+
+_get_ident = threading.get_ident
+
+
+class _Marks:
+    """The live process's side: entries taken and written by the threads that run marked work."""
+
+    def __init__(self, arena: Arena) -> None:
+        self.arena = arena
+        self.view = arena.persist(REGION, SIZE)
+        self.words = self.view.cast("Q")
+        self.main = _get_ident()
+        self.words[0] = self.main
+        self.free = list(range(ENTRIES - 1, -1, -1))
+        self.running: dict[int, tuple[bytes, int]] = {}     # thread id -> the record it marks
+        self.lock = threading.Lock()
+
+    def handed_off(self) -> tuple[bytes, int] | None:
+        """The record of the input whose code is handing work off now (None: none marked)."""
+        ident = _get_ident()
+        if ident != self.main:
+            return self.running.get(ident)
+        return self.arena.processing_now()
+
+    def enter(self, record: tuple[bytes, int]) -> int:
+        with self.lock:
+            if not self.free:
+                return -1       # a crash in this thread then blames nobody
+            e = self.free.pop()
+        ident = _get_ident()
+        base = _HEAD + e * _ENTRY
+        raw, word = record
+        words = self.words
+        words[base + 1] = 0
+        words[base] = ident
+        self.view[(base + 2) * 8:(base + 2) * 8 + len(raw)] = raw
+        words[base + 1] = word      # length and check: one store
+        self.running[ident] = record
+        return e
+
+    def leave(self, e: int, outer: tuple[bytes, int] | None) -> None:
+        if e < 0:
+            return
+        self.words[_HEAD + e * _ENTRY + 1] = 0
+        ident = _get_ident()
+        if outer is None:
+            self.running.pop(ident, None)
+        else:
+            self.running[ident] = outer
+        with self.lock:
+            self.free.append(e)
+
+    def wrap(self, func: Callable[..., Any]) -> Callable[..., Any]:
+        """``func`` marked, when it runs, with the input handing it off now (itself if none)."""
+        record = self.handed_off()
+        if record is None:
+            return func
+
+        def marked(*args: Any, **kwargs: Any) -> Any:
+            outer = self.running.get(_get_ident())
+            e = self.enter(record)
+            try:
+                return func(*args, **kwargs)
+            finally:
+                self.leave(e, outer)
+
+        return marked
+
+
+_marks: _Marks | None = None
+
+
+def install(loop: Any, arena: Arena) -> None:
+    """Mark work handed to threads from ``loop`` (its ``run_in_executor``, with the default or a
+    thread pool executor) and from AnyIO on asyncio (``to_thread.run_sync``). Called in the live
+    process's main thread before its first checkpoint; idempotent."""
+    global _marks
+    if _marks is None:
+        _marks = _Marks(arena)
+    marks = _marks
+    from concurrent.futures import ThreadPoolExecutor  # (not in the shepherd, which only reads)
+
+    if not getattr(loop.run_in_executor, "_forkpoint_marks", False):
+        plain = loop.run_in_executor
+
+        def run_in_executor(executor: Any, func: Callable[..., Any], *args: Any) -> Any:
+            if executor is None or isinstance(executor, ThreadPoolExecutor):
+                func = marks.wrap(func)
+            return plain(executor, func, *args)
+
+        run_in_executor._forkpoint_marks = True  # type: ignore[attr-defined]
+        loop.run_in_executor = run_in_executor
+    _install_anyio(marks)
+
+
+def _install_anyio(marks: _Marks) -> None:
+    import sys
+
+    if "anyio" not in sys.modules:
+        return
+    try:
+        from anyio._backends import _asyncio as backend  # AnyIO's asyncio backend
+        cls = backend.AsyncIOBackend
+        plain = cls.run_sync_in_worker_thread.__func__  # type: ignore[attr-defined]
+    except (ImportError, AttributeError):
+        log.info("forkpoint: this AnyIO is unknown: a crash in its worker threads is blamed on nobody")
+        return
+    if getattr(plain, "_forkpoint_marks", False):
+        return
+
+    def run_sync_in_worker_thread(klass: Any, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return plain(klass, marks.wrap(func), *args, **kwargs)
+
+    run_sync_in_worker_thread._forkpoint_marks = True  # type: ignore[attr-defined]
+    cls.run_sync_in_worker_thread = classmethod(run_sync_in_worker_thread)  # type: ignore[method-assign,assignment]
+
+
+# -- the shepherd's side ----------------------------------------------------------------------------
+_found: memoryview | None = None      # the region, once it exists (a region is never freed)
+
+
+def _view(arena: Arena) -> memoryview | None:
+    """The region in the shepherd, looked up until it exists: a restore of a program that never
+    handed work off pays one lookup of the arena's directory, not a mapping."""
+    global _found
+    if _found is None:
+        try:
+            _found = find_region(arena, REGION, SIZE)
+        except Exception:   # noqa: BLE001 - (a damaged arena: the quarantine says so where it matters)
+            return None
+    return _found
+
+
+def blamed(arena: Arena, report: bytes, key: str | None) -> str | None:
+    """The key to blame for a crash whose faulthandler ``report`` is given, ``key`` being the main
+    thread's mark: the crashing thread's entry, the main thread's mark if the main thread crashed,
+    else None. ``key`` as it is where no work was ever handed off or the report names no thread."""
+    m = _CURRENT.search(report)
+    if m is None:
+        return key
+    view = _view(arena)
+    if view is None:
+        return key
+    words = view.cast("Q")
+    main = int(words[0])
+    if not main:
+        return key
+    tid = int(m.group(1), 16)
+    for e in range(ENTRIES):
+        base = _HEAD + e * _ENTRY
+        word = int(words[base + 1])
+        if word and int(words[base]) == tid:
+            n = word & 0xFFFF_FFFF
+            raw = bytes(view[(base + 2) * 8:(base + 2) * 8 + n]) if 0 < n <= _PROCESSING_MAX else b""
+            if raw and zlib.crc32(raw, n) == word >> 32:
+                return raw.decode(errors="replace")
+            log.error("arena: the record of the input a thread was processing is corrupted (a stray "
+                      "write?): it is ignored")
+            return None
+    return key if tid == main else None
+
+
+def clear(arena: Arena) -> None:
+    """No thread runs marked work (a restore: the restored process has none of the dead one's)."""
+    view = _view(arena)
+    if view is None:
+        return
+    words = view.cast("Q")
+    for e in range(ENTRIES):
+        words[_HEAD + e * _ENTRY + 1] = 0
