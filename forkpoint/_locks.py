@@ -104,14 +104,14 @@ def _ranges(fd: int, pid: int, found: list[Lock]) -> None:
                 todo.append((lstart + llen, end - lstart - llen if end else 0))
 
 
-def sqlite_writers(locks: tuple[Lock, ...]) -> list[int]:
-    """Descriptors of SQLite databases (rollback-journal mode) with a write transaction open, as
+def sqlite_writers(locks: tuple[Lock, ...]) -> list[Lock]:
+    """The locks of SQLite databases (rollback-journal mode) with a write transaction open, as
     ``locks`` show it. A checkpoint taken there cannot be rolled back to safely: the pages the
     transaction writes to the file after it (a full page cache spills them, its journal keeps
     their old contents) stay in the file, while the restored connection goes on from its own
     earlier idea of the journal, and its commit corrupts the database. (WAL mode keeps the
     database file untouched until a commit, and was measured safe.)"""
-    return [lk.fd for lk in locks if lk.write and lk.start <= _SQLITE_RESERVED
+    return [lk for lk in locks if lk.write and lk.start <= _SQLITE_RESERVED
             and (lk.length == 0 or lk.start + lk.length > _SQLITE_RESERVED)]
 
 

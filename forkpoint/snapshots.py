@@ -199,11 +199,8 @@ _sqlite_warned: set[str] = set()
 
 def _warn_sqlite(n: int, locks: tuple[_locks.Lock, ...]) -> None:
     """Say it (once a database) when a checkpoint is taken inside a SQLite write transaction."""
-    for fd in _locks.sqlite_writers(locks):
-        try:
-            path = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            path = f"descriptor {fd}"
+    for lock in _locks.sqlite_writers(locks):
+        path = lock.file
         if path not in _sqlite_warned:
             _sqlite_warned.add(path)
             log.warning("checkpoint %d is taken inside a SQLite write transaction on %s: a rollback to "
