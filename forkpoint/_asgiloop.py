@@ -22,6 +22,8 @@ import threading
 from asyncio import selector_events
 from typing import Any
 
+from . import _eventloop
+
 log = logging.getLogger("forkpoint")
 
 __all__ = ["client_connections", "listening", "quiesce_threads", "unsupported"]
@@ -84,7 +86,7 @@ def quiesce_threads(loop: Any, wait: bool = True) -> list[str]:
     if not wait:
         held = [t for t in others
                 if t not in anyio_idle and not _is_uvicorn_ping_thread(t)
-                and (t not in pool or not _executor_idle(executor))]
+                and (t not in pool or not _eventloop.executor_idle(executor))]
         if held:
             return [t.name for t in held]
     if executor is not None and getattr(executor, "_work_queue", None) is not None \
@@ -99,17 +101,6 @@ def quiesce_threads(loop: Any, wait: bool = True) -> list[str]:
         if t is not main and _is_uvicorn_ping_thread(t):
             take_over_uvicorn_pings(loop, t)
     return [t.name for t in threading.enumerate() if t is not main and t.is_alive()]
-
-
-def _executor_idle(executor: Any) -> bool:
-    """Whether every thread of a ``ThreadPoolExecutor`` waits for work (no job queued or running):
-    each thread releases ``_idle_semaphore`` when its job is done, and a submission takes it back.
-    Unknown internals count as busy."""
-    try:
-        return bool(executor._work_queue.empty()
-                    and executor._idle_semaphore._value >= len(executor._threads))
-    except AttributeError:
-        return False
 
 
 def _idle_anyio_worker(t: threading.Thread, loop: Any) -> bool:

@@ -87,3 +87,27 @@ def _renew_epoll(selector: selectors.EpollSelector) -> None:
         fresh.register(key.fd, mask)
     old, selector._selector = selector._selector, fresh  # type: ignore[attr-defined]
     old.close()
+
+
+def executor_idle(executor: Any) -> bool:
+    """Whether every thread of a ``ThreadPoolExecutor`` waits for work (no job queued or running):
+    each thread releases ``_idle_semaphore`` when its job is done, and a submission takes it back.
+    Unknown internals count as busy."""
+    try:
+        return bool(executor._work_queue.empty()
+                    and executor._idle_semaphore._value >= len(executor._threads))
+    except AttributeError:
+        return False
+
+
+def stop_idle_executor(loop: Any) -> bool:
+    """Shut the loop's default executor down if all its threads are idle (asyncio keeps them after
+    ``to_thread()``, ``run_in_executor(None, ...)`` and host name lookups, and starts a new executor
+    on next use); whether it did. A checkpoint cannot copy them, and with ``allow_threads=True``
+    the restored loop waited for them for ever (its next ``to_thread()``, ``asyncio.run()``'s end)."""
+    executor = getattr(loop, "_default_executor", None)
+    if executor is None or not executor_idle(executor):
+        return False
+    loop._default_executor = None        # asyncio starts a new one on next use
+    executor.shutdown(wait=True)
+    return True

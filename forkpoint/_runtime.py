@@ -145,11 +145,15 @@ class _Runtime:
         allow = self.config.allow_threads if allow is None else allow
         n = _procfs.other_threads() + 1
         if n > 1 and not allow:
+            loop = _eventloop.running_loop()
+            if loop is not None and _eventloop.stop_idle_executor(loop):
+                n = _procfs.other_threads() + 1
+        if n > 1 and not allow:
             names = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
             raise ThreadsAlive(
                 f"{n - 1} other thread(s) alive ({', '.join(names) or 'native threads'}): fork() "
                 "copies only this thread, so a snapshot would lose them; stop them, or pass "
-                "allow_threads=True if the snapshot does not need them")
+                "allow_threads=True if the snapshot does not need them" + _thread_hint(names))
 
     def arena_or_create(self) -> Arena:
         if self.arena is None:
@@ -405,6 +409,25 @@ def _not_gone(killed: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 def runtime() -> _Runtime:
     return _rt
+
+
+def _thread_hint(names: list[str]) -> str:
+    """What to do about the threads asyncio keeps, which ``allow_threads=True`` does not cover: a
+    restored loop still counts on them (its next ``to_thread()`` and ``asyncio.run()``'s end waited
+    for the default executor's threads for ever; on 3.10 and 3.11 ``await proc.wait()`` for the
+    child watcher's)."""
+    hints = []
+    if any(name.startswith("asyncio_") for name in names):
+        hints.append("a job still runs in asyncio's default executor (to_thread, run_in_executor, "
+                     "host name lookups; forkpoint stops its threads when they are idle): take the "
+                     "checkpoint once it is over")
+    if any(name.startswith(("waitpid-", "asyncio-waitpid-")) for name in names):
+        hints.append("asyncio's child watcher waits for a subprocess in a thread (Python 3.10 and "
+                     "3.11): take the checkpoint once 'await proc.wait()' is over and the thread has "
+                     "ended, or on Python 3.12+")
+    if not hints:
+        return ""
+    return "; " + "; ".join(hints) + " (allow_threads=True would leave the restored loop waiting for them)"
 
 
 def _forget_in_forked_child() -> None:

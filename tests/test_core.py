@@ -636,3 +636,34 @@ def test_the_hot_messages_are_encoded_byte_for_byte_as_encode_does(args):
     n, current = args[0] * 10**9, args[2]
     assert _channel.encode_commit(n, current) == _channel.encode(_channel.Discard(n, quiet=True, current=current))
     assert _channel.decode(_channel.encode_commit(n, current)) == _channel.Discard(n, quiet=True, current=current)
+
+
+def test_the_idle_threads_of_asyncios_executor_do_not_refuse_a_checkpoint(tmp_path):
+    """asyncio's default executor keeps its threads after ``to_thread()``: a checkpoint was refused,
+    and with ``allow_threads=True`` the restored loop waited for them for ever (its next
+    ``to_thread()``, ``asyncio.run()``'s end; found by an audit). Idle, they are stopped (asyncio
+    starts a new executor on next use); busy, the refusal says what to do."""
+    r = run_py(HEADER + """
+    import asyncio, threading
+    async def main():
+        await asyncio.to_thread(lambda: None)
+        step = fp.persist_int("step")
+        n = fp.tsetjmp()
+        if step.add() == 1:
+            fp.tlongjmp(n)
+        print("after the restore:", await asyncio.to_thread(lambda: "a new executor"))
+        release = threading.Event()
+        job = asyncio.ensure_future(asyncio.to_thread(release.wait))
+        await asyncio.sleep(0.1)
+        try:
+            fp.tsetjmp()
+        except fp.ThreadsAlive as e:
+            print("busy: refused,", "a job still runs in asyncio's default executor" in str(e))
+        release.set()
+        await job
+    asyncio.run(main())
+    print("ended")
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["after the restore: a new executor", "busy: refused, True",
+                                     "ended"], r.stdout
