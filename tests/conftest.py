@@ -24,6 +24,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # A process group of its own for each program (Popen's process_group= is 3.11+; 3.10 for manual runs).
 OWN_GROUP: dict = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
 _prctl.set_child_subreaper(True)
+# Ignored signals survive exec: a runner started in the background (the shell ignores SIGINT and
+# SIGQUIT for it) or under nohup (SIGHUP) would hand that to every program a test starts, and each
+# test about Ctrl-C or a hangup would fail (7 did, in a CI run started so). The scenarios start from
+# the dispositions a terminal gives a program.
+for _sig in (signal.SIGHUP, signal.SIGQUIT):
+    signal.signal(_sig, signal.SIG_DFL)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _reap() -> list[int]:
