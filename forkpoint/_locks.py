@@ -171,6 +171,8 @@ def take(locks: tuple[Lock, ...], shepherd: int, raise_holders: bool,
                                 lock.file, lock.fd, holder or "unknown")
                 if holder and holder != watched:
                     watched = holder
+                    if poller is not None:      # another process holds it now
+                        poller.close()
                     poller = _exit_of(holder, shepherd, raise_holders)
                 if poller is not None:
                     if not poller.poll(2):
