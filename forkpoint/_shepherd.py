@@ -529,7 +529,10 @@ class Shepherd:
         self.sfd = _sigutil.open_signalfd(watched)
         for s in STOP_SIGNALS:
             signal.signal(s, signal.SIG_DFL)     # when the live process stops, so does the face
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        if signal.getsignal(signal.SIGPIPE) is not signal.SIG_IGN:
+            # (Setting SIG_IGN drops a pending SIGPIPE: one sent to the program's PID while the
+            # shepherd started, blocked here since, was lost. Python's start ignores it already.)
+            signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         _sigutil.restore_mask(_sigutil.mask_of(watched))
         self.loop.add_reader(self.sfd, self._on_signals, first=True)
         if self.reports is not None:
