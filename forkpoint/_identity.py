@@ -127,9 +127,10 @@ _setsid.__doc__ = _real_setsid.__doc__
 
 
 def install(face: int, arena: Arena) -> None:
-    """Make this (live) process answer as the face PID."""
-    global _face, _arena
-    _face, _arena = face, arena
+    """Make this (live) process answer as the face PID (also in a child the program forked, which
+    starts forkpoint of its own)."""
+    global _face, _arena, _forked
+    _face, _arena, _forked = face, arena, False
     _set(getpid=_getpid, getppid=_getppid, kill=_kill, setpgrp=_setpgrp, setpgid=_setpgid, setsid=_setsid)
     util = sys.modules.get("multiprocessing.util")
     if util is not None:                # else it binds ours when it is imported

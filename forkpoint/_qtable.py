@@ -213,15 +213,20 @@ class Table:
     def skey(self) -> bytes:
         return self.b.read(SKEY_OFF, 32)
 
-    def format(self, label: str, skey: bytes = b"") -> None:
-        """Make an empty table (the caller writes alone). The generation keeps growing."""
+    def format(self, label: str, skey: bytes = b"", zeroed: bool = False) -> None:
+        """Make an empty table (the caller writes alone). The generation keeps growing.
+
+        ``zeroed``: the backing is known to hold zeros (a new arena region): writing them again
+        would make every page of the table resident, in the program and in each copy of its arena.
+        """
         gen = self.b.word(_W_GEN) | 1
         self.b.set_word(_W_GEN, gen)                         # odd: readers keep their copy
         self.b.set_word(_W_MAGIC, 0)
-        self.b.write(8 * 2, bytes(HEADER - 16))
-        zero = bytes(1 << 16)
-        for off in range(HEADER, self.size, len(zero)):
-            self.b.write(off, zero[:min(len(zero), self.size - off)])
+        if not zeroed:
+            self.b.write(8 * 2, bytes(HEADER - 16))
+            zero = bytes(1 << 16)
+            for off in range(HEADER, self.size, len(zero)):
+                self.b.write(off, zero[:min(len(zero), self.size - off)])
         raw = _fit(label, LABEL_MAX)
         for i, v in zip((_W_QCAP, _W_FCAP, _W_RCAP, _W_FLAGS), self._layout()[1:], strict=True):
             self.b.set_word(i, v)
@@ -427,5 +432,7 @@ def arena_table(arena: Arena, name: str, geometry: Geometry, create: bool = Fals
         return None
     table = Table(MemBacking(view), *geometry)
     if create and table.b.word(_W_MAGIC) == 0:
-        table.format(name)
+        # Never formatted (its generation is the first word a format writes): the arena's new
+        # regions are zeros. One whose format was cut short is formatted whole.
+        table.format(name, zeroed=table.b.word(_W_GEN) == 0)
     return table

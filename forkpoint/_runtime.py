@@ -31,6 +31,7 @@ from . import (
     _qkeys,
     _qlookup,
     _sigutil,
+    _threadmarks,
 )
 from ._errors import (
     ConfigurationError,
@@ -114,7 +115,12 @@ class _Runtime:
         self.killed: list[tuple[int, int]] = []        # (pidfd, pid) of keepers killed here, not yet gone
         self.fault_fd: int | None = None                # faulthandler's pipe to the shepherd
         self.altstack: Any = None
+        self.faults_watched = False
+        self.arena_copied = False       # a forked child's copy of its parent's arena (Arena.take_copy)
         self.policy_generation = 0                      # bumped by recover_on(), which replaces
+        # The policy as the program set it (recover_on(), then merges): a child the program forks
+        # starts its own forkpoint with it (_in_forked_child).
+        self.policies: list[_channel.SetPolicy] = []
         self.qsettings: _qkeys.Settings | None = None   # resolved at first use, fixed at start
         # One request on the channel at a time: a thread may wait for a child the shepherd holds
         # (asyncio's child watcher on 3.10/3.11 calls waitpid from a thread). A restored process
@@ -165,6 +171,7 @@ class _Runtime:
                 os.close(arena.fd)
                 raise
             self.arena = arena
+            _watch_forks()
         return self.arena
 
     def quarantine_settings(self) -> _qkeys.Settings:
@@ -187,6 +194,8 @@ class _Runtime:
                 "shepherd and continues the program in a forked copy, which threads cannot follow; "
                 "call forkpoint.start() before starting threads")
         arena = self.arena_or_create()
+        if self.arena_copied:           # the parent's threads' marks are not this program's
+            _threadmarks.clear(arena)
         qs = self.quarantine_settings()
         if qs.parsed.kind == "redis":     # the shepherd's copy of the store, which the program reads
             arena_table(arena, MIRROR_REGION, MIRROR, create=True)
@@ -248,7 +257,7 @@ class _Runtime:
             if witness is not None:
                 witness.close()
             self.fault_fd = fault_w
-            os.register_at_fork(after_in_child=_forget_in_forked_child)
+            _forget_forks()
             self.chan = mine
             self.shepherd_pid = parent
             self.owner_pid = _identity.real_pid()
@@ -264,10 +273,18 @@ class _Runtime:
             _locks.take(locks, parent, raise_holders=False)   # nor POSIX locks
             _sigutil.restore_mask(old)
             log.debug("started: shepherd %d, live %d", parent, self.owner_pid)
+            self._replay_policy()
             return
         mine.close()
         os.close(fault_w)
         become_shepherd(theirs, arena, pid, self.pgid, self.config, fault_r, qs.to_args(), witness)
+
+    def _replay_policy(self) -> None:
+        """A forked child starting forkpoint of its own: the recovery policy its parent set."""
+        for msg in self.policies:
+            self.request(msg)
+            if _sigutil.REPORTED_SIGNALS.intersection(msg.signals):
+                self.watch_faults()
 
     def watch_faults(self) -> None:
         """Report fatal signals to the shepherd the moment they happen, through faulthandler.
@@ -280,12 +297,14 @@ class _Runtime:
         one runs code. The shepherd copies the text to the program's stderr, where it would have
         gone.
         """
-        if self.fault_fd is None or self.altstack is not None:
+        if self.fault_fd is None or self.faults_watched:
             return
-        if faulthandler.is_enabled():
+        if faulthandler.is_enabled() and self.altstack is None:
             log.info("faulthandler was enabled: forkpoint sends its reports through the shepherd")
         faulthandler.enable(file=self.fault_fd, all_threads=True)
-        self.altstack = _sigutil.large_altstack()
+        if self.altstack is None:       # a forked child that starts its own forkpoint has one
+            self.altstack = _sigutil.large_altstack()
+        self.faults_watched = True
 
     # -- the newest keeper, which a committing transaction kills itself --------------------------
     def expect_keeper(self, n: int) -> KeeperRef:
@@ -430,6 +449,19 @@ def _thread_hint(names: list[str]) -> str:
     return "; " + "; ".join(hints) + " (allow_threads=True would leave the restored loop waiting for them)"
 
 
+_forgets = False
+
+
+def _forget_forks() -> None:
+    """Register ``_forget_in_forked_child`` once (a forked child that starts forkpoint of its own
+    inherits the hook: registered again, it ran twice in a grandchild, and the second run undid
+    the first's ``os.getppid``)."""
+    global _forgets
+    if not _forgets:
+        os.register_at_fork(after_in_child=_forget_in_forked_child)
+        _forgets = True
+
+
 def _forget_in_forked_child() -> None:
     """In a child the program forks itself (os.fork, multiprocessing): it is not part of forkpoint.
 
@@ -447,7 +479,86 @@ def _forget_in_forked_child() -> None:
     killed, rt.killed = rt.killed, []
     list(map(os.close, (fd for fd, _pid in killed)))     # off the list first: see wait_killed
     if rt.fault_fd is not None:
-        if rt.altstack is not None:
+        if rt.faults_watched:
             faulthandler.enable(file=sys.stderr, all_threads=True)
         os.close(rt.fault_fd)
         rt.fault_fd = None
+    rt.faults_watched = False
+    # If it starts forkpoint, it is a program of its own: no checkpoint yet, no restore behind it,
+    # and @checkpointed functions merge their signals into its policy again.
+    rt.current, rt.recovered, rt.from_state, rt.to_state = 0, False, None, None
+    rt.sigtype, rt.reason, rt.attempt, rt.recovery_seconds = 0, "", 0, 0.0
+    rt.shepherd_pid = rt.owner_pid = 0
+    rt.lock_nudge = None
+    rt.policy_generation += 1
+
+
+_forks_watched = False
+_copy_fd = -1        # the arena's copy for the child being forked (parent's side, until it is forked)
+
+
+def _watch_forks() -> None:
+    """From the arena's creation on, a child the program forks gets a copy of it (once a process:
+    at-fork hooks are inherited)."""
+    global _forks_watched
+    if not _forks_watched:
+        os.register_at_fork(before=_copy_arena, after_in_parent=_close_copy,
+                            after_in_child=_arena_in_forked_child)
+        _forks_watched = True
+
+
+def _copy_arena() -> None:
+    """Just before ``os.fork()``: the arena as it is now, for the child (``Arena.copy``).
+
+    Whether or not this process started forkpoint: a gunicorn master that made a ``persist()``
+    region while loading the application forks workers that each start their own. Signals wait
+    (a C-level mask, whose handlers run after the hook): CPython drops what an at-fork hook
+    raises, and a Ctrl-C during the copy would have been lost with it.
+    """
+    global _copy_fd
+    arena = _rt.arena
+    if arena is None:
+        return
+    old = _sigutil.unset_mask()
+    try:
+        _sigutil.block_all_into(old)
+        _copy_fd = arena.copy()
+    except Exception as e:  # noqa: BLE001 - the fork goes on; the child then detaches
+        _copy_fd = -1
+        log.warning("could not copy forkpoint's arena for a forked child (%s): the child's persist() "
+                    "views stay shared with this process, and forkpoint makes it a new arena if it is "
+                    "used", e)
+    finally:
+        _sigutil.restore_blocked(old)
+
+
+def _close_copy() -> None:
+    global _copy_fd
+    fd, _copy_fd = _copy_fd, -1
+    if fd >= 0:
+        os.close(fd)
+
+
+def _arena_in_forked_child() -> None:
+    """A child the program forks has an arena of its own: the copy made at its fork."""
+    global _copy_fd
+    rt = _rt
+    fd, _copy_fd = _copy_fd, -1
+    if rt.arena is None:
+        return
+    if fd < 0:                          # (the copy failed: said in the parent)
+        rt.arena = None
+        return
+    old = _sigutil.unset_mask()
+    try:
+        _sigutil.block_all_into(old)
+        rt.arena.take_copy(fd)
+        rt.arena_copied = True
+    except Exception as e:  # noqa: BLE001 - the child goes on; only the arena is not its own
+        os.close(fd)
+        rt.arena = None
+        log.warning("a forked child could not map its copy of forkpoint's arena (%s): its persist() "
+                    "views stay shared with its parent, and forkpoint makes it a new arena if it is "
+                    "used", e)
+    finally:
+        _sigutil.restore_blocked(old)

@@ -40,6 +40,8 @@ reaped children) are not covered here.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import logging
 import mmap
 import os
@@ -156,6 +158,77 @@ def _check_name(name: object) -> str:
     return name
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_mmap = _libc.mmap
+_mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_mmap.restype = ctypes.c_void_p
+_MAP_FIXED = 0x10
+_MAP_FAILED = ctypes.c_void_p(-1).value
+# The arena's copy is made through calls that keep the GIL (a PyDLL's): ``os.lseek`` and
+# ``os.copy_file_range`` release it, and a thread of the program writing a cache entry meanwhile
+# tore the copy (the entry failed its checksum in the child in 100 of 100 forks).
+_held = ctypes.PyDLL(None, use_errno=True)
+_lseek = _held.lseek
+_lseek.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.c_int]
+_lseek.restype = ctypes.c_long
+_copy_range = getattr(_held, "copy_file_range", None)     # glibc 2.27+
+if _copy_range is not None:
+    _copy_range.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_long), ctypes.c_int,
+                            ctypes.POINTER(ctypes.c_long), ctypes.c_size_t, ctypes.c_uint]
+    _copy_range.restype = ctypes.c_ssize_t
+
+
+def _seek(fd: int, off: int, whence: int) -> int:
+    """``lseek``, the GIL held; -1 past the last data (ENXIO)."""
+    got = _lseek(fd, off, whence)
+    if got < 0:
+        e = ctypes.get_errno()
+        if e == errno.ENXIO:
+            return -1
+        raise OSError(e, os.strerror(e))
+    return int(got)
+
+
+def _copy_extents(src: int, dst: int, end: int, view: memoryview, into: mmap.mmap | None) -> bool:
+    """Copy the pages of ``src`` below ``end`` that hold data (not holes) to ``dst``, the GIL held
+    throughout: in the kernel (``copy_file_range``), or from ``view`` (src's mapping) into
+    ``into`` (dst's). False, having copied part, if the kernel refuses to copy between them."""
+    off = 0
+    while off < end:
+        start = _seek(src, off, os.SEEK_DATA)
+        if start < 0 or start >= end:
+            break
+        stop = min(_seek(src, start, os.SEEK_HOLE), end)
+        if into is not None:
+            with memoryview(into) as out:
+                out[start:stop] = view[start:stop]          # one memcpy, in C
+            start = stop
+        while start < stop:
+            assert _copy_range is not None
+            a, b = ctypes.c_long(start), ctypes.c_long(start)
+            done = _copy_range(src, ctypes.byref(a), dst, ctypes.byref(b), stop - start, 0)
+            if done > 0:
+                start += done
+                continue
+            e = ctypes.get_errno() if done < 0 else errno.EIO
+            if e in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                return False                # older kernels: not between these files
+            raise OSError(e, f"the arena's copy stopped short: {os.strerror(e)}")
+        off = stop
+    return True
+
+
+def _map_over(m: mmap.mmap, size: int, fd: int) -> None:
+    """Map ``fd`` shared over the pages of ``m``, at the same address (every view stays valid)."""
+    anchor = ctypes.c_char.from_buffer(m)
+    addr = ctypes.addressof(anchor)
+    del anchor
+    got = _mmap(addr, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | _MAP_FIXED, fd, 0)
+    if got in (None, _MAP_FAILED) or got != addr:
+        e = ctypes.get_errno()
+        raise OSError(e, f"could not map the arena's copy: {os.strerror(e)}")
+
+
 class Arena:
     """The shared memory of one program; see the module docstring for the layout rules."""
 
@@ -175,6 +248,62 @@ class Arena:
             self.words[_H_MAGIC] = MAGIC
         elif self.words[_H_MAGIC] != MAGIC or self.words[_H_SIZE] != size:
             raise ConfigurationError("descriptor does not hold a forkpoint arena")
+
+    def copy(self) -> int:
+        """A new memfd holding what this arena holds now (for ``take_copy`` in a forked child).
+
+        Made by the parent just before ``fork()``: the GIL is held and every arena structure is
+        consistent between two bytecodes, so the copy is the memory as it is at the fork. Copied
+        by the child after it (the parent running on), it mixed in what the parent wrote since:
+        47 of 50 children saw a value written after their fork, and 96 of 100 held a cache entry
+        torn between the parent's writes (a review's scripts, 2026-11-28). Only the pages in use
+        are copied (``SEEK_DATA``, ``copy_file_range``): the cost grows with what ``persist()``
+        and ``cache()`` hold, not with the arena's size (docs/architecture.md, "Persistent memory").
+        """
+        fd = os.memfd_create("forkpoint-arena", os.MFD_CLOEXEC)
+        into = None
+        try:
+            os.ftruncate(fd, self.size)         # (these calls let other threads run: not after)
+            if _copy_range is None:
+                into = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            with memoryview(self.map) as view:
+                while not _copy_extents(self.fd, fd, min(self.allocated(), self.size), view, into):
+                    into = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+        finally:
+            if into is not None:
+                into.close()
+        return fd
+
+    def take_copy(self, fd: int) -> None:
+        """Make ``fd`` (from ``copy``, made at the fork) this process's arena, at the same address.
+
+        For a child the program forks itself (``os.fork``, ``multiprocessing``, the workers of a
+        gunicorn master that loaded the application, a ``persist()`` among it): the child is a
+        program of its own. Sharing the arena made its checkpoints and restores part of the
+        parent's (ids, jump history), and let the key it processed or the deadline it armed be
+        taken for the parent's by the parent's shepherd: a parent rolled back for its child's
+        hang. The copy is mapped over the shared mapping (``MAP_FIXED``), so every view the child
+        holds keeps working and now shows its own memory, as ordinary memory after a fork; what
+        describes the parent's run (checkpoint ids, history, the input being processed, the
+        watchdog, the process words) starts afresh.
+
+        The mapping's own duplicate of the parent's descriptor stays open in the child (Python's
+        ``mmap`` keeps it, and closing it under the object would later close a reused number).
+        """
+        _map_over(self.map, self.size, fd)
+        old, self.fd = self.fd, fd
+        os.close(old)
+        w = self.words
+        self._set_counter(_C_NEXT_ID, 1)
+        self._set_counter(_C_HISTORY, 0)
+        w[_PROCESSING_OFF // 8 + 1] = 0
+        w[_H_WD_AT] = 0
+        for word in (_H_FACE_PPID, _H_ORPHANS, _H_REAPED, _H_THROTTLE, _H_INTRODUCED, _H_HOLDERS_LOST):
+            w[word] = 0
+        w[_H_START] = struct.unpack("Q", struct.pack("d", time.time()))[0]
 
     # -- counters kept twice, each with its complement ---------------------------------------------
     def allocated(self) -> int:

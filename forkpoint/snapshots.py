@@ -361,7 +361,9 @@ def recover_on(*signals: int, to: int = 0, **policy: Any) -> None:
     if not isinstance(to, int) or to < 0:
         raise NoSuchCheckpoint(f"invalid checkpoint number {to!r}")
     rt.ensure_started()
-    rt.request(_channel.SetPolicy(sigs, to, settings=policy))
+    msg = _channel.SetPolicy(sigs, to, settings=policy)
+    rt.request(msg)
+    rt.policies = [msg]
     rt.policy_generation += 1
     if _sigutil.REPORTED_SIGNALS.intersection(sigs):
         rt.watch_faults()
@@ -372,7 +374,9 @@ def merge_policy(signals: tuple[int, ...], **policy: Any) -> None:
     rt = _rt
     rt.ensure_started()
     sigs = [int(signal.Signals(s)) for s in signals]
-    rt.request(_channel.SetPolicy(sigs, merge=True, settings=policy))
+    msg = _channel.SetPolicy(sigs, merge=True, settings=policy)
+    rt.request(msg)
+    rt.policies.append(msg)
     if _sigutil.REPORTED_SIGNALS.intersection(sigs):
         rt.watch_faults()
 

@@ -541,3 +541,62 @@ def test_a_job_that_ends_after_a_restore_still_sends_sigchld(tmp_path, started):
     """, tmp_path, started)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "SIGCHLD True status 5", r.stdout + r.stderr
+
+
+def test_a_child_the_program_forks_is_a_program_of_its_own(tmp_path):
+    """A child forked by the program (``os.fork``, a job runner's worker) that uses forkpoint was
+    part of its parent's program: its checkpoints took the parent's ids, its restores appeared in
+    the parent's history, the input it processed was blamed for the parent's crash, its writes to
+    ``persist()`` memory changed the parent's, it ran without the parent's recovery policy (its
+    segfault ended it) and its ``os.getpid()`` was not the PID its parent waited for. Each must be
+    as for a plain child: memory as at the fork, then its own."""
+    r = run_py(HEADER + """
+    fp.recover_on(signal.SIGSEGV)
+    seen = fp.persist_int("seen")
+    seen.value = 5
+    first = fp.tsetjmp()
+    out_r, out_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(out_r)
+            os.close(go_w)
+            got = [seen.value]                          # as at the fork
+            seen.value = 7
+            got.append(fp.persist_int("seen").value)    # its own copy, by name too
+            step = fp.persist_int("child-step")
+            k = fp.tsetjmp()
+            s = step.add()
+            if s == 1:
+                ctypes.string_at(0)                     # its shepherd restores it: the policy
+            got += [k, s, os.getpid(), [h.to_state for h in fp.history()]]
+            with fp.processing("the child's input"):
+                os.write(out_w, (repr(got) + "\\n").encode())
+                os.read(go_r, 1)                        # while the parent crashes
+        finally:
+            os._exit(0)
+    os.close(out_w)
+    os.close(go_r)
+    line = b"- "
+    while not line.endswith(b"\\n"):
+        chunk = os.read(out_r, 1000)
+        line += chunk if chunk else b"[]\\n"        # it died
+    pstep = fp.persist_int("parent-step")
+    again = fp.tsetjmp()
+    if pstep.add() == 1:
+        ctypes.string_at(0)
+    print("child", line.decode().strip())
+    print("child pid", pid)
+    print("parent", first, again, seen.value, [(h.to_state, h.key) for h in fp.history()])
+    os.write(go_w, b"x")
+    print("child ended", os.read(out_r, 1) == b"", flush=True)   # (EOF: it exited)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    child, child_pid, parent, status = r.stdout.splitlines()
+    got = eval(child.split(" ", 1)[1].removeprefix("- "))
+    assert got[:4] == [5, 7, 1, 2], r.stdout + r.stderr
+    assert got[4] == int(child_pid.split()[-1]), r.stdout
+    assert got[5] == [1], r.stdout                       # its own restore, and only that
+    assert parent == "parent 1 2 5 [(2, None)]", r.stdout + r.stderr
+    assert status == "child ended True"

@@ -111,6 +111,13 @@ FLASK_APP = """
         held = open("app.lock", "w")
         fcntl.lockf(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
+    # Made at import: under --preload, in the master, before it forks its workers.
+    hits = forkpoint.persist_int("hits") if os.environ.get("PERSIST_AT_IMPORT") else None
+
+    @flask_app.route("/hits")
+    def count_hits():
+        return {"pid": os.getpid(), "hits": hits.add(), "restores": len(forkpoint.history())}
+
     MODE = os.environ.get("MODE", "transaction")
     TIMEOUT = float(os.environ.get("TIMEOUT", "2"))
     REFRESH = float(os.environ["REFRESH"]) if os.environ.get("REFRESH") else None
@@ -431,6 +438,39 @@ def test_two_workers(tmp_path, mode):
         pids |= {_get(port)[1]["pid"] for _ in range(12)}
         booted = _booted(tmp_path)
         assert len(booted) == 2 and pids <= set(booted), (pids, booted)
+    finally:
+        assert stop_server(proc) == 0, server_log(tmp_path)
+    assert _forkpoint_processes(proc.pid) == []
+
+
+def test_preloaded_workers_are_programs_of_their_own(tmp_path):
+    """``gunicorn --preload`` imports the application in the master, and a ``persist()`` made at
+    import made forkpoint's arena there, before the workers were forked: every worker then shared
+    it. Their checkpoint ids interleaved, each saw the others' restores in its history, their
+    counters were one, and a worker was once lost with another's crash. Each worker must be a
+    program of its own, as the workers of a plain application are: it counts its own hits (kept
+    through its own crash, as ``persist()`` memory is) and sees only its own restores."""
+    proc, port = _gunicorn(tmp_path, "--preload", "-w", "2", MODE="restart", PERSIST_AT_IMPORT="1")
+    served: dict[int, int] = {}
+
+    def both_seen(restores: dict[int, int]) -> bool:
+        status, body = _get(port, "/hits")
+        assert status == 200, body
+        pid = body["pid"]
+        served[pid] = served.get(pid, 0) + 1
+        assert body["hits"] == served[pid], (body, served)      # its own counter
+        restores[pid] = body["restores"]
+        return len(restores) == 2
+
+    try:
+        before: dict[int, int] = {}
+        wait_for(lambda: both_seen(before), timeout=30, interval=0)
+        assert list(before.values()) == [0, 0], before
+        assert _get(port, "/crash")[0] == 500
+        after: dict[int, int] = {}
+        wait_for(lambda: both_seen(after), timeout=30, interval=0)
+        assert sorted(after.values()) == [0, 1], after          # the crashed worker's restore only
+        assert set(after) == set(before) == set(_booted(tmp_path)), (before, after)
     finally:
         assert stop_server(proc) == 0, server_log(tmp_path)
     assert _forkpoint_processes(proc.pid) == []
