@@ -25,9 +25,11 @@ Nothing here imports asyncio: a program that never did has no loop to rejoin. Ot
 """
 from __future__ import annotations
 
+import os
 import select
 import selectors
 import sys
+import threading
 from typing import Any
 
 
@@ -111,3 +113,28 @@ def stop_idle_executor(loop: Any) -> bool:
     loop._default_executor = None        # asyncio starts a new one on next use
     executor.shutdown(wait=True)
     return True
+
+
+_WATCHER_PREFIXES = ("waitpid-", "asyncio-waitpid-")
+
+
+def finish_child_watchers(limit: float = 1.0) -> bool:
+    """Wait for asyncio's child-watcher threads whose child has been reaped; whether any ended.
+
+    On 3.10 and 3.11 ``asyncio.create_subprocess_exec`` waits for each child in a thread of its
+    own (``ThreadedChildWatcher``), which hands the exit status to the loop and then ends. ``await
+    proc.wait()`` returns as soon as the loop has it, while the thread may not have ended yet: a
+    ``tsetjmp()`` right after was refused in 3-6 of 60 tries. A thread whose child is gone (it is
+    past its ``waitpid``) is joined; one still waiting for a running child is left, and refuses.
+    """
+    ended = False
+    for t in threading.enumerate():
+        if not t.name.startswith(_WATCHER_PREFIXES) or not t.is_alive():
+            continue
+        args: tuple[Any, ...] = getattr(t, "_args", ())  # (loop, pid, callback, args): threading's
+        pid = args[1] if len(args) > 1 and isinstance(args[1], int) else 0
+        if pid <= 0 or os.path.exists(f"/proc/{pid}"):
+            continue                           # its child runs (or is not reaped yet): it stays
+        t.join(limit)
+        ended = ended or not t.is_alive()
+    return ended

@@ -154,6 +154,8 @@ class _Runtime:
             loop = _eventloop.running_loop()
             if loop is not None and _eventloop.stop_idle_executor(loop):
                 n = _procfs.other_threads() + 1
+            if n > 1 and _eventloop.finish_child_watchers():
+                n = _procfs.other_threads() + 1
         if n > 1 and not allow:
             names = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
             raise ThreadsAlive(
@@ -442,8 +444,7 @@ def _thread_hint(names: list[str]) -> str:
                      "checkpoint once it is over")
     if any(name.startswith(("waitpid-", "asyncio-waitpid-")) for name in names):
         hints.append("asyncio's child watcher waits for a subprocess in a thread (Python 3.10 and "
-                     "3.11): take the checkpoint once 'await proc.wait()' is over and the thread has "
-                     "ended, or on Python 3.12+")
+                     "3.11): take the checkpoint once 'await proc.wait()' is over, or on Python 3.12+")
     if not hints:
         return ""
     return "; " + "; ".join(hints) + " (allow_threads=True would leave the restored loop waiting for them)"
