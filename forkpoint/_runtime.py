@@ -119,7 +119,7 @@ class _Runtime:
         self.arena_copied = False       # a forked child's copy of its parent's arena (Arena.take_copy)
         self.policy_generation = 0                      # bumped by recover_on(), which replaces
         # The policy as the program set it (recover_on(), then merges): a child the program forks
-        # starts its own forkpoint with it (_in_forked_child).
+        # starts its own forkpoint with it (_replay_policy).
         self.policies: list[_channel.SetPolicy] = []
         self.qsettings: _qkeys.Settings | None = None   # resolved at first use, fixed at start
         # One request on the channel at a time: a thread may wait for a child the shepherd holds
@@ -546,6 +546,8 @@ def _arena_in_forked_child() -> None:
     rt = _rt
     fd, _copy_fd = _copy_fd, -1
     if rt.arena is None:
+        if fd >= 0:
+            os.close(fd)
         return
     if fd < 0:                          # (the copy failed: said in the parent)
         rt.arena = None

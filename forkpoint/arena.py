@@ -252,8 +252,11 @@ class Arena:
     def copy(self) -> int:
         """A new memfd holding what this arena holds now (for ``take_copy`` in a forked child).
 
-        Made by the parent just before ``fork()``: the GIL is held and every arena structure is
-        consistent between two bytecodes, so the copy is the memory as it is at the fork. Copied
+        Made by the parent just before ``fork()``, in the forking thread, through calls that keep
+        the GIL, so that the copy is the memory as it is at the fork; another thread of the
+        program can still run between two of the copy's bytecodes and write the arena (a torn
+        cache entry then fails its checksum in the child: 1 of 200 forks under a writing thread,
+        docs/reliability.md). Copied
         by the child after it (the parent running on), it mixed in what the parent wrote since:
         47 of 50 children saw a value written after their fork, and 96 of 100 held a cache entry
         torn between the parent's writes (a review's scripts, 2026-11-28). Only the pages in use
