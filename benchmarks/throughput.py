@@ -310,6 +310,7 @@ def breakdown_child(n: int, heap_mb: int = 0) -> int:
     ballast = b"\x01" * (heap_mb << 20)  # noqa: F841
     import forkpoint as fp
     from forkpoint import _channel, _procfs, _sigutil, snapshots
+    from forkpoint._runtime import arena_copies_paused
 
     store: dict[str, int] = {}
 
@@ -325,17 +326,19 @@ def breakdown_child(n: int, heap_mb: int = 0) -> int:
     res: dict[str, Any] = {}
 
     def fork_floor() -> None:
-        pid = os.fork()
+        with arena_copies_paused():     # os.fork() as without forkpoint
+            pid = os.fork()
         if pid == 0:
             os._exit(0)
         os.waitpid(pid, 0)
 
     def fork_returns() -> None:
-        t = time.perf_counter()
-        pid = os.fork()
-        if pid == 0:
-            os._exit(0)
-        fork_only.append(time.perf_counter() - t)
+        with arena_copies_paused():
+            t = time.perf_counter()
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            fork_only.append(time.perf_counter() - t)
         os.waitpid(pid, 0)
 
     fork_only: list[float] = []

@@ -8,7 +8,8 @@ touches the CLI itself.
 Per heap (a bytearray, and a dict of small objects, at each size) one worker measures, in the same
 run and the same process:
 
-* ``fork``: raw ``os.fork()`` of the process, the child blocked on a pipe: the floor;
+* ``fork``: raw ``os.fork()`` of the process, the child blocked on a pipe: the floor (without
+  forkpoint's copy of its arena for the child, which a program's own ``os.fork()`` pays);
 * ``tsetjmp``: ``forkpoint.tsetjmp()``, from the call until it returns in the live process;
 * ``tlongjmp``: from the call until the restored code runs (the start time travels in a
   ``persist()`` region; ``time.perf_counter`` is CLOCK_MONOTONIC, the same in every process);
@@ -52,6 +53,7 @@ from typing import Any
 
 import forkpoint as fp
 from forkpoint._identity import real_pid
+from forkpoint._runtime import arena_copies_paused
 
 MB = 1 << 20
 GB = 1 << 30
@@ -190,12 +192,13 @@ def _wait_gone(pids: list[int], timeout: float = 60.0) -> None:
 
 def _fork_floor() -> float:
     r, w = os.pipe()
-    t0 = time.perf_counter()
-    pid = os.fork()
-    if pid == 0:
-        os.read(r, 1)
-        os._exit(0)
-    t1 = time.perf_counter()
+    with arena_copies_paused():     # os.fork() as without forkpoint
+        t0 = time.perf_counter()
+        pid = os.fork()
+        if pid == 0:
+            os.read(r, 1)
+            os._exit(0)
+        t1 = time.perf_counter()
     os.write(w, b"x")
     os.waitpid(pid, 0)
     os.close(r)
@@ -221,7 +224,8 @@ def _wake_floor(run: float, relay: bool) -> float:
         fds += (r1, w1)
         r2, w2 = os.pipe()
         fds += (r2, w2)
-        kids.append(os.fork())
+        with arena_copies_paused():     # os.fork() as without forkpoint
+            kids.append(os.fork())
         if kids[-1] == 0:
             try:
                 os.close(w1)
@@ -231,7 +235,8 @@ def _wake_floor(run: float, relay: bool) -> float:
             finally:
                 os._exit(0)
         if relay:
-            kids.append(os.fork())
+            with arena_copies_paused():
+                kids.append(os.fork())
             if kids[-1] == 0:
                 try:
                     os.close(w1)

@@ -68,3 +68,38 @@ def test_plot_without_matplotlib_says_what_to_install(tmp_path):
                         str(tmp_path / "p.png")], capture_output=True, text=True, timeout=60, env=clean_env())
     assert r.returncode == 2
     assert "matplotlib" in r.stderr and "forkpoint[plot]" in r.stderr
+
+
+def test_the_fork_floor_is_a_fork_without_forkpoints_arena_copy(tmp_path):
+    """Every ratio of the bench is taken against the floor ``os.fork()``; since a program's own fork
+    copies forkpoint's arena for the child, the floor forks with that copy paused (it made the floor
+    1.2 -> 2.0 ms at 10 MB and flattered tsetjmp's ratio). Paused, a child shares the arena, as a
+    fork without forkpoint would share nothing it did not map: its write shows in the parent, and
+    no copy is left open in either; after the pause, a child has its own copy again."""
+    from conftest import run_py
+    r = run_py("""
+    import os
+    import forkpoint as fp
+    from forkpoint._runtime import arena_copies_paused
+    fp.start()
+    seen = fp.persist_int("seen")
+
+    def fork_and_write(value):
+        pid = os.fork()
+        if pid == 0:
+            seen.value = value
+            os._exit(0)
+        os.waitpid(pid, 0)
+        return seen.value
+
+    def memfds():
+        return sum(os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:") for fd in os.listdir("/proc/self/fd")
+                   if os.path.exists(f"/proc/self/fd/{fd}"))
+
+    before = memfds()
+    with arena_copies_paused():
+        shared = fork_and_write(7)
+    print(shared, memfds() - before, fork_and_write(9))
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["7", "0", "7"], r.stdout + r.stderr
