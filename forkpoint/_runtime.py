@@ -97,7 +97,7 @@ class _Runtime:
         self.chan: Any = None
         self.shepherd_pid = 0
         self.owner_pid = 0
-        self.caller = (0, 0)            # (thread ident, real pid) that check_caller() last passed
+        self.caller = 0                 # the thread ident that check_caller() last passed
         self.pgid = 0
         self.comm = ""
         self.current = 0
@@ -134,10 +134,12 @@ class _Runtime:
         return self.chan is not None
 
     def check_caller(self) -> None:
-        # The last caller that passed, by thread and real pid: the same thread of the same process
-        # is still the live process's main thread (a copy has another pid). tsetjmp() asks on every
-        # protected call, where each page touched is copied: the full check touched about 12.
-        if _get_ident() == self.caller[0] and _real_getpid() == self.caller[1]:
+        # The last caller that passed, by thread: the same thread is still the live process's main
+        # thread. A child the program forks forgets it (_forget_in_forked_child), and forkpoint's
+        # own copies are the live process when they run program code, so no getpid() is needed
+        # (a system call of 10-15 us on a cold cache here). tsetjmp() asks on every protected
+        # call, where each page touched is copied: the full check touched about 12.
+        if _get_ident() == self.caller:
             return
         if threading.current_thread() is not threading.main_thread():
             raise WrongThread("forkpoint checkpoints can only be taken and restored from the main thread")
@@ -146,7 +148,7 @@ class _Runtime:
                 raise ForkpointError(
                     f"process {_identity.real_pid()} is a child the program forked; only the program's "
                     "live process can use its checkpoints")
-            self.caller = (_get_ident(), self.owner_pid)
+            self.caller = _get_ident()
 
     def check_threads(self, allow: bool | None) -> None:
         allow = self.config.allow_threads if allow is None else allow
@@ -416,7 +418,6 @@ class _Runtime:
 _rt = _Runtime()
 _get_ident = threading.get_ident
 _SIGKILL = int(signal.SIGKILL)      # a plain int: an enum member is one more page touched per commit
-_real_getpid = _identity._real_getpid
 
 
 def _not_gone(killed: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -491,6 +492,7 @@ def _forget_in_forked_child() -> None:
     rt.current, rt.recovered, rt.from_state, rt.to_state = 0, False, None, None
     rt.sigtype, rt.reason, rt.attempt, rt.recovery_seconds = 0, "", 0, 0.0
     rt.shepherd_pid = rt.owner_pid = 0
+    rt.caller = 0
     rt.lock_nudge = None
     rt.policy_generation += 1
 

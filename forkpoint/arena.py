@@ -229,6 +229,12 @@ def _map_over(m: mmap.mmap, size: int, fd: int) -> None:
         raise OSError(e, f"could not map the arena's copy: {os.strerror(e)}")
 
 
+def _file_of(fd: int) -> tuple[int, int]:
+    """(device, inode) of ``fd``: how a checkpoint's scan of open files knows the arena's memfd."""
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
 class Arena:
     """The shared memory of one program; see the module docstring for the layout rules."""
 
@@ -236,6 +242,7 @@ class Arena:
         self.fd = fd
         self.size = size
         self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.file = _file_of(fd)
         self.words = memoryview(self.map).cast("Q")
         self._slot_of: dict[str, int] = {}
         if create:
@@ -299,6 +306,7 @@ class Arena:
         _map_over(self.map, self.size, fd)
         old, self.fd = self.fd, fd
         os.close(old)
+        self.file = _file_of(fd)
         w = self.words
         self._set_counter(_C_NEXT_ID, 1)
         self._set_counter(_C_HISTORY, 0)
