@@ -70,7 +70,7 @@ How each figure is taken (see `forkpoint/bench.py`):
 
 {breakdown}
 
-## The gc_freeze setting
+{audit}## The gc_freeze setting
 
 CPython writes to an object whenever it is read (reference counts) and whenever the cyclic GC examines
 it (the GC header of every container). Both copy the page in the live process, so a snapshot's cost
@@ -274,6 +274,23 @@ does the same kind of start-up, takes 250 faults before it blocks, 65 of them in
 name through ctypes, 37 in `sched_setscheduler`, 28 in `PR_SET_PDEATHSIG`, 33 in making its
 channel and pidfd and 36 in its `Hello`.
 
+A crash loop's timeline, measured on 2026-11-28 (10 MB, bytes, 30 restores per run, two runs;
+each process appended a timestamped line to one `O_APPEND` file at each step, which adds a system
+call per step; medians). From `tlongjmp()` to the restored program's next line took 1.83-1.99 ms;
+in the same minutes a fork of that heap took 0.63-0.93 ms. The restore rarely waits for a fork
+asked for by itself: the keeper is usually already forking the copy that the restore before asked
+for (before its wake), and is slowed down by the two processes beside it on 2 CPUs. Once forked,
+the copy took 325-343 us to get ready for its warming (its name, its channel, the death signal,
+the parent check, its priority), and 609-756 us from its fork to reading its wake-up. The
+shepherd's `Wake` waited 365-382 us for it there, and the resume took another 170-174 us. Tried
+and not kept: the copy took its name only in the warming, and checked for a waiting wake-up with
+a peek at its channel instead of a poll object. Getting ready then took 160-198 us, but the time
+from its fork to its wake-up was 558-845 us, within the spread: the faults moved to the steps
+after it, which write the same shared pages. Without instrumentation, four alternating runs of 24
+restores each gave medians of 1.93-2.35 ms before and 1.91-2.44 ms after at 10 MB, and 3.20-3.87
+against 3.46-4.02 ms at 100 MB. What a fresh copy costs is the pages that its whole path writes,
+not any one step of it.
+
 **tsetjmp.** The fork itself costs what `os.fork()` costs (without its at-fork hooks, a little less);
 the difference is bookkeeping. After the fork every page the parent writes is copied, so the parent
 now only restores its mask and records the current state: `clone(2)` takes plain ints and writes the
@@ -284,7 +301,40 @@ instrumented at 10 MB in the benchmark's loop (each `tsetjmp()` there comes afte
 wait for the previous checkpoint's processes to go, so it runs cold), the bookkeeping costs about
 300 us: the thread and caller checks 65-80, the stdio flush 26-30, the scan of open files for their
 offsets 84-91, the rest of the saved state 31-40, the keeper's pidfd and the signal mask 32-42, the
-`Snap` message to the shepherd 46-55. That is why 10 MB stays far from 1.2x."""
+`Snap` message to the shepherd 46-55. That is why 10 MB stays far from 1.2x.
+
+Counted again on 2026-11-28 (18:20-19:00 UTC, a slower machine than the tables', where `os.fork()` of
+the 10 MB worker took 1.2-1.6 ms): what a checkpoint costs beyond its fork is pages, not code.
+`tsetjmp()` writes about 160 pages before its fork and 37 after it (minor faults counted between
+instrumented steps, medians of 30, 10 MB): every object it touches has its reference count written,
+and every page the previous fork left shared or write-protected faults on that first write. A C
+program on the same machine timed those faults: 4.1 us a page when the page is copied (a
+checkpoint's keeper still shares it), 1.5 us when it is only made writable again (the sharer is
+gone, or took its own copy first), 0.03 us for a write without a fault. About 200 faults are
+0.3-0.8 ms of the 0.75-0.85 ms that `tsetjmp()` took beyond the fork in those runs. System calls
+are most of the rest: 30 in a checkpoint now, 34 before four were dropped (the caller check's
+`getpid()`, whose answer a forked child now forgets with the caller; the arena's own memfd asked
+for its access mode and its locks). On a cache left cold by the loop's sleeps they are slow:
+`getpid()` 15 us (0.5 warm), the `stat` of `/proc/self/task` 79 us (9 warm), listing
+`/proc/self/fd` 129 us (21 warm), medians of 30 after 50 ms sleeps. The four dropped were not
+measurable in time within the machine's noise (medians of the fork floor moved 1.3-1.9 ms between
+runs of the same code). Neither the stdio flush nor the open-file scan can move after the fork
+(output would be written twice; a read by the program would move an offset the restore must
+rewind), and a copy-on-write fault costs the same in either process. So 1.2x at 10 MB needs a
+`tsetjmp()` that writes a few dozen pages, which Python's reference counting does not allow:
+the checks, the scan and the clone in C (one call), with the Python side only flushing stdio. The
+scan alone in C, tried in a scratch build: 165 us against 272 cold, 20-25 us against 50-70 warm.
+
+That recount also found the fork floor wrong since the arena copy for a program's own children
+(2026-11-28, d5cb386): `os.fork()` in the benchmark's worker ran forkpoint's at-fork hook, which
+copies the arena for the child, and the floor took 2.0-2.1 ms instead of 1.2 at 10 MB, which
+would have flattered every ratio to it. The floors (`_fork_floor`, `_wake_floor`, and
+`throughput.py --breakdown`) now fork with that copy paused (`_runtime.arena_copies_paused`), as
+`os.fork()` without forkpoint; the tables below were measured before the copy existed. With the
+corrected floor, `forkpoint bench --sizes 10M,100M --repeats 15` on that slower machine (18:30 UTC,
+nothing else of ours running) gave `tsetjmp` / fork 1.69x and 1.57x at 10 MB (bytes, dict) and
+1.13x and 1.16x at 100 MB; "runs between faults" 1.34-1.50 ms; crash loop / fork 2.16x and 3.22x
+at 10 MB, 1.58x and 1.59x at 100 MB."""
 
 
 
@@ -348,7 +398,7 @@ def main() -> int:
     m = data["machine"]
     text = HEADER.format(nproc=m["nproc"], cpu=m["cpu"], memory=m["memory"] / (1 << 30), kernel=m["kernel"],
                          python=m["python"], date=m["date"], note=args.note, targets=targets_text(data),
-                         where=WHERE,
+                         where=WHERE, audit=(ROOT / "benchmarks" / "notes" / "audit.md").read_text(),
                          breakdown=restore_steps(Path(args.json).parent, rerun=not args.from_json))
     text += bench.tables(data).replace("### ", "## ")
     if not args.no_server_persist:
