@@ -320,10 +320,13 @@ for its access mode and its locks). On a cache left cold by the loop's sleeps th
 measurable in time within the machine's noise (medians of the fork floor moved 1.3-1.9 ms between
 runs of the same code). Neither the stdio flush nor the open-file scan can move after the fork
 (output would be written twice; a read by the program would move an offset the restore must
-rewind), and a copy-on-write fault costs the same in either process. So 1.2x at 10 MB needs a
-`tsetjmp()` that writes a few dozen pages, which Python's reference counting does not allow:
-the checks, the scan and the clone in C (one call), with the Python side only flushing stdio. The
-scan alone in C, tried in a scratch build: 165 us against 272 cold, 20-25 us against 50-70 warm.
+rewind), and a copy-on-write fault costs the same in either process. A path in C would write far
+fewer pages, but not make fewer system calls: the scan alone in C, tried in a scratch build, took
+165 us cold against 272 in Python (20-25 us warm against 50-70). By these counts a C path would
+save about 0.2 ms of the 0.75-0.85: 1.5x at 10 MB on this machine rather than 1.2x, and about 1.08x
+at 100 MB. It was not built; 1.2x at 10 MB needs a checkpoint that neither lists its open files
+nor writes more than a few dozen pages, which is another design (offsets read by the keeper
+would race the program's next read).
 
 That recount also found the fork floor wrong since the arena copy for a program's own children
 (2026-11-28, d5cb386): `os.fork()` in the benchmark's worker ran forkpoint's at-fork hook, which
