@@ -872,10 +872,12 @@ class Shepherd:
             self._on_exit(pid, status)
 
     def _on_exit(self, pid: int, status: int) -> None:
-        if self.live is not None and self.live.pid != pid:
-            self._drain(self.live)    # a committed transaction may have discarded this process
         proc = self.procs.get(pid)
         if proc is None:
+            # An orphan's status is kept before the live channel is read: a ChildQuery waiting
+            # there, answered by that drain, found the child neither running nor reaped (it is
+            # reaped, its status not kept yet) and the program's waitpid() raised ECHILD, which
+            # subprocess turns into exit status 0.
             log.debug("reaped adopted orphan %d", pid)
             ours = pid in self.orphans.alive
             self.orphans.reaped(pid, status)
@@ -889,6 +891,8 @@ class Shepherd:
             self.reaped_unknown.append((pid, now))
             self._retry_forks()
             return
+        if self.live is not None and self.live is not proc:
+            self._drain(self.live)    # a committed transaction may have discarded this process
         self._drain(proc)     # what it said before dying (a checkpoint it took) comes first
         self.procs.pop(pid, None)
         if proc.role is Role.HOLDER:

@@ -239,6 +239,69 @@ def test_children_report_their_true_exit_status_after_start_and_restores(tmp_pat
     assert r.stdout.splitlines() == ["statuses 7 9 5 11", "not my child: ECHILD"]
 
 
+_RECVMSG = {"x86_64": 47, "aarch64": 212}.get(os.uname().machine)
+
+
+def _stat(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()      # state, ppid, ...
+    except OSError:
+        return []
+
+
+def _in_recvmsg(pid: int) -> bool:
+    """Whether ``pid`` sleeps in recvmsg(2) (the restored process waits for the shepherd's answer)."""
+    try:
+        with open(f"/proc/{pid}/syscall") as f:
+            return f.read().split()[0] == str(_RECVMSG)
+    except (OSError, IndexError):
+        time.sleep(0.3)          # no /proc/PID/syscall here: give it time to ask
+        return True
+
+
+def test_a_held_child_reaped_while_the_program_asks_for_it_reports_its_status(tmp_path):
+    """The shepherd reaped a held child and read the live process's channel before it kept the
+    status: the program's question waiting there was answered "no such child" and its waitpid()
+    raised ECHILD (subprocess: exit status 0). Found by a stress run, 11 of 800 programs; here the
+    shepherd is stopped while the child ends and the question comes, so both are read at once."""
+    proc = start_py(HEADER + """
+    def real_ppid():
+        with open("/proc/self/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    fp.recover_on(signal.SIGSEGV)
+    step = fp.persist_int("step")
+    go_r, go_w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.read(go_r, 1)
+        os._exit(7)
+    fp.tsetjmp()
+    if step.add() == 1:
+        ctypes.string_at(0)         # its child is held by the shepherd from now on
+    shepherd = real_ppid()          # stopped within the 50 ms before it scans for held children
+    signal.pidfd_send_signal(os.pidfd_open(shepherd), signal.SIGSTOP)    # (os.kill: the face is us)
+    while open(f"/proc/{shepherd}/stat").read().rsplit(")", 1)[1].split()[0] != "T":
+        time.sleep(0.001)
+    os.write(go_w, b"x")            # the child ends: its SIGCHLD waits in the stopped shepherd
+    print("waiting", child, real_pid(), flush=True)
+    try:
+        print("status", os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]), flush=True)
+    except ChildProcessError:
+        print("status ECHILD", flush=True)
+    """, tmp_path)
+    try:
+        lines = Lines(proc)
+        _, child, live = lines.until("waiting").split()
+        # the child a zombie of the shepherd (its killed parent is gone), the question sent
+        wait_for(lambda: _stat(int(child))[:2] == ["Z", str(proc.pid)], timeout=10)
+        wait_for(lambda: _in_recvmsg(int(live)), timeout=10)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    assert lines.until("status") == "status 7", proc.stderr.read() if proc.poll() is not None else ""
+    assert proc.wait(timeout=20) == 0
+
+
 @pytest.mark.parametrize("forkpoint", [True, False])
 def test_os_wait_collects_children_the_shepherd_holds(tmp_path, forkpoint):
     """A job runner that reaps with os.wait() sees every child it started, with its status, as it
