@@ -113,7 +113,10 @@ def _wait_any(pid: int, options: int) -> tuple[int, int]:
         if options & os.WNOHANG:
             _close(fds)
             return 0, 0
-        _block(fds, _POLL if real_alive else None)
+        # Asked again every _POLL seconds even with no child of its own: a process the shepherd
+        # held may turn out to be forkpoint's own (found by its scan before it reported), and a
+        # wait for it would never end.
+        _block(fds, _POLL)
 
 
 def _waitpid(pid: int, options: int, /) -> tuple[int, int]:

@@ -273,9 +273,9 @@ class Shepherd:
         self.fd_limit = 0
         self.fd_base = 0
         self.fd_warned = 0.0
+        self.orphans = Orphans(arena)
         self.live: Proc | None = self._add(args["live"], Role.LIVE, 0, chan)
         self.lists = _ListWaiters()
-        self.orphans = Orphans(arena)
         self.retired_live: set[int] = set()     # live processes killed since the last orphan scan
         self.scan_pending = False
         self.parent_fd: int | None = None       # a pidfd of the face's parent
@@ -341,6 +341,11 @@ class Shepherd:
         proc = Proc(pid, role, n, chan, lived=(role is Role.LIVE))
         if pid:
             self.procs[pid] = proc
+            # A keeper or spare is a child of ours from its fork, and an orphan scan after a
+            # restore may have come first (a keeper at SCHED_IDLE on a busy machine reports its
+            # copy late) and counted it among the program's children: a restored program's
+            # os.wait() then waited for a spare for ever.
+            self.orphans.forget(pid)
         if chan is not None:
             chan.setblocking(True)
             self.channels += 1

@@ -302,6 +302,59 @@ def test_a_held_child_reaped_while_the_program_asks_for_it_reports_its_status(tm
     assert proc.wait(timeout=20) == 0
 
 
+def test_a_keeper_found_by_the_orphan_scan_before_it_introduced_itself_is_no_child_to_wait_for(tmp_path):
+    """A keeper or spare is a child of the shepherd from its fork. The shepherd's scan for the
+    program's children, 50 ms after a restore, counted one that had not reported yet (a keeper at
+    SCHED_IDLE on a busy machine reports its spare late) as the program's, and kept it so: the
+    restored program's os.wait() waited for a frozen copy for ever (a stress run: 1-4 hangs in 60
+    programs with one CPU busy). Here the keeper of the checkpoint taken just before a crash is
+    stopped before it can introduce itself (it shares the live process's CPU, which the live process
+    keeps), the restore falls back to the checkpoint before, and the keeper is let go once the
+    program waits: os.wait() must report no child."""
+    proc = start_py(HEADER + """
+    from forkpoint import _runtime
+    fp.recover_on(signal.SIGSEGV)
+    step = fp.persist_int("step")
+    first = fp.tsetjmp()
+    if step.add() == 1:
+        cpus = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {min(cpus)})     # its keeper is born on this CPU, behind us
+        fp.tsetjmp()
+        keeper = _runtime.runtime().keeper.pid
+        os.kill(keeper, signal.SIGSTOP)
+        os.sched_setaffinity(0, cpus)
+        print("keeper", keeper, flush=True)
+        ctypes.string_at(0)
+    print("restored to", fp.chkpt_status(fp.CKPT_TO_STATE), flush=True)
+    time.sleep(0.3)                              # the shepherd's scan has run
+    print("waiting", flush=True)
+    try:
+        os.wait()
+        print("wait saw a child", flush=True)
+    except ChildProcessError:
+        print("no children", flush=True)
+    """, tmp_path)
+    keeper = 0
+    try:
+        lines = Lines(proc)
+        keeper = int(lines.until("keeper").split()[1])
+        assert lines.until("restored to", timeout=20) == "restored to 1"   # the fallback: 5 s
+        lines.until("waiting")
+        time.sleep(0.3)
+        os.kill(keeper, signal.SIGCONT)      # it introduces itself now, and is sent away
+        assert lines.until("no children", timeout=10) == "no children"
+    except BaseException:
+        proc.kill()                          # the face: every process of the program goes with it
+        raise
+    finally:
+        if keeper:
+            try:
+                os.kill(keeper, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    assert proc.wait(timeout=20) == 0
+
+
 @pytest.mark.parametrize("forkpoint", [True, False])
 def test_os_wait_collects_children_the_shepherd_holds(tmp_path, forkpoint):
     """A job runner that reaps with os.wait() sees every child it started, with its status, as it
