@@ -11,7 +11,8 @@ hold a ``Popen`` for a child that a rolled-back process had already waited for).
 
 Where it ends: only a child nobody recorded (for example one reaped by ``os.waitid`` or by C code)
 still gets ECHILD, as it would without forkpoint. ``os.waitid`` itself is not replaced. A blocking
-wait for "any child" while the shepherd holds some of them polls every 50 ms for the real ones.
+wait for "any child" while the shepherd holds some of them looks at the real ones and asks the
+shepherd again every 50 ms.
 """
 from __future__ import annotations
 
