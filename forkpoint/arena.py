@@ -235,6 +235,21 @@ def _file_of(fd: int) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
+def _mmap_descriptor(fd: int, file: tuple[int, int]) -> int | None:
+    """The duplicate of ``fd`` that Python's ``mmap`` keeps for itself (None on 3.13+ with
+    ``trackfd=False``, or if there is not exactly one). ``take_copy`` turns it into the child's
+    copy: left as it is, it kept the parent's memfd open in every child the program forked."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        other = int(name)
+        try:
+            if other != fd and _file_of(other) == file:
+                found.append(other)
+        except OSError:
+            pass                        # (the listing's own descriptor, closed since)
+    return found[0] if len(found) == 1 else None
+
+
 class Arena:
     """The shared memory of one program; see the module docstring for the layout rules."""
 
@@ -243,6 +258,8 @@ class Arena:
         self.size = size
         self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.file = _file_of(fd)
+        # Only the program's arena is ever copied for a child (the shepherd maps it again).
+        self.map_fd = _mmap_descriptor(fd, self.file) if create else None
         self.words = memoryview(self.map).cast("Q")
         self._slot_of: dict[str, int] = {}
         if create:
@@ -300,10 +317,13 @@ class Arena:
         describes the parent's run (checkpoint ids, history, the input being processed, the
         watchdog, the process words) starts afresh.
 
-        The mapping's own duplicate of the parent's descriptor stays open in the child (Python's
-        ``mmap`` keeps it, and closing it under the object would later close a reused number).
+        The mapping's own duplicate of the parent's descriptor (Python's ``mmap`` keeps one) is
+        made a duplicate of the copy under the same number, which the ``mmap`` object still owns:
+        left open, it kept the parent's memory allocated for as long as the child lived.
         """
         _map_over(self.map, self.size, fd)
+        if self.map_fd is not None:
+            os.dup2(fd, self.map_fd, inheritable=False)
         old, self.fd = self.fd, fd
         os.close(old)
         self.file = _file_of(fd)

@@ -716,3 +716,45 @@ def test_a_child_the_program_forks_is_a_program_of_its_own(tmp_path):
     assert got[5] == [1], r.stdout                       # its own restore, and only that
     assert parent == "parent 1 2 5 [(2, None)]", r.stdout + r.stderr
     assert status == "child ended True"
+
+
+def test_a_child_the_program_forks_holds_nothing_of_its_parents_arena(tmp_path):
+    """A forked child gets its own copy of the arena. It also kept a descriptor of its parent's
+    (the duplicate Python's ``mmap`` holds), so the parent's ``persist()`` memory stayed allocated
+    as long as any child it ever forked lived, and the child could still reach it through
+    ``/proc/self/fd``. No descriptor of the child may name the parent's memfd; its own views and
+    a fork of its own keep working."""
+    r = run_py(HEADER + """
+    from forkpoint._runtime import runtime
+    seen = fp.persist_int("seen")
+    seen.value = 5
+    parents = os.fstat(runtime().arena.fd)
+
+    def arena_fds():
+        found = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                st = os.stat(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (parents.st_dev, parents.st_ino):
+                found.append(fd)
+        return found
+
+    print("parent holds", len(arena_fds()) > 0, flush=True)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            seen.value += 1
+            grandchild = os.fork()
+            if grandchild == 0:
+                os._exit(seen.value)
+            _, status = os.waitpid(grandchild, 0)
+            print("child", arena_fds(), seen.value, os.waitstatus_to_exitcode(status), flush=True)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    print("parent", seen.value)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["parent holds True", "child [] 6 6", "parent 5"], r.stdout + r.stderr
