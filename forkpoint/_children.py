@@ -81,6 +81,10 @@ def _wait_held(pid: int, options: int) -> tuple[int, int]:
         pause = min(2 * pause or 0.002, _POLL)
         data, fds = _query(pid)
         if "status" in data:
+            _close(fds)
+            # Claimed from the shepherd, which forgets it now: recorded like a child reaped here,
+            # so that a process restored to before this wait finds the status again.
+            _note(pid, int(data["status"]))
             return pid, int(data["status"])
         if not data.get("alive"):
             status = _arena.reaped(pid) if _arena is not None else None
@@ -108,6 +112,7 @@ def _wait_any(pid: int, options: int) -> tuple[int, int]:
         data, fds = _query(pid)
         if "status" in data:
             _close(fds)
+            _note(int(data["pid"]), int(data["status"]))    # as in _wait_held
             return int(data["pid"]), int(data["status"])
         if not real_alive and not data.get("alive"):
             raise _echild()

@@ -7,8 +7,10 @@ statuses for the program (``_children`` asks with a ``ChildQuery``).
 
 *Attributed* children are those known to be the program's: found by a scan of /proc at start and
 after each restore (children of the shepherd, or of the live process being retired). Only they
-count for "wait for any child"; a status the shepherd reaped from a process it never attributed (an
-orphaned grandchild, or a child that died before the scan) is given only to a wait for that PID.
+count for "wait for any child", with those reaped while a scan is due (a child of the retired live
+process that ended before the scan came: most likely the program's, and asked for by a restored
+program's ``os.wait()``); a status the shepherd reaped from a process it never attributed (an
+orphaned grandchild at other times) is given only to a wait for that PID.
 """
 from __future__ import annotations
 
@@ -36,9 +38,12 @@ class Orphans:
                 self.alive[pid] = pgid
         self._publish()
 
-    def reaped(self, pid: int, status: int) -> None:
-        """The shepherd reaped ``pid``, which is none of forkpoint's own processes."""
+    def reaped(self, pid: int, status: int, ours: bool = False) -> None:
+        """The shepherd reaped ``pid``, which is none of forkpoint's own processes; ``ours``: count
+        it as the program's even if no scan attributed it (its parent was a retired live process)."""
         pgid = self.alive.pop(pid, None)
+        if pgid is None and ours:
+            pgid = os.getpgid(0)        # the program's group, where a retired live process was
         self.exited[pid] = (status, pgid or 0, pgid is not None)
         self.exited.move_to_end(pid)
         while len(self.exited) > MAX_EXITED:

@@ -439,6 +439,7 @@ class Shepherd:
                 except ProcessLookupError:
                     continue
                 self.procs[pid] = Proc(pid, Role.DYING, keeper.n, None)
+                self.orphans.forget(pid)    # an orphan scan may have counted it (see _add)
 
     def _set_policy(self, pid: int, policy: int) -> None:
         if policy == os.SCHED_OTHER and not self.can_raise:
@@ -884,18 +885,25 @@ class Shepherd:
             # reaped, its status not kept yet) and the program's waitpid() raised ECHILD, which
             # subprocess turns into exit status 0.
             log.debug("reaped adopted orphan %d", pid)
-            ours = pid in self.orphans.alive
-            self.orphans.reaped(pid, status)
             # Not attributed yet while a scan is pending: most likely a child of the live process
-            # just retired, which ended within the 50 ms before the scan. A SIGCHLD too many
-            # finds nothing to wait for; one too few leaves a job runner waiting for ever.
-            if ours or self.scan_pending:
+            # just retired, which ended before the scan (or was a zombie when its parent died).
+            # It counts as the program's, for a wait for any child (which raised ECHILD for it)
+            # and for SIGCHLD: a SIGCHLD too many finds nothing to wait for; one too few leaves a
+            # job runner waiting for ever. (A keeper or spare that died before it introduced
+            # itself is taken back when its message arrives: _on_hello, _on_spare.)
+            ours = pid in self.orphans.alive or self.scan_pending
+            self.orphans.reaped(pid, status, ours)
+            if ours:
                 self._child_exited()
             now = time.monotonic()
             self.reaped_unknown = [(p, t) for p, t in self.reaped_unknown if now - t < _UNKNOWN_TTL][-255:]
             self.reaped_unknown.append((pid, now))
             self._retry_forks()
             return
+        # One of ours, whichever way it was registered: if an orphan scan counted it among the
+        # program's children first, it must not stay counted as running once it is gone (a wait
+        # for any child waited for it for ever: a stress run's job runner, 4 of 11 runs).
+        self.orphans.forget(pid)
         if self.live is not None and self.live is not proc:
             self._drain(self.live)    # a committed transaction may have discarded this process
         self._drain(proc)     # what it said before dying (a checkpoint it took) comes first
@@ -1025,6 +1033,7 @@ class Shepherd:
                              f"{'' if msg.error else ' (' + self._fd_note() + ')'}", level=logging.ERROR)
             return
         if not self._alive(pid, fds[1] if len(fds) > 1 else None):   # it died before we read this
+            self.orphans.forget(pid)        # reaped as an orphan, maybe counted as the program's
             self._close_fds(fds[:1])
             self._discard(n, "its keeper died before it introduced itself")
             return
@@ -1058,6 +1067,7 @@ class Shepherd:
             self._fork_lost(ck)
             return
         if not self._alive(msg.pid, fds[1] if len(fds) > 1 else None):
+            self.orphans.forget(msg.pid)    # as in _on_hello
             self._close_fds(fds[:1])
             self._fork_lost(ck)
             return
@@ -1217,6 +1227,8 @@ class Shepherd:
 
     def _on_child(self, proc: Proc, msg: ChildQuery, fds: list[int]) -> None:
         """The live process waits for a child the kernel says is not its own (see ``_children``)."""
+        if self.scan_pending:       # a restored process asks before the scan: attribute them now
+            self._scan_orphans()
         self._reap()
         group = os.getpgid(0)
         got = self.orphans.claim(msg.pid, group)

@@ -381,6 +381,63 @@ def test_os_wait_collects_children_the_shepherd_holds(tmp_path, forkpoint):
     assert r.stdout.splitlines() == ["True [3, 4, 6]", "no more children"]
 
 
+@pytest.mark.parametrize("when", ["ended before the crash", "asked for at once"])
+def test_os_wait_after_a_restore_reports_the_child_the_crashed_process_left(tmp_path, when):
+    """A child of the live process that a crash killed is the shepherd's to reap; the shepherd
+    counts it as the program's by a scan 50 ms after the restore. A child that had already ended
+    (reaped before that scan) and one the restored program waited for before it were never
+    offered to os.wait(), which raised ECHILD (20 of 20 runs each, a stress session's
+    reproduction): without forkpoint, os.wait() reports the child and its status."""
+    r = run_py(HEADER + f"""
+    when = {when!r}
+    """ + """
+    fp.recover_on(signal.SIGSEGV)
+    attempt = fp.persist_int("attempt")
+    pid = fp.persist_int("pid")
+    fp.tsetjmp()
+    if attempt.add() == 1:
+        code = "exit 7" if when == "ended before the crash" else "sleep 0.3; exit 7"
+        pid.value = subprocess.Popen(["sh", "-c", code]).pid
+        if when == "ended before the crash":
+            time.sleep(0.2)                     # a zombie when its parent dies
+        ctypes.string_at(0)
+    try:
+        got, status = os.wait()
+        print(got == pid.value, os.waitstatus_to_exitcode(status), flush=True)
+    except ChildProcessError:
+        print("ECHILD", flush=True)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["True 7"], r.stdout + r.stderr
+
+
+def test_a_held_childs_status_survives_a_rollback_of_the_wait_that_took_it(tmp_path):
+    """A child whose parent (a live process) crashed is held by the shepherd; the restored
+    program's wait takes its status from the shepherd, which then forgets it. A rollback to before
+    that wait left the program a Popen that got ECHILD, which subprocess reports as exit status 0
+    (20 of 20 runs, a stress session's reproduction). The second wait must see the child's real
+    status again, as the first did."""
+    r = run_py(HEADER + """
+    fp.recover_on(signal.SIGSEGV)
+    attempt = fp.persist_int("attempt")
+    seen = fp.persist_array("seen", 2, "q")
+    child = subprocess.Popen(["sh", "-c", "sleep 0.1; exit 19"])
+    fp.tsetjmp()
+    if attempt.add() == 1:
+        ctypes.string_at(0)                     # the child's parent dies: the shepherd holds it
+    time.sleep(0.3)                             # it has ended, and the shepherd counted it
+    fp.tsetjmp()
+    code = child.wait()                         # taken from the shepherd
+    n = attempt.add()                           # 3, then 4
+    seen[n - 3] = code
+    if n == 3:
+        ctypes.string_at(0)                     # back to before the wait
+    print(seen[0], seen[1], flush=True)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["19 19"], r.stdout + r.stderr
+
+
 @pytest.mark.parametrize("mode", ["w+", "r+", "tempfile", "w"])
 def test_files_written_after_a_checkpoint_are_never_spliced(tmp_path, mode):
     """Invariant 7: the restored process writes after every byte already written."""
