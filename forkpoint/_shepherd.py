@@ -1263,12 +1263,24 @@ class Shepherd:
         self.retired_live.add(live_pid)
         if not self.scan_pending:
             self.scan_pending = True
-            self.loop.after(0.05, self._scan_orphans)    # off the restore's path; batched
+            self.loop.after(0.05, functools.partial(self._scan_tick, 0.05))   # off the restore's path
+
+    def _scan_tick(self, delay: float) -> None:
+        """Scan, and again while a retired live process is not reaped yet: a killed process hands
+        its children over only at the very end of its exit, after its memory is torn down (at idle
+        priority on a busy machine, later than the first scan: a child that had ended went
+        uncounted, and a restored program's os.wait() raised ECHILD for it)."""
+        self._scan_orphans()
+        if self.retired_live:
+            delay = min(2 * delay, 1.0)
+            self.loop.after(delay, functools.partial(self._scan_tick, delay))
+        else:
+            self.scan_pending = False
 
     def _scan_orphans(self) -> None:
-        self.scan_pending = False
-        parents, self.retired_live = self.retired_live, set()
+        parents = self.retired_live
         self.orphans.scan(parents, self.procs.__contains__)
+        self.retired_live = {p for p in parents if p in self.procs}      # still dying
 
     def _watch_parent(self) -> None:
         """Keep the face's parent in the arena (``os.getppid()`` in the program) as it changes.
