@@ -9,6 +9,11 @@ which reaps such children and keeps their statuses (``_shepherd``: ``ChildQuery`
 in the arena where every live process records the children it reaped itself (a restored process can
 hold a ``Popen`` for a child that a rolled-back process had already waited for).
 
+A wait for "any child" also looks in that ring for the children this process's memory knew at
+its last checkpoint and has not seen end (``at_checkpoint``): a process rolled back to before a
+wait for any child must still be given the children that a rolled-back process reaped, and only
+those it had started itself (not those started after its checkpoint).
+
 Where it ends: only a child nobody recorded (for example one reaped by ``os.waitid`` or by C code)
 still gets ECHILD, as it would without forkpoint. ``os.waitid`` itself is not replaced. A blocking
 wait for "any child" while the shepherd holds some of them looks at the real ones and asks the
@@ -23,6 +28,7 @@ import select
 import sys
 from collections.abc import Callable
 
+from . import _procfs
 from ._channel import ChildQuery, Message
 from .arena import Arena
 
@@ -35,11 +41,59 @@ Ask = Callable[[Message], tuple[dict, list[int]]]
 _arena: Arena | None = None
 _ask: Ask | None = None
 _POLL = 0.05          # seconds between looks at the real children while waiting for "any child"
+# The children this memory knew at its last checkpoint and has not seen end, oldest first (process
+# memory: a restore rolls it back with the rest).
+_unwaited: dict[int, None] = {}
+_UNWAITED_MAX = 4096
+_ring_seen = 0        # the ring's count up to which this memory has looked for them
+
+
+def at_checkpoint(threads: bool) -> None:
+    """``tsetjmp()``, before its fork: add this process's children to those it has not seen end
+    (``threads``: other threads may have started some). A child held by the shepherd is not among
+    them, but stays if an earlier checkpoint had it."""
+    if _arena is None:
+        return
+    for pid in _procfs.own_children(threads):
+        _unwaited[pid] = None
+    while len(_unwaited) > _UNWAITED_MAX:
+        del _unwaited[next(iter(_unwaited))]
 
 
 def _note(pid: int, status: int) -> None:
+    global _ring_seen
     if pid > 0 and _arena is not None and (os.WIFEXITED(status) or os.WIFSIGNALED(status)):
+        _unwaited.pop(pid, None)
+        count = _arena.reaped_count()
         _arena.note_reaped(pid, status)
+        if _ring_seen == count:         # nothing another process wrote is left unread
+            _ring_seen = count + 1
+
+
+def _from_ring(pid: int) -> tuple[int, int] | None:
+    """A child this memory had not seen end, that a process since rolled back reaped (pid -1 or
+    0: the ring does not say which group a child was in). Only the live process writes the ring,
+    so once this memory has read what others wrote, there is nothing to look for until a restore."""
+    global _ring_seen
+    if pid < -1 or not _unwaited or _arena is None:
+        return None
+    count = _arena.reaped_count()
+    if count == _ring_seen:
+        return None
+    for child in list(_unwaited):
+        status = _arena.reaped(child)
+        if status is None:
+            continue
+        try:
+            got = _real_waitpid(child, os.WNOHANG)
+        except ChildProcessError:       # not ours: the status a rolled-back process collected
+            del _unwaited[child]
+            return child, status
+        if got[0] == child:             # ours (its pid was used before), and it has just ended
+            _note(*got)
+            return got
+    _ring_seen = count
+    return None
 
 
 def _echild() -> ChildProcessError:
@@ -90,6 +144,7 @@ def _wait_held(pid: int, options: int) -> tuple[int, int]:
             status = _arena.reaped(pid) if _arena is not None else None
             if status is None:
                 raise _echild()
+            _unwaited.pop(pid, None)
             return pid, status
         if options & os.WNOHANG:
             _close(fds)
@@ -126,6 +181,10 @@ def _wait_any(pid: int, options: int) -> tuple[int, int]:
 
 
 def _waitpid(pid: int, options: int, /) -> tuple[int, int]:
+    if pid <= 0 and _unwaited:
+        got = _from_ring(pid)
+        if got is not None:
+            return got
     if pid <= 0 and _arena is not None and _arena.orphans():
         return _wait_any(pid, options)
     try:
@@ -144,6 +203,9 @@ def _wait() -> tuple[int, int]:
 
 
 def _wait4(pid: int, options: int) -> tuple[int, int, resource.struct_rusage]:
+    got4 = _from_ring(pid) if pid <= 0 and _unwaited else None
+    if got4 is not None:
+        return got4 + (resource.struct_rusage((0.0, 0.0) + (0,) * 14),)
     if not (pid <= 0 and _arena is not None and _arena.orphans()):
         try:
             got = _real_wait4(pid, options)
@@ -168,8 +230,9 @@ for _mine, _theirs in ((_waitpid, _real_waitpid), (_wait, _real_wait), (_wait3, 
 
 def install(arena: Arena, ask: Ask) -> None:
     """Let this (live) process wait for the children the shepherd holds."""
-    global _arena, _ask
+    global _arena, _ask, _ring_seen
     _arena, _ask = arena, ask
+    _ring_seen = arena.reaped_count()
     os.waitpid, os.wait, os.wait3, os.wait4 = _waitpid, _wait, _wait3, _wait4
     _patch_subprocess(_real_waitpid, _waitpid)
 
@@ -178,6 +241,7 @@ def forget_in_forked_child() -> None:
     """A child the program forks has children of its own, none of them held by the shepherd."""
     global _arena, _ask
     _arena = _ask = None
+    _unwaited.clear()
     os.waitpid, os.wait, os.wait3, os.wait4 = _real_waitpid, _real_wait, _real_wait3, _real_wait4
     _patch_subprocess(_waitpid, _real_waitpid)
 

@@ -105,6 +105,35 @@ def _listed_children(parents: set[int]) -> list[tuple[int, int]] | None:
     return out
 
 
+def own_children(threads: bool = True) -> list[int]:
+    """This process's children, from the kernel's per-task lists (empty where those cannot be
+    read): every thread's, or with ``threads=False`` (the caller knows it is alone) the calling
+    thread's, three system calls (about 10 us warm, 40 cold here)."""
+    try:
+        if not threads:
+            return [int(x) for x in _read_all("/proc/thread-self/children").split()]
+        kids: list[int] = []
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                kids.extend(int(x) for x in _read_all(f"/proc/self/task/{tid}/children").split())
+            except FileNotFoundError:   # the thread ended
+                continue
+        return kids
+    except (OSError, ValueError):
+        return []
+
+
+def _read_all(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = [os.read(fd, 65536)]
+        while len(chunks[-1]) > 60000:  # (a list that short comes whole: no read for its end)
+            chunks.append(os.read(fd, 65536))
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def alive_since(pid: int) -> int | None:
     """When ``pid`` started (clock ticks since boot, field 22 of its stat): with it, a pid that was
     reused since is told apart from the process it named. None only when the process is known to

@@ -550,6 +550,10 @@ class Arena:
         self.words[w] = pid
         self.words[_H_REAPED] = seq + 1
 
+    def reaped_count(self) -> int:
+        """How many children live processes have recorded in all (the ring's sequence number)."""
+        return int(self.words[_H_REAPED])
+
     def reaped(self, pid: int) -> int | None:
         """The status the live process collected for child ``pid`` most recently, if any."""
         seq = int(self.words[_H_REAPED])

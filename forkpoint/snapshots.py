@@ -20,7 +20,7 @@ import types
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from . import _channel, _clone, _eventloop, _locks, _procfs, _qkeys, _qlookup, _sigutil
+from . import _channel, _children, _clone, _eventloop, _locks, _procfs, _qkeys, _qlookup, _sigutil
 from ._errors import ConfigurationError, NoSuchCheckpoint, resource_error
 from ._frozen import Saved, frozen, resume
 from ._runtime import _Runtime, runtime
@@ -149,6 +149,8 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int
     except OSError as e:
         raise resource_error(f"could not take checkpoint {n}: cannot read /proc/self/fd", e) from e
     locks = _locks.held(rt.owner_pid, files)
+    # The children this memory will still expect to end (no other thread, unless allowed):
+    _children.at_checkpoint(rt.config.allow_threads if allow_threads is None else allow_threads)
     if locks:
         _warn_sqlite(n, locks)
     policy = os.sched_getscheduler(0)

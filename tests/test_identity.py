@@ -412,6 +412,35 @@ def test_os_wait_after_a_restore_reports_the_child_the_crashed_process_left(tmp_
     assert r.stdout.splitlines() == ["True 7"], r.stdout + r.stderr
 
 
+def test_os_wait_after_a_rollback_reports_the_children_the_checkpoint_knew_and_only_those(tmp_path):
+    """A job runner that reaps with os.wait() and is rolled back to before a wait must be given the
+    children it had then, even those the rolled-back process reaped (os.wait() raised ECHILD: 20 of
+    20 runs of a stress session's reproduction, and its job runner left jobs unreaped), but not
+    the children only the rolled-back attempt started, which the restored memory never knew."""
+    r = run_py(HEADER + """
+    fp.recover_on(signal.SIGSEGV)
+    attempt = fp.persist_int("attempt")
+    fp.start()
+    # (posix_spawn: a dropped Popen's child is reaped by the next Popen, with or without forkpoint)
+    before = os.posix_spawn("/bin/sh", ["sh", "-c", "exit 7"], os.environ)
+    time.sleep(0.1)
+    fp.tsetjmp()
+    if attempt.add() == 1:
+        after = os.posix_spawn("/bin/sh", ["sh", "-c", "exit 9"], os.environ)
+        os.waitpid(after, 0)                    # only the rolled-back attempt knew this one
+        os.wait()                               # ... and it reaped the one before, too
+        ctypes.string_at(0)
+    got, status = os.wait()
+    print(got == before, os.waitstatus_to_exitcode(status), flush=True)
+    try:
+        print("then", os.wait(), flush=True)
+    except ChildProcessError:
+        print("then ECHILD", flush=True)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["True 7", "then ECHILD"], r.stdout + r.stderr
+
+
 def test_a_held_childs_status_survives_a_rollback_of_the_wait_that_took_it(tmp_path):
     """A child whose parent (a live process) crashed is held by the shepherd; the restored
     program's wait takes its status from the shepherd, which then forgets it. A rollback to before
