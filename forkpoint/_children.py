@@ -49,15 +49,18 @@ _ring_seen = 0        # the ring's count up to which this memory has looked for 
 
 
 def at_checkpoint(threads: bool) -> None:
-    """``tsetjmp()``, before its fork: add this process's children to those it has not seen end
-    (``threads``: other threads may have started some). A child held by the shepherd is not among
-    them, but stays if an earlier checkpoint had it."""
+    """``tsetjmp()``, before its fork, with every signal blocked: add this process's children to
+    those it has not seen end (``threads``: other threads may have started some). A child held by
+    the shepherd is not among them, but stays if an earlier checkpoint had it."""
     if _arena is None:
         return
-    for pid in _procfs.own_children(threads):
-        _unwaited[pid] = None
-    while len(_unwaited) > _UNWAITED_MAX:
-        del _unwaited[next(iter(_unwaited))]
+    try:
+        for pid in _procfs.own_children(threads):
+            _unwaited[pid] = None
+        while len(_unwaited) > _UNWAITED_MAX:
+            del _unwaited[next(iter(_unwaited))]
+    except Exception:  # noqa: BLE001 - called with every signal blocked: it must not raise
+        pass
 
 
 def _note(pid: int, status: int) -> None:

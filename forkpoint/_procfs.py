@@ -124,6 +124,8 @@ def own_children(threads: bool = True) -> list[int]:
 
 
 def _read_all(path: str) -> bytes:
+    # (An interrupt between the open and the try leaves the descriptor open: tsetjmp() calls
+    # own_children with every signal blocked.)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         chunks = [os.read(fd, 65536)]

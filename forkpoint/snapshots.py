@@ -149,8 +149,6 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int
     except OSError as e:
         raise resource_error(f"could not take checkpoint {n}: cannot read /proc/self/fd", e) from e
     locks = _locks.held(rt.owner_pid, files)
-    # The children this memory will still expect to end (no other thread, unless allowed):
-    _children.at_checkpoint(rt.config.allow_threads if allow_threads is None else allow_threads)
     if locks:
         _warn_sqlite(n, locks)
     policy = os.sched_getscheduler(0)
@@ -177,6 +175,9 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int
     except BaseException:               # a handler that ran as signals were blocked raised
         rt.forget_keeper()
         raise
+    # The children this memory will still expect to end (no other thread, unless allowed); here,
+    # where no interrupt can leave the list's descriptor open (the interrupt sweep found that).
+    _children.at_checkpoint(rt.config.allow_threads if allow_threads is None else allow_threads)
     rt.chan.send(_channel.encode_snap(n, bool(pin), spares, key, deadline))
     # Recorded before the fork, whose parent side then writes one page fewer (a copy-on-write
     # fault, 10-30 us here); nothing can read it in between, with every signal blocked.
