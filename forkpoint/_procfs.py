@@ -89,14 +89,10 @@ def _listed_children(parents: set[int]) -> list[tuple[int, int]] | None:
             continue
         except OSError:
             return None
-        for tid in tids:
-            try:
-                with open(f"/proc/{parent}/task/{tid}/children", "rb") as f:
-                    kids.extend(int(x) for x in f.read().split())
-            except FileNotFoundError:   # the thread ended
-                continue
-            except (OSError, ValueError):
-                return None
+        try:
+            kids.extend(_listed_in(f"/proc/{parent}/task", tids))
+        except (OSError, ValueError):
+            return None
     out = []
     for pid in dict.fromkeys(kids):
         fields = read_stat(pid)
@@ -112,15 +108,21 @@ def own_children(threads: bool = True) -> list[int]:
     try:
         if not threads:
             return [int(x) for x in _read_all("/proc/thread-self/children").split()]
-        kids: list[int] = []
-        for tid in os.listdir("/proc/self/task"):
-            try:
-                kids.extend(int(x) for x in _read_all(f"/proc/self/task/{tid}/children").split())
-            except FileNotFoundError:   # the thread ended
-                continue
-        return kids
+        return _listed_in("/proc/self/task", os.listdir("/proc/self/task"))
     except (OSError, ValueError):
         return []
+
+
+def _listed_in(tasks: str, tids: list[str]) -> list[int]:
+    """The children in the kernel's lists of the threads ``tids`` under ``tasks`` (one's
+    /proc/PID/task), skipping threads that ended."""
+    kids: list[int] = []
+    for tid in tids:
+        try:
+            kids.extend(int(x) for x in _read_all(f"{tasks}/{tid}/children").split())
+        except FileNotFoundError:
+            continue
+    return kids
 
 
 def _read_all(path: str) -> bytes:
