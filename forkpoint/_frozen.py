@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import _channel, _clone, _eventloop, _identity, _locks, _prctl, _sigutil
+from . import _channel, _clone, _cputime, _eventloop, _identity, _locks, _prctl, _sigutil
 from ._runtime import _Runtime
 
 log = logging.getLogger("forkpoint")
@@ -270,6 +270,7 @@ def resume(rt: _Runtime, saved: Saved, wake: _channel.Wake) -> None:
     """Turn a woken spare into the live program."""
     n = wake.n
     rt.owner_pid = _identity.real_pid()
+    _cputime.became_live()
     rt.chan_lock = _Ready.lock if _Ready.lock is not None else threading.Lock()
     _sigutil.drain_pending()        # before rejoining the terminal's group: what comes later is real
     try:

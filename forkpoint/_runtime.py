@@ -24,6 +24,7 @@ from . import (
     _channel,
     _children,
     _clone,
+    _cputime,
     _eventloop,
     _identity,
     _locks,
@@ -235,6 +236,7 @@ class _Runtime:
             fds += (fault_r, fault_w)
             what = "the fork of the live program failed"
             timers = [(w, signal.getitimer(w)) for w in _sigutil.ITIMERS]
+            cpu = _cputime.own_ns()          # the program's so far: the live process counts it
             parent = os.getpid()
             what = "could not read the program's POSIX locks"
             # the shepherd lets go of them, the live process takes them
@@ -271,6 +273,8 @@ class _Runtime:
                 os._exit(70)
             _identity.install(parent, arena)
             _children.install(arena, self.exchange)
+            arena.add_cpu(*cpu)
+            _cputime.install(arena)
             _eventloop.rejoin(loop, moved_heap=False)
             for which, value in timers:      # fork() does not copy interval timers; exec keeps them
                 if value[0] > 0:
@@ -475,6 +479,7 @@ def _forget_in_forked_child() -> None:
     rt = _rt
     _identity.forget_in_forked_child()
     _children.forget_in_forked_child()
+    _cputime.forget_in_forked_child()
     if rt.chan is not None:
         rt.chan.close()
         rt.chan = None

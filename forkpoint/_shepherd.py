@@ -112,6 +112,7 @@ class Proc:
     forwarded: set[int] = field(default_factory=set)   # signals the shepherd sent it
     held: bool = False            # woken with Wake.hold: it waits for an Ok after its Up
     reported_pending: int | None = None   # its pending signals as its Restore gave them
+    cpu0: tuple[int, int] = (0, 0)   # its own CPU time (user, system ns) when it became live
 
 
 @dataclass
@@ -393,6 +394,7 @@ class Shepherd:
             self._close(proc)
             return
         if proc.lived:        # signals for the program still blocked there go to its successor
+            self._note_live_cpu(proc)            # before a successor writes its own there
             self._read_signals(retiring=proc)    # what came before this instant was for it
             carried = CARRIED | proc.forwarded
             if proc.reported_pending is None:
@@ -870,14 +872,28 @@ class Shepherd:
     def _reap(self) -> None:
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
-            self._on_exit(pid, status)
+            self._on_exit(pid, status, usage)
 
-    def _on_exit(self, pid: int, status: int) -> None:
+    def _note_live_cpu(self, proc: Proc) -> None:
+        """What ``proc`` had used when it became live, as it wrote it (``_cputime``)."""
+        pid, user, system = self.arena.live_cpu()
+        if pid == proc.pid:
+            proc.cpu0 = (user, system)
+
+    def _count_cpu(self, proc: Proc, usage: resource.struct_rusage | None) -> None:
+        """A process that ran program code is gone: its CPU time is the program's from now on."""
+        if usage is None:
+            return
+        self._note_live_cpu(proc)
+        self.arena.add_cpu(round(usage.ru_utime * 1e6) * 1000 - proc.cpu0[0],
+                           round(usage.ru_stime * 1e6) * 1000 - proc.cpu0[1])
+
+    def _on_exit(self, pid: int, status: int, usage: resource.struct_rusage | None = None) -> None:
         proc = self.procs.get(pid)
         if proc is None:
             # An orphan's status is kept before the live channel is read: a ChildQuery waiting
@@ -908,6 +924,8 @@ class Shepherd:
             self._drain(self.live)    # a committed transaction may have discarded this process
         self._drain(proc)     # what it said before dying (a checkpoint it took) comes first
         self.procs.pop(pid, None)
+        if proc.lived:
+            self._count_cpu(proc, usage)
         if proc.role is Role.HOLDER:
             if os.WIFSIGNALED(status):      # killed (one ends by itself once its work is done)
                 self.arena.holder_lost()

@@ -35,8 +35,8 @@ and a damaged one is detected and reported, never used as if it were valid:
   a damaged one is left out (and logged), never returned.
 
 The throttle, "introduced" and "holders lost" words are hints that the shepherd's answers (or a
-look at /proc) make authoritative; the words of ``_identity``/``_children`` (face parent, orphans,
-reaped children) are not covered here.
+look at /proc) make authoritative; the words of ``_identity``/``_children``/``_cputime`` (face
+parent, orphans, reaped children, CPU time) are not covered here.
 """
 from __future__ import annotations
 
@@ -70,6 +70,12 @@ MAX_NAME = 64
 # Header words (8 bytes each) at offset 0.
 (_H_MAGIC, _H_VERSION, _H_SIZE, _H_NEXT_ID, _H_TOP, _H_HISTORY, _H_START, _H_WD_AT, _H_WD_TO,
  _H_FACE_PPID, _H_ORPHANS, _H_REAPED, _H_THROTTLE, _H_INTRODUCED, _H_HOLDERS_LOST) = range(15)
+# The program's CPU time (``_cputime``), nanoseconds: what processes no longer live used (user,
+# system), the live process's own clock when it became live (its pid, user, system), and the
+# highest values any live process answered (user, system, their sum).
+(_H_CPU_USER, _H_CPU_SYS, _H_CPU_LIVE, _H_CPU_LIVE_USER, _H_CPU_LIVE_SYS, _H_CPU_SEEN_USER,
+ _H_CPU_SEEN_SYS, _H_CPU_SEEN) = range(15, 23)
+_CPU_WORDS = range(_H_CPU_USER, _H_CPU_SEEN + 1)
 # Second copies and checks of the counters, and the watchdog record's check (see "Stray writes").
 _C_NEXT_ID = (_H_NEXT_ID, 32, 33, 34)     # (value, its complement), (second value, its complement)
 _C_TOP = (_H_TOP, 35, 36, 37)
@@ -332,7 +338,8 @@ class Arena:
         self._set_counter(_C_HISTORY, 0)
         w[_PROCESSING_OFF // 8 + 1] = 0
         w[_H_WD_AT] = 0
-        for word in (_H_FACE_PPID, _H_ORPHANS, _H_REAPED, _H_THROTTLE, _H_INTRODUCED, _H_HOLDERS_LOST):
+        for word in (_H_FACE_PPID, _H_ORPHANS, _H_REAPED, _H_THROTTLE, _H_INTRODUCED, _H_HOLDERS_LOST,
+                     *_CPU_WORDS):
             w[word] = 0
         w[_H_START] = struct.unpack("Q", struct.pack("d", time.time()))[0]
 
@@ -536,6 +543,32 @@ class Arena:
 
     def orphans(self) -> int:
         return int(self.words[_H_ORPHANS])
+
+    def add_cpu(self, user_ns: int, sys_ns: int) -> None:
+        """CPU time of the program's that no live process counts any more (written by the original
+        process before ``start()``'s fork, then by the shepherd only)."""
+        w = self.words
+        w[_H_CPU_USER] = (w[_H_CPU_USER] + max(user_ns, 0)) & _MASK
+        w[_H_CPU_SYS] = (w[_H_CPU_SYS] + max(sys_ns, 0)) & _MASK
+
+    def cpu_base(self) -> tuple[int, int]:
+        return int(self.words[_H_CPU_USER]), int(self.words[_H_CPU_SYS])
+
+    def set_live_cpu(self, pid: int, user_ns: int, sys_ns: int) -> None:
+        """The CPU clock of live process ``pid`` when it became live (written by that process)."""
+        w = self.words
+        w[_H_CPU_LIVE] = 0
+        w[_H_CPU_LIVE_USER] = user_ns
+        w[_H_CPU_LIVE_SYS] = sys_ns
+        w[_H_CPU_LIVE] = pid
+
+    def live_cpu(self) -> tuple[int, int, int]:
+        w = self.words
+        return int(w[_H_CPU_LIVE]), int(w[_H_CPU_LIVE_USER]), int(w[_H_CPU_LIVE_SYS])
+
+    def cpu_seen(self) -> memoryview:
+        """The words of the highest CPU times answered (user, system, sum), to read and raise."""
+        return self.words[_H_CPU_SEEN_USER:_H_CPU_SEEN + 1]
 
     def note_reaped(self, pid: int, status: int) -> None:
         """Record that the live process reaped child ``pid`` (single writer: the live process).

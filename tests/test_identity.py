@@ -453,6 +453,53 @@ def test_os_wait_after_a_rollback_reports_the_children_the_checkpoint_knew_and_o
     assert r.stdout.splitlines() == ["True 7", "then ECHILD"], r.stdout + r.stderr
 
 
+def test_cpu_time_counts_the_whole_program_and_never_runs_backwards(tmp_path):
+    """A process's CPU clock starts at 0, and after start() and every restore the program runs in
+    another process: time.process_time(), os.times() and getrusage(RUSAGE_SELF) fell back to about
+    0 there (a job runner timing its jobs in CPU time got negative durations). As in one process,
+    they count what the program used before start(), never run backwards across a restore, and
+    count the rolled-back attempt's time too (it was spent); a child the program forks counts its
+    own, as without forkpoint."""
+    r = run_py(HEADER + """
+    import resource
+    def spin(seconds):                  # this thread's CPU time: a clock forkpoint leaves alone
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+    def clocks():
+        ru, t = resource.getrusage(resource.RUSAGE_SELF), os.times()
+        return (time.process_time(), time.clock_gettime(time.CLOCK_PROCESS_CPUTIME_ID),
+                time.process_time_ns() / 1e9, t.user + t.system, ru.ru_utime + ru.ru_stime)
+    spin(0.3)
+    fp.start()                          # the first use of forkpoint
+    at_start = clocks()
+    fp.recover_on(signal.SIGSEGV)
+    attempt = fp.persist_int("attempt")
+    spin(0.2)
+    at_checkpoint = clocks()
+    fp.tsetjmp()
+    if attempt.add() == 1:
+        spin(0.5)
+        ctypes.string_at(0)
+    restored = clocks()
+    print("counts what came before start()", min(at_start) >= 0.3, at_start, flush=True)
+    print("not backwards", all(b >= a for a, b in zip(at_checkpoint, restored)), at_checkpoint,
+          restored, flush=True)
+    deadline = time.monotonic() + 10     # the shepherd counts the attempt once it has reaped it
+    while min(clocks()) < 1.0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print("counts the rolled-back attempt", min(clocks()) >= 1.0, clocks(), flush=True)
+    child = os.fork()
+    if child == 0:
+        os._exit(0 if max(clocks()) < 0.3 else 1)
+    print("a forked child counts its own", os.waitpid(child, 0)[1] == 0, flush=True)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert [line.split(" (")[0].rsplit(" ", 1) for line in r.stdout.splitlines()] == [
+        ["counts what came before start()", "True"], ["not backwards", "True"],
+        ["counts the rolled-back attempt", "True"], ["a forked child counts its own", "True"]], r.stdout
+
+
 def test_a_held_childs_status_survives_a_rollback_of_the_wait_that_took_it(tmp_path):
     """A child whose parent (a live process) crashed is held by the shepherd; the restored
     program's wait takes its status from the shepherd, which then forgets it. A rollback to before

@@ -20,7 +20,7 @@ LAYERS: dict[str, list[str]] = {
     "data and wire": ["_channel", "arena", "policy", "_rundir", "_qkeys", "_qtable", "_qhost", "_threadmarks"],
     "shepherd": ["_loop", "_faultreport", "_budget", "_orphans", "_control", "_qredis", "_qkeeper",
                  "_witness", "_shepherd"],
-    "program side": ["_identity", "_children", "_eventloop", "_asgiloop", "_qlookup", "_runtime", "_frozen",
+    "program side": ["_identity", "_children", "_cputime", "_eventloop", "_asgiloop", "_qlookup", "_runtime", "_frozen",
                      "_fdholder"],
     "public api": ["snapshots", "persist", "recovery", "watchdog", "checkpointed", "_serving", "wsgi", "asgi"],
     "faces": ["__init__", "__main__", "operator", "_qadmin", "cli", "demo", "bench"],
