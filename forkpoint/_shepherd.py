@@ -89,6 +89,9 @@ _LOOP_WINDOW = 2.0            # seconds a keeper stays at normal priority after 
 REPLAYED = CARRIED - STOP_SIGNALS
 
 
+_SNAP_HEAD = _channel.encode_snap(0, False, 0, None, 0.0)[:len('{"op":"snap"')]
+
+
 class Role(enum.Enum):
     LIVE = "live"             # runs program code; at most one
     KEEPER = "keeper"         # checkpoint n itself; forks spares
@@ -135,6 +138,7 @@ class Checkpoint:
     # Signals from users and terminals that reached the live process after this checkpoint was
     # announced: a rollback to it undoes their handlers' work, so they are handled again (_replay).
     delivered: set[int] = field(default_factory=set)
+    replay_due: bool = False      # a failure's restore into it must replay them (decided at its wake)
 
 
 def become_shepherd(chan: socket.socket, arena: Arena, live_pid: int, pgid: int, config: Any,
@@ -601,6 +605,8 @@ class Shepherd:
         if self.ending:
             return
         got = _sigutil.read_signalfd(self.sfd)
+        if any(sig in REPLAYED for sig, _, _ in got):
+            self._take_snaps(retiring or self.live)
         live = retiring or (self.live if self.live_up else None)
         rest = []
         for sig, code, sender in got:
@@ -637,6 +643,25 @@ class Shepherd:
                 self._delivered(sig)    # the same, judged without the witness: its copy is pending
             else:
                 self._deliver(sig, False, live, retiring)
+
+    def _take_snaps(self, proc: Proc | None) -> None:
+        """Register the checkpoints ``proc`` announced before the signals just read were judged.
+
+        The live process announces a checkpoint before its fork; a signal passed on now reaches
+        it after that, so a rollback to that checkpoint must have it handled again (``_replay``).
+        The signalfd is read first in every turn of the loop: on a busy machine, where the
+        shepherd ran only after both had come, a SIGTERM handled after the checkpoint counted as
+        handled before it, and was lost with the step that crashed. Only ``Snap`` messages are
+        taken here, in order; anything after the first other message waits for its turn.
+        """
+        while proc is not None and proc.chan is not None and proc.role is not Role.DYING:
+            try:
+                head = proc.chan.recv(len(_SNAP_HEAD), socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except OSError:
+                return
+            if head != _SNAP_HEAD:
+                return
+            self._on_message(proc)
 
     def _sent_to_group(self, got: list[tuple[int, int, int]], live: Proc | None) -> int:
         """The signals of this batch that went to the program's whole process group, as a mask:
@@ -729,7 +754,7 @@ class Shepherd:
             for ck in self.ckpts.values():
                 ck.delivered.add(sig)
 
-    def _replay(self, ck: Checkpoint) -> int:
+    def _replay(self, ck: Checkpoint, keeper: Proc | None = None) -> int:
         """Queue for the process restored into ``ck`` the signals that reached the program after
         ``ck`` was taken and that it handles there.
 
@@ -750,7 +775,7 @@ class Shepherd:
         queued = {s for s, _ in self.pending_signals}
         mask = 0
         for sig in sorted(ck.delivered - queued):
-            if self._disposition(sig) == "catch":
+            if self._disposition(sig, keeper) == "catch":
                 self.pending_signals.append((sig, False))
                 mask |= 1 << (sig - 1)
         return mask
@@ -778,11 +803,13 @@ class Shepherd:
         p.register(fd, select.POLLIN)
         return bool(p.poll(0))
 
-    def _disposition(self, sig: int) -> str:
+    def _disposition(self, sig: int, keeper: Proc | None = None) -> str:
         """What the checkpoint being restored does with ``sig`` ("unknown" if no process of it is
-        there to ask): its frozen processes have the program's handlers, only blocked."""
+        there to ask): its frozen processes have the program's handlers, only blocked. (``keeper``:
+        one already taken out of the registry to be woken itself.)"""
         ck = self.ckpts.get(self.current)
         proc = (ck.keeper or (ck.spares[0] if ck.spares else None)) if ck is not None else None
+        proc = proc or keeper
         masks = _procfs.signal_dispositions(proc.pid) if proc is not None else None
         return _sigutil.disposition(sig, *masks) if masks is not None else "unknown"
 
@@ -1425,8 +1452,7 @@ class Shepherd:
         ck = self.ckpts[decision.target]
         ck.deadline = 0.0               # the restored process answers for the call, in time
         voluntary = requester is not None and not sig and not cause.startswith("exception")
-        if ck.delivered and not voluntary:
-            wake.replay = self._replay(ck)
+        ck.replay_due = bool(ck.delivered) and not voluntary
 
         def restore() -> None:
             if self.backoff is not restore and decision.delay > 0:
@@ -1489,6 +1515,7 @@ class Shepherd:
         if self.ckpts.get(ck.n) is not ck:
             self._fall_back(wake, ck.n, "it vanished")
             return
+        self._replay_when_known(ck, wake)
         wake.hold = bool(self.pending_signals) or self._in_terminal_foreground()
         while ck.spares:
             spare = ck.spares.pop(0)
@@ -1517,6 +1544,15 @@ class Shepherd:
             return
         self._urge(ck)
         self.loop.after(_AWAIT_KEEPER, lambda: self._check_pending(ck, wake))
+
+    def _replay_when_known(self, ck: Checkpoint, wake: Wake, keeper: Proc | None = None) -> None:
+        """Decide what a failure's restore into ``ck`` replays (``_replay``) once a process of
+        ``ck`` is there to say what the program does with each signal. Decided at the failure, a
+        checkpoint whose keeper had not introduced itself yet (a busy machine) answered "unknown"
+        for every signal, and none was handled again."""
+        if ck.replay_due and (keeper or ck.keeper or ck.spares):
+            ck.replay_due = False
+            wake.replay = self._replay(ck, keeper)
 
     def _went_live(self, proc: Proc, wake: Wake) -> None:
         proc.role, proc.lived, proc.held = Role.LIVE, True, wake.hold
@@ -1553,6 +1589,7 @@ class Shepherd:
             return
         self.ckpts.pop(ck.n, None)
         ck.keeper = None
+        self._replay_when_known(ck, wake, keeper)
         for spare in ck.spares:
             self._retire(spare)
         wake.hold = bool(self.pending_signals) or self._in_terminal_foreground()
