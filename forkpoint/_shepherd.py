@@ -138,7 +138,8 @@ class Checkpoint:
     # Signals from users and terminals that reached the live process after this checkpoint was
     # announced: a rollback to it undoes their handlers' work, so they are handled again (_replay).
     delivered: set[int] = field(default_factory=set)
-    replay_due: bool = False      # a failure's restore into it must replay them (decided at its wake)
+    after_failure: bool = False   # the restore pending into it is a failure's (not a plain tlongjmp)
+    replay_due: bool = False      # that restore must replay them (decided at its wake)
 
 
 def become_shepherd(chan: socket.socket, arena: Arena, live_pid: int, pgid: int, config: Any,
@@ -1452,6 +1453,7 @@ class Shepherd:
         ck = self.ckpts[decision.target]
         ck.deadline = 0.0               # the restored process answers for the call, in time
         voluntary = requester is not None and not sig and not cause.startswith("exception")
+        ck.after_failure = not voluntary
         ck.replay_due = bool(ck.delivered) and not voluntary
 
         def restore() -> None:
@@ -1513,7 +1515,7 @@ class Shepherd:
 
     def _wake(self, ck: Checkpoint, wake: Wake) -> None:
         if self.ckpts.get(ck.n) is not ck:
-            self._fall_back(wake, ck.n, "it vanished")
+            self._fall_back(wake, ck, "it vanished")
             return
         self._replay_when_known(ck, wake)
         wake.hold = bool(self.pending_signals) or self._in_terminal_foreground()
@@ -1552,7 +1554,7 @@ class Shepherd:
         for every signal, and none was handled again."""
         if ck.replay_due and (keeper or ck.keeper or ck.spares):
             ck.replay_due = False
-            wake.replay = self._replay(ck, keeper)
+            wake.replay |= self._replay(ck, keeper)
 
     def _went_live(self, proc: Proc, wake: Wake) -> None:
         proc.role, proc.lived, proc.held = Role.LIVE, True, wake.hold
@@ -1595,7 +1597,7 @@ class Shepherd:
         wake.hold = bool(self.pending_signals) or self._in_terminal_foreground()
         if not self._send(keeper, wake):
             self._retire(keeper)
-            self._fall_back(wake, ck.n, "its keeper is gone")
+            self._fall_back(wake, ck, "its keeper is gone")
             return
         log.warning("checkpoint %d restored from its keeper itself: no copy could be forked; "
                     "the checkpoint is used up", ck.n)
@@ -1614,11 +1616,14 @@ class Shepherd:
         ck.pending = None
         if ck.awaiting:
             self._discard(ck.n, f"its keeper never introduced itself within {_AWAIT_KEEPER:g}s")
-        self._fall_back(wake, ck.n, f"no copy of it came within {_AWAIT_KEEPER:g}s")
+        self._fall_back(wake, ck, f"no copy of it came within {_AWAIT_KEEPER:g}s")
 
-    def _fall_back(self, wake: Wake, lost: int, why: str) -> None:
-        """A restore to checkpoint ``lost`` cannot happen: restore the best other one, or end as
-        the failure would have ended the program if none is left."""
+    def _fall_back(self, wake: Wake, lost_ck: Checkpoint, why: str) -> None:
+        """A restore to checkpoint ``lost_ck`` cannot happen: restore the best other one, or end
+        as the failure would have ended the program if none is left. A failure's restore replays
+        there what reached the program since that one was taken (``_replay``); what the lost one
+        had queued already stays queued."""
+        lost = lost_ck.n
         alt = self._alternative(lost)
         if not alt:
             log.error("checkpoint %d was lost (%s) while a restore to it was pending, and no other "
@@ -1628,7 +1633,11 @@ class Shepherd:
                     "checkpoint %d instead", lost, why, alt)
         self.current = alt
         self._record_history(wake.from_state, alt, wake.sig, f"fell back from {lost}", None)
-        self._wake(self.ckpts[alt], Wake(alt, wake.from_state, wake.sig, wake.reason, wake.attempt, wake.t))
+        ck = self.ckpts[alt]
+        ck.after_failure = lost_ck.after_failure
+        ck.replay_due = bool(ck.delivered) and ck.after_failure
+        self._wake(ck, Wake(alt, wake.from_state, wake.sig, wake.reason, wake.attempt, wake.t,
+                            replay=wake.replay))
 
     def _give_up(self, wake: Wake) -> NoReturn:
         """A restore that was decided cannot happen: end as the failure would have ended it."""
@@ -1671,7 +1680,7 @@ class Shepherd:
             self._retire(proc)
         if ck.pending is not None:       # a restore was waiting for this checkpoint's spare
             wake, ck.pending = ck.pending, None
-            self._fall_back(wake, n, why)
+            self._fall_back(wake, ck, why)
 
     def _enforce_bounds(self) -> None:
         """Discard the oldest checkpoints beyond the bounds. A checkpoint that is only announced
