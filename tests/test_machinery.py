@@ -110,6 +110,42 @@ def test_a_keeper_killed_before_its_hello_falls_back_to_the_previous_checkpoint(
     assert r.stdout.strip() == "restored 1", (r.stdout, r.stderr)
 
 
+def test_a_restore_that_falls_back_replays_the_signals_the_older_checkpoint_undoes(tmp_path):
+    """A SIGTERM handled after the newest checkpoint, then a crash; the restore waits for that
+    checkpoint's keeper, which is killed before it introduces itself, and goes to the checkpoint
+    before. Rolled back to there, the handler's work is undone: it must run again, as for a
+    restore that did not fall back (it did not: the fallback replayed nothing)."""
+    r = run_py(HEADER + KILL_AT + """
+    import subprocess
+    from forkpoint import _frozen
+    fp.recover_on(signal.SIGSEGV)
+    calls = fp.persist_int("calls")
+    stopping = False
+    def on_term(signum, frame):
+        global stopping
+        calls.add()
+        stopping = True
+    signal.signal(signal.SIGTERM, on_term)
+    n1 = fp.tsetjmp()
+    if fp.chkpt_status(fp.CHKPT_RECOVERED):
+        for _ in range(500):
+            if stopping:
+                break
+            time.sleep(0.01)
+        print("restored", fp.chkpt_status(fp.CKPT_TO_STATE), stopping, calls.value, flush=True)
+        sys.exit(0)
+    kill_at(_frozen.frozen, "chan, theirs = _channel.pair()", forked=True)   # the new keeper
+    n2 = fp.tsetjmp()
+    sys.settrace(None)
+    subprocess.run(["kill", "-TERM", str(os.getpid())])    # from outside, through the shepherd
+    while not stopping:
+        time.sleep(0.005)
+    ctypes.string_at(0)
+    """, tmp_path)
+    assert r.returncode == 0, (r.returncode, r.stderr)
+    assert r.stdout.strip() == "restored 1 True 2", (r.stdout, r.stderr)
+
+
 def _in_pid_namespace(code: str, tmp_path) -> subprocess.CompletedProcess[str]:
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("needs root and unshare(1) for a private PID namespace")
