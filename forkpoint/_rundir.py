@@ -17,7 +17,8 @@ creating ``/tmp/forkpoint-<PID>`` for a PID they expect (the name this module us
 longer matters. A per-PID directory (rather than one socket per user) lets the shepherd remove
 everything it created with one ``rmdir``. A directory left by a SIGKILLed shepherd is removed by
 the next forkpoint program of the same user that starts in the same user directory (its PID is
-gone, or the process now holding that PID started after the directory was last modified).
+gone, or the process now holding that PID started after the directory was last modified, and no
+one listens on its socket: a PID says nothing across PID namespaces, which share ``/tmp``).
 
 Clients find the socket from the PID alone: the kernel's list of bound sockets
 (``/proc/net/unix``, readable by anyone) gives its path and inode, and the target's own
@@ -153,8 +154,14 @@ def cleanup_stale(base: str) -> list[str]:
     """Remove this user's socket directories in ``base`` whose program is gone; returns them.
 
     A directory is stale when no process has its PID, or the process that has it now started
-    after the directory was last modified (the PID was reused). The caller's own PID counts as
-    stale too: the caller is about to create its directory.
+    after the directory was last modified (the PID was reused), and no one listens on its socket.
+    The caller's own PID counts as stale too: the caller is about to create its directory.
+
+    A socket that is listened on is never removed, whatever its PID says: the PID is this PID
+    namespace's reading of a name another namespace may have given (a program run with
+    ``unshare --pid`` shares ``/tmp`` but sees none of the PIDs outside, and removed every live
+    program's directory there: their clients then found the socket's path in /proc/net/unix but
+    no file at it), and the clock may have stepped since the directory was made.
     """
     removed: list[str] = []
     try:
@@ -177,8 +184,8 @@ def cleanup_stale(base: str) -> list[str]:
             started = _procfs.process_start(pid)
             if started is not None and started <= st.st_mtime + 2.0:   # btime has 1 s resolution
                 continue
-            if started is not None and _answers(os.path.join(path, SOCKET_NAME), pid):
-                continue      # the clock stepped, but the program is there: never remove a live one
+            if _listened(os.path.join(path, SOCKET_NAME)):
+                continue      # a program is there (another namespace's PID, a clock step): keep it
         try:
             remove_dir(path)
             removed.append(path)
@@ -188,14 +195,18 @@ def cleanup_stale(base: str) -> list[str]:
     return removed
 
 
-def _answers(path: str, pid: int) -> bool:
-    """Whether a socket at ``path`` accepts a connection from process ``pid`` (not a clock reading)."""
+def _listened(path: str) -> bool:
+    """Whether a process listens on the socket at ``path`` (it accepts connections, or its backlog
+    is full), asked without waiting. Not whose it is: SO_PEERCRED gives 0 for a process outside
+    this PID namespace, and no process of another user can bind in this user's directory."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(0.5)
+    probe.setblocking(False)
     try:
         probe.connect(path)
-        return peercred(probe)[0] == pid
-    except OSError:
+        return True
+    except (BlockingIOError, InterruptedError):     # a full backlog: listened on, busy
+        return True
+    except OSError:                                 # refused (nobody listens), gone, not a socket
         return False
     finally:
         probe.close()

@@ -189,3 +189,42 @@ def test_control_characters_from_the_program_are_escaped_in_what_the_cli_prints(
         assert "\x1b" not in r.stdout and json.loads(r.stdout)["history"][0]["reason"] == reason[:64]
     finally:
         _finish(proc)
+
+
+def test_a_program_in_another_pid_namespace_leaves_live_programs_their_sockets(tmp_path):
+    """A forkpoint program run in a private PID namespace (``unshare --pid``, same /tmp) sees none
+    of the PIDs outside it: its start-up cleanup took every live program's directory in the user
+    directory for stale and removed it, and ``forkpoint status PID`` answered "its control socket
+    was not found" for the rest of those programs' lives (a Redis test failed so whenever another
+    suite ran a test in a PID namespace at the same time). A socket that is listened on is kept."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1)")
+    shared = Path(tempfile.mkdtemp(prefix="fpns-", dir="/tmp"))      # short: AF_UNIX paths
+    env = {"XDG_RUNTIME_DIR": "", "TMPDIR": str(shared)}
+    proc = _start(tmp_path, **env)
+    inner = program("""
+        import time
+        import forkpoint as fp
+        fp.tsetjmp()
+        def ours() -> int:     # the outer program's socket and, once its shepherd is up, this one's
+            with open("/proc/net/unix") as f:
+                return sum(" " + PREFIX + "/" in line and line.rstrip().endswith("/control.sock") for line in f)
+        while ours() < 2:
+            time.sleep(0.01)
+        print("checkpoint taken, its socket bound", flush=True)
+    """.replace("PREFIX", repr(str(shared))), tmp_path, "inner.py")
+    try:
+        r = cli("status", proc.pid, "--json", **env)
+        assert r.returncode == 0, r.stderr
+        sock = json.loads(r.stdout)["socket"]
+        ns = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", '"$0" "$1"; echo "exit=$?"',
+                             sys.executable, str(inner)], capture_output=True, text=True, timeout=60,
+                            env=clean_env(**env), cwd=str(ROOT))
+        assert ns.stdout.splitlines() == ["checkpoint taken, its socket bound", "exit=0"], (ns.stdout, ns.stderr)
+        assert os.path.exists(sock), "the live program's socket was removed"
+        r = cli("status", proc.pid, "--json", **env)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["socket"] == sock
+    finally:
+        _finish(proc)
+        shutil.rmtree(shared, ignore_errors=True)
