@@ -63,6 +63,8 @@ MAX_CONNECTIONS = 16
 ACCEPTS_PER_WAKEUP = 32
 CONNECTION_TIMEOUT = 5.0       # seconds to send a request, and again to read the reply
 BACKLOG = 64
+# How often the shepherd makes sure its socket is still where clients look for it, and touches it.
+CHECK_INTERVAL = 5.0
 OPS = ("ls", "status", "restore", "discard", "quarantine", "release")
 
 
@@ -121,6 +123,7 @@ class ControlServer:
         self.dir = self.path = ""
         self._ident: tuple[int, int] | None = None
         self._sweeping = False
+        self.closed = False
         self._last_refusal = float("-inf")
         self._refusals_unlogged = 0
         self._ops: dict[str, Callable[[dict[str, Any], int, int], dict[str, Any]]] = {
@@ -143,6 +146,61 @@ class ControlServer:
         assert self.sock is not None
         loop.add_reader(self.sock, self._on_accept)
         log.debug("operator socket %s", self.path)
+        loop.after(CHECK_INTERVAL, self._check_tick)
+
+    def _check_tick(self) -> None:
+        if self.closed:             # the program is ending
+            return
+        try:
+            self.check()
+        except Exception:  # noqa: BLE001 - the program runs on without operator control
+            log.exception("operator socket: could not check %s", self.path)
+        self.loop.after(CHECK_INTERVAL, self._check_tick)
+
+    def check(self) -> None:
+        """Keep the socket where clients look for it, for as long as the program runs.
+
+        Its path can be removed under a running program: by a cleaner that ages the temporary
+        directory (systemd-tmpfiles removes what /tmp has not used for 10 days by default; a
+        daemon's socket is used only when an operator asks), by ``rm``, by a program in another
+        PID namespace that took it for a dead program's (before 2026-11-29). Then every client
+        found its path in /proc/net/unix and no file there. So the socket and its directory are
+        touched (their times are what cleaners age), and made again if they are gone.
+        """
+        try:
+            st = os.lstat(self.dir)
+            if (st.st_dev, st.st_ino) == self._ident and stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                os.utime(self.path)
+                os.utime(self.dir)
+                return
+        except OSError:
+            pass
+        old = self.path
+        if self.sock is not None:
+            self.loop.remove(self.sock)
+            self.sock.close()
+            self.sock = None
+        self._ident = None
+        try:                # what is left of it (the socket alone removed): ours, in our directory
+            if os.path.isdir(self.dir) and not os.path.islink(self.dir):
+                _rundir.remove_dir(self.dir)
+        except OSError:
+            pass
+        errors = []
+        for base in _rundir.base_dirs():
+            try:
+                self._listen(base)
+                break
+            except OSError as e:
+                errors.append(f"{base}: {e}")
+        else:
+            log.warning("operator socket %s was removed and could not be made again (%s): operator "
+                        "control is off until the next try", old, "; ".join(errors) or "no directory")
+            return
+        assert self.sock is not None
+        self.loop.add_reader(self.sock, self._on_accept)
+        log.warning("operator socket %s was removed while the program ran: listening again at %s",
+                    old, self.path)
 
     def _listen(self, base: str) -> None:
         path = os.path.join(base, f"{_rundir.DIR_PREFIX}{self.pid}")
@@ -198,9 +256,10 @@ class ControlServer:
         if self.sock is None:
             return
         self.loop.remove(self.sock)
+        paused = self.sock
 
         def resume() -> None:
-            if self.sock is not None:
+            if self.sock is paused:     # (not one made since by check(), already watched)
                 self.loop.add_reader(self.sock, self._on_accept)
         self.loop.after(1.0, resume)
 
@@ -422,6 +481,7 @@ class ControlServer:
     # -- the end --------------------------------------------------------------------------------
     def close(self) -> None:
         """Close every connection and the socket, and remove the socket and its directory."""
+        self.closed = True
         for c in list(self.conns.values()):
             self._drop(c)
         if self.sock is not None:

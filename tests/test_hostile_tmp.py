@@ -228,3 +228,31 @@ def test_a_program_in_another_pid_namespace_leaves_live_programs_their_sockets(t
     finally:
         _finish(proc)
         shutil.rmtree(shared, ignore_errors=True)
+
+
+@pytest.mark.parametrize("removed", ["directory", "socket"])
+def test_a_socket_removed_under_a_running_program_is_made_again(tmp_path, removed):
+    """A cleaner that ages /tmp (systemd-tmpfiles: 10 days by default) or an ``rm`` can remove a
+    long-running program's socket or its directory; every ``forkpoint status PID`` then said "its
+    control socket was not found" for the rest of the program's life. The shepherd looks every
+    few seconds and listens again; it also touches them, so that an ageing cleaner leaves them."""
+    shared = Path(tempfile.mkdtemp(prefix="fprm-", dir="/tmp"))      # short: AF_UNIX paths
+    env = {"XDG_RUNTIME_DIR": "", "TMPDIR": str(shared)}
+    proc = _start(tmp_path, **env)
+    try:
+        r = cli("status", proc.pid, "--json", **env)
+        assert r.returncode == 0, r.stderr
+        sock = Path(json.loads(r.stdout)["socket"])
+        before = sock.stat().st_mtime
+        wait_for(lambda: sock.stat().st_mtime > before, timeout=30)     # touched
+        if removed == "directory":
+            shutil.rmtree(sock.parent)
+        else:
+            sock.unlink()
+        assert cli("status", proc.pid, "--json", **env).returncode != 0
+        wait_for(lambda: cli("status", proc.pid, "--json", **env).returncode == 0, timeout=30)
+        assert json.loads(cli("status", proc.pid, "--json", **env).stdout)["socket"] == str(sock)
+    finally:
+        _finish(proc)
+        shutil.rmtree(shared, ignore_errors=True)
+    assert "listening again" in proc.stderr.read()
