@@ -668,17 +668,24 @@ class Shepherd:
         """The signals of this batch that went to the program's whole process group, as a mask:
         those the witness has pending (``_witness``), if ``live`` is in that group (it then got
         its own copy; mid-restore, with no live process, the restored one did not). The witness
-        drops them before the next batch is judged."""
+        drops them, and only them, before it answers; until it has, a copy it has of the same
+        signal may be this one's, and that signal alone is judged without it (``unsure``)."""
         witness = self.witness
-        if witness is None or all(sig == signal.SIGCHLD for sig, _, _ in got) or not witness.usable():
+        batch = 0
+        for sig, _, _ in got:
+            if sig != signal.SIGCHLD:
+                batch |= 1 << (sig - 1)
+        if witness is None or not batch:
             return 0
-        mask = witness.pending()
+        unsure = witness.unsure()     # (answers first: a drop answered now was done before this read)
+        mask = witness.pending() & batch
         if mask:
-            witness.drain()
+            witness.drain(mask)
         if not mask or live is None:
             return 0
         stat = _procfs.read_stat(live.pid)
-        return mask if stat is not None and len(stat) > 2 and stat[2] == str(self.pgid) else 0
+        in_group = stat is not None and len(stat) > 2 and stat[2] == str(self.pgid)
+        return mask & ~unsure if in_group else 0
 
     def _restored_has(self, sig: int, tty: bool) -> bool:
         """Whether the spare being woken (not up yet) got this terminal signal itself.

@@ -12,10 +12,16 @@ returns. So a member that blocks every signal and never reads them holds, when t
 its own copy, a pending copy of exactly the signals that went to the whole group. The witness is
 that member: a small process that the program's original process spawns before the live process
 exists, which blocks everything from its first instruction, ends when the shepherd is gone, and
-whose pending signals are cleared (``drain``) after each batch the shepherd judged, so that one
-judgement never sees a signal of an earlier one. It only knows about its own group: a program
-that moved its live process to another group, and per-process kills (systemd's cgroup kill), are
-judged as before.
+which drops the signals of each batch the shepherd judged (``drain``), and only those, so that
+one judgement never sees a signal of an earlier one. A signal it has been asked to drop and has
+not dropped yet (it did not run: a loaded machine, a SIGSTOP) is ``unsure``: its pending copy may
+be an earlier one, and that signal alone is judged as before the witness existed. Every other
+signal is still told apart by it. (It used to drop everything it had pending, and to be set aside
+whole while a drop was unanswered: a group signal that came between the shepherd's read of its
+pending set and the drop was dropped unjudged, and one that came while it was set aside was
+judged without it, and stayed pending, to make a later signal to the PID look like the group's.)
+It only knows about its own group: a program that moved its live process to another group, and
+per-process kills (systemd's cgroup kill), are judged as before.
 """
 from __future__ import annotations
 
@@ -29,18 +35,22 @@ from . import _procfs
 
 log = logging.getLogger("forkpoint")
 
-_DRAIN_WAIT_MS = 50        # a witness that does not answer in this long (stopped: SIGSTOP to the
-#                            group) is not asked again until its answer comes
+_DRAIN_WAIT_MS = 50        # how long the shepherd waits for its answer (it may not be running:
+#                            a SIGSTOP to the group, a loaded machine); the answer is read later
+_MASK_BYTES = 8            # a request: the signals to drop, bit ``s - 1`` for signal ``s``
+_MAX_OWED = 64             # requests unanswered before the next ones are merged into one
 
 
 class Witness:
-    """The shepherd's side: the witness's pid, a pipe to ask it to drain and one for its answer."""
+    """The shepherd's side: the witness's pid, a pipe to ask it to drop signals and one for its answer."""
 
     def __init__(self, pid: int, ask: int, answer: int) -> None:
         self.pid = pid
         self._ask = ask
         self._answer = answer
-        self._owed = 0               # drains asked for and not answered yet
+        self._owed: list[int] = []   # the masks it was asked to drop and has not answered yet, in order
+        self._later = 0              # signals to ask it to drop once it has answered (too many owed)
+        self._gone = False           # its end of a pipe is gone: never asked again
         for fd in (ask, answer):     # (inherited across the shepherd's exec: no further)
             os.set_inheritable(fd, False)
 
@@ -86,23 +96,45 @@ class Witness:
         """Its pipes' ends on this side: for the shepherd's arguments across its exec."""
         return self._ask, self._answer
 
-    def usable(self) -> bool:
-        """Whether its pending signals mean something now: every drain asked for was answered."""
+    def unsure(self) -> int:
+        """The signals whose pending copy here may be one it was asked to drop (the drop is not
+        answered yet), as a mask (bit ``s - 1`` for signal ``s``): those alone are judged without it.
+        Every other signal it has pending went to the group and has not been judged yet."""
+        if self._gone:
+            return -1
         if self._owed:
             self._collect()
-        return not self._owed
+        if self._later and len(self._owed) < _MAX_OWED:
+            self.drain(0)             # what could not be asked while too many were owed
+        unsure = self._later
+        for mask in self._owed:
+            unsure |= mask
+        return unsure
 
     def pending(self) -> int:
         """The signals it has pending, as a mask (bit ``s - 1`` for signal ``s``); 0 if unknown."""
         return _procfs.pending_mask(self.pid)
 
-    def drain(self) -> None:
-        """Have it drop every signal it has pending, and wait (briefly) until it has."""
-        try:
-            os.write(self._ask, b"d")
-        except OSError:
+    def drain(self, mask: int) -> None:
+        """Have it drop the signals of ``mask`` (just judged), and wait (briefly) until it has.
+
+        Only those: another signal it has pending came after its pending set was read, and its
+        copy to the shepherd is judged next. Asked in order, it answers in order."""
+        mask |= self._later
+        if self._gone or not mask:
             return
-        self._owed += 1
+        if len(self._owed) >= _MAX_OWED:     # it has not run for that long: one request, later
+            self._later = mask
+            return
+        try:
+            os.write(self._ask, mask.to_bytes(_MASK_BYTES, "little"))
+        except OSError:
+            self._gone = True
+            return
+        self._later = 0
+        self._owed.append(mask)
+        if len(self._owed) > 1:       # it has not answered the one before: it is not running now
+            return
         p = select.poll()
         p.register(self._answer, select.POLLIN)
         if p.poll(_DRAIN_WAIT_MS):
@@ -110,11 +142,15 @@ class Witness:
 
     def _collect(self) -> None:
         try:
-            self._owed -= len(os.read(self._answer, 64))
+            done = len(os.read(self._answer, 64))
         except BlockingIOError:
-            pass
+            return
         except OSError:
-            self._owed = 1 << 30     # its end is gone: never usable again
+            done = 0
+        if not done:                 # its end is gone: never usable again
+            self._gone = True
+            return
+        del self._owed[:done]
 
     def stop(self) -> None:
         """End it (the start failed after it was spawned), and reap it: it is this process's child."""
@@ -143,7 +179,8 @@ def _is_open(fd: int) -> bool:
 
 
 # The witness's whole life (argv: the shepherd's pid, its end of each pipe). It blocks every signal
-# from its start (posix_spawn's mask) and never reads them but when asked to drop them all. It
+# from its start (posix_spawn's mask) and never reads them but when asked to drop some (a mask of
+# 8 bytes, written at once: a pipe keeps writes this small whole). It
 # ends at EOF on its pipe, that is when the shepherd is gone (no process of the program but the
 # shepherd holds the pipe's other end); ctypes (for PR_SET_PDEATHSIG) would cost it 1.5 MB.
 _ENV = "FORKPOINT_WITNESS"
@@ -155,8 +192,10 @@ if os.getppid() == int(sys.argv[1]):
         f.write("fp-witness")
     ask, answer = int(sys.argv[2]), int(sys.argv[3])
     every = signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}
-    while os.read(ask, 1):
-        while signal.sigtimedwait(every, 0) is not None:
+    while ask_for := os.read(ask, 8):
+        mask = int.from_bytes(ask_for, "little")
+        drop = {s for s in every if mask >> (int(s) - 1) & 1}
+        while drop and signal.sigtimedwait(drop, 0) is not None:
             pass
         os.write(answer, b"k")
 """

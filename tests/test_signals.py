@@ -309,6 +309,77 @@ def test_a_witness_killed_from_outside_is_replaced(tmp_path):
     assert _signalled(tmp_path, "forkpoint", send) == [int(signal.SIGUSR1)]
 
 
+def _pending(pid: int) -> int:
+    """The signals ``pid`` has pending (its own and its process's), as a mask."""
+    return _procfs.pending_mask(pid)
+
+
+def test_group_signals_are_told_apart_while_the_witness_lags(tmp_path):
+    """Invariant 10 with a witness that does not run (a loaded machine; here it is stopped): a
+    signal sent to the group while the witness still owes the drop of another is handled once,
+    and a signal sent to the PID right after the same signal to the group is handled again.
+
+    The witness used to be set aside whole while a drop it was asked for was unanswered, and a
+    group signal then came back to the live process a second time if it had handled its own copy
+    before the shepherd read its: SIGINT was handled twice here, and so was the group's SIGUSR1.
+    The shepherd is stopped too while the live process handles the SIGINT, as a busy machine may
+    leave it unscheduled; every other step waits for the state it needs, not for time."""
+    proc = start_py(HEADER + """
+    got = []
+    def handler(sig, frame):
+        got.append(int(sig))
+        print("handled", int(sig), flush=True)
+    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(s, handler)
+    fp.tsetjmp()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    time.sleep(0.3)
+    print("got", sorted(got), flush=True)
+    """, tmp_path)
+    face = proc.pid
+    group = os.getpgid(face)
+    witness = 0
+    try:
+        lines = Lines(proc)
+        lines.until("ready")
+        witness = wait_for(lambda: _witness_of(face))
+        os.kill(witness, signal.SIGSTOP)
+        wait_for(lambda: _state(witness) == "T")
+
+        def sent_to_group(sig: int) -> None:
+            os.killpg(group, sig)
+            assert lines.until("handled") == f"handled {int(sig)}"
+            wait_for(lambda: not _pending(face) & 1 << (sig - 1))   # the shepherd read its copy
+
+        sent_to_group(signal.SIGTERM)        # the witness is asked to drop it, and does not answer
+        os.kill(face, signal.SIGSTOP)        # the face's SIGSTOP stops the shepherd alone
+        wait_for(lambda: _state(face) == "T")
+        os.killpg(group, signal.SIGINT)
+        assert lines.until("handled") == f"handled {int(signal.SIGINT)}"
+        os.kill(face, signal.SIGCONT)
+        wait_for(lambda: _state(face) != "T" and not _pending(face) & 1 << (signal.SIGINT - 1))
+        sent_to_group(signal.SIGUSR1)
+        os.kill(face, signal.SIGUSR1)
+        assert lines.until("handled") == f"handled {int(signal.SIGUSR1)}"
+        os.kill(witness, signal.SIGCONT)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        got = lines.until("got")
+        assert proc.wait(10) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        if witness:
+            try:
+                os.kill(witness, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert got == "got " + str(sorted(int(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT,
+                                                         signal.SIGUSR1)))
+
+
 def _state(pid: int) -> str:
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0]
