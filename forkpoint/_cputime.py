@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import resource
 import time
+from collections.abc import Callable
 from typing import Any
 
 from . import _identity
@@ -45,6 +46,8 @@ _CPU = time.CLOCK_PROCESS_CPUTIME_ID
 _SELF = resource.RUSAGE_SELF
 _arena: Arena | None = None
 _live0 = (0, 0)      # this process's own (user, system) ns when it became live
+# A warmed spare's clock as it blocked (waking adds next to nothing), and its arena write, made ready
+_ready: tuple[tuple[int, int], Callable[[], None]] | None = None
 
 
 def _ns(seconds: float) -> int:
@@ -68,14 +71,30 @@ def install(arena: Arena) -> None:
     os.times, resource.getrusage = _times, _getrusage
 
 
+def frozen() -> None:
+    """A spare has warmed up and blocks until a restore wakes it: its clock stands still until
+    then, so it is read now, and what ``became_live`` writes is made ready, off the restore's path
+    (each page it would first write there is a copy-on-write fault)."""
+    global _ready
+    if _arena is not None:
+        live0 = own_ns()
+        _ready = (live0, _arena.live_cpu_writer(_identity.real_pid(), *live0))
+
+
 def became_live() -> None:
-    """This process runs program code from now on (a woken spare, ``install``): what its clock
-    counted so far was forkpoint's, and the shepherd subtracts it too when it reaps the process."""
-    global _live0
+    """This process runs program code from now on (a woken spare, after its Up; ``install``): what
+    its clock counted so far was forkpoint's, and the shepherd subtracts it too when it reaps the
+    process."""
+    global _live0, _ready
     if _arena is None:
         return
-    _live0 = own_ns()
-    _arena.set_live_cpu(_identity.real_pid(), *_live0)
+    ready, _ready = _ready, None
+    if ready is None:
+        _live0 = own_ns()
+        _arena.set_live_cpu(_identity.real_pid(), *_live0)
+    else:
+        _live0, write = ready
+        write()
 
 
 def forget_in_forked_child() -> None:

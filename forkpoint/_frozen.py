@@ -246,6 +246,7 @@ def _prewarm(rt: _Runtime, saved: Saved | None, warm_hook: Callable[[], None] | 
             setattr(rt, name, getattr(rt, name))
         if warm_hook is not None and not waited_for():
             warm_hook()
+        _cputime.frozen()
     except Exception:  # noqa: BLE001 - warming is an optimisation only
         pass
 
@@ -270,7 +271,6 @@ def resume(rt: _Runtime, saved: Saved, wake: _channel.Wake) -> None:
     """Turn a woken spare into the live program."""
     n = wake.n
     rt.owner_pid = _identity.real_pid()
-    _cputime.became_live()
     rt.chan_lock = _Ready.lock if _Ready.lock is not None else threading.Lock()
     _sigutil.drain_pending()        # before rejoining the terminal's group: what comes later is real
     try:
@@ -313,6 +313,7 @@ def resume(rt: _Runtime, saved: Saved, wake: _channel.Wake) -> None:
         rt.arena.set_processing(saved.key)   # the checkpoint was taken inside processing(key)
     _eventloop.rejoin(saved.loop, moved_heap=True, drop=wake.replay)
     rt.chan.send(_UP)
+    _cputime.became_live()          # (the shepherd reads what it writes when it retires this one)
     if wake.hold:
         # Signals came for the program while it was being restored: the shepherd sends them now,
         # and they are handled here, before program code runs (which could crash at once and

@@ -49,6 +49,7 @@ import pickle
 import struct
 import time
 import zlib
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from ._errors import (
@@ -561,6 +562,18 @@ class Arena:
         w[_H_CPU_LIVE_USER] = user_ns
         w[_H_CPU_LIVE_SYS] = sys_ns
         w[_H_CPU_LIVE] = pid
+
+    def live_cpu_writer(self, pid: int, user_ns: int, sys_ns: int) -> Callable[[], None]:
+        """``set_live_cpu(pid, user_ns, sys_ns)``, made ready by a frozen spare and called once it
+        is woken: the call then writes no page the spare still shares with its keeper."""
+        w = self.words
+
+        def write() -> None:
+            w[_H_CPU_LIVE] = 0
+            w[_H_CPU_LIVE_USER] = user_ns
+            w[_H_CPU_LIVE_SYS] = sys_ns
+            w[_H_CPU_LIVE] = pid
+        return write
 
     def live_cpu(self) -> tuple[int, int, int]:
         w = self.words
