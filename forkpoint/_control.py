@@ -134,15 +134,9 @@ class ControlServer:
             raise OSError(errno.ENOENT, "no usable directory for the operator socket")
         for base in bases:
             _rundir.cleanup_stale(base)
-        errors = []
-        for base in bases:
-            try:
-                self._listen(base)
-                break
-            except OSError as e:
-                errors.append(f"{base}: {e}")
-        else:
-            raise OSError(errno.EACCES, "; ".join(errors))
+        errors = self._listen_in(bases)
+        if errors is not None:
+            raise OSError(errno.EACCES, errors)
         assert self.sock is not None
         loop.add_reader(self.sock, self._on_accept)
         log.debug("operator socket %s", self.path)
@@ -186,21 +180,26 @@ class ControlServer:
                 _rundir.remove_dir(self.dir)
         except OSError:
             pass
-        errors = []
-        for base in _rundir.base_dirs():
-            try:
-                self._listen(base)
-                break
-            except OSError as e:
-                errors.append(f"{base}: {e}")
-        else:
+        errors = self._listen_in(_rundir.base_dirs())
+        if errors is not None:
             log.warning("operator socket %s was removed and could not be made again (%s): operator "
-                        "control is off until the next try", old, "; ".join(errors) or "no directory")
+                        "control is off until the next try", old, errors or "no directory")
             return
         assert self.sock is not None
         self.loop.add_reader(self.sock, self._on_accept)
         log.warning("operator socket %s was removed while the program ran: listening again at %s",
                     old, self.path)
+
+    def _listen_in(self, bases: list[str]) -> str | None:
+        """Listen in the first of ``bases`` that allows it; None, or why none did."""
+        errors = []
+        for base in bases:
+            try:
+                self._listen(base)
+                return None
+            except OSError as e:
+                errors.append(f"{base}: {e}")
+        return "; ".join(errors)
 
     def _listen(self, base: str) -> None:
         path = os.path.join(base, f"{_rundir.DIR_PREFIX}{self.pid}")
