@@ -349,7 +349,18 @@ would have flattered every ratio to it. The floors (`_fork_floor`, `_wake_floor`
 corrected floor, `forkpoint bench --sizes 10M,100M --repeats 15` on that slower machine (18:30 UTC,
 nothing else of ours running) gave `tsetjmp` / fork 1.69x and 1.57x at 10 MB (bytes, dict) and
 1.13x and 1.16x at 100 MB; "runs between faults" 1.34-1.50 ms; crash loop / fork 2.16x and 3.22x
-at 10 MB, 1.58x and 1.59x at 100 MB."""
+at 10 MB, 1.58x and 1.59x at 100 MB.
+
+On 2026-11-29 (02:05 UTC, two helper sessions' loads partly running), eight rounds alternating
+between 1f1c3c7 and 040ff74 (the program's CPU time counted across restores, the signal replay
+and witness fixes; bytes, medians of the rounds) gave `tsetjmp` / fork 1.69x and 1.69x at 10 MB,
+1.16x and 1.15x at 100 MB; `tlongjmp` best case 0.94 and 1.24 ms at 10 MB, 1.10 and 1.30 at 100
+MB; "runs between faults" 1.42 and 1.54 ms, 1.31 and 1.52; crash loop / fork 2.50x and 2.91x,
+1.39x and 1.45x. The spare's clock read and arena write for the CPU time were on the wake path
+then; prepared while the spare is frozen (fbf5ef6), five rounds against the same code with the
+feature switched off gave best cases of 1.03/1.34 ms against 1.16/1.19 and "runs between faults"
+1.54/1.57 against 1.60/1.47 (10/100 MB): no difference beyond the run's noise, which on that
+machine moved one code's best case between 0.85 and 1.16 ms from run to run."""
 
 
 
