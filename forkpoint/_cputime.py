@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _identity
-from .arena import Arena
+from .arena import Arena, usage_ns
 
 _real_process_time = time.process_time
 _real_process_time_ns = time.process_time_ns
@@ -50,14 +50,9 @@ _live0 = (0, 0)      # this process's own (user, system) ns when it became live
 _ready: tuple[tuple[int, int], Callable[[], None]] | None = None
 
 
-def _ns(seconds: float) -> int:
-    return round(seconds * 1e6) * 1000          # rusage counts microseconds
-
-
 def own_ns() -> tuple[int, int]:
     """This process's own (user, system) CPU time, ns."""
-    r = _real_getrusage(_SELF)
-    return _ns(r.ru_utime), _ns(r.ru_stime)
+    return usage_ns(_real_getrusage(_SELF))
 
 
 def install(arena: Arena) -> None:
@@ -117,7 +112,7 @@ def _raise(words: Any, i: int, value: int) -> int:
 
 def _split_ns(arena: Arena, own: Any) -> tuple[int, int]:
     """The program's (user, system) CPU time, ns, from this process's own rusage ``own``."""
-    user, system = _ns(own.ru_utime), _ns(own.ru_stime)
+    user, system = usage_ns(own)
     base_user, base_sys = arena.cpu_base()
     seen = arena.cpu_seen()
     return (_raise(seen, 0, base_user + user - _live0[0]),

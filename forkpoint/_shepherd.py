@@ -61,7 +61,7 @@ from ._qkeeper import Keeper
 from ._qkeys import Settings
 from ._sigutil import CARRIED, FORWARDED, REPORTED_SIGNALS, STOP_SIGNALS, TTY_SIGNALS, signame
 from ._witness import Witness
-from .arena import QUARANTINE_SIZE, Arena, HistoryRecord
+from .arena import QUARANTINE_SIZE, Arena, HistoryRecord, usage_ns
 from .policy import Action, Decision, Policy, RecoveryPolicy
 
 log = logging.getLogger("forkpoint")
@@ -925,8 +925,8 @@ class Shepherd:
         if usage is None:
             return
         self._note_live_cpu(proc)
-        self.arena.add_cpu(round(usage.ru_utime * 1e6) * 1000 - proc.cpu0[0],
-                           round(usage.ru_stime * 1e6) * 1000 - proc.cpu0[1])
+        user, system = usage_ns(usage)
+        self.arena.add_cpu(user - proc.cpu0[0], system - proc.cpu0[1])
 
     def _on_exit(self, pid: int, status: int, usage: resource.struct_rusage | None = None) -> None:
         proc = self.procs.get(pid)

@@ -133,6 +133,11 @@ class HistoryRecord(NamedTuple):
 _WD_PAIR = struct.Struct("<QQ")
 
 
+def usage_ns(usage: Any) -> tuple[int, int]:
+    """The (user, system) CPU time of a ``resource.struct_rusage``, in ns (the ``_cputime`` words)."""
+    return round(usage.ru_utime * 1e6) * 1000, round(usage.ru_stime * 1e6) * 1000   # microseconds
+
+
 def processing_record(key: str) -> tuple[bytes, int]:
     """The key as ``Arena.set_processing_record`` stores it: its bytes, and its length and check."""
     raw = key.encode()[:_PROCESSING_MAX]
