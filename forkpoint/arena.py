@@ -561,12 +561,9 @@ class Arena:
         return int(self.words[_H_CPU_USER]), int(self.words[_H_CPU_SYS])
 
     def set_live_cpu(self, pid: int, user_ns: int, sys_ns: int) -> None:
-        """The CPU clock of live process ``pid`` when it became live (written by that process)."""
-        w = self.words
-        w[_H_CPU_LIVE] = 0
-        w[_H_CPU_LIVE_USER] = user_ns
-        w[_H_CPU_LIVE_SYS] = sys_ns
-        w[_H_CPU_LIVE] = pid
+        """The CPU clock of live process ``pid`` when it became live (written by that process; the
+        pid last, so that the shepherd never takes another process's clock for this one's)."""
+        self.live_cpu_writer(pid, user_ns, sys_ns)()
 
     def live_cpu_writer(self, pid: int, user_ns: int, sys_ns: int) -> Callable[[], None]:
         """``set_live_cpu(pid, user_ns, sys_ns)``, made ready by a frozen spare and called once it
