@@ -68,7 +68,10 @@ log = logging.getLogger("forkpoint")
 
 EX_SOFTWARE = 70
 _ENV = "FORKPOINT_SHEPHERD_ARGS"
-_BOOT = "import sys;sys.path.insert(0,sys.argv[1]);from forkpoint._shepherd import main;main()"
+# The package's __init__ imports the whole public API (a third of the shepherd's start-up): the
+# shepherd needs none of it, so its package is an empty module whose path is forkpoint's folder.
+_BOOT = ("import sys,types;r=sys.argv[1];sys.path.insert(0,r);p=types.ModuleType('forkpoint');"
+         "p.__path__=[r+'/forkpoint'];sys.modules['forkpoint']=p;from forkpoint._shepherd import main;main()")
 _REPORT_BACKSTOP = 1.0        # a crash report nothing claimed is written out after this long
 _OUTSIDE_WINDOW = 1.0         # a fault signal this recent from outside is no crash of the program
 _WATCHDOG_TICK = 0.05         # how often the watchdog's hard deadline in the arena is checked
