@@ -17,7 +17,7 @@ back, or before the checkpoint) and whose ``add_signal_handler`` callback has no
 the byte and schedules the callback in one go. So a restore keeps those bytes (dropping them all
 lost a SIGTERM that came during a step that then crashed: its callback never ran), except the
 bytes of signals the shepherd sends the restored process again (``drop``: after a failure, every
-signal that reached the program since the checkpoint, ``_shepherd._replay``), which would
+signal that reached the program since the checkpoint, ``_shepherd_signals._replay``), which would
 otherwise be handled twice.
 
 Nothing here imports asyncio: a program that never did has no loop to rejoin. Other event loops

@@ -13,12 +13,14 @@ heap, which a forked shepherd would otherwise pin for the program's whole life. 
 * exits with the live program's exit status, or dies by the same signal, after killing every
   snapshot.
 
-A restore, from the request to the woken spare, reads top to bottom in "restores" below:
-``_on_restore`` (or ``_on_fault``, ``_on_live_death``) -> ``_failure`` -> ``_wake``.
+One object in four modules, each a part of it: this one (the loop, the processes' lives, the
+messages, the registry of checkpoints), ``_shepherd_signals`` (passing signals on),
+``_shepherd_restores`` (a restore, from the request to the woken spare, reads top to bottom there:
+``_on_restore`` (or ``_on_fault``, ``_on_live_death``) -> ``_failure`` -> ``_wake``) and
+``_shepherd_limits`` (descriptors, memory, deadlines). Their records are in ``_registry``.
 """
 from __future__ import annotations
 
-import enum
 import functools
 import json
 import logging
@@ -30,10 +32,9 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from . import _budget, _channel, _locks, _prctl, _procfs, _sigutil, _threadmarks
+from . import _budget, _channel, _locks, _prctl, _procfs, _sigutil
 from ._channel import (
     ChildQuery,
     Configure,
@@ -51,7 +52,6 @@ from ._channel import (
     Spare,
     Throttle,
     Up,
-    Wake,
 )
 from ._control import ControlServer
 from ._faultreport import FaultReports
@@ -59,90 +59,29 @@ from ._loop import EventLoop
 from ._orphans import Orphans
 from ._qkeeper import Keeper
 from ._qkeys import Settings
-from ._sigutil import CARRIED, FORWARDED, REPORTED_SIGNALS, STOP_SIGNALS, TTY_SIGNALS, signame
+from ._registry import Checkpoint, Proc, Role
+from ._shepherd_limits import Limits
+from ._shepherd_restores import Restores
+from ._shepherd_signals import SignalRouting
+from ._sigutil import CARRIED, FORWARDED, REPORTED_SIGNALS, STOP_SIGNALS, signame
 from ._witness import Witness
 from .arena import QUARANTINE_SIZE, Arena, HistoryRecord, usage_ns
-from .policy import Action, Decision, Policy, RecoveryPolicy
+from .policy import Policy, RecoveryPolicy
 
 log = logging.getLogger("forkpoint")
 
-EX_SOFTWARE = 70
+EX_SOFTWARE = os.EX_SOFTWARE      # 70: how the program ends when forkpoint cannot go on
 _ENV = "FORKPOINT_SHEPHERD_ARGS"
 # The package's __init__ imports the whole public API (a third of the shepherd's start-up): the
 # shepherd needs none of it, so its package is an empty module whose path is forkpoint's folder.
 _BOOT = ("import sys,types;r=sys.argv[1];sys.path.insert(0,r);p=types.ModuleType('forkpoint');"
          "p.__path__=[r+'/forkpoint'];sys.modules['forkpoint']=p;from forkpoint._shepherd import main;main()")
-_REPORT_BACKSTOP = 1.0        # a crash report nothing claimed is written out after this long
-_OUTSIDE_WINDOW = 1.0         # a fault signal this recent from outside is no crash of the program
-_WATCHDOG_TICK = 0.05         # how often the watchdog's hard deadline in the arena is checked
 _UNKNOWN_TTL = 10.0           # seconds a reaped unknown pid is remembered (see Shepherd._alive)
-_AWAIT_KEEPER = 5.0           # seconds a restore waits for a keeper's hello or copy before it falls back
-# Descriptors the shepherd keeps free beyond its channels: a message's two descriptors (a channel
-# and a pidfd), the channel of a live process that died and is not at EOF yet, and a /proc read.
-_FD_RESERVE = 4
 # Killed processes still being torn down, at most (the bound on processes, docs/reliability.md):
 # at this many no checkpoint is taken and no spare forked until some are gone; from half of it on,
 # killed processes are torn down at normal priority instead of SCHED_IDLE.
 DYING_MAX = 4
-_PARAM = os.sched_param(0)    # the only priority SCHED_IDLE and SCHED_OTHER take
 _WITNESS_AGAIN = 1.0          # seconds before a witness that died is replaced (at most one a second)
-_LOOP_WINDOW = 2.0            # seconds a keeper stays at normal priority after a restore waited for a copy
-# Signals handled again after a rollback (see _replay): those from users and terminals, but not the
-# job-control stops, whose handlers (curses) redraw a terminal rather than change the program.
-REPLAYED = CARRIED - STOP_SIGNALS
-
-
-_SNAP_HEAD = _channel.encode_snap(0, False, 0, None, 0.0)[:len('{"op":"snap"')]
-
-
-class Role(enum.Enum):
-    LIVE = "live"             # runs program code; at most one
-    KEEPER = "keeper"         # checkpoint n itself; forks spares
-    SPARE = "spare"           # a ready copy of a keeper; a restore wakes it
-    DYING = "dying"           # killed, or its work is over; only a keeper's hello may still come
-    HOLDER = "holder"         # shares a live process's descriptor table (_fdholder); not the program's
-    WITNESS = "witness"       # holds the signals sent to the program's group (_witness); not the program's
-
-
-@dataclass
-class Proc:
-    pid: int
-    role: Role
-    n: int
-    chan: socket.socket | None
-    lived: bool = False           # has run program code: its channel carries keepers' hellos
-    # A keeper that may have forked a spare: one of a checkpoint taken with spares, or asked for a
-    # copy. Only such a keeper's unreported forks are looked for when it is killed (_kill_forks:
-    # a read of the kernel's child lists and of each child's stat, on every committed transaction).
-    may_fork: bool = False
-    forwarded: set[int] = field(default_factory=set)   # signals the shepherd sent it
-    held: bool = False            # woken with Wake.hold: it waits for an Ok after its Up
-    reported_pending: int | None = None   # its pending signals as its Restore gave them
-    cpu0: tuple[int, int] = (0, 0)   # its own CPU time (user, system ns) when it became live
-
-
-@dataclass
-class Checkpoint:
-    n: int
-    keeper: Proc | None
-    pinned: bool
-    taken: float = field(default_factory=time.time)
-    spares: list[Proc] = field(default_factory=list)
-    pending: Wake | None = None   # a restore waiting for a spare of this checkpoint
-    want_spares: int = 1
-    looping_until: float = 0.0    # a restore had to wait for a copy: the keeper forks urgently until then
-    keeper_urgent: bool = False   # the keeper was raised from SCHED_IDLE for copies a restore needs
-    awaiting: bool = False        # the keeper has not introduced itself yet
-    announcer: Proc | None = None  # the live process that took it: its keeper says hello on its channel
-    key: str | None = None        # a protected call's input and deadline (see _channel.Snap)
-    deadline: float = 0.0
-    forking: int = 0              # spares asked of the keeper (or owed by a new one) not yet arrived
-    fork_failures: int = 0        # failed forks in a row (the process limit): asked again later
-    # Signals from users and terminals that reached the live process after this checkpoint was
-    # announced: a rollback to it undoes their handlers' work, so they are handled again (_replay).
-    delivered: set[int] = field(default_factory=set)
-    after_failure: bool = False   # the restore pending into it is a failure's (not a plain tlongjmp)
-    replay_due: bool = False      # that restore must replay them (decided at its wake)
 
 
 def become_shepherd(chan: socket.socket, arena: Arena, live_pid: int, pgid: int, config: Any,
@@ -236,7 +175,7 @@ class _ListWaiters:
         self.batch = 0
 
 
-class Shepherd:
+class Shepherd(SignalRouting, Restores, Limits):
     def __init__(self, chan: socket.socket, arena: Arena, args: dict[str, Any]) -> None:
         self.arena = arena
         self.pgid = args["pgid"]
@@ -560,14 +499,8 @@ class Shepherd:
         self.orphans.scan(set(), self.procs.__contains__)   # children the program started before us
         self.quarantine.start()
         self._watch_parent()
-        self.fd_base = _procfs.open_fd_count() - self.channels - 1
-        if self.control is not None:     # its connections come out of what checkpoints leave free
-            self.control.max_connections = max(1, min(self.control.max_connections,
-                                                      (self.fd_limit - self.fd_base - _FD_RESERVE) // 8))
+        self._start_limits()
         self._reap()   # the live process may have died before we watched SIGCHLD
-        if self.max_memory:
-            self.loop.after(_budget.INTERVAL, self._memory_tick)
-        self.loop.after(_WATCHDOG_TICK, self._watchdog_tick)
         self.loop.run_forever()
         raise AssertionError("the shepherd's loop ended")  # pragma: no cover
 
@@ -585,328 +518,7 @@ class Shepherd:
             log.error("no live process and no restore under way after an internal error: ending")
             self.shutdown(code=EX_SOFTWARE)
 
-    # -- signals, deaths and crash reports -------------------------------------------------------
-    def _on_signals(self) -> None:
-        self._read_signals(reap=True)
-
-    def _reap_later(self) -> None:
-        if self.need_reap:
-            self.need_reap = False
-            self._reap()
-            self._mirror_stop()
-
-    def _read_signals(self, retiring: Proc | None = None, reap: bool = False) -> None:
-        """Read the shepherd's signals and pass each one on to the program exactly once.
-
-        Called first in every turn of the loop and again just before a live process is retired
-        (``retiring``: it was live when these came; what is not its own copy is kept for its
-        successor). A terminal's signal is judged at once, by who was in the terminal's group
-        when it came; with ``reap``, deaths read with the signals are handled next (the reaper
-        may also read what a dead process said last, a restored process's Up among it), and the
-        other signals are passed on after that, so that nothing is sent to a process that is
-        already dead.
-        """
-        if self.ending:
-            return
-        got = _sigutil.read_signalfd(self.sfd)
-        if any(sig in REPLAYED for sig, _, _ in got):
-            self._take_snaps(retiring or self.live)
-        live = retiring or (self.live if self.live_up else None)
-        rest = []
-        for sig, code, sender in got:
-            if sig == signal.SIGCHLD:
-                if not reap and not self.need_reap:
-                    self.need_reap = True    # the signalfd no longer says so: reap on the next turn
-                    self.loop.after(0.0, self._reap_later)
-            elif code != _sigutil.SI_KERNEL or sig == signal.SIGCONT:
-                rest.append((sig, sender))
-            elif sig == signal.SIGHUP and self.session_leader:
-                self._deliver(sig, False, live, retiring)   # a hangup reaches the session leader alone
-            elif sig in TTY_SIGNALS and live is None and not self._restored_has(sig, tty=True):
-                self._deliver(sig, True, None)    # no live process was in the terminal's group
-            elif sig in TTY_SIGNALS:
-                self._delivered(sig)              # the live (or restored) process has its own copy
-            # else: typed at the terminal (the live process has it too), or about the shepherd
-            # itself (SIGXCPU, SIGXFSZ)
-        if reap and any(sig == signal.SIGCHLD for sig, _, _ in got):
-            self.need_reap = False
-            self._reap()
-            self._mirror_stop()
-            live = retiring or (self.live if self.live_up else None)
-        group = self._sent_to_group(got, live)
-        for sig, sender in rest:
-            bit = 1 << (sig - 1)
-            if sig == signal.SIGCONT:
-                self._continue_live()     # whoever sent it (a hangup sends it too)
-            elif sender == self.me or (self.live is not None and sender == self.live.pid):
-                continue    # our own (SIGPIPE of a closed channel), or the program's signal to its group
-            elif group & bit:
-                group &= ~bit   # sent to the program's whole group: the live process got its own copy
-                self._delivered(sig)
-            elif sig < signal.SIGRTMIN and self._has_pending(live or self.live, sig):
-                self._delivered(sig)    # the same, judged without the witness: its copy is pending
-            else:
-                self._deliver(sig, False, live, retiring)
-
-    def _take_snaps(self, proc: Proc | None) -> None:
-        """Register the checkpoints ``proc`` announced before the signals just read were judged.
-
-        The live process announces a checkpoint before its fork; a signal passed on now reaches
-        it after that, so a rollback to that checkpoint must have it handled again (``_replay``).
-        The signalfd is read first in every turn of the loop: on a busy machine, where the
-        shepherd ran only after both had come, a SIGTERM handled after the checkpoint counted as
-        handled before it, and was lost with the step that crashed. Only ``Snap`` messages are
-        taken here, in order; anything after the first other message waits for its turn.
-        """
-        while proc is not None and proc.chan is not None and proc.role is not Role.DYING:
-            try:
-                head = proc.chan.recv(len(_SNAP_HEAD), socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            except OSError:
-                return
-            if head != _SNAP_HEAD:
-                return
-            self._on_message(proc)
-
-    def _sent_to_group(self, got: list[tuple[int, int, int]], live: Proc | None) -> int:
-        """The signals of this batch that went to the program's whole process group, as a mask:
-        those the witness has pending (``_witness``), if ``live`` is in that group (it then got
-        its own copy; mid-restore, with no live process, the restored one did not). The witness
-        drops them, and only them, before it answers; until it has, a copy it has of the same
-        signal may be this one's, and that signal alone is judged without it (``unsure``)."""
-        witness = self.witness
-        batch = 0
-        for sig, _, _ in got:
-            if sig != signal.SIGCHLD:
-                batch |= 1 << (sig - 1)
-        if witness is None or not batch:
-            return 0
-        unsure = witness.unsure()     # (answers first: a drop answered now was done before this read)
-        mask = witness.pending() & batch
-        if mask:
-            witness.drain(mask)
-        if not mask or live is None:
-            return 0
-        stat = _procfs.read_stat(live.pid)
-        in_group = stat is not None and len(stat) > 2 and stat[2] == str(self.pgid)
-        return mask & ~unsure if in_group else 0
-
-    def _restored_has(self, sig: int, tty: bool) -> bool:
-        """Whether the spare being woken (not up yet) got this terminal signal itself.
-
-        It got it if it had rejoined the terminal's process group when the signal came: it keeps
-        every signal blocked until the shepherd has read its own signals after its Up (Wake.hold,
-        set whenever the program is a terminal's foreground job), so it still has it pending. A
-        signal it does not have came before it rejoined, and only the shepherd can pass it on.
-        (Unblocked and not pending happens only without the hold, when no terminal signals the
-        group: it is taken as handled.)
-        """
-        waking = self.live
-        if waking is None or self.live_up:
-            return False
-        state = _procfs.signal_state(waking.pid)
-        if state is None:
-            return False
-        pgrp, pending, blocked = state
-        bit = 1 << (sig - 1)
-        if pgrp != self.pgid:
-            return False
-        return bool(pending & bit) or not blocked & bit
-
-    def _has_pending(self, proc: Proc | None, sig: int) -> bool:
-        """Whether ``proc`` has ``sig`` pending: sent to the whole group, it has its own copy."""
-        if proc is None:
-            return False
-        state = _procfs.signal_state(proc.pid)
-        return state is not None and bool(state[1] & 1 << (sig - 1))
-
-    def _deliver(self, sig: int, tty: bool, live: Proc | None, retiring: Proc | None = None) -> None:
-        if retiring is not None:      # it will not handle it (crashing, or about to be killed)
-            self.pending_signals.append((sig, False))
-            return
-        if live is not None:
-            if self._crash_reported():
-                # It is crashing (faulthandler wrote a report this turn): it would never handle
-                # this. Judged again once the report is read and the crash handled.
-                self.loop.after(0.0, lambda: self._deliver(sig, tty, self.live if self.live_up else None))
-                return
-            self._forward(sig, live)
-            return
-        # Mid-restore: what the program does with this signal is in the checkpoint being restored.
-        action = self._disposition(sig)
-        if action == "ignore":
-            return
-        if action == "terminate":
-            log.warning("%s arrived while the program was being restored and it does not handle it: "
-                        "ending", signame(sig))
-            self.shutdown(sig=sig)
-        self.pending_signals.append((sig, tty))
-        if self.backoff is not None:       # the program must see it now, not after the backoff
-            log.info("%s cuts the backoff short", signame(sig))
-            self.loop.after(0.0, self.backoff)
-
-    def _forward(self, sig: int, live: Proc | None = None) -> None:
-        if sig in REPORTED_SIGNALS:     # sent from outside: a command to the program, not a crash
-            self.forwarded_fatal[sig] = time.monotonic()
-        live = live or (self.live if self.live_up else None)
-        if live is not None:
-            try:
-                os.kill(live.pid, sig)
-                live.forwarded.add(sig)
-                self._delivered(sig)
-            except ProcessLookupError:
-                self.pending_signals.append((sig, False))
-        else:
-            self.pending_signals.append((sig, False))
-
-    def _delivered(self, sig: int) -> None:
-        """``sig`` reached the live process: a rollback to any checkpoint there is now must have
-        it handled again."""
-        if sig in REPLAYED:
-            for ck in self.ckpts.values():
-                ck.delivered.add(sig)
-
-    def _replay(self, ck: Checkpoint, keeper: Proc | None = None) -> int:
-        """Queue for the process restored into ``ck`` the signals that reached the program after
-        ``ck`` was taken and that it handles there.
-
-        Their handlers ran in processes whose work the rollback undoes: uvicorn's SIGTERM handler
-        had set ``should_exit``, asyncio.run's Ctrl-C handler had cancelled the main task, and a
-        request that then crashed (or hung until its timeout) took that with it: the server kept
-        serving, the program ran on. Handled again, they do what they did once. (Signals still
-        pending in the process that failed are carried over anyway; these are not counted twice.)
-        A signal whose handler only had effects outside memory (a log line) has them twice.
-        Returns them as a mask: the restored asyncio loop drops their bytes from its self-pipe,
-        where the failed process's C handler may have left them unread (``_eventloop``).
-
-        Only after a failure (a crash, a timeout, an exception rolled back, an operator's
-        restore), not after a plain ``tlongjmp()``: a program that jumps back as its own control
-        flow handled its signals as it went, and a Ctrl-C it caught once would otherwise be
-        raised again at every later jump to an older checkpoint.
-        """
-        queued = {s for s, _ in self.pending_signals}
-        mask = 0
-        for sig in sorted(ck.delivered - queued):
-            if self._disposition(sig, keeper) == "catch":
-                self.pending_signals.append((sig, False))
-                mask |= 1 << (sig - 1)
-        return mask
-
-    def _child_exited(self) -> None:
-        """One of the program's children that the shepherd holds (started before ``start()``, or
-        by a live process that a restore killed) exited: the kernel told the shepherd, its parent
-        now, so the program would never hear of it. Its SIGCHLD goes to the live process (after
-        the Up of one being restored), whose handler or asyncio child watcher then finds the
-        status through ``os.waitpid`` (``_children``)."""
-        live = self.live if self.live_up else None
-        if live is None:
-            self.pending_signals.append((signal.SIGCHLD, False))
-            return
-        try:
-            os.kill(live.pid, signal.SIGCHLD)
-        except ProcessLookupError:
-            self.pending_signals.append((signal.SIGCHLD, False))
-
-    def _crash_reported(self) -> bool:
-        fd = self.reports.fd if self.reports is not None else None
-        if fd is None:
-            return False
-        p = select.poll()
-        p.register(fd, select.POLLIN)
-        return bool(p.poll(0))
-
-    def _disposition(self, sig: int, keeper: Proc | None = None) -> str:
-        """What the checkpoint being restored does with ``sig`` ("unknown" if no process of it is
-        there to ask): its frozen processes have the program's handlers, only blocked. (``keeper``:
-        one already taken out of the registry to be woken itself.)"""
-        ck = self.ckpts.get(self.current)
-        proc = (ck.keeper or (ck.spares[0] if ck.spares else None)) if ck is not None else None
-        proc = proc or keeper
-        masks = _procfs.signal_dispositions(proc.pid) if proc is not None else None
-        return _sigutil.disposition(sig, *masks) if masks is not None else "unknown"
-
-    def _mirror_stop(self) -> None:
-        """The live process stopped for job control (Ctrl-Z, SIGTTIN): stop the face PID too, which
-        is what the shell waits on, with the same signal; it continues when the job does."""
-        live = self.live
-        if live is None:
-            return
-        try:
-            info = os.waitid(os.P_PID, live.pid, os.WSTOPPED | os.WNOHANG)
-        except ChildProcessError:
-            return
-        if info is None or info.si_code != os.CLD_STOPPED or info.si_status not in STOP_SIGNALS:
-            return
-        sig = info.si_status
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
-        try:
-            os.kill(self.me, sig)           # stops here, until the job is continued
-        finally:
-            signal.pthread_sigmask(signal.SIG_BLOCK, {sig})
-        self._continue_live()
-
-    def _continue_live(self) -> None:
-        """SIGCONT reached the face: continue the live process if it is still stopped."""
-        live = self.live
-        if live is not None and _procfs.state(live.pid) == "T":
-            try:
-                os.kill(live.pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-
-    def _sent_from_outside(self, sig: int) -> bool:
-        """Whether ``sig`` was forwarded to the live process a moment ago (kill -ABRT PID)."""
-        return time.monotonic() - self.forwarded_fatal.get(sig, float("-inf")) < _OUTSIDE_WINDOW
-
-    def _on_fault_report(self, act: bool = True) -> None:
-        """faulthandler in the live process reports a fatal signal, before the process dies.
-
-        A report's first line names the signal, which decides at once whether to restore. With
-        ``act=False`` (the death is being handled already) the report is only read: it must never
-        be taken for a fault of the process restored after it. The text goes to the program's
-        stderr once the shepherd knows what became of the crash (``_failure``, ``shutdown``), in
-        one piece; a report nothing claims within a second is written as it is, never lost.
-        """
-        reports = self.reports
-        if reports is None:
-            return
-        had = bool(reports.pending)
-        sigs = reports.read()
-        if sigs is None:
-            self.loop.remove(reports.fd)
-            reports.close()
-            return
-        if reports.pending and not had:
-            self.loop.after(_REPORT_BACKSTOP, self._unclaimed_report)
-        if act:
-            for sig in sigs:
-                self._on_fault(sig)
-
-    def _unclaimed_report(self) -> None:
-        if self.reports is None or not self.reports.pending:
-            return
-        if any(self._sent_from_outside(s) for s in REPORTED_SIGNALS):
-            self.reports.take()     # the program handled a signal sent to it: it did not crash
-        else:
-            self.reports.flush()
-
-    def _on_fault(self, sig: int) -> None:
-        live = self.live
-        if live is None or self._sent_from_outside(sig):
-            return                      # a signal sent to the program: it dies or copes as it would
-        self._drain(live)               # a checkpoint it took just before comes first
-        pol = self.policy.policy
-        target = pol.to or self.current
-        if sig not in pol.signals or target not in self.ckpts:
-            return                      # it dies as it would have; the reaper takes it from there
-        # It is inside faulthandler's C handler. The whole report comes first (it is written in
-        # microseconds, then the process enters exit); then the process is killed, because a
-        # Python handler faulthandler chains to must not run program code beside the restored one.
-        assert self.reports is not None
-        self.reports.collect(live.pid)
-        self.live = None
-        self._retire(live)
-        self._failure(target, sig, f"killed by {signame(sig)}", None)
-
+    # -- deaths ---------------------------------------------------------------------------------
     def _reap(self) -> None:
         while True:
             try:
@@ -1182,17 +794,6 @@ class Shepherd:
         """Processes killed here and not reaped yet."""
         return sum(1 for p in self.procs.values() if p.role is Role.DYING)
 
-    def _in_terminal_foreground(self) -> bool:
-        """Whether the program is the foreground job of a terminal, which may signal its group."""
-        if self.tty_fd is not None:
-            try:
-                return os.tcgetpgrp(self.tty_fd) == self.pgid
-            except OSError:
-                return False
-        if not self.has_tty:        # no controlling terminal at start, so none now (a restore's
-            return False            # path: reading /proc/self/stat took 0.1 ms)
-        return _procfs.terminal_foreground() == self.pgid
-
     def _on_up(self, proc: Proc, msg: Up, fds: list[int]) -> None:
         if proc is self.live:
             # From its Up on, what the terminal sends reaches it. What came while it rejoined the
@@ -1362,321 +963,7 @@ class Shepherd:
         self.parent_fd = fd
         self.loop.add_reader(fd, self._watch_parent)
 
-    # -- restores: a request, a crash report or a death, then _failure, then _wake ----------------
-    def _on_restore(self, proc: Proc, msg: Restore, fds: list[int]) -> None:
-        """``tlongjmp(n)``: the caller waits, signals blocked, until it is killed (or refused)."""
-        if msg.n not in self.ckpts:
-            self._send(proc, _channel.Error(ErrorKind.NOSUCH, self.nosuch(msg.n)))
-            return
-        proc.reported_pending = msg.pending
-        self._failure(msg.n, msg.sig, msg.reason or "tlongjmp", proc)
-
-    def _on_live_death(self, status: int) -> None:
-        if os.WIFEXITED(status):
-            self.shutdown(code=os.WEXITSTATUS(status))
-        sig = os.WTERMSIG(status)
-        pol = self.policy.policy
-        armed = self.arena.watchdog()
-        self.arena.set_watchdog(None)
-        if sig == signal.SIGKILL and armed is not None and time.monotonic() >= armed[0] - 0.05:
-            target = self._usable(armed[1] or self.current)
-            if target:                    # the watchdog's kill timer: a hang the handler could not cut
-                self._failure(target, signal.SIGALRM, "timeout (stuck in native code: killed)", None)
-                return
-        if sig in pol.signals and not self._sent_from_outside(sig):
-            wanted = pol.to or self.current
-            target = self._usable(wanted)
-            if target:
-                self._failure(target, sig, f"killed by {signame(sig)}", None)
-                return
-            log.error("live process died by %s and there is no checkpoint %sto restore: ending",
-                      signame(sig), f"{wanted} " if wanted else "")
-        self.shutdown(sig=sig)
-
-    def _usable(self, wanted: int) -> int:
-        """``wanted`` if it is a checkpoint, else the one to restore instead (0: none).
-
-        A checkpoint can be gone because forkpoint's own machinery failed (its keeper was killed
-        before it introduced itself: the OOM killer during a large fork); the program then goes
-        back to the newest checkpoint before it, or failing that the oldest after it.
-        """
-        if not wanted or wanted in self.ckpts:
-            return wanted
-        alt = self._alternative(wanted)
-        if alt:
-            log.warning("checkpoint %d is gone: restoring checkpoint %d instead", wanted, alt)
-        return alt
-
-    def _alternative(self, lost: int) -> int:
-        """The checkpoint to use in place of ``lost``: settled ones first, older before newer."""
-        def rank(m: int) -> tuple[bool, bool, int]:
-            ck = self.ckpts[m]
-            settled = not ck.awaiting and (ck.keeper is not None or bool(ck.spares))
-            return (settled, m < lost, m if m < lost else -m)
-        others = [m for m in self.ckpts if m != lost]
-        return max(others, key=rank) if others else 0
-
-    def _failure(self, target: int, sig: int, cause: str, requester: Proc | None,
-                 operator: bool = False) -> None:
-        """The live process failed (or asked to go back): decide, record, and restore or give up."""
-        detected = time.monotonic()
-        key = self.arena.processing()
-        if sig and self.reports is not None and self.reports.pending:
-            # The main thread's mark is not whose code crashed in another thread (_threadmarks).
-            key = _threadmarks.blamed(self.arena, self.reports.pending, key)
-        ck_failed = self.ckpts.get(self.current)
-        if ck_failed is not None and ck_failed.key is not None:
-            key = ck_failed.key         # a protected call failed inside its own checkpoint
-        self.arena.set_processing(None)
-        _threadmarks.clear(self.arena)
-        self.arena.set_watchdog(None)
-        from_state = self.current
-        if operator:
-            decision = Decision(Action.RESTORE, target, 0.0, 1, cause, None)
-        else:
-            shared = self._count_failure(key, sig, cause) if key is not None else None
-            decision = self.policy.decide(target, sig, key, sorted(self.ckpts), time.time(), cause,
-                                          budgeted=bool(sig), key_failures=shared)
-        if requester is not None:
-            self.live = None
-            self._retire(requester)
-        if decision.quarantine is not None:
-            self._record_quarantine(decision.quarantine, from_state, target, sig, cause)
-        if decision.action is Action.GIVE_UP:
-            self._record_history(from_state, target, sig, decision.reason, key)
-            log.error("%s", decision.reason)
-            if sig:
-                self.shutdown(sig=sig)
-            self.shutdown(code=EX_SOFTWARE)
-        self.recoveries += 1
-        self.restoring = True
-        escalated = decision.target != target
-        log.log(logging.WARNING if escalated else logging.INFO, "restoring checkpoint %d from %d (%s)%s",
-                decision.target, from_state, decision.reason,
-                f" after {decision.delay:g}s backoff" if decision.delay else "")
-        if self.reports is not None and sig:
-            # Before the restored process runs, so that its output comes after the report.
-            self.reports.flush(f"forkpoint: recovered from {signame(sig)}: restoring checkpoint "
-                               f"{decision.target} (from state {from_state}); the crash:\n")
-        wake = Wake(decision.target, from_state, sig, decision.reason, decision.attempt, detected)
-        self.current = decision.target
-        ck = self.ckpts[decision.target]
-        ck.deadline = 0.0               # the restored process answers for the call, in time
-        voluntary = requester is not None and not sig and not cause.startswith("exception")
-        ck.after_failure = not voluntary
-        ck.replay_due = bool(ck.delivered) and not voluntary
-
-        def restore() -> None:
-            if self.backoff is not restore and decision.delay > 0:
-                return                   # a signal already cut the backoff short
-            self.backoff = None
-            # recorded when it happens, so the restored process finds it in history()
-            self._record_history(from_state, decision.target, sig, decision.reason, key)
-            self._wake(ck, wake)
-
-        if decision.delay > 0:
-            self.backoff = restore
-            self.loop.after(decision.delay, restore)
-        else:
-            restore()
-        self._carry_late_signals()
-
-    def _carry_late_signals(self) -> None:
-        """Signals that reached a retired tlongjmp() caller after it asked go to its successor.
-
-        Runs in the same turn of the loop as the kill, so before the reap (reaping happens only in
-        the SIGCHLD callback): the killed process still holds them. They are passed on after the
-        restored process's Up, without ``Wake.hold`` (decided before they were known).
-        """
-        unread, self.unread = self.unread, []
-        for pid, seen, carried in unread:
-            late = [s for s in _procfs.pending_signals(pid) if s in carried and s not in seen]
-            self.pending_signals.extend((s, False) for s in late)
-
-    def _record_history(self, from_state: int, to_state: int, sig: int, reason: str,
-                        key: str | None) -> None:
-        """Append to the jump history; a damaged arena costs the record, never the restore."""
-        try:
-            self.arena.append_history(from_state, to_state, sig, reason[:64], key)
-        except Exception:  # noqa: BLE001 - contained: the restore matters more than its record
-            log.exception("could not record the restore to %d in the jump history", to_state)
-
-    def _count_failure(self, key: str, sig: int, cause: str) -> int | None:
-        """Record the failure where the quarantine's scope shares it (before the restore); the
-        failures of ``key`` within the policy's window wherever they happened, or None."""
-        pol = self.policy.policy
-        try:
-            return self.quarantine.failed(key, sig, cause[:64], pol.quarantine_after, pol.within,
-                                          pol.quarantine_size)
-        except Exception:  # noqa: BLE001 - contained: the restore matters more than the record
-            log.exception("could not record the failure of input %r", key)
-            return None
-
-    def _record_quarantine(self, key: str, from_state: int, target: int, sig: int, cause: str) -> None:
-        pol = self.policy.policy
-        try:
-            self.quarantine.quarantined(key, pol.quarantine_after, sig, pol.quarantine_size)
-        except Exception:  # noqa: BLE001 - contained: the restore matters more than the quarantine
-            log.exception("could not quarantine input %r", key)
-            return
-        self._record_history(from_state, target, sig, "quarantined", key)
-        log.warning("quarantined input %r: it failed %d time(s) (%s)", key,
-                    self.policy.policy.quarantine_after, cause)
-
-    def _wake(self, ck: Checkpoint, wake: Wake) -> None:
-        if self.ckpts.get(ck.n) is not ck:
-            self._fall_back(wake, ck, "it vanished")
-            return
-        self._replay_when_known(ck, wake)
-        wake.hold = bool(self.pending_signals) or self._in_terminal_foreground()
-        while ck.spares:
-            spare = ck.spares.pop(0)
-            # The replacement is asked for first: once the spare is awake it may take this CPU
-            # from us for milliseconds, and a crash loop waits for that copy. The keeper is at
-            # SCHED_IDLE then, so that its wake-up cannot take the CPU from us either (an urgent
-            # keeper did, and on a busy machine the Wake went out 5 ms late); a crash loop raises
-            # it only once the spare is awake.
-            self._replenish(ck)
-            if self._send(spare, wake):
-                self._went_live(spare, wake)
-                if ck.forking and ck.looping_until > time.monotonic():
-                    self._keeper_urgent(ck, True)
-                return
-            self._retire(spare)
-        ck.pending = wake
-        # A restore that waits for a copy is a crash loop, or the start of one: while it lasts,
-        # the keeper forks at normal priority (not behind the restored process at SCHED_IDLE).
-        # It keeps no copy beyond the spares asked for: that bound (invariant 12) holds here too.
-        ck.looping_until = time.monotonic() + _LOOP_WINDOW
-        if ck.awaiting:      # the keeper will be asked to fork as soon as it introduces itself
-            self.loop.after(_AWAIT_KEEPER, lambda: self._check_pending(ck, wake))
-            return
-        if ck.keeper is None:
-            self._discard(ck.n, "its processes are gone")   # falls back to another checkpoint
-            return
-        self._urge(ck)
-        self.loop.after(_AWAIT_KEEPER, lambda: self._check_pending(ck, wake))
-
-    def _replay_when_known(self, ck: Checkpoint, wake: Wake, keeper: Proc | None = None) -> None:
-        """Decide what a failure's restore into ``ck`` replays (``_replay``) once a process of
-        ``ck`` is there to say what the program does with each signal. Decided at the failure, a
-        checkpoint whose keeper had not introduced itself yet (a busy machine) answered "unknown"
-        for every signal, and none was handled again."""
-        if ck.replay_due and (keeper or ck.keeper or ck.spares):
-            ck.replay_due = False
-            wake.replay |= self._replay(ck, keeper)
-
-    def _went_live(self, proc: Proc, wake: Wake) -> None:
-        proc.role, proc.lived, proc.held = Role.LIVE, True, wake.hold
-        self.live, self.live_up = proc, False
-        self.restoring = False
-
-    def _urge(self, ck: Checkpoint) -> None:
-        """Ask a keeper for a copy that a restore is waiting for, at normal priority.
-
-        Keepers fork in the background under SCHED_IDLE; on a machine whose CPUs are busy that
-        work barely runs, and here the program itself waits for it. The shepherd lowers the keeper
-        again once the copy is in (``_on_spare``). A copy already on its way serves the restore: no second one
-        is asked for.
-        """
-        keeper = ck.keeper
-        if keeper is None:
-            return
-        self._keeper_urgent(ck, True)
-        if not ck.forking and not self.throttled:     # else asked again when the throttle lifts
-            keeper.may_fork = True
-            if self._send(keeper, _channel.Fork()):
-                ck.forking += 1
             # else its channel is gone: it is dying, and its death (reaped) decides what comes next
-
-    def _wake_keeper(self, ck: Checkpoint) -> None:
-        """No spare can be forked for a restore: the keeper itself becomes the live process.
-
-        The checkpoint is used up by this (there is nothing left to copy it from), which is still
-        better than ending a program that has it.
-        """
-        wake, ck.pending = ck.pending, None
-        keeper = ck.keeper
-        if wake is None or keeper is None:
-            return
-        self.ckpts.pop(ck.n, None)
-        ck.keeper = None
-        self._replay_when_known(ck, wake, keeper)
-        for spare in ck.spares:
-            self._retire(spare)
-        wake.hold = bool(self.pending_signals) or self._in_terminal_foreground()
-        if not self._send(keeper, wake):
-            self._retire(keeper)
-            self._fall_back(wake, ck, "its keeper is gone")
-            return
-        log.warning("checkpoint %d restored from its keeper itself: no copy could be forked; "
-                    "the checkpoint is used up", ck.n)
-        self._went_live(keeper, wake)
-        self.loop.after(0.0, self._answer_list)
-
-    def _check_pending(self, ck: Checkpoint, wake: Wake) -> None:
-        """A restore still waits for this checkpoint's keeper: it never introduced itself, or it
-        forks nothing (stopped, starved). Restore another checkpoint rather than wait forever."""
-        if ck.pending is not wake or self.ckpts.get(ck.n) is not ck:
-            return
-        if not self._alternative(ck.n):     # nothing else to go to: it is still the best hope
-            log.warning("a restore has waited %gs for checkpoint %d; still waiting", _AWAIT_KEEPER, ck.n)
-            self.loop.after(_AWAIT_KEEPER, lambda: self._check_pending(ck, wake))
-            return
-        ck.pending = None
-        if ck.awaiting:
-            self._discard(ck.n, f"its keeper never introduced itself within {_AWAIT_KEEPER:g}s")
-        self._fall_back(wake, ck, f"no copy of it came within {_AWAIT_KEEPER:g}s")
-
-    def _fall_back(self, wake: Wake, lost_ck: Checkpoint, why: str) -> None:
-        """A restore to checkpoint ``lost_ck`` cannot happen: restore the best other one, or end
-        as the failure would have ended the program if none is left. A failure's restore replays
-        there what reached the program since that one was taken (``_replay``); what the lost one
-        had queued already stays queued."""
-        lost = lost_ck.n
-        alt = self._alternative(lost)
-        if not alt:
-            log.error("checkpoint %d was lost (%s) while a restore to it was pending, and no other "
-                      "checkpoint is left: ending", lost, why)
-            self._give_up(wake)
-        log.warning("checkpoint %d was lost (%s) while a restore to it was pending: restoring "
-                    "checkpoint %d instead", lost, why, alt)
-        self.current = alt
-        self._record_history(wake.from_state, alt, wake.sig, f"fell back from {lost}", None)
-        ck = self.ckpts[alt]
-        ck.after_failure = lost_ck.after_failure
-        ck.replay_due = bool(ck.delivered) and ck.after_failure
-        self._wake(ck, Wake(alt, wake.from_state, wake.sig, wake.reason, wake.attempt, wake.t,
-                            replay=wake.replay))
-
-    def _give_up(self, wake: Wake) -> NoReturn:
-        """A restore that was decided cannot happen: end as the failure would have ended it."""
-        if wake.sig:
-            self.shutdown(sig=wake.sig)
-        self.shutdown(code=EX_SOFTWARE)
-
-    def _keeper_urgent(self, ck: Checkpoint, urgent: bool) -> None:
-        """Run the keeper's forks at normal priority (restores wait for them) or at SCHED_IDLE.
-
-        The shepherd sets it, not the keeper: a keeper that lowered itself after each fork would fork
-        the next copy of a crash loop at idle priority, behind the restored process on its CPU.
-        """
-        if not self.can_raise or ck.keeper is None or ck.keeper_urgent == urgent:
-            return
-        try:
-            os.sched_setscheduler(ck.keeper.pid, os.SCHED_OTHER if urgent else os.SCHED_IDLE, _PARAM)
-        except OSError:
-            return
-        ck.keeper_urgent = urgent
-
-    def _replenish(self, ck: Checkpoint) -> None:
-        """Ask the keeper for the spares the checkpoint is short of (none while a fork is out)."""
-        if self.ckpts.get(ck.n) is not ck or ck.keeper is None or ck.awaiting or self.throttled:
-            return
-        if len(ck.spares) + ck.forking < ck.want_spares:
-            ck.keeper.may_fork = True
-            if self._send(ck.keeper, _channel.Fork()):
-                ck.forking += 1
 
     # -- registry -------------------------------------------------------------------------------
     def _discard(self, n: int, why: str, level: int = logging.INFO) -> None:
@@ -1705,156 +992,6 @@ class Shepherd:
 
     def _victims(self) -> list[int]:
         return [n for n, ck in self.ckpts.items() if not ck.pinned and not ck.awaiting and n != self.current]
-
-    # -- descriptors: a channel per keeper and spare must fit under the shepherd's ulimit -n ----------
-    def _fd_need(self) -> int:
-        """Descriptors the shepherd needs once every checkpoint has its keeper and spares."""
-        conns = len(self.control.conns) if self.control is not None else 0
-        held = self.channels - sum(1 for p in self.procs.values() if p.chan is not None
-                                   and p.role in (Role.KEEPER, Role.SPARE))
-        return (self.fd_base + held + conns + _FD_RESERVE
-                + sum(1 + ck.want_spares for ck in self.ckpts.values() if not ck.awaiting))
-
-    def _fd_note(self) -> str:
-        return (f"the shepherd holds {self.channels + self.fd_base} descriptors of its {self.fd_limit} "
-                "(ulimit -n)")
-
-    def _fit_descriptors(self) -> None:
-        """Keep checkpoints within the descriptors the shepherd has, oldest unpinned ones first,
-        and say so: a channel that does not fit would silently lose its checkpoint."""
-        if not self.fd_limit:
-            return
-        dropped = []
-        while self._fd_need() > self.fd_limit:
-            victims = self._victims()
-            if victims:
-                dropped.append(min(victims))
-                self._discard(min(victims), "out of descriptors", level=logging.DEBUG)
-                continue
-            thin = [ck for ck in self.ckpts.values() if ck.want_spares]    # then fewer spares
-            if not thin:
-                break
-            ck = max(thin, key=lambda c: c.n)
-            ck.want_spares -= 1
-            while len(ck.spares) > ck.want_spares:
-                self._retire(ck.spares.pop())
-        if dropped or self._fd_need() > self.fd_limit:
-            now = time.monotonic()
-            level = logging.WARNING if now - self.fd_warned > 10.0 else logging.INFO
-            self.fd_warned = now if level == logging.WARNING else self.fd_warned
-            log.log(level, "discarded checkpoint(s) %s: the shepherd's descriptor limit (ulimit -n %d) "
-                    "holds %d checkpoint(s) here; raise it to keep max_checkpoints=%d",
-                    dropped or "none", self.fd_limit, len(self.ckpts), self.max_checkpoints)
-
-    def _memory(self, ck: Checkpoint) -> tuple[int, int]:
-        uss = pss = 0
-        for proc in ([ck.keeper] if ck.keeper else []) + ck.spares:
-            u, p = _procfs.smaps(proc.pid)
-            uss += u
-            pss += p
-        return uss, pss
-
-    def _memory_tick(self) -> None:
-        if not self.max_memory:
-            return
-        self._check_memory()
-        self.loop.after(_budget.INTERVAL, self._memory_tick)
-
-    def _check_memory(self) -> None:
-        """Keep the snapshots' memory within the budget, every checkpoint but the newest (see
-        ``_budget``): from an upper bound, measuring a checkpoint when it stops being the newest
-        and everything only when the bound passes the budget."""
-        if not self.max_memory or not self.ckpts:
-            return
-        b = self.budget
-        b.grow(self.live.pid if self.live is not None else None)
-        newest = max(self.ckpts)
-        checked = [n for n in self.ckpts if n != newest and not self.ckpts[n].awaiting]
-        b.measured({n: self._memory(self.ckpts[n]) for n in b.unmeasured(checked)}, everything=False)
-        if b.bound(checked) > self.max_memory and b.may_measure_all():
-            b.measured({n: self._memory(self.ckpts[n]) for n in checked}, everything=True)
-        keep = {n for n, ck in self.ckpts.items() if ck.pinned or n == self.current}
-        for n, total in b.victims(checked, self.max_memory, keep.__contains__):
-            log.warning("checkpoint %d discarded: snapshots hold at most %d bytes (PSS), budget %d",
-                        n, total, self.max_memory)
-            self._discard(n, "memory budget")
-
-    # -- the watchdog's hard deadline ------------------------------------------------------------
-    def _watchdog_tick(self) -> None:
-        """Cut a live process past its deadline (``forkpoint.watchdog``, protected calls).
-
-        Two kinds of deadline: one recorded in the arena (a watchdog's deadline plus ``hard_after``,
-        for code stuck in C that never runs its SIGALRM handler; or a restart-mode request's
-        timeout), and the one a protected call sent with its own checkpoint (``Snap.deadline``).
-        Past either, the live process is killed here and the checkpoint restored as a timeout.
-        Neither costs the call a timer or a handler: a POSIX timer set through ctypes and a
-        SIGALRM handler cost every checkpointed call some 30 copy-on-write faults. The arena is
-        read every 50 ms, which is how the shepherd learns of its deadline without a message; once
-        seen less than two readings ahead, a deadline gets a timer of its own (``_at_deadline``),
-        as a checkpoint's own deadline does from its ``Snap``: a deadline is then late only when it
-        was set less than one reading before it falls due. (A deadline further ahead waits for a
-        later reading: a server's requests end long before a timeout of seconds, and their
-        deadlines then cost no timer.)
-        """
-        self.loop.after(_WATCHDOG_TICK, self._watchdog_tick)
-        self._at_deadline(self._check_deadlines())
-
-    def _at_deadline(self, deadline: float) -> None:
-        """Check a deadline on time, not at the next tick (one timer at a time: the shepherd's
-        timers cannot be cancelled, and a timer whose call committed or whose request ended finds
-        nothing, and sets the next one)."""
-        if 0 < deadline < self.next_deadline and deadline - time.monotonic() < 2 * _WATCHDOG_TICK:
-            self.next_deadline = deadline
-            self.loop.after(max(0.0, deadline - time.monotonic()), self._deadline_due)
-
-    def _deadline_due(self) -> None:
-        self.next_deadline = float("inf")
-        self._at_deadline(self._check_deadlines())
-
-    def _check_deadlines(self) -> float:
-        """Restore the live process if it is past a deadline; return the earliest deadline still
-        ahead (0: none)."""
-        live = self.live
-        if live is None or not self.live_up:
-            return 0.0
-        now = time.monotonic()
-        armed, ck = self.arena.watchdog(), self.ckpts.get(self.current)
-        own = ck is not None and 0 < ck.deadline <= now
-        if not own and (armed is None or now < armed[0]):
-            ahead = [d for d in (ck.deadline if ck is not None else 0.0, armed[0] if armed else 0.0)
-                     if d > now]
-            return min(ahead, default=0.0)
-        self._drain(live)               # a transaction it committed meanwhile comes first
-        if self.live is not live:
-            return 0.0
-        if own:
-            if ck is None or self.ckpts.get(self.current) is not ck:
-                return 0.0              # committed: the checkpoint is gone
-            target, reason = ck.n, "timeout"
-        else:
-            if armed is None:
-                return 0.0
-            handled = self.arena.watchdog_handled()
-            if self.arena.watchdog() != armed:
-                return 0.0              # the block ended, or the process moved on
-            target = armed[1] or self.current
-            reason = "timeout (stuck in native code: killed)" if handled else "timeout"
-        if target in self.ckpts and self.ckpts[target].awaiting:
-            return 0.0                  # inside tsetjmp, before its keeper exists: next tick
-        if target not in self.ckpts:    # nothing to restore: it dies, as a hang would end it
-            log.error("live process %d is past its watchdog deadline and checkpoint %d is gone",
-                      live.pid, target)
-            os.kill(live.pid, signal.SIGKILL)
-            return 0.0
-        log.info("live process %d is past its deadline: %s", live.pid, reason)
-        self.live = None
-        held = len(self.pending_signals)
-        self._retire(live)
-        # A SIGALRM pending there is the watchdog's own timer, blocked by the stuck code: it is not
-        # passed on to the restored process (where it would find no watchdog, or end it).
-        self.pending_signals[held:] = [e for e in self.pending_signals[held:] if e[0] != signal.SIGALRM]
-        self._failure(target, signal.SIGALRM, reason, None)
-        return 0.0
 
     # -- the end --------------------------------------------------------------------------------
     def shutdown(self, code: int = 0, sig: int = 0) -> NoReturn:

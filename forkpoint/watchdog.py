@@ -2,7 +2,7 @@
 
 Both record a deadline in the arena, a word of shared memory the shepherd reads every 50 ms (and
 then on time, once it has seen the deadline ahead): past it, the shepherd kills the live process and
-restores the recorded checkpoint as a timeout (``_shepherd.Shepherd._watchdog_tick``). SIGKILL
+restores the recorded checkpoint as a timeout (``_shepherd_limits.Limits._watchdog_tick``). SIGKILL
 reaches the process whatever it is doing, so this also cuts code stuck in C.
 
 * ``watchdog(seconds)`` (the public context manager) first tries a SIGALRM handler that rolls back

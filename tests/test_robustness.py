@@ -76,8 +76,8 @@ def test_a_hard_deadline_seen_ahead_is_kept_on_time_not_at_the_next_tick(tmp_pat
     put off for 1,000 s: the only reading is the one a committed protected call's timer makes, and
     the watchdog's hard deadline, still ahead then, must still cut the stuck block."""
     r = run_py(HEADER + """
-    import forkpoint._shepherd
-    forkpoint._shepherd._WATCHDOG_TICK = 1000.0
+    import forkpoint._shepherd_limits
+    forkpoint._shepherd_limits._WATCHDOG_TICK = 1000.0
     fp.configure(shepherd_exec=False)       # the shepherd stays this process, with that setting
     fp.start()
 
