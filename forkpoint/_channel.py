@@ -241,7 +241,7 @@ class Wake(Message):
     attempt: int
     t: float                 # CLOCK_MONOTONIC when the shepherd saw the failure
     hold: bool = False       # signals wait for it: after Up, keep them blocked until the shepherd's Ok
-    replay: int = 0          # signals (bit s - 1) the shepherd sends again after the Up (_shepherd_signals._replay)
+    replay: int = 0          # signals (bit s - 1) the shepherd sends again after the Up (_shepherd_signals)
 
 
 @dataclass
