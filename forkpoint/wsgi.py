@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from . import snapshots
-from ._errors import Quarantined, Recovered
+from ._errors import Quarantined, Recovered, WrongThread
 from ._qlookup import quiet
 from ._serving import (
     FAILED,
@@ -98,6 +99,28 @@ def _freeze() -> None:
     gc.freeze()
 
 
+def _refusal() -> str | None:
+    """Why no request of this worker can be protected, if the server calls the application from a
+    thread other than the main one (gunicorn ``--threads N``: its gthread worker; a threaded
+    server): a checkpoint copies one thread, and the others serve requests meanwhile."""
+    here = threading.current_thread()
+    if here is threading.main_thread():
+        return None
+    return (f"forkpoint.wsgi.protect: the server calls the application from thread {here.name!r}, "
+            "not the worker's main thread (as gunicorn's gthread worker does, with --threads N: its "
+            "threads serve requests side by side): a checkpoint copies only one thread, so no "
+            "request can be protected, and each is answered 500. Run gunicorn without --threads "
+            "(its sync worker, one request at a time per worker) and with more --workers instead.")
+
+
+def _refuse(owner: Any, why: str) -> None:
+    """Raise ``why`` for the request (the server answers it 500), logged once as an error."""
+    if not owner.refused:
+        owner.refused = True
+        log.error("%s", why)
+    raise WrongThread(why)
+
+
 def _file_wrapper(environ: dict[str, Any]) -> tuple[type, ...]:
     """The server's ``wsgi.file_wrapper`` class, as an isinstance() argument (empty if none)."""
     wrapper = environ.get("wsgi.file_wrapper")
@@ -118,6 +141,7 @@ class _Base:
         self.timeout = timeout
         self.keyfn = key
         self.quarantine_after = quarantine_after
+        self.refused = False            # a refusal was logged (see _refusal)
         self.__wrapped__ = app
 
     def key(self, environ: dict[str, Any]) -> str:
@@ -145,6 +169,9 @@ class _Transaction(_Base):
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         k = self.key(environ)
         if not self.frozen:
+            why = _refusal()
+            if why is not None:
+                _refuse(self, why)
             self.frozen = True
             _freeze()
         try:
@@ -226,6 +253,9 @@ class _Restart(_Base, WorkerCheckpoint):
         self.seq += 1
         seq = self.seq
         if self.n == 0:
+            why = _refusal()
+            if why is not None:
+                _refuse(self, why)
             if is_quarantined(k):
                 return _answer(start_response, REFUSED)
             failed_here = self._checkpoint(seq)

@@ -572,3 +572,25 @@ def test_sigkill_of_the_master_leaves_no_worker_serving(tmp_path, off):
     proc.wait()
     wait_for(lambda: _all_gone(tree), timeout=15)
     assert http(port, "/count", timeout=2)[0] == 0
+
+
+@pytest.mark.parametrize("mode", ["transaction", "restart"])
+def test_gunicorn_threads_are_refused_with_a_message_that_says_so(tmp_path, mode):
+    """gunicorn --threads N (its gthread worker) calls the application from a pool thread while
+    the worker's main thread and the pool's other threads run: no checkpoint can copy them, so no
+    request can be protected. Every request then fails (500), as before; what the user must get is
+    a message that names the cause and the cure (not "call forkpoint.start() before starting
+    threads", which cannot help here: the checkpoint is then refused from a non-main thread), the
+    worker under its PID, and no forkpoint process left behind."""
+    proc, port = _gunicorn(tmp_path, "-w", "1", "--threads", "4", MODE=mode)
+    try:
+        statuses = [_get(port)[0] for _ in range(3)]
+        assert statuses == [500] * 3, (statuses, server_log(tmp_path))
+        log = server_log(tmp_path)
+        assert "Using worker: gthread" in log
+        assert "--threads" in log and "main thread" in log, log[-3000:]
+        assert "call forkpoint.start() before starting threads" not in log, log[-3000:]
+        assert len(_booted(tmp_path)) == 1, log
+    finally:
+        assert stop_server(proc) == 0, server_log(tmp_path)
+    assert _forkpoint_processes(proc.pid) == []
