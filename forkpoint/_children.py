@@ -46,6 +46,12 @@ _POLL = 0.05          # seconds between looks at the real children while waiting
 _unwaited: dict[int, None] = {}
 _UNWAITED_MAX = 4096
 _ring_seen = 0        # the ring's count up to which this memory has looked for them
+# The children this memory has seen end, with the ring's sequence number of that end (process
+# memory too): a ring record no newer than it is a status this memory has already been given, and
+# a second wait for that pid gets ECHILD, as from the kernel. Only a process rolled back to before
+# the wait (whose memory does not have the entry) is given the status from the ring.
+_ended: dict[int, int] = {}
+_ENDED_MAX = 4096
 
 
 def at_checkpoint(threads: bool) -> None:
@@ -69,8 +75,16 @@ def _note(pid: int, status: int) -> None:
         _unwaited.pop(pid, None)
         count = _arena.reaped_count()
         _arena.note_reaped(pid, status)
+        _seen_end(pid, count)
         if _ring_seen == count:         # nothing another process wrote is left unread
             _ring_seen = count + 1
+
+
+def _seen_end(pid: int, seq: int) -> None:
+    _ended.pop(pid, None)
+    _ended[pid] = seq
+    while len(_ended) > _ENDED_MAX:
+        del _ended[next(iter(_ended))]
 
 
 def _from_ring(pid: int) -> tuple[int, int] | None:
@@ -84,14 +98,15 @@ def _from_ring(pid: int) -> tuple[int, int] | None:
     if count == _ring_seen:
         return None
     for child in list(_unwaited):
-        status = _arena.reaped(child)
-        if status is None:
+        entry = _arena.reaped_entry(child)
+        if entry is None:
             continue
         try:
             got = _real_waitpid(child, os.WNOHANG)
         except ChildProcessError:       # not ours: the status a rolled-back process collected
             del _unwaited[child]
-            return child, status
+            _seen_end(child, entry[0])
+            return child, entry[1]
         if got[0] == child:             # ours (its pid was used before), and it has just ended
             _note(*got)
             return got
@@ -144,11 +159,12 @@ def _wait_held(pid: int, options: int) -> tuple[int, int]:
             _note(pid, int(data["status"]))
             return pid, int(data["status"])
         if not data.get("alive"):
-            status = _arena.reaped(pid) if _arena is not None else None
-            if status is None:
-                raise _echild()
+            entry = _arena.reaped_entry(pid) if _arena is not None else None
+            if entry is None or entry[0] <= _ended.get(pid, -1):
+                raise _echild()         # never recorded, or this memory has seen it end already
             _unwaited.pop(pid, None)
-            return pid, status
+            _seen_end(pid, entry[0])
+            return pid, entry[1]
         if options & os.WNOHANG:
             _close(fds)
             return 0, 0
@@ -245,6 +261,7 @@ def forget_in_forked_child() -> None:
     global _arena, _ask
     _arena = _ask = None
     _unwaited.clear()
+    _ended.clear()
     os.waitpid, os.wait, os.wait3, os.wait4 = _real_waitpid, _real_wait, _real_wait3, _real_wait4
     _patch_subprocess(_waitpid, _real_waitpid)
 

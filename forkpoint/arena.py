@@ -604,11 +604,16 @@ class Arena:
 
     def reaped(self, pid: int) -> int | None:
         """The status the live process collected for child ``pid`` most recently, if any."""
+        entry = self.reaped_entry(pid)
+        return None if entry is None else entry[1]
+
+    def reaped_entry(self, pid: int) -> tuple[int, int] | None:
+        """The newest record of child ``pid`` in the ring: (its sequence number, the status)."""
         seq = int(self.words[_H_REAPED])
         for i in range(seq - 1, max(seq - _REAPED_CAP, 0) - 1, -1):
             w = (_REAPED_OFF + (i % _REAPED_CAP) * 16) // 8
             if self.words[w] == pid:
-                return int(self.words[w + 1])
+                return i, int(self.words[w + 1])
         return None
 
     # -- history (single writer: the shepherd) ----------------------------------------------------

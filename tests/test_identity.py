@@ -500,6 +500,75 @@ def test_cpu_time_counts_the_whole_program_and_never_runs_backwards(tmp_path):
         ["counts the rolled-back attempt", "True"], ["a forked child counts its own", "True"]], r.stdout
 
 
+@pytest.mark.parametrize("started", ["before the rollback", "no rollback"])
+def test_a_child_reaped_by_pid_is_not_reported_again(tmp_path, started):
+    """A job runner that reaped a job with waitpid(pid) and polls that pid again must get ECHILD,
+    as without forkpoint (Popen.wait() then says 0, subprocess's answer to ECHILD). The arena's
+    ring of reaped children answered every later waitpid(pid) with the same status again, forever,
+    even in a program never rolled back."""
+    r = run_py(HEADER + f"""
+    started = {started!r}
+    """ + """
+    fp.recover_on(signal.SIGSEGV)
+    attempt = fp.persist_int("attempt")
+    fp.tsetjmp()
+    if started == "before the rollback" and attempt.add() == 1:
+        ctypes.string_at(0)
+    job = subprocess.Popen(["sh", "-c", "exit 7"])
+    print("first", os.waitstatus_to_exitcode(os.waitpid(job.pid, 0)[1]), flush=True)
+    for _ in range(2):
+        try:
+            print("again", os.waitpid(job.pid, os.WNOHANG), flush=True)
+        except ChildProcessError:
+            print("again ECHILD", flush=True)
+    print("Popen.wait", job.wait(), flush=True)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["first 7", "again ECHILD", "again ECHILD", "Popen.wait 0"], \
+        r.stdout + r.stderr
+
+
+def test_a_held_child_taken_by_a_group_wait_is_not_reported_again(tmp_path):
+    """After a rollback the job (in a process group of its own) is held by the shepherd; a wait for
+    its group takes its status, and the job's Popen.wait() must then see ECHILD (0), not the
+    status a second time."""
+    r = run_py(HEADER + """
+    fp.recover_on(signal.SIGSEGV)
+    attempt = fp.persist_int("attempt")
+    job = subprocess.Popen(["sh", "-c", "sleep 0.3; exit 4"], process_group=0)
+    fp.tsetjmp()
+    if attempt.add() == 1:
+        ctypes.string_at(0)                     # the job's parent dies: the shepherd holds it
+    pid, status = os.waitpid(-job.pid, 0)
+    print(pid == job.pid, os.waitstatus_to_exitcode(status), flush=True)
+    print("Popen.wait", job.wait(), flush=True)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["True 4", "Popen.wait 0"], r.stdout + r.stderr
+
+
+def test_a_rolled_back_wait_still_finds_the_status_once(tmp_path):
+    """The ring's purpose stays: a process rolled back to before a wait gets the status it had
+    not seen (once), and a second wait then gets ECHILD."""
+    r = run_py(HEADER + """
+    fp.recover_on(signal.SIGSEGV)
+    attempt = fp.persist_int("attempt")
+    job = subprocess.Popen(["sh", "-c", "exit 5"])
+    time.sleep(0.1)
+    fp.tsetjmp()
+    if attempt.add() == 1:
+        os.waitpid(job.pid, 0)                  # reaped, then rolled back
+        ctypes.string_at(0)
+    print("first", os.waitstatus_to_exitcode(os.waitpid(job.pid, 0)[1]), flush=True)
+    try:
+        print("again", os.waitpid(job.pid, 0), flush=True)
+    except ChildProcessError:
+        print("again ECHILD", flush=True)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["first 5", "again ECHILD"], r.stdout + r.stderr
+
+
 def test_a_held_childs_status_survives_a_rollback_of_the_wait_that_took_it(tmp_path):
     """A child whose parent (a live process) crashed is held by the shepherd; the restored
     program's wait takes its status from the shepherd, which then forgets it. A rollback to before
