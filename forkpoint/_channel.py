@@ -212,10 +212,13 @@ class Configure(Message):
 class ChildQuery(Message):
     """What became of child ``pid`` (pid <= 0: of any child) that the shepherd holds? Answered by
     ``Ok``: ``pid`` and ``status`` (claimed: asked once), or ``alive`` with a pidfd per running
-    child, or nothing at all (no such child)."""
+    child, or nothing at all (no such child). ``known``, with pid <= 0: the children the asking
+    memory knew at its checkpoint, the only held ones (with those from before ``start()``) that a
+    wait for any child is given (``_orphans``)."""
 
     OP = Op.CHILD
     pid: int
+    known: list[int] | None = None
 
 
 @dataclass
@@ -278,6 +281,7 @@ _CLASSES: dict[str, type[Message]] = {
 # The JSON types each field may hold, read once from the annotations.
 _TYPES = {"int": (int,), "bool": (bool,), "str": (str,), "float": (int, float),
           "int | None": (int, type(None)), "str | None": (str, type(None)), "list[int]": (list,),
+          "list[int] | None": (list, type(None)),
           "dict[str, Any]": (dict,), "ErrorKind": (str,)}
 _FIELDS: dict[type[Message], list[tuple[str, tuple[type, ...]]]] = {
     cls: [(f.name, _TYPES[str(f.type)]) for f in fields(cls)] for cls in _CLASSES.values()}  # type: ignore[arg-type]

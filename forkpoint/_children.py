@@ -123,7 +123,7 @@ def _query(pid: int) -> tuple[dict, list[int]]:
     each child it holds that is still running. An empty answer means it knows of none."""
     if _ask is None:
         raise _echild()
-    return _ask(ChildQuery(pid))
+    return _ask(ChildQuery(pid, list(_unwaited) if pid <= 0 else None))
 
 
 def _close(fds: list[int]) -> None:

@@ -496,7 +496,7 @@ class Shepherd(SignalRouting, Restores, Limits):
             self.control = ControlServer(self, self.loop)
         except Exception as e:  # noqa: BLE001 - the program runs without operator control
             log.warning("operator socket unavailable: %s", e)
-        self.orphans.scan(set(), self.procs.__contains__)   # children the program started before us
+        self.orphans.scan(set(), self.procs.__contains__, first=True)   # started before start()
         self.quarantine.start()
         self._watch_parent()
         self._start_limits()
@@ -888,12 +888,13 @@ class Shepherd(SignalRouting, Restores, Limits):
             self._scan_orphans()
         self._reap()
         group = os.getpgid(0)
-        got = self.orphans.claim(msg.pid, group)
+        known = set(msg.known) if msg.known is not None else None
+        got = self.orphans.claim(msg.pid, group, known)
         if got is not None:
             self._send(proc, _channel.Ok({"pid": got[0], "status": got[1]}))
             return
         dying = {p.pid for p in self.procs.values() if p.lived and p.role is Role.DYING}
-        running = [p for p in self.orphans.running(msg.pid, group, dying) if p not in self.procs]
+        running = [p for p in self.orphans.running(msg.pid, group, dying, known) if p not in self.procs]
         for pid in dying:        # the program waits for its teardown now: no longer idle work
             try:
                 os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))

@@ -394,12 +394,14 @@ def test_os_wait_collects_children_the_shepherd_holds(tmp_path, forkpoint):
 
 
 @pytest.mark.parametrize("when", ["ended before the crash", "asked for at once"])
-def test_os_wait_after_a_restore_reports_the_child_the_crashed_process_left(tmp_path, when):
-    """A child of the live process that a crash killed is the shepherd's to reap; the shepherd
-    counts it as the program's by a scan 50 ms after the restore. A child that had already ended
-    (reaped before that scan) and one the restored program waited for before it were never
-    offered to os.wait(), which raised ECHILD (20 of 20 runs each, a stress session's
-    reproduction): without forkpoint, os.wait() reports the child and its status."""
+def test_a_child_only_the_crashed_attempt_started_is_given_to_a_wait_for_its_pid_only(tmp_path, when):
+    """A child of the live process that a crash killed is the shepherd's to reap (it counts it as
+    the program's by a scan 50 ms after the restore). The restored memory never knew a child that
+    only the crashed attempt started: a wait for any child must not give it (as the same program
+    without that attempt gets ECHILD; a job runner's os.wait() loop waited for ever for the workers
+    of a process pool the crashed step made, next test), but a wait for its PID, kept in persist()
+    memory, gets its true status. Before, a child that had already ended (reaped before that scan)
+    and one waited for before it came were given to neither (ECHILD, 20 of 20 runs each)."""
     r = run_py(HEADER + f"""
     when = {when!r}
     """ + """
@@ -415,13 +417,52 @@ def test_os_wait_after_a_restore_reports_the_child_the_crashed_process_left(tmp_
             time.sleep(0.2)                     # a zombie when its parent dies
         ctypes.string_at(0)
     try:
-        got, status = os.wait()
-        print(got == pid.value, os.waitstatus_to_exitcode(status), flush=True)
+        print("any", os.wait(), flush=True)
     except ChildProcessError:
-        print("ECHILD", flush=True)
+        print("any ECHILD", flush=True)
+    got, status = os.waitpid(pid.value, 0)
+    print("by pid", got == pid.value, os.waitstatus_to_exitcode(status), flush=True)
     """, tmp_path)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines() == ["True 7"], r.stdout + r.stderr
+    assert r.stdout.splitlines() == ["any ECHILD", "by pid True 7"], r.stdout + r.stderr
+
+
+def test_os_wait_after_a_rollback_does_not_wait_for_the_rolled_back_steps_pool(tmp_path):
+    """A job runner whose step started a process pool and crashed: the pool's workers never end
+    (they hold their own queue's pipe), and the restored program, which has no child, reaps with
+    os.wait() until ECHILD. Without the step, os.wait() raises ECHILD at once; with forkpoint it
+    blocked for good on those workers (found by a helper's job-runner audit, 2026-11-29)."""
+    r = run_py("""
+    import os, signal, ctypes, multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    import forkpoint as fp
+    def sq(x): return x * x
+    if __name__ == "__main__":
+        fp.recover_on(signal.SIGSEGV)
+        attempt = fp.persist_int("attempt")
+        workers = fp.persist_array("workers", 2, "q")
+        fp.tsetjmp()
+        if attempt.add() == 1:
+            ex = ProcessPoolExecutor(2, mp_context=mp.get_context("fork"))
+            list(ex.map(sq, range(4)))
+            workers[0], workers[1] = list(ex._processes)
+            ctypes.string_at(0)
+        def hung(*a): raise TimeoutError
+        signal.signal(signal.SIGALRM, hung)
+        signal.alarm(5)
+        try:
+            print("reaped", os.wait(), flush=True)
+        except ChildProcessError:
+            print("ECHILD", flush=True)
+        except TimeoutError:
+            print("os.wait() still blocked after 5 s", flush=True)
+        signal.alarm(0)
+        for pid in workers:                 # orphans of the crashed step, as without forkpoint
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    """, tmp_path, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["ECHILD"], r.stdout + r.stderr
 
 
 def test_os_wait_after_a_rollback_reports_the_children_the_checkpoint_knew_and_only_those(tmp_path):
