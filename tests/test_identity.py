@@ -576,7 +576,7 @@ def test_a_held_child_taken_by_a_group_wait_is_not_reported_again(tmp_path):
     r = run_py(HEADER + """
     fp.recover_on(signal.SIGSEGV)
     attempt = fp.persist_int("attempt")
-    job = subprocess.Popen(["sh", "-c", "sleep 0.3; exit 4"], process_group=0)
+    job = subprocess.Popen(["sh", "-c", "sleep 0.3; exit 4"], start_new_session=True)  # (3.10: no process_group)
     fp.tsetjmp()
     if attempt.add() == 1:
         ctypes.string_at(0)                     # the job's parent dies: the shepherd holds it
