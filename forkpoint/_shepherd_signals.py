@@ -314,9 +314,14 @@ class SignalRouting:
         if info is None or info.si_code != os.CLD_STOPPED or info.si_status not in STOP_SIGNALS:
             return
         sig = info.si_status
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
+        # Sent while still blocked, then unblocked: the face stops once. SIGTTIN, SIGTTOU and a
+        # terminal's SIGTSTP go to the whole group, and the face's own copy may still be pending,
+        # unread, when the live process's stop is reaped (a SIGCHLD read just before, such as a
+        # killed process's after a restore): unblocking first stopped the face on that copy, and
+        # the kill then stopped it again once the job was continued, so `fg` stopped at once.
+        os.kill(self.me, sig)
         try:
-            os.kill(self.me, sig)           # stops here, until the job is continued
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})   # stops here, until the job is continued
         finally:
             signal.pthread_sigmask(signal.SIG_BLOCK, {sig})
         self._continue_live()
