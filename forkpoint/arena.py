@@ -602,13 +602,9 @@ class Arena:
         """How many children live processes have recorded in all (the ring's sequence number)."""
         return int(self.words[_H_REAPED])
 
-    def reaped(self, pid: int) -> int | None:
-        """The status the live process collected for child ``pid`` most recently, if any."""
-        entry = self.reaped_entry(pid)
-        return None if entry is None else entry[1]
-
     def reaped_entry(self, pid: int) -> tuple[int, int] | None:
-        """The newest record of child ``pid`` in the ring: (its sequence number, the status)."""
+        """The newest record of child ``pid`` in the ring, if any: (its sequence number, the status
+        the live process collected)."""
         seq = int(self.words[_H_REAPED])
         for i in range(seq - 1, max(seq - _REAPED_CAP, 0) - 1, -1):
             w = (_REAPED_OFF + (i % _REAPED_CAP) * 16) // 8
