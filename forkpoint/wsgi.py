@@ -113,14 +113,6 @@ def _refusal() -> str | None:
             "(its sync worker, one request at a time per worker) and with more --workers instead.")
 
 
-def _refuse(owner: Any, why: str) -> None:
-    """Raise ``why`` for the request (the server answers it 500), logged once as an error."""
-    if not owner.refused:
-        owner.refused = True
-        log.error("%s", why)
-    raise WrongThread(why)
-
-
 def _file_wrapper(environ: dict[str, Any]) -> tuple[type, ...]:
     """The server's ``wsgi.file_wrapper`` class, as an isinstance() argument (empty if none)."""
     wrapper = environ.get("wsgi.file_wrapper")
@@ -143,6 +135,17 @@ class _Base:
         self.quarantine_after = quarantine_after
         self.refused = False            # a refusal was logged (see _refusal)
         self.__wrapped__ = app
+
+    def check_thread(self) -> None:
+        """Refuse a request the server runs outside the worker's main thread (``_refusal``): raise
+        for it (the server answers 500), said once in the log."""
+        why = _refusal()
+        if why is None:
+            return
+        if not self.refused:
+            self.refused = True
+            log.error("%s", why)
+        raise WrongThread(why)
 
     def key(self, environ: dict[str, Any]) -> str:
         if self.keyfn is None:
@@ -169,9 +172,7 @@ class _Transaction(_Base):
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         k = self.key(environ)
         if not self.frozen:
-            why = _refusal()
-            if why is not None:
-                _refuse(self, why)
+            self.check_thread()
             self.frozen = True
             _freeze()
         try:
@@ -253,9 +254,7 @@ class _Restart(_Base, WorkerCheckpoint):
         self.seq += 1
         seq = self.seq
         if self.n == 0:
-            why = _refusal()
-            if why is not None:
-                _refuse(self, why)
+            self.check_thread()
             if is_quarantined(k):
                 return _answer(start_response, REFUSED)
             failed_here = self._checkpoint(seq)
