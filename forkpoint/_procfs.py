@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import resource
 import stat
 import threading
@@ -363,15 +364,31 @@ def open_fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def other_threads() -> int:
+# A line of /proc/PID/maps: address, perms, offset, device, inode, then the path (spaces allowed).
+_LIBRARY_LINE = re.compile(rb"^\S+ \S+ \S+ \S+ \S+ +(/[^\n]*\.so[^/\n]*)$", re.MULTILINE)
+
+
+def mapped_libraries() -> list[str]:
+    """Every shared library mapped into this process, once each (``/proc/self/maps``; about 0.3
+    ms with numpy loaded: a line-by-line parse in Python took 1.6)."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            data = f.read()
+    except OSError:
+        return []
+    return list(dict.fromkeys(os.fsdecode(path) for path in _LIBRARY_LINE.findall(data)))
+
+
+def other_threads(settle: bool = True) -> int:
     """Threads of this process besides the caller, native ones included.
 
     A thread that ``join()`` has just returned for may still be leaving the kernel's list for a
-    moment, so when Python knows of no other thread the count is given a few milliseconds to settle.
+    moment, so when Python knows of no other thread the count is given a few milliseconds to settle
+    (``settle=False``: the count as it is).
     """
     n = os.stat("/proc/self/task").st_nlink - 3          # ".", ".." and one entry per thread
-    if n == 0:
-        return 0
+    if n == 0 or not settle:
+        return n
     deadline = time.monotonic() + 0.1
     while n and threading.active_count() == 1 and time.monotonic() <= deadline:
         time.sleep(0.001)

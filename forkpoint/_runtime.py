@@ -28,6 +28,7 @@ from . import (
     _eventloop,
     _identity,
     _locks,
+    _nativepools,
     _prctl,
     _procfs,
     _qkeys,
@@ -153,7 +154,7 @@ class _Runtime:
 
     def check_threads(self, allow: bool | None) -> None:
         allow = self.config.allow_threads if allow is None else allow
-        n = _procfs.other_threads() + 1
+        n = _nativepools.other_threads() + 1     # also with allow: a copy must not count on them
         if n > 1 and not allow:
             loop = _eventloop.running_loop()
             if loop is not None and _eventloop.stop_idle_executor(loop):
@@ -165,7 +166,7 @@ class _Runtime:
             raise ThreadsAlive(
                 f"{n - 1} other thread(s) alive ({', '.join(names) or 'native threads'}): fork() "
                 "copies only this thread, so a snapshot would lose them; stop them, or pass "
-                "allow_threads=True if the snapshot does not need them" + _thread_hint(names))
+                "allow_threads=True if the snapshot does not need them" + _thread_hint(names, n - 1))
 
     def arena_or_create(self) -> Arena:
         if self.arena is None:
@@ -193,7 +194,7 @@ class _Runtime:
             return
         if not _clone.SUPPORTED:
             raise ForkpointError("forkpoint supports Linux on x86_64 and aarch64 only")
-        n = _procfs.other_threads() + 1
+        n = _nativepools.other_threads() + 1
         if n > 1:
             raise ThreadsAlive(
                 f"{n - 1} other thread(s) alive: forkpoint's first use turns this process into the "
@@ -438,11 +439,12 @@ def runtime() -> _Runtime:
     return _rt
 
 
-def _thread_hint(names: list[str]) -> str:
-    """What to do about the threads asyncio keeps, which ``allow_threads=True`` does not cover: a
-    restored loop still counts on them (its next ``to_thread()`` and ``asyncio.run()``'s end waited
-    for the default executor's threads for ever; on 3.10 and 3.11 ``await proc.wait()`` for the
-    child watcher's)."""
+def _thread_hint(names: list[str], others: int) -> str:
+    """What to do about the threads asyncio and C libraries keep, which ``allow_threads=True`` does
+    not cover: a restored program still counts on them (its loop's next ``to_thread()`` and
+    ``asyncio.run()``'s end waited for the default executor's threads for ever; on 3.10 and 3.11
+    ``await proc.wait()`` for the child watcher's; a C library's next parallel call for its pool's).
+    ``others`` counts the native threads too, which ``names`` lacks."""
     hints = []
     if any(name.startswith("asyncio_") for name in names):
         hints.append("a job still runs in asyncio's default executor (to_thread, run_in_executor, "
@@ -451,9 +453,12 @@ def _thread_hint(names: list[str]) -> str:
     if any(name.startswith(("waitpid-", "asyncio-waitpid-")) for name in names):
         hints.append("asyncio's child watcher waits for a subprocess in a thread (Python 3.10 and "
                      "3.11): take the checkpoint once 'await proc.wait()' is over, or on Python 3.12+")
+    if len(names) < others:
+        hints.append("native threads are a C library's (forkpoint ends OpenBLAS's and OpenMP's idle "
+                     "pools itself; another library's pool must be limited to one thread, or stopped)")
     if not hints:
         return ""
-    return "; " + "; ".join(hints) + " (allow_threads=True would leave the restored loop waiting for them)"
+    return "; " + "; ".join(hints) + " (allow_threads=True would leave the restored program waiting for them)"
 
 
 _forgets = False

@@ -30,7 +30,7 @@ import socket
 import time
 from typing import Any
 
-from . import _fdholder, _procfs, snapshots
+from . import _fdholder, _nativepools, _procfs, snapshots
 from ._errors import ConfigurationError, NoSuchCheckpoint
 from ._fdholder import FD as _FD
 from ._fdholder import INO as _INO
@@ -320,7 +320,7 @@ class Rescue:
         if not (USE_HOLDER and _fdholder.SUPPORTED):
             return None
         try:
-            if _procfs.other_threads():
+            if _nativepools.other_threads():
                 raise OSError("other threads are alive; a copy of this process could deadlock")
             if not table:
                 self.words[self._TABLES] += 1
