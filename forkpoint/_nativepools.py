@@ -13,7 +13,8 @@ before it did not help, since the first product started them again.
 
 So before it counts the threads that would stop a checkpoint (or a start), forkpoint asks each
 such library it finds loaded to end its idle pool, with the call the library provides for it:
-OpenBLAS's at-fork handler itself (``blas_thread_shutdown_``), and OpenMP 5.0's
+OpenBLAS's at-fork handler itself (``blas_thread_shutdown_``; numpy 2.5's OpenBLAS does not
+export it, and ``_elfsym`` finds it in the library's symbol table), and OpenMP 5.0's
 ``omp_pause_resource_all(omp_pause_hard)``. Each does nothing when its pool is empty, and each
 library starts a new pool at its next threaded call, in the program and in its copies, as after
 an ``os.fork()``. The price is small beside the copy itself (measured 2026-11-29, numpy with two
@@ -33,7 +34,7 @@ import os
 import re
 from collections.abc import Callable
 
-from . import _procfs
+from . import _elfsym, _procfs
 
 log = logging.getLogger("forkpoint")
 
@@ -91,10 +92,18 @@ def _ask(pools: list[_Pool]) -> int:
 
 
 def _function(path: str, symbol: str, nargs: int) -> Callable[..., int] | None:
+    """The library's call, exported or (numpy 2.5's OpenBLAS hides it) found in its ``.symtab``."""
     try:        # RTLD_NOLOAD: a handle of the copy already loaded, or nothing
-        fn = getattr(ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY), symbol)
-    except (OSError, AttributeError):
+        lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+    except OSError:
         return None
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_int] * nargs
-    return fn   # type: ignore[no-any-return]
+    argtypes = [ctypes.c_int] * nargs
+    fn = getattr(lib, symbol, None)
+    if fn is not None:
+        fn.restype = ctypes.c_int
+        fn.argtypes = argtypes
+        return fn   # type: ignore[no-any-return]
+    address = _elfsym.hidden_function(path, lib, symbol)
+    if address is None:
+        return None
+    return ctypes.CFUNCTYPE(ctypes.c_int, *argtypes)(address)   # type: ignore[no-any-return]

@@ -140,3 +140,33 @@ def test_a_thread_of_another_c_library_is_still_refused_with_a_message_that_says
     assert "refused: 1 other thread(s) alive (native threads)" in r.stdout, r.stdout
     assert "native threads are a C library's" in r.stdout, r.stdout
     assert r.stdout.rstrip().endswith("still running"), r.stdout
+
+
+def test_a_function_read_from_the_symbol_table_is_where_the_dynamic_linker_put_it(tmp_path):
+    """numpy 2.5's OpenBLAS hides its at-fork handler; forkpoint finds it in the library's
+    ``.symtab``. An address read that way is called at a checkpoint, so it must be exact: for every
+    function the library also exports, it is the address ``dlsym`` gives."""
+    pytest.importorskip("numpy")
+    r = run_py("""
+        import ctypes, os
+        import numpy
+        from forkpoint import _elfsym, _procfs
+        path = next(p for p in _procfs.mapped_libraries() if "openblas" in p.lower())
+        lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD)
+        names = ["openblas_get_config", "scipy_openblas_get_config64_", "scipy_openblas_get_config",
+                 "openblas_get_num_threads", "scipy_openblas_get_num_threads64_", "blas_thread_shutdown_"]
+        checked = 0
+        for name in names:
+            exported = getattr(lib, name, None)
+            if exported is not None:
+                found = _elfsym.hidden_function(path, lib, name)
+                assert found == ctypes.cast(exported, ctypes.c_void_p).value, (name, found)
+                checked += 1
+        print("checked", checked)
+        print("shutdown found", _elfsym.hidden_function(path, lib, "blas_thread_shutdown_") is not None)
+        print("made-up name", _elfsym.hidden_function(path, lib, "no_such_function_here"))
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert int(lines[0].split()[1]) >= 1, r.stdout
+    assert lines[1:] == ["shutdown found True", "made-up name None"], r.stdout
