@@ -115,6 +115,7 @@ def frozen(rt: _Runtime, n: int, spares: int, saved: Saved | None = None,
             os.close(me)
         rt.chan.close()
         rt.chan = chan
+        _forget_lost_threads()
         forks_owed = spares
         warm = False
         while True:
@@ -185,6 +186,43 @@ def frozen(rt: _Runtime, n: int, spares: int, saved: Saved | None = None,
                     os.close(pidfd)     # our priority is the shepherd's to set from here on
     except BaseException:  # noqa: BLE001 - a snapshot must never fall back into program code
         os._exit(70)
+
+
+def _forget_lost_threads() -> None:
+    """Let ``threading`` know that the program's other threads are not in this copy.
+
+    ``tsetjmp(allow_threads=True)`` copies only the calling thread, and the raw clone skips the
+    at-fork hook with which ``threading`` forgets the others in a forked child: a restored program
+    still listed them in ``threading.enumerate()``, and its exit waited for ever to join them (a
+    ``ThreadPoolExecutor`` used once before the checkpoint was enough; found by an audit,
+    2026-11-29). So the keeper does what ``os.fork()``'s child does for ``threading`` (on 3.13 the
+    threads' handles, which the C side marks in a real fork, are marked done first), and nothing
+    else of the at-fork hooks: every spare and restored process inherits it.
+    """
+    me = threading.current_thread()
+    lost = [t for t in threading.enumerate() if t is not me]
+    if not lost:
+        return
+    for thread in lost:
+        handle = getattr(thread, "_handle", None)      # 3.13+: the C-level thread handle
+        if handle is not None and hasattr(handle, "_set_done"):
+            handle._set_done()
+    if hasattr(threading, "_thread_shutdown") and any(not t.daemon for t in lost):
+        # 3.13+: the interpreter's exit waits in C for every non-daemon thread it started, from
+        # a list only a real fork's C side or the thread's own end clears (it spun for ever on
+        # the lost ones). Wait instead for those threading still knows, as 3.12 did.
+        threading._thread_shutdown = _join_threads      # type: ignore[attr-defined]
+    after_fork = getattr(threading, "_after_fork", None)
+    if after_fork is not None:
+        after_fork()
+
+
+def _join_threads() -> None:
+    """The interpreter's wait at exit for the program's non-daemon threads (see above)."""
+    me = threading.current_thread()
+    for thread in threading.enumerate():
+        if thread is not me and not thread.daemon:
+            thread.join()
 
 
 def _pidfd_of_self() -> int:

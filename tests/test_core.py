@@ -638,6 +638,43 @@ def test_the_hot_messages_are_encoded_byte_for_byte_as_encode_does(args):
     assert _channel.decode(_channel.encode_commit(n, current)) == _channel.Discard(n, quiet=True, current=current)
 
 
+PROGRAM_WITH_A_POOL = """
+    import concurrent.futures, os, sys, threading
+    USE = sys.argv[1] == "forkpoint"
+    if USE:
+        import forkpoint as fp
+        fp.start()
+    pool = concurrent.futures.ThreadPoolExecutor(2)
+    print(list(pool.map(abs, [-1, -2])), flush=True)
+    worker = threading.Thread(target=threading.Event().wait, name="waits-for-ever", daemon=True)
+    worker.start()
+    if USE:
+        n = fp.tsetjmp(allow_threads=True)
+        if not fp.chkpt_status(fp.CHKPT_RECOVERED):
+            fp.tlongjmp(n)
+    else:
+        pid = os.fork()           # the same copy of one thread, by os.fork() without forkpoint
+        if pid:
+            os._exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+    print(sorted(t.name for t in threading.enumerate()), flush=True)
+    print("exiting", flush=True)
+"""
+
+
+def test_threads_a_checkpoint_left_behind_are_not_waited_for_at_exit(tmp_path):
+    """Invariant: ``allow_threads=True`` copies only the calling thread, and a restored program
+    behaves as the child of an ``os.fork()`` does: ``threading`` no longer lists the threads it
+    does not have, and its exit does not wait for them. The raw clone skips the at-fork hook that
+    tells ``threading`` so: a restored program that had used a ``ThreadPoolExecutor`` once hung at
+    exit for ever (found by an audit, 2026-11-29; on 3.13 the wait is in C)."""
+    plain = run_py(PROGRAM_WITH_A_POOL, tmp_path, "fork", timeout=30)
+    fp = run_py(PROGRAM_WITH_A_POOL, tmp_path, "forkpoint", timeout=30)
+    assert plain.returncode == 0, plain.stderr
+    assert fp.returncode == 0, fp.stderr
+    assert plain.stdout.splitlines() == ["[1, 2]", "['MainThread']", "exiting"]
+    assert fp.stdout == plain.stdout
+
+
 def test_the_idle_threads_of_asyncios_executor_do_not_refuse_a_checkpoint(tmp_path):
     """asyncio's default executor keeps its threads after ``to_thread()``: a checkpoint was refused,
     and with ``allow_threads=True`` the restored loop waited for them for ever (its next
