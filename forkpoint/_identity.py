@@ -12,7 +12,10 @@ So the live process replaces three functions of the ``os`` module (``install``):
 * ``os.getppid()`` returns the face's parent *now*: the shepherd keeps it in the arena and rewrites
   it when that parent dies (so gunicorn's orphan check still works when its master is killed);
 * ``os.kill(face, sig)`` signals the calling process itself, so a signal a program sends itself
-  arrives before the call returns, as it would without forkpoint; any other target is unchanged;
+  arrives before the call returns, as it would without forkpoint; any other target is unchanged.
+  When the face is a PID namespace's init (a container's PID 1), the kernel drops every signal
+  init sends itself that it does not handle (SIGKILL and SIGSTOP too): so does the replacement,
+  where the live process, not being init, would have died or stopped;
 * ``os.setpgrp()``, ``os.setpgid(0, 0)`` and ``os.setsid()`` answer as the face would when it leads
   its process group (a shell with job control, systemd and ``setsid`` all make it so): making
   itself a group leader changes nothing, and a new session is refused with EPERM. The live
@@ -39,9 +42,11 @@ tools that look a PID up in ``/proc`` (``psutil.Process()`` describes the shephe
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any
 
+from . import _procfs, _sigutil
 from .arena import Arena
 
 _real_getpid = os.getpid
@@ -82,12 +87,31 @@ def _getppid() -> int:
     if _forked:
         return _child_getppid()
     arena = _arena
-    ppid = arena.face_ppid() if arena is not None else 0
-    return ppid if ppid else _real_getppid()
+    ppid = arena.face_ppid() if arena is not None else None
+    return ppid if ppid is not None else _real_getppid()    # (0: a parent outside the namespace)
 
 
 def _kill(pid: int, sig: int, /) -> None:
-    _real_kill(_real_getpid() if pid == _face and not _forked else pid, sig)
+    if pid == _face and not _forked:
+        if _face == 1 and _init_drops(sig):
+            return
+        pid = _real_getpid()
+    _real_kill(pid, sig)
+
+
+def _init_drops(sig: int) -> bool:
+    """Whether the kernel drops ``sig`` that a PID namespace's init sends itself: every signal
+    whose action is the default, SIGKILL and SIGSTOP included (only an ancestor namespace can
+    force those on it). A fault signal is judged by Python's own handler: forkpoint's faulthandler
+    (``recover_on``) catches it in the live process, where the program may have none."""
+    if sig in (signal.SIGKILL, signal.SIGSTOP):
+        return True
+    if not 0 < sig < signal.NSIG:
+        return False                    # 0 probes, and a bad number fails as it would
+    if sig in _sigutil.REPORTED_SIGNALS:
+        return signal.getsignal(sig) == signal.SIG_DFL
+    masks = _procfs.signal_dispositions(_real_getpid())
+    return masks is not None and _sigutil.disposition(sig, *masks) in ("terminate", "stop")
 
 
 def _leads_group() -> bool:

@@ -1031,6 +1031,14 @@ class Shepherd(SignalRouting, Restores, Limits):
             if sig not in (signal.SIGKILL, signal.SIGSTOP):
                 signal.signal(sig, signal.SIG_DFL)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
+            if self.me == 1:
+                # The face is a PID namespace's init (a container's PID 1): the kernel drops the
+                # signal init sends itself, and the program ended 0.5 s late by exit 128+sig where
+                # its parent saw a death by the signal without forkpoint. The kernel does force a
+                # real fault on init: die by one as the program did (a segfault, abort()); any
+                # other signal could not have killed it from inside, so exit at once.
+                _sigutil.fault(sig)
+                os._exit(128 + sig)
             os.kill(os.getpid(), sig)
             time.sleep(0.5)
             os._exit(128 + sig)

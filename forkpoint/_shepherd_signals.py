@@ -210,7 +210,7 @@ class SignalRouting:
             return
         # Mid-restore: what the program does with this signal is in the checkpoint being restored.
         action = self._disposition(sig)
-        if action == "ignore":
+        if action == "ignore" or self._init_drops(sig, action=action):
             return
         if action == "terminate":
             log.warning("%s arrived while the program was being restored and it does not handle it: "
@@ -222,9 +222,11 @@ class SignalRouting:
             self.loop.after(0.0, self.backoff)
 
     def _forward(self, sig: int, live: Proc | None = None) -> None:
+        live = live or (self.live if self.live_up else None)
+        if live is not None and self._init_drops(sig, live):
+            return
         if sig in REPORTED_SIGNALS:     # sent from outside: a command to the program, not a crash
             self.forwarded_fatal[sig] = time.monotonic()
-        live = live or (self.live if self.live_up else None)
         if live is not None:
             try:
                 os.kill(live.pid, sig)
@@ -234,6 +236,31 @@ class SignalRouting:
                 self.pending_signals.append((sig, False))
         else:
             self.pending_signals.append((sig, False))
+
+    def _init_drops(self, sig: int, proc: Proc | None = None, action: str = "") -> bool:
+        """Whether ``sig`` is dropped, as the kernel drops it, because the face is a PID
+        namespace's init (a container's PID 1 without an init of its own) and the program does
+        not handle it: ``proc`` (the live process) or, mid-restore, the checkpoint being
+        restored, whose ``action`` for it the caller has read.
+
+        The kernel never delivers to init a signal whose action is the default (SIGKILL and
+        SIGSTOP from an ancestor namespace excepted, and those never reach the signalfd); the
+        shepherd blocks every signal, so they reach it all. Passed on, one killed (or stopped)
+        the live process, which is not init, and so the program; mid-restore it ended the
+        program. Handled or ignored ones go on as before. A fault signal that forkpoint's own
+        faulthandler catches (``recover_on``) counts as handled: the program's own Python
+        handler cannot be read from here. (Only read when the face is init.)
+        """
+        if self.me != 1:
+            return False
+        if proc is not None:
+            masks = _procfs.signal_dispositions(proc.pid)
+            action = _sigutil.disposition(sig, *masks) if masks is not None else "unknown"
+        if action in ("terminate", "stop"):
+            log.debug("%s dropped: the program is init of its PID namespace and does not handle it",
+                      signame(sig))
+            return True
+        return False
 
     def _delivered(self, sig: int) -> None:
         """``sig`` reached the live process: a rollback to any checkpoint there is now must have

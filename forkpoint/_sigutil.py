@@ -236,6 +236,42 @@ def drain_pending() -> None:
         pending = signal.sigpending()
 
 
+# An instruction that faults with each signal: ud2, int3 and a division by zero (x86_64), udf and
+# brk (aarch64, whose division by zero does not trap).
+_FAULT_CODE: dict[str, dict[int, bytes]] = {
+    "x86_64": {signal.SIGILL: b"\x0f\x0b", signal.SIGTRAP: b"\xcc",
+               signal.SIGFPE: b"\x31\xc9\x31\xc0\x99\xf7\xf9"},
+    "aarch64": {signal.SIGILL: b"\x00\x00\x00\x00", signal.SIGTRAP: b"\x00\x00\x20\xd4"},
+}
+
+
+def fault(sig: int) -> None:
+    """Die by ``sig`` through a real fault of this process; return if none can be made here.
+
+    For a PID namespace's init, which the kernel protects from every signal sent to it (its own
+    included) but not from a fault it makes: the kernel forces that signal's default action on
+    it. SIGABRT is glibc's ``abort()``, which then ends init as it ends it (a SIGSEGV on x86_64).
+    The caller has set the default action and disabled core dumps.
+    """
+    if sig == signal.SIGABRT:
+        os.abort()
+    try:
+        if sig == signal.SIGSEGV:
+            ctypes.string_at(0)               # strlen(NULL)
+        elif sig == signal.SIGBUS:            # a page of a file that was cut short
+            fd = os.memfd_create("fp-bus")
+            os.ftruncate(fd, mmap.PAGESIZE)
+            page = mmap.mmap(fd, mmap.PAGESIZE)
+            os.ftruncate(fd, 0)
+            ctypes.string_at(ctypes.addressof(ctypes.c_char.from_buffer(page)), 1)
+        elif sig in _FAULT_CODE.get(os.uname().machine, {}):
+            page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+            page.write(_FAULT_CODE[os.uname().machine][sig])
+            ctypes.CFUNCTYPE(None)(ctypes.addressof(ctypes.c_char.from_buffer(page)))()
+    except (OSError, ValueError):         # no memfd, no executable mapping (a hardened kernel)
+        pass
+
+
 class _StackT(ctypes.Structure):
     _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
 

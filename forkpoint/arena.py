@@ -537,11 +537,19 @@ class Arena:
 
     # -- what the program sees of its own process (see _identity and _children) -----------------
     def set_face_ppid(self, ppid: int) -> None:
-        """The face PID's parent now (written by the original process, then by the shepherd)."""
-        self.words[_H_FACE_PPID] = ppid
+        """The face PID's parent now (written by the original process, then by the shepherd).
 
-    def face_ppid(self) -> int:
-        return int(self.words[_H_FACE_PPID])
+        Stored as ``ppid + 1``: a parent of 0 is a real answer (the face's parent is outside its
+        PID namespace: a container's init, a process entered with ``nsenter -p``), and the word's
+        0 means "not written yet". Stored as itself, a 0 was read as unset and the program was
+        given the shepherd instead: 1 as init, its own PID when entered.
+        """
+        self.words[_H_FACE_PPID] = ppid + 1
+
+    def face_ppid(self) -> int | None:
+        """The face PID's parent, or None if none was written."""
+        word = int(self.words[_H_FACE_PPID])
+        return word - 1 if word else None
 
     def set_orphans(self, n: int) -> None:
         """How many of the program's children the shepherd holds (written by the shepherd only)."""
