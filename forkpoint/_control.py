@@ -112,7 +112,7 @@ class _Conn:
 class ControlServer:
     """The control socket, served from the shepherd's event loop; never blocks it."""
 
-    def __init__(self, shepherd: Controlled, loop: EventLoop) -> None:
+    def __init__(self, shepherd: Controlled, loop: EventLoop, shared: str = "") -> None:
         self.shepherd = shepherd
         self.loop = loop
         self.pid = os.getpid()
@@ -126,6 +126,7 @@ class ControlServer:
         self.closed = False
         self._last_refusal = float("-inf")
         self._refusals_unlogged = 0
+        self.shared = shared     # the program's directory, made already for the notify relay (_notify)
         self._ops: dict[str, Callable[[dict[str, Any], int, int], dict[str, Any]]] = {
             "ls": self._op_ls, "status": self._op_status, "restore": self._op_restore,
             "discard": self._op_discard, "quarantine": self._op_quarantine, "release": self._op_release}
@@ -133,7 +134,7 @@ class ControlServer:
         if not bases:
             raise OSError(errno.ENOENT, "no usable directory for the operator socket")
         for base in bases:
-            _rundir.cleanup_stale(base)
+            _rundir.cleanup_stale(base, keep=shared)
         errors = self._listen_in(bases)
         if errors is not None:
             raise OSError(errno.EACCES, errors)
@@ -176,7 +177,7 @@ class ControlServer:
             self.sock = None
         self._ident = None
         try:                # what is left of it (the socket alone removed): ours, in our directory
-            if os.path.isdir(self.dir) and not os.path.islink(self.dir):
+            if os.path.isdir(self.dir) and not os.path.islink(self.dir) and self.dir != self.shared:
                 _rundir.remove_dir(self.dir)
         except OSError:
             pass
@@ -203,13 +204,11 @@ class ControlServer:
 
     def _listen(self, base: str) -> None:
         path = os.path.join(base, f"{_rundir.DIR_PREFIX}{self.pid}")
-        os.mkdir(path, 0o700)   # cleanup_stale removed any earlier one of ours with this PID; the
-        #                         user directory around it is ours alone (_rundir.base_dirs)
+        shared = path == self.shared and _rundir.is_private(path)
+        if not shared:   # cleanup_stale removed any earlier one of ours with this PID; the user
+            _rundir.make_dir(path)   # directory around it is ours alone (_rundir.base_dirs)
         try:
-            os.chmod(path, 0o700)   # whatever the umask
             st = os.lstat(path)
-            if not stat.S_ISDIR(st.st_mode) or st.st_uid != self.uid or stat.S_IMODE(st.st_mode) != 0o700:
-                raise OSError(errno.EPERM, f"{path} is not a private directory")
             sock_path = os.path.join(path, _rundir.SOCKET_NAME)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -225,7 +224,10 @@ class ControlServer:
                 raise
         except BaseException:
             try:
-                _rundir.remove_dir(path)
+                if shared:
+                    os.unlink(os.path.join(path, _rundir.SOCKET_NAME))
+                else:
+                    _rundir.remove_dir(path)
             except OSError:
                 pass
             raise

@@ -316,6 +316,18 @@ def can_leave_sched_idle() -> bool:
         return False
 
 
+def has_capability(bit: int) -> bool:
+    """Whether this process has capability ``bit`` (``CAP_*`` of linux/capability.h) in effect."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> bit & 1)
+    except (OSError, ValueError):
+        pass
+    return False
+
+
 def file_offsets() -> dict[int, int]:
     """Offsets of the regular files this process has open only for reading now.
 

@@ -30,6 +30,7 @@ The server (``_control``) and the client (``operator``) both use this module.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -44,6 +45,7 @@ log = logging.getLogger("forkpoint")
 
 DIR_PREFIX = "forkpoint-"
 SOCKET_NAME = "control.sock"
+NOTIFY_NAME = "notify.sock"     # the systemd notification relay's datagram socket (_notify)
 _UCRED = struct.Struct("3i")   # struct ucred: pid, uid, gid
 
 
@@ -144,18 +146,37 @@ def base_dirs(environ: Mapping[str, str] | None = None) -> list[str]:
     return out
 
 
+def make_dir(path: str) -> None:
+    """Create the program's directory ``path`` (in one of ``base_dirs()``), mode 0700 whatever the
+    umask, and check it (the control socket and the notify relay are made in it)."""
+    os.mkdir(path, 0o700)
+    try:
+        os.chmod(path, 0o700)
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) != 0o700:
+            raise OSError(errno.EPERM, f"{path} is not a private directory")
+    except BaseException:
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
+        raise
+
+
 def remove_dir(path: str) -> None:
     for name in os.listdir(path):
         os.unlink(os.path.join(path, name))
     os.rmdir(path)
 
 
-def cleanup_stale(base: str) -> list[str]:
+def cleanup_stale(base: str, keep: str = "") -> list[str]:
     """Remove this user's socket directories in ``base`` whose program is gone; returns them.
 
     A directory is stale when no process has its PID, or the process that has it now started
     after the directory was last modified (the PID was reused), and no one listens on its socket.
-    The caller's own PID counts as stale too: the caller is about to create its directory.
+    The caller's own PID counts as stale too: the caller is about to create its directory, unless
+    it is ``keep`` (the original process made it for the notification relay, ``_notify``, before
+    it became the shepherd).
 
     A socket that is listened on is never removed, whatever its PID says: the PID is this PID
     namespace's reading of a name another namespace may have given (a program run with
@@ -174,6 +195,8 @@ def cleanup_stale(base: str) -> list[str]:
             continue
         pid = int(name[len(DIR_PREFIX):])
         path = os.path.join(base, name)
+        if path == keep:
+            continue
         try:
             st = os.lstat(path)
         except OSError:
@@ -184,8 +207,10 @@ def cleanup_stale(base: str) -> list[str]:
             started = _procfs.process_start(pid)
             if started is not None and started <= st.st_mtime + 2.0:   # btime has 1 s resolution
                 continue
-            if _listened(os.path.join(path, SOCKET_NAME)):
+            if _listened(os.path.join(path, SOCKET_NAME)) or \
+                    _listened(os.path.join(path, NOTIFY_NAME), socket.SOCK_DGRAM):
                 continue      # a program is there (another namespace's PID, a clock step): keep it
+                #               (its notify relay is bound before its shepherd listens)
         try:
             remove_dir(path)
             removed.append(path)
@@ -195,11 +220,12 @@ def cleanup_stale(base: str) -> list[str]:
     return removed
 
 
-def _listened(path: str) -> bool:
+def _listened(path: str, kind: int = socket.SOCK_STREAM) -> bool:
     """Whether a process listens on the socket at ``path`` (it accepts connections, or its backlog
-    is full), asked without waiting. Not whose it is: SO_PEERCRED gives 0 for a process outside
-    this PID namespace, and no process of another user can bind in this user's directory."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    is full; a datagram socket: is bound there), asked without waiting. Not whose it is:
+    SO_PEERCRED gives 0 for a process outside this PID namespace, and no process of another user
+    can bind in this user's directory."""
+    probe = socket.socket(socket.AF_UNIX, kind)
     probe.setblocking(False)
     try:
         probe.connect(path)

@@ -29,6 +29,7 @@ from . import (
     _identity,
     _locks,
     _nativepools,
+    _notify,
     _prctl,
     _procfs,
     _qkeys,
@@ -225,10 +226,12 @@ class _Runtime:
         fds: list[int] = []
         subreaper = False
         witness = None
+        notify = None
         what = "the fork of the live program failed"
         try:
             _sigutil.block_all_into(old)     # inside the try: see _sigutil.unset_mask
             witness = Witness.spawn(os.getpid())     # before the live process: see _witness
+            notify = _notify.prepare(os.getpid())    # before it too: every copy has its address
             what = "no channel to the shepherd"
             mine, theirs = _channel.pair()
             socks += (mine, theirs)
@@ -254,6 +257,8 @@ class _Runtime:
                 os.close(fd)
             if witness is not None:
                 witness.stop()
+            if notify is not None:
+                notify.undo()
             if subreaper:
                 _prctl.set_child_subreaper(False)
             if isinstance(e, OSError):
@@ -264,6 +269,8 @@ class _Runtime:
             os.close(fault_r)
             if witness is not None:
                 witness.close()
+            if notify is not None:
+                notify.in_live()
             self.fault_fd = fault_w
             _forget_forks()
             self.chan = mine
@@ -287,7 +294,8 @@ class _Runtime:
             return
         mine.close()
         os.close(fault_w)
-        become_shepherd(theirs, arena, pid, self.pgid, self.config, fault_r, qs.to_args(), witness)
+        become_shepherd(theirs, arena, pid, self.pgid, self.config, fault_r, qs.to_args(), witness,
+                        notify.to_args() if notify is not None else None)
 
     def _replay_policy(self) -> None:
         """A forked child starting forkpoint of its own: the recovery policy its parent set."""

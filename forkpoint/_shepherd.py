@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from . import _budget, _channel, _locks, _prctl, _procfs, _sigutil
+from . import _budget, _channel, _locks, _notify, _prctl, _procfs, _sigutil
 from ._channel import (
     ChildQuery,
     Configure,
@@ -86,13 +86,13 @@ _WITNESS_AGAIN = 1.0          # seconds before a witness that died is replaced (
 
 def become_shepherd(chan: socket.socket, arena: Arena, live_pid: int, pgid: int, config: Any,
                     faults: int, quarantine: dict[str, Any] | None = None,
-                    witness: Witness | None = None) -> NoReturn:
+                    witness: Witness | None = None, notify: dict[str, Any] | None = None) -> NoReturn:
     """Turn the original process into the shepherd."""
     args = {"chan": chan.fileno(), "arena_fd": arena.fd, "arena_size": arena.size, "faults": faults,
             "live": live_pid, "pgid": pgid, "max_checkpoints": config.max_checkpoints,
             "max_snapshot_memory": config.max_snapshot_memory,
             "level": logging.getLogger("forkpoint").getEffectiveLevel(), "quarantine": quarantine or {},
-            "witness": [witness.pid, *witness.fds()] if witness is not None else None}
+            "witness": [witness.pid, *witness.fds()] if witness is not None else None, "notify": notify}
     try:
         # The program's POSIX locks are the live process's now: it waits for them (_locks).
         _locks.release_all(_procfs.open_files()[2])
@@ -104,6 +104,9 @@ def become_shepherd(chan: socket.socket, arena: Arena, live_pid: int, pgid: int,
                 os.set_inheritable(fd, True)
             root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             env = dict(os.environ, **{_ENV: json.dumps(args)})
+            if notify is not None:           # the relay's socket; the shepherd keeps systemd's address
+                os.set_inheritable(notify["fd"], True)
+                env[_notify.VARIABLE] = notify["real"]
             for which in _sigutil.ITIMERS:
                 signal.setitimer(which, 0)   # exec keeps timers; the live process has its own copy
             argv = [sys.executable, "-I", "-S", "-c", _BOOT, root, "fp-shepherd", *sys.orig_argv]
@@ -212,6 +215,8 @@ class Shepherd(SignalRouting, Restores, Limits):
         self.forwarded_fatal: dict[int, float] = {}   # fault signal -> when one was forwarded
         self.live_up = True
         self.control: ControlServer | None = None
+        self.relay: _notify.Relay | None = None
+        self._notify_args = args.get("notify")
         witness = args.get("witness")
         self.witness = Witness(*witness) if witness else None
         # Recently reaped pids we did not know: only consulted for a keeper or spare that came
@@ -492,8 +497,13 @@ class Shepherd(SignalRouting, Restores, Limits):
         self.loop.add_reader(self.sfd, self._on_signals, first=True)
         if self.reports is not None:
             self.loop.add_reader(self.reports.fd, self._on_fault_report)
+        if self._notify_args:
+            try:
+                self.relay = _notify.Relay(self._notify_args, self.loop, self._ran_program)
+            except Exception:  # noqa: BLE001 - the program runs on; systemd may reject its notifications
+                log.exception("notify relay unavailable")
         try:
-            self.control = ControlServer(self, self.loop)
+            self.control = ControlServer(self, self.loop, (self._notify_args or {}).get("dir", ""))
         except Exception as e:  # noqa: BLE001 - the program runs without operator control
             log.warning("operator socket unavailable: %s", e)
         self.orphans.scan(set(), self.procs.__contains__, first=True)   # started before start()
@@ -511,6 +521,11 @@ class Shepherd(SignalRouting, Restores, Limits):
         self.witness = Witness.spawn(self.me)
         if self.witness is not None:
             self.procs[self.witness.pid] = Proc(self.witness.pid, Role.WITNESS, 0, None)
+
+    def _ran_program(self, pid: int) -> bool:
+        """Whether ``pid`` is a process of ours that has run program code (the notify relay's test)."""
+        proc = self.procs.get(pid)
+        return proc is not None and proc.lived
 
     def _after_internal_error(self) -> None:
         """After a contained fault in the shepherd: go on only if the program still has a way on."""
@@ -576,6 +591,8 @@ class Shepherd(SignalRouting, Restores, Limits):
         self.procs.pop(pid, None)
         if proc.lived:
             self._count_cpu(proc, usage)
+            if self.relay is not None:
+                self.relay.gone(pid)
         if proc.role is Role.HOLDER:
             if os.WIFSIGNALED(status):      # killed (one ends by itself once its work is done)
                 self.arena.holder_lost()
@@ -998,6 +1015,11 @@ class Shepherd(SignalRouting, Restores, Limits):
     def shutdown(self, code: int = 0, sig: int = 0) -> NoReturn:
         """Kill every process of the program, reap them, and end as the program ended."""
         self.ending = True
+        if self.relay is not None:       # what the program said last reaches systemd before its end
+            try:
+                self.relay.close()
+            except Exception:  # noqa: BLE001 - the program's end never waits on its notifications
+                log.exception("notify relay: could not close")
         for proc in list(self.procs.values()):
             if proc.role is not Role.DYING:
                 self._retire(proc)

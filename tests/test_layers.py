@@ -19,7 +19,7 @@ LAYERS: dict[str, list[str]] = {
     "os": ["_errors", "_clone", "_prctl", "_sigutil", "_procfs", "_elfsym", "_nativepools", "_locks"],
     "data and wire": ["_channel", "arena", "policy", "_rundir", "_qkeys", "_qtable", "_qhost", "_threadmarks"],
     "shepherd": ["_loop", "_faultreport", "_budget", "_orphans", "_control", "_qredis", "_qkeeper",
-                 "_witness", "_registry", "_shepherd_signals", "_shepherd_restores", "_shepherd_limits",
+                 "_witness", "_notify", "_registry", "_shepherd_signals", "_shepherd_restores", "_shepherd_limits",
                  "_shepherd"],
     "program side": ["_identity", "_children", "_cputime", "_eventloop", "_asgiloop", "_qlookup", "_runtime", "_frozen",
                      "_fdholder"],
