@@ -13,6 +13,24 @@ class ForkpointError(Exception):
     """Base class of forkpoint's own errors."""
 
 
+def _rebuilt(cls: type[BaseException], args: tuple[object, ...], state: dict[str, object]) -> BaseException:
+    err = cls.__new__(cls, *args)       # sets args, as raising it did; __init__ is not run again
+    err.__dict__.update(state)
+    return err
+
+
+class _Pickled:
+    """Pickled as it is, attributes included, for the errors whose ``__init__`` does not take
+    their own message: pickle rebuilds an exception as ``cls(*args)``, which raised ``TypeError``
+    for ``Recovered`` (keyword-only) and doubled ``Quarantined``'s message, so a
+    ``multiprocessing.Pool`` lost its result handler, a ``ProcessPoolExecutor`` broke, and Celery
+    reported a bare ``ForkpointError`` (found by an audit of job runners, 2026-11-29)."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        assert isinstance(self, BaseException)
+        return (_rebuilt, (type(self), self.args, dict(self.__dict__)))
+
+
 class NoSuchCheckpoint(ForkpointError, LookupError):
     """The checkpoint asked for was never taken, was discarded, or the number is invalid."""
 
@@ -91,7 +109,7 @@ class CacheCorrupted(ForkpointError):
     """A cache entry failed its checksum: it is refused rather than returned as garbage."""
 
 
-class Quarantined(ForkpointError):
+class Quarantined(_Pickled, ForkpointError):
     """The input key is quarantined: it crashed the program repeatedly and is refused."""
 
     def __init__(self, key: str) -> None:
@@ -99,7 +117,7 @@ class Quarantined(ForkpointError):
         self.key = key
 
 
-class Recovered(ForkpointError):
+class Recovered(_Pickled, ForkpointError):
     """Raised by a @checkpointed call in the process that was restored after that call failed.
 
     Attributes describe the failure: ``signal`` (0 if none), ``reason``, ``attempts``,
@@ -123,7 +141,7 @@ class Recovered(ForkpointError):
         self.recovery_seconds = recovery_seconds
 
 
-class OperatorError(ForkpointError):
+class OperatorError(_Pickled, ForkpointError):
     """An operator request failed; ``kind`` names the reason (see ``forkpoint.operator``)."""
 
     def __init__(self, kind: str, message: str) -> None:

@@ -145,7 +145,7 @@ class _Runtime:
         if _get_ident() == self.caller:
             return
         if threading.current_thread() is not threading.main_thread():
-            raise WrongThread("forkpoint checkpoints can only be taken and restored from the main thread")
+            raise WrongThread(_not_main_thread())
         if self.started:
             if _identity.real_pid() != self.owner_pid:
                 raise ForkpointError(
@@ -195,6 +195,10 @@ class _Runtime:
             return
         if not _clone.SUPPORTED:
             raise ForkpointError("forkpoint supports Linux on x86_64 and aarch64 only")
+        if threading.current_thread() is not threading.main_thread():
+            # First: counted first, the pool's threads gave ThreadsAlive's advice to start before
+            # starting threads, after which the same call failed with WrongThread.
+            raise WrongThread(_not_main_thread())
         n = _nativepools.other_threads() + 1
         if n > 1:
             raise ThreadsAlive(
@@ -445,6 +449,15 @@ def _not_gone(killed: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 def runtime() -> _Runtime:
     return _rt
+
+
+def _not_main_thread() -> str:
+    """WrongThread's message, which says where such a call comes from and what to do instead."""
+    return (f"forkpoint starts, takes checkpoints and restores only in the main thread, and this "
+            f"call came from thread {threading.current_thread().name!r}: a thread pool's or a "
+            "scheduler's (concurrent.futures.ThreadPoolExecutor, APScheduler's thread executor, "
+            "gunicorn --threads) cannot be checkpointed; run the protected work in the main "
+            "thread, or in processes (a process pool) that each protect their own")
 
 
 def _thread_hint(names: list[str], others: int) -> str:

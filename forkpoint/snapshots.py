@@ -378,6 +378,7 @@ def recover_on(*signals: int, to: int = 0, **policy: Any) -> None:
 def merge_policy(signals: tuple[int, ...], **policy: Any) -> None:
     """Add ``signals`` (and settings) to the recovery policy without replacing it."""
     rt = _rt
+    rt.check_caller()
     rt.ensure_started()
     sigs = [int(signal.Signals(s)) for s in signals]
     msg = _channel.SetPolicy(sigs, merge=True, settings=policy)

@@ -487,6 +487,70 @@ def test_threads_are_refused_clearly(tmp_path):
     assert "still running 1 0" in r.stdout
 
 
+def test_a_protected_call_in_a_pool_thread_is_refused_as_the_wrong_thread_with_what_to_do(tmp_path):
+    """Invariant: a call that can never be checkpointed is refused with the reason that holds.
+    A ``@checkpointed`` function run by a thread pool (``ThreadPoolExecutor``, APScheduler's thread
+    executor) got ``ThreadsAlive``, whose advice (start forkpoint before starting threads) only turned
+    it into ``WrongThread``; now it is ``WrongThread`` at once, before and after the start, naming
+    the pool and the way out (found by an audit of job runners, 2026-11-29)."""
+    r = run_py(HEADER + """
+    import concurrent.futures
+    @fp.checkpointed(timeout=2)
+    def job(n):
+        return n * 2
+    for when in ("before the start", "after the start"):
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            try:
+                print(when, pool.submit(job, 1).result())
+            except fp.ForkpointError as e:
+                print(when, type(e).__name__, "ThreadPoolExecutor" in str(e), "processes" in str(e))
+        fp.start()
+    print("main thread", job(2))
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["before the start WrongThread True True",
+                                     "after the start WrongThread True True", "main thread 4"], r.stdout
+
+
+def test_forkpoints_errors_cross_to_another_process_whole(tmp_path):
+    """Invariant: ``Recovered``, ``Quarantined`` and forkpoint's other errors survive pickling with
+    their message and attributes, as job runners send them between processes. ``Recovered``
+    (keyword-only) failed to unpickle and ``Quarantined``'s message doubled: a process pool whose
+    worker protected its task lost every result (``multiprocessing.Pool``'s result handler died) or
+    broke (``ProcessPoolExecutor``), and Celery reported a bare ``ForkpointError`` (found by an
+    audit of job runners, 2026-11-29). Here a ``ProcessPoolExecutor`` worker segfaults on one
+    input: that future raises ``Recovered`` with its attributes, the others return, the pool goes on."""
+    r = run_py("""
+    import concurrent.futures, ctypes, multiprocessing, pickle, signal
+    import forkpoint as fp
+    from forkpoint.operator import OperatorError
+
+    @fp.checkpointed(recover_on=(signal.SIGSEGV,))
+    def task(n):
+        if n == 3:
+            ctypes.string_at(0)
+        return n * 10
+
+    if __name__ == "__main__":
+        for err in (fp.Recovered(signal=11, reason="signal", attempts=1, from_state=2, to_state=1),
+                    fp.Quarantined("k"), OperatorError("busy", "it is busy")):
+            back = pickle.loads(pickle.dumps(err))
+            print(type(back).__name__, str(back) == str(err), back.__dict__ == err.__dict__)
+        ctx = multiprocessing.get_context("fork")
+        with concurrent.futures.ProcessPoolExecutor(2, mp_context=ctx) as pool:
+            for n, future in enumerate([pool.submit(task, n) for n in range(6)]):
+                try:
+                    print(n, future.result(timeout=30))
+                except fp.Recovered as e:
+                    print(n, "Recovered", e.signal, e.to_state >= 1)
+        print("done")
+    """, tmp_path, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "Recovered True True", "Quarantined True True", "OperatorError True True",
+        "0 0", "1 10", "2 20", "3 Recovered 11 True", "4 40", "5 50", "done"], r.stdout + r.stderr
+
+
 def test_snapshots_have_recognizable_names(tmp_path):
     """An operator sees every role in ps (fp-shepherd, fp-snap-N, fp-spare-N, fp-witness)."""
     proc = start_py(HEADER + """
