@@ -3,7 +3,7 @@
 numpy 2.5's OpenBLAS hides ``blas_thread_shutdown_`` (its at-fork handler, which
 ``_nativepools`` calls) from the dynamic symbol table; numpy 2.4's exported it. The wheel keeps
 its full symbol table (``.symtab``), so the function's offset in the file is still written down,
-and the library's load address (``dl_iterate_phdr``) turns it into an address in this process.
+and the library's load address (``dlinfo``) turns it into an address in this process.
 
 A wrong address would be called at a checkpoint, so an answer is given only when the same
 reading finds an *exported* function of the library exactly where the dynamic linker says it is.
@@ -12,7 +12,6 @@ Only 64-bit little-endian ELF (x86_64, aarch64, the architectures forkpoint supp
 from __future__ import annotations
 
 import ctypes
-import os
 import struct
 from collections.abc import Iterator
 from typing import BinaryIO
@@ -23,11 +22,20 @@ _SECTION = struct.Struct("<IIQQQQIIQQ")    # Elf64_Shdr
 _SYMBOL = struct.Struct("<IBBHQQ")          # Elf64_Sym: name, info, other, shndx, value, size
 
 
-class _DlPhdrInfo(ctypes.Structure):
-    _fields_ = [("dlpi_addr", ctypes.c_size_t), ("dlpi_name", ctypes.c_char_p)]   # (the rest unused)
+_RTLD_DI_LINKMAP = 2
 
 
-_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(_DlPhdrInfo), ctypes.c_size_t, ctypes.c_void_p)
+class _LinkMap(ctypes.Structure):
+    _fields_ = [("l_addr", ctypes.c_size_t), ("l_name", ctypes.c_char_p)]     # (the rest unused)
+
+
+_libdl = ctypes.CDLL(None, use_errno=True)
+_dlinfo = _libdl.dlinfo
+_dlinfo.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+_dlinfo.restype = ctypes.c_int
+_dlsym = _libdl.dlsym
+_dlsym.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+_dlsym.restype = ctypes.c_void_p
 
 
 def hidden_function(path: str, lib: ctypes.CDLL, name: str) -> int | None:
@@ -37,10 +45,10 @@ def hidden_function(path: str, lib: ctypes.CDLL, name: str) -> int | None:
         with open(path, "rb") as f:
             elf = _Elf(f)
             value = elf.function(_SHT_SYMTAB, name.encode())
-            base = _load_base(path)
+            base = _load_base(lib)
             if value is None or base is None or not _checked(elf, lib, base):
                 return None
-    except (OSError, ValueError, struct.error):
+    except (OSError, ValueError, struct.error, ctypes.ArgumentError):
         return None
     return base + value
 
@@ -89,28 +97,20 @@ class _Elf:
 
 
 def _checked(elf: _Elf, lib: ctypes.CDLL, base: int) -> bool:
-    """Whether an exported function lies where this reading of the file puts it."""
+    """Whether an exported function lies where this reading of the file puts it (``dlsym``)."""
     for symbol, typ, value in elf.symbols(_SHT_DYNSYM):
         if typ != _STT_FUNC:
             continue
-        try:
-            exported = getattr(lib, symbol.decode())
-        except (AttributeError, UnicodeDecodeError):
-            continue
-        return ctypes.cast(exported, ctypes.c_void_p).value == base + value
+        address = _dlsym(lib._handle, symbol)
+        if address:
+            return bool(address == base + value)
     return False
 
 
-def _load_base(path: str) -> int | None:
-    found: list[int] = []
-    real = os.path.realpath(path)
-
-    def visit(info: ctypes._Pointer[_DlPhdrInfo], _size: int, _data: int | None) -> int:
-        name = info.contents.dlpi_name
-        if name and os.path.realpath(os.fsdecode(name)) == real:
-            found.append(int(info.contents.dlpi_addr))
-            return 1
-        return 0
-
-    ctypes.CDLL(None).dl_iterate_phdr(_CALLBACK(visit), None)
-    return found[0] if found else None
+def _load_base(lib: ctypes.CDLL) -> int | None:
+    """The library's load address, from the dynamic linker's own record of it (``dlinfo``; a
+    callback of ``dl_iterate_phdr`` would run Python under the linker's lock)."""
+    link_map = ctypes.POINTER(_LinkMap)()
+    if _dlinfo(lib._handle, _RTLD_DI_LINKMAP, ctypes.byref(link_map)) != 0 or not link_map:
+        return None
+    return int(link_map.contents.l_addr)

@@ -200,11 +200,14 @@ def _forget_lost_threads() -> None:
     else of the at-fork hooks: every spare and restored process inherits it.
     """
     me = threading.current_thread()
-    lost = [t for t in threading.enumerate() if t is not me]
+    # Without threading's lock: a thread that is not in this copy may have held it at the clone
+    # (a pool's worker starting), and enumerate() would wait for it for ever.
+    listed = getattr(threading, "_enumerate", threading.enumerate)
+    lost = [t for t in listed() if t is not me]
     if not lost:
         return
-    for thread in lost:
-        handle = getattr(thread, "_handle", None)      # 3.13+: the C-level thread handle
+    for thread in lost:     # 3.13's C-level thread handle (3.14 renames it)
+        handle = getattr(thread, "_handle", None) or getattr(thread, "_os_thread_handle", None)
         if handle is not None and hasattr(handle, "_set_done"):
             handle._set_done()
     if hasattr(threading, "_thread_shutdown") and any(not t.daemon for t in lost):

@@ -103,11 +103,14 @@ def _init_drops(sig: int) -> bool:
     """Whether the kernel drops ``sig`` that a PID namespace's init sends itself: every signal
     whose action is the default, SIGKILL and SIGSTOP included (only an ancestor namespace can
     force those on it). A fault signal is judged by Python's own handler: forkpoint's faulthandler
-    (``recover_on``) catches it in the live process, where the program may have none."""
+    (``recover_on``) catches it in the live process, where the program may have none. A blocked
+    signal is queued for init too, whatever its action (``sigwait()``): sent."""
     if sig in (signal.SIGKILL, signal.SIGSTOP):
         return True
     if not 0 < sig < signal.NSIG:
         return False                    # 0 probes, and a bad number fails as it would
+    if sig in signal.pthread_sigmask(signal.SIG_BLOCK, []):
+        return False
     if sig in _sigutil.REPORTED_SIGNALS:
         return signal.getsignal(sig) == signal.SIG_DFL
     masks = _procfs.signal_dispositions(_real_getpid())

@@ -339,7 +339,8 @@ class Relay:
         self.loop.remove(self.sock)
         self.sock.close()
         self.sock, self.ident = fresh, self._socket_ident()
-        self.loop.add_reader(self.sock, self._on_readable)
+        if self.stalled is None:           # else _retry watches it once systemd reads again
+            self.loop.add_reader(self.sock, self._on_readable)
         log.warning("notify relay: %s was removed while the program ran: bound again", self.path)
 
     # -- the end ---------------------------------------------------------------------------------

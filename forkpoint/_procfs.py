@@ -264,6 +264,33 @@ def signal_dispositions(pid: int) -> tuple[int, int] | None:
     return (ignored, caught) if ignored is not None and caught is not None else None
 
 
+def blocked_signals(pid: int) -> int | None:
+    """SigBlk of process ``pid`` (its main thread's mask); None if gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigBlk:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+# rt_sigtimedwait(2), which sigwait(), sigwaitinfo() and sigtimedwait() make
+_SIGTIMEDWAIT = {"x86_64": 128, "aarch64": 137}.get(os.uname().machine, -1)
+
+
+def waits_for_signals(pid: int) -> bool:
+    """Whether process ``pid``'s main thread is inside ``sigwait()`` and friends now: the kernel
+    unblocks the awaited signals for that wait, so SigBlk no longer shows them."""
+    try:
+        with open(f"/proc/{pid}/syscall") as f:
+            first = f.read().split(None, 1)[0]
+    except (OSError, IndexError):
+        return False
+    return first.isdigit() and int(first) == _SIGTIMEDWAIT
+
+
 def terminal_foreground() -> int:
     """The foreground process group of this process's controlling terminal (0: none)."""
     fields = read_stat(os.getpid())
@@ -388,7 +415,10 @@ def mapped_libraries() -> list[str]:
             data = f.read()
     except OSError:
         return []
-    return list(dict.fromkeys(os.fsdecode(path) for path in _LIBRARY_LINE.findall(data)))
+    # " (deleted)": a library replaced on disk since it was loaded (an upgrade under a running
+    # daemon); its loaded name is still the path, which dlopen(RTLD_NOLOAD) finds.
+    return list(dict.fromkeys(os.fsdecode(path.removesuffix(b" (deleted)"))
+                              for path in _LIBRARY_LINE.findall(data)))
 
 
 def other_threads(settle: bool = True) -> int:

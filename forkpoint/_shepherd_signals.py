@@ -249,11 +249,20 @@ class SignalRouting:
         the live process, which is not init, and so the program; mid-restore it ended the
         program. Handled or ignored ones go on as before. A fault signal that forkpoint's own
         faulthandler catches (``recover_on``) counts as handled: the program's own Python
-        handler cannot be read from here. (Only read when the face is init.)
+        handler cannot be read from here. A signal the live process blocks is queued for init
+        too, whatever its action (a program that waits for SIGTERM with ``sigwait()`` or a
+        signalfd gets it), so it is passed on; inside ``sigwait()`` the kernel unblocks the
+        awaited signals for the wait, which ``/proc`` shows, so that system call counts as
+        blocking them. This also passes one that arrives while forkpoint blocks every signal for
+        a moment in the live process (``tsetjmp()``); mid-restore, where the program's mask is not
+        known, the checkpoint's action alone decides. (Only read when the face is init.)
         """
         if self.me != 1:
             return False
         if proc is not None:
+            blocked = _procfs.blocked_signals(proc.pid)
+            if blocked is not None and blocked & (1 << (sig - 1)) or _procfs.waits_for_signals(proc.pid):
+                return False
             masks = _procfs.signal_dispositions(proc.pid)
             action = _sigutil.disposition(sig, *masks) if masks is not None else "unknown"
         if action in ("terminate", "stop"):

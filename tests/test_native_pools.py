@@ -170,3 +170,33 @@ def test_a_function_read_from_the_symbol_table_is_where_the_dynamic_linker_put_i
     lines = r.stdout.splitlines()
     assert int(lines[0].split()[1]) >= 1, r.stdout
     assert lines[1:] == ["shutdown found True", "made-up name None"], r.stdout
+
+
+HIDDEN = """
+__attribute__((visibility("hidden"))) int hidden_answer(void) { return 42; }
+int exported_answer(void) { return hidden_answer() - 1; }
+"""
+
+
+def test_a_hidden_function_is_found_in_the_symbol_table_and_called_or_not_at_all(tmp_path):
+    """The ``.symtab`` path on any machine (numpy 2.5's OpenBLAS needs it): a function a library
+    built here hides from ``dlsym`` is found and called (it answers 42); the same library with its
+    symbol table stripped gives no address at all, rather than a guess."""
+    lib = _build(tmp_path, "hidden", HIDDEN)
+    stripped = tmp_path / "libstripped.so"
+    strip = shutil.which("strip")
+    if strip is None:
+        pytest.skip("no strip to remove the symbol table")
+    subprocess.run([strip, "--strip-all", "-o", str(stripped), str(lib)], check=True, timeout=30)
+    r = run_py(f"""
+        import ctypes
+        from forkpoint import _elfsym
+        for path in ({str(lib)!r}, {str(stripped)!r}):
+            lib = ctypes.CDLL(path)
+            print("exported", lib.exported_answer(), "dlsym", hasattr(lib, "hidden_answer"))
+            address = _elfsym.hidden_function(path, lib, "hidden_answer")
+            print("found", None if address is None else ctypes.CFUNCTYPE(ctypes.c_int)(address)())
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["exported 41 dlsym False", "found 42",
+                                     "exported 41 dlsym False", "found None"], r.stdout

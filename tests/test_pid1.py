@@ -199,7 +199,9 @@ def test_a_fatal_fault_ends_init_as_without_forkpoint(tmp_path, how):
         out, err = proc.communicate(timeout=20)
         return proc.returncode, out, err
 
-    assert _both(run, tmp_path)[True][0] == -signal.SIGSEGV
+    code = _both(run, tmp_path)[True][0]             # the same as without forkpoint, whatever it is
+    if how == "segfault" or os.uname().machine == "x86_64":
+        assert code == -signal.SIGSEGV               # (glibc's abort() in init: a SIGSEGV on x86_64)
 
 
 def test_getppid_of_init_and_of_a_process_entered_from_outside_is_0(tmp_path):
@@ -231,3 +233,27 @@ def test_getppid_of_init_and_of_a_process_entered_from_outside_is_0(tmp_path):
         assert entered[True] == entered[False] == (0, ["ppid", "0"]), entered
     finally:
         _finish(init, tmp_path, lines)
+
+
+def test_a_signal_init_blocks_and_waits_for_is_delivered(tmp_path):
+    """Invariant: as PID 1, a signal the program blocks is queued for it whatever its action, as
+    the kernel queues it for init: a program that waits for SIGTERM with ``sigwait()`` (or a
+    signalfd) gets ``docker stop``'s SIGTERM, from the host and from itself."""
+    path = program(HEADER + """
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    print("ready", flush=True)
+    print("got", signal.sigwait({signal.SIGTERM}), flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+    print("got again", signal.sigwait({signal.SIGTERM}), flush=True)
+    """, tmp_path)
+
+    def run(fp: bool) -> tuple[int, str, str]:
+        proc = _as_init(path, tmp_path, fp)
+        lines = Lines(proc)
+        init = _init_pid(proc)
+        lines.until("ready")
+        os.kill(init, signal.SIGTERM)                 # from the host
+        return _finish(proc, tmp_path, lines)
+
+    term = int(signal.SIGTERM)
+    assert _both(run, tmp_path)[True] == (0, f"ready\ngot {term}\ngot again {term}\n<EOF>")

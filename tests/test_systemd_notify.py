@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 from conftest import clean_env, wait_for
 
-from forkpoint import _rundir
+from forkpoint import _procfs, _rundir
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -271,7 +271,8 @@ def test_a_child_of_the_program_is_never_taken_for_the_main_pid(tmp_path, system
 
     plain = run("plain")
     assert plain == [("STATUS=child", "child"), ("STATUS=main", "main")]
-    assert run("fp") == plain          # this test runs as root, with CAP_SYS_ADMIN
+    if _procfs.has_capability(21):     # CAP_SYS_ADMIN: the child's own credentials are forwarded
+        assert run("fp") == plain
     if os.geteuid() == 0 and shutil.which("setpriv"):
         # Without CAP_SYS_ADMIN the shepherd may not send with another PID: the child's is dropped.
         prefix = ("setpriv", "--inh-caps=-sys_admin", "--bounding-set=-sys_admin", "--")
