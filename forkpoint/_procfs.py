@@ -13,7 +13,7 @@ import stat
 import threading
 import time
 
-_CAP_SYS_NICE = 1 << 23
+_CAP_SYS_NICE = 23
 _PF_EXITING = 0x4              # include/linux/sched.h: the task is in do_exit()
 
 
@@ -249,31 +249,25 @@ def signal_state(pid: int) -> tuple[int, int, int] | None:
     return (int(fields[2]), pending, blocked) if fields else None
 
 
-def signal_dispositions(pid: int) -> tuple[int, int] | None:
-    """(SigIgn, SigCgt) of process ``pid``: the signals it ignores and catches; None if gone."""
-    ignored = caught = None
+def status_masks(pid: int | str, *keys: str) -> dict[str, int] | None:
+    """The hexadecimal masks ``keys`` of ``/proc/PID/status`` ("SigBlk", "CapEff", ...); None if
+    it cannot be read or lacks one of them."""
+    found: dict[str, int] = {}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("SigIgn:"):
-                    ignored = int(line.split()[1], 16)
-                elif line.startswith("SigCgt:"):
-                    caught = int(line.split()[1], 16)
+                key, _, value = line.partition(":")
+                if key in keys:
+                    found[key] = int(value, 16)
     except (OSError, ValueError):
         return None
-    return (ignored, caught) if ignored is not None and caught is not None else None
+    return found if len(found) == len(keys) else None
 
 
-def blocked_signals(pid: int) -> int | None:
-    """SigBlk of process ``pid`` (its main thread's mask); None if gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("SigBlk:"):
-                    return int(line.split()[1], 16)
-    except (OSError, ValueError):
-        pass
-    return None
+def signal_dispositions(pid: int) -> tuple[int, int] | None:
+    """(SigIgn, SigCgt) of process ``pid``: the signals it ignores and catches; None if gone."""
+    masks = status_masks(pid, "SigIgn", "SigCgt")
+    return (masks["SigIgn"], masks["SigCgt"]) if masks is not None else None
 
 
 # rt_sigtimedwait(2), which sigwait(), sigwaitinfo() and sigtimedwait() make
@@ -333,11 +327,9 @@ def smaps(pid: int) -> tuple[int, int]:
 
 def can_leave_sched_idle() -> bool:
     """SCHED_IDLE -> SCHED_OTHER needs CAP_SYS_NICE or an RLIMIT_NICE of at least 20 - nice."""
+    if has_capability(_CAP_SYS_NICE):
+        return True
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("CapEff:") and int(line.split()[1], 16) & _CAP_SYS_NICE:
-                    return True
         return resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20 - os.getpriority(os.PRIO_PROCESS, 0)
     except (OSError, ValueError):
         return False
@@ -345,14 +337,8 @@ def can_leave_sched_idle() -> bool:
 
 def has_capability(bit: int) -> bool:
     """Whether this process has capability ``bit`` (``CAP_*`` of linux/capability.h) in effect."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> bit & 1)
-    except (OSError, ValueError):
-        pass
-    return False
+    masks = status_masks("self", "CapEff")
+    return masks is not None and bool(masks["CapEff"] >> bit & 1)
 
 
 def file_offsets() -> dict[int, int]:

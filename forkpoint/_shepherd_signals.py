@@ -260,11 +260,13 @@ class SignalRouting:
         if self.me != 1:
             return False
         if proc is not None:
-            blocked = _procfs.blocked_signals(proc.pid)
-            if blocked is not None and blocked & (1 << (sig - 1)) or _procfs.waits_for_signals(proc.pid):
+            masks = _procfs.status_masks(proc.pid, "SigBlk", "SigIgn", "SigCgt")
+            if masks is None:
+                action = "unknown"
+            elif masks["SigBlk"] & (1 << (sig - 1)) or _procfs.waits_for_signals(proc.pid):
                 return False
-            masks = _procfs.signal_dispositions(proc.pid)
-            action = _sigutil.disposition(sig, *masks) if masks is not None else "unknown"
+            else:
+                action = _sigutil.disposition(sig, masks["SigIgn"], masks["SigCgt"])
         if action in ("terminate", "stop"):
             log.debug("%s dropped: the program is init of its PID namespace and does not handle it",
                       signame(sig))
