@@ -212,11 +212,7 @@ class ControlServer:
             sock_path = os.path.join(path, _rundir.SOCKET_NAME)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                old = os.umask(0o177)
-                try:
-                    sock.bind(sock_path)
-                finally:
-                    os.umask(old)
+                _rundir.bind_private(sock, sock_path)
                 sock.listen(BACKLOG)
                 sock.setblocking(False)
             except BaseException:

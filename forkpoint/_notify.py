@@ -141,21 +141,13 @@ def _bind_in_run_dir(sock: socket.socket, face: int) -> str:
             log.debug("notify relay: %s: %s", directory, e)
             continue
         try:
-            _bind(sock, path)
+            _rundir.bind_private(sock, path)
             return directory
         except OSError as e:
             log.debug("notify relay: %s: %s", path, e)
             with contextlib.suppress(OSError):
                 _rundir.remove_dir(directory)
     return ""
-
-
-def _bind(sock: socket.socket, path: str) -> None:
-    old = os.umask(0o177)
-    try:
-        sock.bind(path)
-    finally:
-        os.umask(old)
 
 
 def _parse(anc: list[tuple[int, int, bytes]]) -> tuple[list[int], tuple[int, int, int] | None]:
@@ -328,7 +320,7 @@ class Relay:
                 _rundir.make_dir(self.dir)
             if ident is not None:          # another socket in our 0700 directory: a stale one
                 os.unlink(self.path)
-            _bind(fresh, self.path)
+            _rundir.bind_private(fresh, self.path)
             fresh.setblocking(False)
         except OSError as e:
             fresh.close()

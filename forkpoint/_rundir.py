@@ -163,6 +163,15 @@ def make_dir(path: str) -> None:
         raise
 
 
+def bind_private(sock: socket.socket, path: str) -> None:
+    """Bind the AF_UNIX ``sock`` at ``path`` with mode 0600, whatever the umask."""
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+
+
 def remove_dir(path: str) -> None:
     for name in os.listdir(path):
         os.unlink(os.path.join(path, name))
