@@ -242,9 +242,9 @@ def test_a_signal_init_blocks_and_waits_for_is_delivered(tmp_path):
     path = program(HEADER + """
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     print("ready", flush=True)
-    print("got", signal.sigwait({signal.SIGTERM}), flush=True)
+    print("got", int(signal.sigwait({signal.SIGTERM})), flush=True)
     os.kill(os.getpid(), signal.SIGTERM)
-    print("got again", signal.sigwait({signal.SIGTERM}), flush=True)
+    print("got again", int(signal.sigwait({signal.SIGTERM})), flush=True)
     """, tmp_path)
 
     def run(fp: bool) -> tuple[int, str, str]:
