@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import _channel, _clone, _cputime, _eventloop, _identity, _locks, _prctl, _sigutil
+from . import _channel, _clone, _connections, _cputime, _eventloop, _identity, _locks, _prctl, _sigutil
 from ._runtime import _Runtime
 
 log = logging.getLogger("forkpoint")
@@ -52,6 +52,8 @@ class Saved:
     cpu_timers: tuple[tuple[float, float], tuple[float, float]] = ((0.0, 0.0), (0.0, 0.0))
     policy: tuple[int, int] | None = None
     taken: float = 0.0               # time.monotonic() at the checkpoint (see _real_timer)
+    # The program's connections to servers, and how far their streams had gone (_connections).
+    connections: tuple[_connections.Connection, ...] = ()
 
 def set_idle(pid: int = 0) -> None:
     try:
@@ -280,7 +282,7 @@ def _prewarm(rt: _Runtime, saved: Saved | None, warm_hook: Callable[[], None] | 
         if saved is not None:
             for fd, off in saved.offsets.items():
                 fd + off
-            (saved.itimer[0], saved.key, saved.mask, saved.cpu_timers, saved.policy)
+            (saved.itimer[0], saved.key, saved.mask, saved.cpu_timers, saved.policy, saved.connections)
         rt.owner_pid = _identity.real_pid()     # a spare's pid is the one it will run with
         for name in ("recovered", "from_state", "to_state", "sigtype", "reason", "attempt",
                      "recovery_seconds", "current", "owner_pid"):
@@ -327,6 +329,12 @@ def resume(rt: _Runtime, saved: Saved, wake: _channel.Wake) -> None:
             os.lseek(fd, off, os.SEEK_SET)
         except OSError:
             pass
+    if saved.connections:
+        reset = _connections.reset_used(saved.connections)
+        if reset:
+            log.warning("restored checkpoint %d: closed the connection(s) to %s, which the rolled-back "
+                        "code had used (their servers drop what it began; clients reconnect)",
+                        n, ", ".join(reset))
     if saved.itimer[0] > 0:
         signal.setitimer(signal.ITIMER_REAL, *_real_timer(saved))
     virtual, prof = saved.cpu_timers

@@ -12,6 +12,7 @@ import resource
 import stat
 import threading
 import time
+from typing import NamedTuple
 
 _CAP_SYS_NICE = 23
 _PF_EXITING = 0x4              # include/linux/sched.h: the task is in do_exit()
@@ -349,14 +350,24 @@ def file_offsets() -> dict[int, int]:
     read-write, or append) keeps the offset the rolled-back process left: a rewind would make the
     restored process's next write overwrite bytes already written (a log, a temporary file).
     """
-    return open_files()[0]
+    return open_files().offsets
 
 
-def open_files(own_file: tuple[int, int] = (0, 0)) -> tuple[dict[int, int], int, list[int]]:
-    """``file_offsets()``, how many descriptors this process has open (the listing's own not
-    counted: ``tsetjmp()`` knows from that count, without a system call more, that the keeper will
-    have room for its channel), and one descriptor of each regular file open (``_locks`` asks
-    them for the POSIX locks this process holds).
+class OpenFiles(NamedTuple):
+    """What ``tsetjmp()`` needs to know of this process's descriptors, from one listing."""
+
+    offsets: dict[int, int]      # ``file_offsets()``
+    how_many: int                # descriptors open, the listing's own not counted
+    regular: list[int]           # one descriptor of each regular file open
+    sockets: dict[int, int]      # socket descriptor -> inode
+    stdio: set[int]              # inodes of descriptors 0-2 that are sockets
+
+
+def open_files(own_file: tuple[int, int] = (0, 0)) -> OpenFiles:
+    """``file_offsets()``, how many descriptors this process has open (``tsetjmp()`` knows from
+    that count, without a system call more, that the keeper will have room for its channel), one
+    descriptor of each regular file open (``_locks`` asks them for the POSIX locks this process
+    holds), and its sockets (``_connections``).
 
     ``own_file`` is the (device, inode) of forkpoint's arena memfd, open twice (the descriptor and
     the mapping's duplicate): no file of the program's, so neither its mode nor its locks are
@@ -365,12 +376,18 @@ def open_files(own_file: tuple[int, int] = (0, 0)) -> tuple[dict[int, int], int,
     out = {}
     regular = []
     inodes = set()
+    sockets: dict[int, int] = {}
+    stdio: set[int] = set()
     names = os.listdir("/proc/self/fd")
     for name in names:
         fd = int(name)
         try:   # tsetjmp() waits for this: pipes and sockets cost one fstat each
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
+                if stat.S_ISSOCK(st.st_mode):
+                    sockets[fd] = st.st_ino
+                    if fd <= 2:
+                        stdio.add(st.st_ino)
                 continue
             if (st.st_dev, st.st_ino) == own_file:
                 continue
@@ -381,7 +398,7 @@ def open_files(own_file: tuple[int, int] = (0, 0)) -> tuple[dict[int, int], int,
                 out[fd] = os.lseek(fd, 0, os.SEEK_CUR)
         except OSError:     # closed meanwhile (the directory's own descriptor)
             continue
-    return out, len(names) - 1, regular
+    return OpenFiles(out, len(names) - 1, regular, sockets, stdio)
 
 
 def open_fd_count() -> int:

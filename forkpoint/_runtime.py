@@ -65,6 +65,9 @@ class Config:
     shepherd_exec: bool = True
     max_snapshot_memory: int | None = None
     gc_freeze: bool = False
+    # A restore shuts down the program's connections to servers that the rolled-back code used
+    # (_connections); False keeps them as they are.
+    reset_connections: bool = True
     # The quarantine (``_qkeys``); None: from the environment, else the default.
     quarantine: str | None = None
     service: str | None = None
@@ -248,7 +251,7 @@ class _Runtime:
             parent = os.getpid()
             what = "could not read the program's POSIX locks"
             # the shepherd lets go of them, the live process takes them
-            locks = _locks.held(parent, _procfs.open_files()[2])
+            locks = _locks.held(parent, _procfs.open_files().regular)
             what = "the fork of the live program failed"
             _prctl.set_child_subreaper(True)
             subreaper = True

@@ -95,7 +95,7 @@ def become_shepherd(chan: socket.socket, arena: Arena, live_pid: int, pgid: int,
             "witness": [witness.pid, *witness.fds()] if witness is not None else None, "notify": notify}
     try:
         # The program's POSIX locks are the live process's now: it waits for them (_locks).
-        _locks.release_all(_procfs.open_files()[2])
+        _locks.release_all(_procfs.open_files().regular)
         if config.shepherd_exec and sys.executable:
             os.set_inheritable(chan.fileno(), True)
             os.set_inheritable(arena.fd, True)

@@ -20,7 +20,18 @@ import types
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from . import _channel, _children, _clone, _eventloop, _locks, _procfs, _qkeys, _qlookup, _sigutil
+from . import (
+    _channel,
+    _children,
+    _clone,
+    _connections,
+    _eventloop,
+    _locks,
+    _procfs,
+    _qkeys,
+    _qlookup,
+    _sigutil,
+)
 from ._errors import ConfigurationError, NoSuchCheckpoint, resource_error
 from ._frozen import Saved, frozen, resume
 from ._runtime import _Runtime, runtime
@@ -145,24 +156,26 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int
     n = rt.arena.take_id()
     _sigutil.flush_stdio()
     try:
-        offsets, open_fds, files = _procfs.open_files(rt.arena.file)
+        fds = _procfs.open_files(rt.arena.file)
     except OSError as e:
         raise resource_error(f"could not take checkpoint {n}: cannot read /proc/self/fd", e) from e
-    locks = _locks.held(rt.owner_pid, files)
+    locks = _locks.held(rt.owner_pid, fds.regular)
     if locks:
         _warn_sqlite(n, locks)
     policy = os.sched_getscheduler(0)
-    saved = Saved(mask=None, offsets=offsets,
+    saved = Saved(mask=None, offsets=fds.offsets,
                   itimer=signal.getitimer(signal.ITIMER_REAL), key=rt.arena.processing(),
                   loop=_eventloop.running_loop(), locks=locks,
                   cpu_timers=(signal.getitimer(signal.ITIMER_VIRTUAL), signal.getitimer(signal.ITIMER_PROF)),
                   policy=None if policy == os.SCHED_OTHER else (policy, os.sched_getparam(0).sched_priority),
-                  taken=time.monotonic())
+                  taken=time.monotonic(),
+                  connections=_connections.at_checkpoint(fds.sockets, fds.stdio)
+                  if rt.config.reset_connections and fds.sockets else ())
     # The shepherd hears of the checkpoint before the fork: after it, every page this process
     # writes is copied on first write, so the parent's side of the fork restores its signal mask
     # and records the current state, nothing more: the keeper's pidfd is written by clone(2)
     # itself. The keeper introduces itself (pid and channel) from its own side.
-    if not _room_for_keeper(rt, open_fds):  # first: the previous keeper's pidfd is kept on refusal
+    if not _room_for_keeper(rt, fds.how_many):  # first: the previous keeper's pidfd is kept on refusal
         raise resource_error(f"could not take checkpoint {n}: no two free descriptors for the keeper's "
                              "channel", OSError(errno.EMFILE, os.strerror(errno.EMFILE)))
     # A failed clone below loses the previous keeper's pidfd: a transaction's commit then leaves
@@ -427,7 +440,7 @@ def checkpoints() -> list[CheckpointInfo]:
 
 def configure(**settings: Any) -> None:
     """Change settings: ``max_checkpoints``, ``spares``, ``allow_threads``, ``max_snapshot_memory``,
-    ``gc_freeze``, ``quarantine_ttl``, and before the first checkpoint ``arena_size``,
+    ``gc_freeze``, ``reset_connections``, ``quarantine_ttl``, and before the first checkpoint ``arena_size``,
     ``shepherd_exec``, ``quarantine`` (``"process"``, ``"host"`` or ``"redis://HOST:PORT/DB"``),
     ``service`` and ``quarantine_keys`` (``"hashed"`` or ``"plain"``); docs/architecture.md."""
     rt = _rt
@@ -441,6 +454,8 @@ def configure(**settings: Any) -> None:
         least = {"max_checkpoints": 1, "spares": 0}.get(key)
         if least is not None and (not isinstance(value, int) or value < least):
             raise ConfigurationError(f"{key} must be an int >= {least}")
+        if key in ("allow_threads", "gc_freeze", "reset_connections") and not isinstance(value, bool):
+            raise ConfigurationError(f"{key} must be True or False, got {value!r}")
         if key == "max_snapshot_memory" and value is not None and (not isinstance(value, int) or value <= 0):
             raise ConfigurationError("max_snapshot_memory must be a positive int (bytes) or None")
         if key in _QUARANTINE_SETTINGS:

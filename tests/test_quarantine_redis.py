@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,77 +30,6 @@ from conftest import (
 )
 
 pytestmark = pytest.mark.timeout(180)
-
-REDIS_SERVER = shutil.which("redis-server")
-
-
-class RedisServer:
-    """A real redis-server of the test's own: a free port, a temporary directory, no persistence."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        assert REDIS_SERVER is not None
-        self.port = free_port()
-        self.dir = tmp_path / "redis"
-        self.dir.mkdir(exist_ok=True)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def client(self):
-        import redis
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.dir), "--daemonize", "no", "--logfile", str(self.dir / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-
-        def up() -> bool:
-            try:
-                return bool(self.client().ping())
-            except Exception:  # noqa: BLE001 - not up yet
-                assert self.proc is not None and self.proc.poll() is None, (self.dir / "redis.log").read_text()
-                return False
-        wait_for(up, timeout=20, interval=0.05)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(10)
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server is not installed (Debian: apt-get install -y redis-server)")
-    try:
-        import redis  # noqa: F401
-    except ImportError:
-        pytest.skip("the redis package is not installed: pip install 'forkpoint[redis]'")
-    server = RedisServer(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
 
 def cli(*args: str, timeout: float = 30, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "forkpoint", *args], capture_output=True, text=True,

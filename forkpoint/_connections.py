@@ -1,0 +1,203 @@
+"""The program's connections to servers, which a rollback must not leave half-used.
+
+A checkpoint's copies share every socket with the live process (fork shares open files), so a
+restore finds the program's database or Redis connection open. But the rolled-back code may have
+used it: sent ``BEGIN`` and an ``UPDATE``, or a command whose reply it never read. The server still
+holds that transaction or that reply, while the restored memory believes the connection idle: its
+next transaction ran inside the rolled-back one and committed it (a test's transfer of 666 was
+committed by the next, innocent request), and its next read returned the reply meant for the
+rolled-back command. Without forkpoint the crash would have closed the connection, and the server
+would have dropped both.
+
+So a checkpoint notes, for each connection the program opened (a TCP or Unix stream socket connected
+to a server; not one it accepted, which the server's own code answers for, nor a socket pair), how
+far its stream had gone: the bytes the program had written (acknowledged plus still queued) and
+read (received minus still unread), from ``TCP_INFO`` and two ioctls. A restore compares, and shuts
+down (``shutdown(2)``, which reaches the socket in every process holding it) each connection whose
+stream moved: the server sees the end of the connection and drops what the rolled-back code began,
+and the client library meets a closed connection at its next use and reconnects, as it does when a
+server restarts. A Unix stream socket keeps no such counts, so one that was open at the checkpoint
+is shut down at every restore. Standard input, output and error are never touched (a service's
+output is often a stream socket to journald).
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import socket
+import struct
+import termios
+from typing import NamedTuple
+
+log = logging.getLogger("forkpoint")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_SO_ACCEPTCONN = 30                          # asm-generic/socket.h (x86_64 and aarch64)
+_TCP_INFO_SIZE = 136                         # up to tcpi_bytes_received (Linux 4.2)
+_BYTES_ACKED, _BYTES_RECEIVED = 120, 128     # offsets in struct tcp_info (linux/tcp.h)
+_STREAMS = (socket.SOCK_STREAM, socket.SOCK_SEQPACKET)
+
+
+class Connection(NamedTuple):
+    """A connection open at a checkpoint: where its stream stood then (None: not countable)."""
+
+    fd: int
+    peer: str
+    position: tuple[int, int] | None
+
+
+class _Socket(NamedTuple):
+    """What a socket is, which does not change once it is connected or listening."""
+
+    family: int
+    listening_port: int      # a listening TCP socket's port, else 0
+    own_port: int            # a connected TCP socket's local port, else 0
+    peer: str                # a connection to a server: its address; "" for anything else
+
+
+_known: dict[tuple[int, int], _Socket] = {}
+_info = ctypes.create_string_buffer(_TCP_INFO_SIZE)
+_info_len = ctypes.c_uint32()
+_name = ctypes.create_string_buffer(128)     # sockaddr_storage
+_name_len = ctypes.c_uint32()
+_int = ctypes.c_int()
+_int_len = ctypes.c_uint32()
+_IOCTL_INT = bytes(4)
+
+
+def at_checkpoint(sockets: dict[int, int], stdio: set[int]) -> tuple[Connection, ...]:
+    """The program's connections to servers among ``sockets`` (descriptor -> inode), with where
+    their streams stand. ``stdio``: the inodes of descriptors 0-2, never counted."""
+    seen: dict[tuple[int, int], _Socket] = {}
+    listening = {w.listening_port for w in _known.values() if w.listening_port}
+    for fd, ino in sockets.items():
+        if ino in stdio:
+            continue
+        what = _known.get((fd, ino))
+        if what is None:
+            what = _classify(fd, listening)
+            if what is None:             # not connected yet: asked again at the next checkpoint
+                continue
+            if what.listening_port:
+                listening.add(what.listening_port)
+        seen[(fd, ino)] = what
+    _known.clear()
+    _known.update(seen)
+    out = []
+    for (fd, _), what in seen.items():
+        if not what.peer or (what.own_port and what.own_port in listening):   # accepted by us
+            continue
+        position = None
+        if what.family != socket.AF_UNIX:
+            try:
+                position = _position(fd)
+            except OSError:          # not countable here: shut down at a restore, as a Unix one
+                pass
+        out.append(Connection(fd, what.peer, position))
+    return tuple(out)
+
+
+def reset_used(connections: tuple[Connection, ...]) -> list[str]:
+    """Shut down each of ``connections`` whose stream moved since the checkpoint (or cannot be
+    told); the peers of those shut down."""
+    reset = []
+    for conn in connections:
+        if conn.position is not None:
+            try:
+                if _position(conn.fd) == conn.position:
+                    continue
+            except OSError:       # no longer a TCP connection the kernel can describe
+                pass
+        if _libc.shutdown(conn.fd, socket.SHUT_RDWR) != 0:
+            e = ctypes.get_errno()
+            if e != errno.ENOTCONN:           # ENOTCONN: closed already (an earlier restore, the peer)
+                log.debug("could not shut down the connection to %s: %s", conn.peer, os.strerror(e))
+            continue
+        reset.append(conn.peer)
+    return reset
+
+
+def _position(fd: int) -> tuple[int, int]:
+    """(bytes the program wrote, bytes it read) on TCP connection ``fd``.
+
+    Written: acknowledged by the peer plus still in the send queue; read: received minus still
+    unread. Neither moves by itself: data arriving, or the peer acknowledging, leaves both alone.
+    """
+    _info_len.value = _TCP_INFO_SIZE
+    if _libc.getsockopt(fd, socket.IPPROTO_TCP, socket.TCP_INFO, _info, ctypes.byref(_info_len)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    if _info_len.value < _TCP_INFO_SIZE:
+        raise OSError(errno.ENOSYS, "tcp_info has no byte counts (Linux before 4.2)")
+    acked, received = struct.unpack_from("QQ", _info, _BYTES_ACKED)
+    unread = int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, _IOCTL_INT), "little", signed=True)
+    queued = int.from_bytes(fcntl.ioctl(fd, termios.TIOCOUTQ, _IOCTL_INT), "little", signed=True)
+    return acked + queued, received - unread
+
+
+def _getint(fd: int, option: int) -> int:
+    _int_len.value = 4
+    if _libc.getsockopt(fd, socket.SOL_SOCKET, option, ctypes.byref(_int), ctypes.byref(_int_len)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return _int.value
+
+
+def _address(fd: int, call: object) -> tuple[int, str, int] | None:
+    """(family, text, port) of the socket's own or peer address; None if it has none."""
+    _name_len.value = len(_name)
+    if call(fd, _name, ctypes.byref(_name_len)) != 0:       # type: ignore[operator]
+        return None
+    raw = _name.raw[:_name_len.value]
+    if len(raw) < 2:
+        return None
+    family = int.from_bytes(raw[:2], "little")
+    if family == socket.AF_INET and len(raw) >= 8:
+        port = int.from_bytes(raw[2:4], "big")
+        return family, f"{socket.inet_ntop(socket.AF_INET, raw[4:8])}:{port}", port
+    if family == socket.AF_INET6 and len(raw) >= 24:
+        port = int.from_bytes(raw[2:4], "big")
+        return family, f"[{socket.inet_ntop(socket.AF_INET6, raw[8:24])}]:{port}", port
+    if family == socket.AF_UNIX:
+        path = raw[2:]
+        if not path or path == b"\0" * len(path):
+            return family, "", 0                              # unnamed
+        if path[0] == 0:
+            return family, "@" + path[1:].decode(errors="replace"), 0      # abstract
+        return family, path.split(b"\0", 1)[0].decode(errors="replace"), 0
+    return None
+
+
+def _classify(fd: int, listening: set[int]) -> _Socket | None:
+    """What socket ``fd`` is; None while it is neither connected nor listening.
+
+    A server accepts a connection for each request (a gunicorn worker, one per checkpointed
+    request): one whose own port is a port the process listens on is told by its name alone.
+    """
+    own = _address(fd, _libc.getsockname)
+    if own is None:
+        return _Socket(0, 0, 0, "")
+    family = own[0]
+    if family != socket.AF_UNIX and own[2] in listening:
+        return _Socket(family, 0, own[2], "")
+    try:
+        kind = _getint(fd, socket.SO_TYPE)
+        if family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX) or kind not in _STREAMS:
+            return _Socket(family, 0, 0, "")
+        if _getint(fd, _SO_ACCEPTCONN):
+            return _Socket(family, own[2], 0, "")
+    except OSError:
+        return _Socket(0, 0, 0, "")
+    peer = _address(fd, _libc.getpeername)
+    if peer is None:
+        return None if ctypes.get_errno() == errno.ENOTCONN else _Socket(family, 0, 0, "")
+    if family == socket.AF_UNIX:
+        # A connection to a server: its peer has a name and it has none (an accepted one has the
+        # server's name; a socket pair has none on either side).
+        return _Socket(family, 0, 0, peer[1] if peer[1] and not own[1] else "")
+    if kind != socket.SOCK_STREAM:
+        return _Socket(family, 0, 0, "")
+    return _Socket(family, 0, own[2], peer[1])

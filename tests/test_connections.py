@@ -1,0 +1,346 @@
+"""The program's connections to servers across a rollback.
+
+Invariant protected: what a rolled-back step began on a connection to a server (a database
+transaction, a command whose reply it never read) ends as it would have without forkpoint, where
+the crash closed the connection and the server dropped it: it is never committed by a later step,
+and no later step reads a reply meant for the rolled-back one. A connection the step did not use
+is kept, and so are the connections a server accepted (their clients get the server's answer).
+
+The server is a real process: a transactional key-value store over TCP or a Unix socket, which
+applies a connection's writes at COMMIT and drops them when the connection ends without one.
+"""
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import clean_env, program, run_py
+
+pytestmark = pytest.mark.timeout(60)
+
+SERVER = r"""
+import os, socket, sys, threading
+
+store, lock, count = {}, threading.Lock(), [0]
+
+def serve(conn, who):
+    pending = None
+    f = conn.makefile("rwb", buffering=0)
+    try:
+        for raw in f:
+            cmd, *args = raw.decode().split()
+            if cmd == "BEGIN":
+                reply = "ERROR already in a transaction" if pending is not None else "OK"
+                pending = {} if pending is None else pending
+            elif cmd == "SET":
+                with lock:
+                    (store if pending is None else pending)[args[0]] = args[1]
+                reply = "OK"
+            elif cmd == "COMMIT":
+                with lock:
+                    store.update(pending or {})
+                pending, reply = None, "OK"
+            elif cmd == "GET":
+                with lock:
+                    reply = "VALUE " + (pending or {}).get(args[0], store.get(args[0], "-"))
+            elif cmd == "WHO":
+                reply = f"CONNECTION {who}"
+            else:
+                reply = "ERROR unknown command"
+            f.write((reply + "\n").encode())
+    except OSError:
+        pass
+    finally:
+        conn.close()          # the connection's open transaction goes with it
+
+if sys.argv[1] == "tcp":
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    where = str(srv.getsockname()[1])
+else:
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(sys.argv[2])
+    where = sys.argv[2]
+srv.listen()
+print(where, flush=True)
+while True:
+    c, _ = srv.accept()
+    count[0] += 1
+    threading.Thread(target=serve, args=(c, count[0]), daemon=True).start()
+"""
+
+# A client that reconnects when its connection is gone, as database and Redis clients do.
+CLIENT = r"""
+import ctypes, os, signal, socket, sys
+
+class Client:
+    def __init__(self, where):
+        self.where = where
+        self.connect()
+    def connect(self):
+        if self.where.isdigit():
+            self.sock = socket.create_connection(("127.0.0.1", int(self.where)))
+        else:
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.connect(self.where)
+        self.f = self.sock.makefile("rwb", buffering=0)
+    def send(self, line):
+        self.f.write((line + "\n").encode())
+    def call(self, line):
+        for attempt in (1, 2):
+            try:
+                self.send(line)
+                reply = self.f.readline()
+                if reply:
+                    return reply.decode().strip()
+            except OSError:
+                pass
+            self.sock.close()
+            self.connect()
+        raise RuntimeError("no reply")
+
+USE = sys.argv[2] == "forkpoint"
+if USE:
+    import forkpoint as fp
+db = Client(sys.argv[1])
+"""
+
+
+@pytest.fixture(params=["tcp", "unix"])
+def server(request, tmp_path):
+    path = program(SERVER, tmp_path, "kvserver.py")
+    sock = f"/tmp/fp-kv-{tmp_path.name[-20:]}.sock"        # short: AF_UNIX paths
+    proc = subprocess.Popen([sys.executable, str(path), request.param, sock], stdout=subprocess.PIPE,
+                            text=True, env=clean_env())
+    try:
+        where = proc.stdout.readline().strip()
+        assert where, "the server did not start"
+        yield where
+    finally:
+        proc.kill()
+        proc.wait()
+        Path(sock).unlink(missing_ok=True)
+
+
+def _both(code: str, tmp_path: Path, where: str) -> dict[str, str]:
+    """The program's last lines with forkpoint, and the server's state after the same program
+    without it (which the crash ends)."""
+    out = {}
+    for mode in ("forkpoint", "plain"):
+        r = run_py(CLIENT + textwrap.dedent(code), tmp_path, where, mode)
+        if mode == "forkpoint":
+            assert r.returncode == 0, r.stderr
+        else:
+            assert r.returncode == -11, r.stderr
+        out[mode] = r.stdout
+    return out
+
+
+def test_a_rolled_back_transaction_is_not_committed_by_the_next_one(server, tmp_path):
+    """The rolled-back step's BEGIN and SET stay open on the server; without the reset the next
+    step's COMMIT committed them (balance 666)."""
+    code = """
+    db.call("SET balance 100")
+    def transfer(amount, crash):
+        assert db.call("BEGIN") == "OK"
+        db.call(f"SET balance {amount}")
+        if crash:
+            ctypes.string_at(0)
+        assert db.call("COMMIT") == "OK"
+    if not USE:
+        transfer(666, True)
+    try:
+        fp.checkpointed(transfer)(666, True)
+    except fp.Recovered:
+        print("recovered")
+    print("next BEGIN:", db.call("BEGIN"))
+    db.call("SET note innocent")
+    db.call("COMMIT")
+    print("balance:", db.call("GET balance"))
+    """
+    out = _both(code, tmp_path, server)
+    assert out["forkpoint"].splitlines() == ["recovered", "next BEGIN: OK", "balance: VALUE 100"]
+    r = run_py(CLIENT + 'print(db.call("GET balance"))', tmp_path, server, "plain")
+    assert r.stdout.strip() == "VALUE 100", r.stdout      # as the plain program's crash left it
+
+
+def test_no_step_reads_the_reply_meant_for_a_rolled_back_command(server, tmp_path):
+    """The rolled-back step sent GET a and died before reading the reply; the restored program's
+    GET b read "VALUE 1" (a's) before the reset."""
+    code = """
+    db.call("SET a 1"); db.call("SET b 2")
+    def ask(crash):
+        db.send("GET a")
+        import time; time.sleep(0.1)        # the reply is there, unread
+        if crash:
+            ctypes.string_at(0)
+        return db.f.readline()
+    if not USE:
+        ask(True)
+    try:
+        fp.checkpointed(ask)(True)
+    except fp.Recovered:
+        print("recovered")
+    print("b:", db.call("GET b"))
+    print("a:", db.call("GET a"))
+    """
+    out = _both(code, tmp_path, server)
+    assert out["forkpoint"].splitlines() == ["recovered", "b: VALUE 2", "a: VALUE 1"]
+
+
+def test_a_connection_the_step_did_not_use_is_kept(server, tmp_path):
+    """Only a used connection is shut down: one the step did not touch stays the same connection
+    (TCP counts its bytes; a Unix socket cannot be counted, so it is always renewed). With
+    ``reset_connections=False`` even a used one is kept."""
+    r = run_py(CLIENT + textwrap.dedent("""
+    print("before:", db.call("WHO"))
+    def step(use, crash):
+        if use:
+            db.call("GET x")
+        if crash:
+            ctypes.string_at(0)
+    for use in (False, True):
+        try:
+            fp.checkpointed(step)(use, True)
+        except fp.Recovered:
+            print(f"used={use}:", db.call("WHO"))
+    fp.configure(reset_connections=False)
+    try:
+        fp.checkpointed(step)(True, True)
+    except fp.Recovered:
+        print("kept:", db.call("WHO"))
+    """), tmp_path, server, "forkpoint")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    if server.isdigit():
+        assert lines == ["before: CONNECTION 1", "used=False: CONNECTION 1", "used=True: CONNECTION 2",
+                         "kept: CONNECTION 2"], r.stdout
+    else:
+        assert lines == ["before: CONNECTION 1", "used=False: CONNECTION 2", "used=True: CONNECTION 3",
+                         "kept: CONNECTION 3"], r.stdout
+    assert r.stderr.count("closed the connection(s) to") == 1 + (not server.isdigit()), r.stderr
+
+
+SERVING = """
+import ctypes, socket, sys
+import forkpoint as fp
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen()
+print(srv.getsockname()[1], flush=True)
+
+@fp.checkpointed
+def handle(conn):
+    body = conn.recv(100)            # the request, read inside the step
+    if body.startswith(b"crash"):
+        ctypes.string_at(0)
+    conn.sendall(b"200 " + body)
+
+for _ in range(2):
+    conn, _ = srv.accept()
+    try:
+        handle(conn)
+    except fp.Recovered:
+        conn.sendall(b"500")
+    conn.close()
+"""
+
+
+def test_a_connection_the_program_accepted_still_gets_its_answer(tmp_path):
+    """A server's client connection is the server's to answer: the step read the request and
+    crashed, and the restored server still answers on it."""
+    path = program(SERVING, tmp_path)
+    proc = subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=clean_env())
+    try:
+        port = int(proc.stdout.readline())
+        answers = []
+        for body in (b"crash me", b"hello"):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+                c.sendall(body)
+                answers.append(c.recv(100))
+        assert answers == [b"500", b"200 hello"]
+        assert proc.wait(timeout=20) == 0
+        assert "closed the connection" not in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_standard_output_on_a_stream_socket_is_never_shut_down(tmp_path):
+    """A service's output is often a Unix stream socket to journald: named peer, unnamed self, as a
+    connection to a server. It is written in every step, and must outlive every restore."""
+    listen_path = f"/tmp/fp-journal-{tmp_path.name[-20:]}.sock"
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(listen_path)
+    srv.listen()
+    out = socket.socket(socket.AF_UNIX)
+    out.connect(listen_path)
+    journal, _ = srv.accept()
+    path = program("""
+    import ctypes, sys
+    import forkpoint as fp
+    def step(i):
+        print("step", i, flush=True)
+        ctypes.string_at(0)
+    for i in range(3):
+        try:
+            fp.checkpointed(step)(i)
+        except fp.Recovered:
+            print("recovered", i, flush=True)
+    print("done", flush=True)
+    """, tmp_path)
+    try:
+        proc = subprocess.Popen([sys.executable, str(path)], stdout=out.fileno(), stderr=out.fileno(),
+                                env=clean_env())
+        out.close()
+        journal.settimeout(30)
+        got = b""
+        while chunk := journal.recv(4096):
+            got += chunk
+        assert proc.wait(timeout=20) == 0
+        lines = [ln for ln in got.decode().splitlines() if re.fullmatch(r"(step|recovered) \d|done", ln)]
+        assert lines == ["step 0", "recovered 0", "step 1", "recovered 1", "step 2", "recovered 2", "done"]
+        assert "closed the connection" not in got.decode()
+    finally:
+        journal.close()
+        srv.close()
+        Path(listen_path).unlink(missing_ok=True)
+
+
+def test_reset_connections_must_be_a_bool(tmp_path):
+    r = run_py("""
+    import forkpoint as fp
+    try:
+        fp.configure(reset_connections="no")
+    except fp.ConfigurationError as e:
+        print("refused:", e)
+    """, tmp_path)
+    assert r.stdout.strip() == "refused: reset_connections must be True or False, got 'no'", r.stderr
+
+
+def test_redis_py_reads_no_reply_meant_for_a_rolled_back_command(redis_server, tmp_path):
+    """A real redis-server and redis-py: the step blocks in BLPOP and its deadline restores the
+    program. Redis answers a blocked client's next command only after the BLPOP, so the restored
+    program's first GET read BLPOP's late reply (None) and the next GET read the first one's; with
+    the connection shut down, redis-py's pool reconnects before lending it."""
+    r = run_py(f"""
+    import forkpoint as fp, redis
+    r = redis.Redis(host="127.0.0.1", port={redis_server.port}, socket_timeout=10)
+    r.set("a", "1"); r.set("b", "2")
+    @fp.checkpointed(timeout=0.3)
+    def take_job(queue):
+        return r.blpop(queue, timeout=1)
+    try:
+        take_job("jobs")
+    except fp.Recovered as e:
+        print("recovered:", e.reason)
+    print("b:", r.get("b"), "a:", r.get("a"))
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["recovered: timeout", "b: b'2' a: b'1'"], r.stderr
