@@ -329,12 +329,8 @@ def resume(rt: _Runtime, saved: Saved, wake: _channel.Wake) -> None:
             os.lseek(fd, off, os.SEEK_SET)
         except OSError:
             pass
-    if saved.connections:
-        reset = _connections.reset_used(saved.connections)
-        if reset:
-            log.warning("restored checkpoint %d: closed the connection(s) to %s, which the rolled-back "
-                        "code had used (their servers drop what it began; clients reconnect)",
-                        n, ", ".join(reset))
+    # Before any program code (a log handler included) can use one of them.
+    reset = _connections.reset_used(saved.connections) if saved.connections else []
     if saved.itimer[0] > 0:
         signal.setitimer(signal.ITIMER_REAL, *_real_timer(saved))
     virtual, prof = saved.cpu_timers
@@ -377,3 +373,7 @@ def resume(rt: _Runtime, saved: Saved, wake: _channel.Wake) -> None:
     if log.isEnabledFor(level):
         log.log(level, "recovered (%s): forkpoint restored checkpoint %d (from state %d) in %.1f ms",
                 rt.reason, n, rt.from_state, rt.recovery_seconds * 1e3)
+    if reset:
+        log.warning("restored checkpoint %d: shut down the connection(s) to %s, which the rolled-back "
+                    "code had used (their servers drop what it began; clients reconnect)",
+                    n, ", ".join(reset))

@@ -223,7 +223,7 @@ def test_a_connection_the_step_did_not_use_is_kept(server, tmp_path):
     else:
         assert lines == ["before: CONNECTION 1", "used=False: CONNECTION 2", "used=True: CONNECTION 3",
                          "kept: CONNECTION 3"], r.stdout
-    assert r.stderr.count("closed the connection(s) to") == 1 + (not server.isdigit()), r.stderr
+    assert r.stderr.count("shut down the connection(s) to") == 1 + (not server.isdigit()), r.stderr
 
 
 SERVING = """
@@ -266,7 +266,7 @@ def test_a_connection_the_program_accepted_still_gets_its_answer(tmp_path):
                 answers.append(c.recv(100))
         assert answers == [b"500", b"200 hello"]
         assert proc.wait(timeout=20) == 0
-        assert "closed the connection" not in proc.stderr.read()
+        assert "shut down the connection" not in proc.stderr.read()
     finally:
         proc.kill()
         proc.wait()
@@ -306,7 +306,7 @@ def test_standard_output_on_a_stream_socket_is_never_shut_down(tmp_path):
         assert proc.wait(timeout=20) == 0
         lines = [ln for ln in got.decode().splitlines() if re.fullmatch(r"(step|recovered) \d|done", ln)]
         assert lines == ["step 0", "recovered 0", "step 1", "recovered 1", "step 2", "recovered 2", "done"]
-        assert "closed the connection" not in got.decode()
+        assert "shut down the connection" not in got.decode()
     finally:
         journal.close()
         srv.close()
