@@ -4,7 +4,7 @@ Each process has its own SOCK_SEQPACKET socketpair with the shepherd: message bo
 delivery is reliable and ordered, and a channel end can travel to the shepherd with SCM_RIGHTS. A
 frozen snapshot blocks in ``recv`` on its channel; that blocking read *is* the saved state waiting.
 
-Every message is one of the dataclasses below, sent as a small JSON object whose ``op`` names its
+Every message is one of the classes below, sent as a small JSON object whose ``op`` names its
 class. The channels are private socketpairs, never reachable by path, so the only malformed message
 is a corrupted one: ``recv`` raises ``MalformedMessage`` for it and the channel stays usable.
 
@@ -37,9 +37,10 @@ import array
 import json
 import os
 import socket
-from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any, ClassVar
+
+from ._record import Record
 
 MAX_MESSAGE = 1 << 16
 _CMSG_SPACE = socket.CMSG_SPACE(4 * 4)      # room for up to four descriptors
@@ -79,76 +80,104 @@ class MalformedMessage(ValueError):
     """A message that is not one of the protocol's, or whose fields do not fit it."""
 
 
-class Message:
-    """Base of every message; ``OP`` is its wire name."""
+class Message(Record):
+    """Base of every message; ``OP`` is its wire name, ``__slots__`` its fields in wire order
+    (a plain class: ``_record``)."""
 
     OP: ClassVar[Op]
+    __slots__ = ()
+
+    def __init__(self) -> None:      # a message without fields (decode's errors name __init__)
+        pass
 
 
 # ---- from the program to the shepherd --------------------------------------------------------------
-@dataclass
 class Snap(Message):
     """The live process is about to fork checkpoint ``n`` (sent before the fork, signals blocked)."""
 
     OP = Op.SNAP
+    __slots__ = ("n", "pin", "spares", "key", "deadline")
     n: int
     pin: bool
     spares: int
     # A protected call checkpointed for itself (@checkpointed, WSGI transactions) says here which
     # input it processes and when it must be over: riding on this message costs it nothing after
     # the fork, where every page it writes is copied.
-    key: str | None = None
-    deadline: float = 0.0         # CLOCK_MONOTONIC; 0: none
+    key: str | None
+    deadline: float  # CLOCK_MONOTONIC; 0: none
+
+    def __init__(self, n: int, pin: bool, spares: int, key: str | None = None, deadline: float = 0.0) -> None:
+        self.n = n
+        self.pin = pin
+        self.spares = spares
+        self.key = key
+        self.deadline = deadline
 
 
-@dataclass
 class Hello(Message):
     """A new keeper introduces itself, on the channel of the live process that forked it; the
     keeper's own channel travels with it."""
 
     OP = Op.HELLO
+    __slots__ = ("n", "pid", "error")
     n: int
     pid: int
-    error: str = ""          # it could not make its channel (sent without one), and exits
+    error: str  # it could not make its channel (sent without one), and exits
+
+    def __init__(self, n: int, pid: int, error: str = "") -> None:
+        self.n = n
+        self.pid = pid
+        self.error = error
 
 
-@dataclass
 class Spare(Message):
     """A keeper forked a spare of checkpoint ``n``; the spare's channel travels with it."""
 
     OP = Op.SPARE
+    __slots__ = ("n", "pid")
     n: int
     pid: int
 
+    def __init__(self, n: int, pid: int) -> None:
+        self.n = n
+        self.pid = pid
 
-@dataclass
+
 class ForkFailed(Message):
     """A keeper could not fork a spare of checkpoint ``n`` (``errno``); it goes on serving."""
 
     OP = Op.FORK_FAILED
+    __slots__ = ("n", "errno", "error")
     n: int
     errno: int
     error: str
 
+    def __init__(self, n: int, errno: int, error: str) -> None:
+        self.n = n
+        self.errno = errno
+        self.error = error
 
-@dataclass
+
 class Holder(Message):
     """The live process made ``pid`` to hold its descriptor table (``_fdholder``); a pidfd of it
     travels with this. Not a process of the program's: the shepherd keeps it out of the program's
     children and kills it when the program ends."""
 
     OP = Op.HOLDER
+    __slots__ = ("pid",)
     pid: int
 
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
 
-@dataclass
+
 class Up(Message):
     """A woken spare now runs as the live process."""
 
     OP = Op.UP
+    __slots__ = ()
 
 
-@dataclass
 class Restore(Message):
     """``tlongjmp``: kill me and wake checkpoint ``n``. Answered only by an ``Error``.
 
@@ -158,57 +187,81 @@ class Restore(Message):
     """
 
     OP = Op.RESTORE
+    __slots__ = ("n", "sig", "reason", "pending")
     n: int
     sig: int
     reason: str
-    pending: int = 0
+    pending: int
+
+    def __init__(self, n: int, sig: int, reason: str, pending: int = 0) -> None:
+        self.n = n
+        self.sig = sig
+        self.reason = reason
+        self.pending = pending
 
 
-@dataclass
 class Discard(Message):
     """Discard checkpoint ``n``; ``quiet`` asks for no reply; ``current`` resets the current state."""
 
     OP = Op.DISCARD
+    __slots__ = ("n", "quiet", "current")
     n: int
-    quiet: bool = False
-    current: int | None = None
+    quiet: bool
+    current: int | None
+
+    def __init__(self, n: int, quiet: bool = False, current: int | None = None) -> None:
+        self.n = n
+        self.quiet = quiet
+        self.current = current
 
 
-@dataclass
 class ListCheckpoints(Message):
     """Answered by ``Ok`` with ``checkpoints`` once every keeper has introduced itself."""
 
     OP = Op.LIST
+    __slots__ = ()
 
 
-@dataclass
 class Throttle(Message):
     """Before tsetjmp forks a new keeper: answered by ``Ok`` once few enough killed processes are
     left and the keeper of checkpoint ``n`` (this process's previous one, whose pidfd comes with
     the message) has introduced itself or is gone. The bound on processes."""
 
     OP = Op.THROTTLE
-    n: int = 0
+    __slots__ = ("n",)
+    n: int
+
+    def __init__(self, n: int = 0) -> None:
+        self.n = n
 
 
-@dataclass
 class SetPolicy(Message):
     """Replace the recovery policy, or with ``merge`` add ``signals`` and ``settings`` to it."""
 
     OP = Op.POLICY
+    __slots__ = ("signals", "to", "merge", "settings")
     signals: list[int]
-    to: int = 0
-    merge: bool = False
-    settings: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Configure(Message):
-    OP = Op.CONFIGURE
+    to: int
+    merge: bool
     settings: dict[str, Any]
 
+    def __init__(self, signals: list[int], to: int = 0, merge: bool = False,
+                 settings: dict[str, Any] | None = None) -> None:
+        self.signals = signals
+        self.to = to
+        self.merge = merge
+        self.settings = {} if settings is None else settings
 
-@dataclass
+
+class Configure(Message):
+    OP = Op.CONFIGURE
+    __slots__ = ("settings",)
+    settings: dict[str, Any]
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = settings
+
+
 class ChildQuery(Message):
     """What became of child ``pid`` (pid <= 0: of any child) that the shepherd holds? Answered by
     ``Ok``: ``pid`` and ``status`` (claimed: asked once), or ``alive`` with a pidfd per running
@@ -217,74 +270,108 @@ class ChildQuery(Message):
     wait for any child is given (``_orphans``)."""
 
     OP = Op.CHILD
+    __slots__ = ("pid", "known")
     pid: int
-    known: list[int] | None = None
+    known: list[int] | None
+
+    def __init__(self, pid: int, known: list[int] | None = None) -> None:
+        self.pid = pid
+        self.known = known
 
 
-@dataclass
 class QuarantineOp(Message):
     """``forkpoint.quarantine(key)`` (``action`` "add") or ``release(key)`` ("release") by hand:
     the shepherd is the one writer of the quarantine tables. Answered by ``Ok`` (``found``)."""
 
     OP = Op.QUARANTINE
+    __slots__ = ("action", "key")
     action: str
     key: str
 
+    def __init__(self, action: str, key: str) -> None:
+        self.action = action
+        self.key = key
+
 
 # ---- from the shepherd to the program ---------------------------------------------------------------
-@dataclass
 class Wake(Message):
     """To a spare: become the live process, restored to checkpoint ``n``."""
 
     OP = Op.WAKE
+    __slots__ = ("n", "from_state", "sig", "reason", "attempt", "t", "hold", "replay")
     n: int
     from_state: int
     sig: int
     reason: str
     attempt: int
-    t: float                 # CLOCK_MONOTONIC when the shepherd saw the failure
-    hold: bool = False       # signals wait for it: after Up, keep them blocked until the shepherd's Ok
-    replay: int = 0          # signals (bit s - 1) the shepherd sends again after the Up (_shepherd_signals)
+    t: float  # CLOCK_MONOTONIC when the shepherd saw the failure
+    hold: bool  # signals wait for it: after Up, keep them blocked until the shepherd's Ok
+    replay: int  # signals (bit s - 1) the shepherd sends again after the Up (_shepherd_signals)
+
+    def __init__(self, n: int, from_state: int, sig: int, reason: str, attempt: int, t: float,
+                 hold: bool = False, replay: int = 0) -> None:
+        self.n = n
+        self.from_state = from_state
+        self.sig = sig
+        self.reason = reason
+        self.attempt = attempt
+        self.t = t
+        self.hold = hold
+        self.replay = replay
 
 
-@dataclass
 class Fork(Message):
     """To a keeper: fork a spare."""
 
     OP = Op.FORK
+    __slots__ = ()
 
 
-@dataclass
 class Promote(Message):
     """To a spare whose keeper died: become the checkpoint's keeper."""
 
     OP = Op.PROMOTE
+    __slots__ = ()
 
 
-@dataclass
 class Ok(Message):
     OP = Op.OK
-    data: dict[str, Any] = field(default_factory=dict)
+    __slots__ = ("data",)
+    data: dict[str, Any]
+
+    def __init__(self, data: dict[str, Any] | None = None) -> None:
+        self.data = {} if data is None else data
 
 
-@dataclass
 class Error(Message):
     OP = Op.ERROR
+    __slots__ = ("kind", "message")
     kind: ErrorKind
     message: str
+
+    def __init__(self, kind: ErrorKind, message: str) -> None:
+        self.kind = kind
+        self.message = message
 
 
 _CLASSES: dict[str, type[Message]] = {
     cls.OP.value: cls for cls in (Snap, Hello, Spare, ForkFailed, Up, Restore, Discard, ListCheckpoints,
                                   Throttle, SetPolicy, Configure, ChildQuery, Wake, Fork, Promote, Ok,
                                   Error, QuarantineOp, Holder)}
-# The JSON types each field may hold, read once from the annotations.
+# The JSON types each field may hold, read once from the annotations (``__slots__`` gives the order).
 _TYPES = {"int": (int,), "bool": (bool,), "str": (str,), "float": (int, float),
           "int | None": (int, type(None)), "str | None": (str, type(None)), "list[int]": (list,),
           "list[int] | None": (list, type(None)),
           "dict[str, Any]": (dict,), "ErrorKind": (str,)}
+
+
+def _fields_of(cls: type[Message]) -> list[tuple[str, tuple[type, ...]]]:
+    names: tuple[str, ...] = cls.__slots__
+    return [(name, _TYPES[cls.__dict__["__annotations__"][name]]) for name in names]
+
+
 _FIELDS: dict[type[Message], list[tuple[str, tuple[type, ...]]]] = {
-    cls: [(f.name, _TYPES[str(f.type)]) for f in fields(cls)] for cls in _CLASSES.values()}  # type: ignore[arg-type]
+    cls: _fields_of(cls) for cls in _CLASSES.values()}
 
 
 # Encoding and decoding by hand, to the byte what ``json`` produces and accepts for these messages,
@@ -301,7 +388,7 @@ _INFINITIES = (float("inf"), float("-inf"))
 
 
 def _json_encode(msg: Message) -> bytes:
-    return json.dumps({"op": msg.OP.value, **vars(msg)}, separators=(",", ":")).encode()
+    return json.dumps({"op": msg.OP.value, **msg.as_dict()}, separators=(",", ":")).encode()
 
 
 def encode(msg: Message) -> bytes:
@@ -329,7 +416,7 @@ def encode(msg: Message) -> bytes:
 
 # The two messages of every protected call, formatted in one operation each: ``Snap`` right before
 # tsetjmp()'s fork and the committing ``Discard`` while the call's keeper still shares every page,
-# so that each page they touch is copied. ``encode()`` builds a dataclass and walks its fields
+# so that each page they touch is copied. ``encode()`` builds a message and walks its fields
 # (timed in a gunicorn worker: 60 us for the commit's send to a socket nobody waited on, 75 us to the
 # shepherd). Byte for byte what ``encode`` produces (tests/test_core.py checks it); anything but
 # the plain types goes through ``encode``.

@@ -47,12 +47,12 @@ import socket
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import _rundir
 from ._errors import OperatorError
 from ._loop import EventLoop
+from ._record import Record
 from .arena import HistoryRecord
 
 log = logging.getLogger("forkpoint")
@@ -99,14 +99,17 @@ def _error(kind: str, message: str) -> dict[str, Any]:
     return {"ok": False, "kind": kind, "error": message}
 
 
-@dataclass
-class _Conn:
-    sock: socket.socket
-    pid: int
-    uid: int
-    deadline: float
-    buf: bytearray = field(default_factory=bytearray)
-    out: bytes | None = None
+class _Conn(Record):
+    __slots__ = ("sock", "pid", "uid", "deadline", "buf", "out")
+
+    def __init__(self, sock: socket.socket, pid: int, uid: int, deadline: float,
+                 buf: bytearray | None = None, out: bytes | None = None) -> None:
+        self.sock = sock
+        self.pid = pid
+        self.uid = uid
+        self.deadline = deadline
+        self.buf = bytearray() if buf is None else buf
+        self.out = out
 
 
 class ControlServer:

@@ -38,7 +38,6 @@ import collections
 import contextlib
 import logging
 import os
-import secrets
 import socket
 import stat
 import struct
@@ -117,7 +116,7 @@ def prepare(face: int) -> Prepared | None:
         directory = _bind_in_run_dir(sock, face)
         address = os.path.join(directory, SOCKET_NAME) if directory else ""
         if not directory:
-            address = f"@forkpoint-notify-{face}-{secrets.token_hex(8)}"
+            address = f"@forkpoint-notify-{face}-{os.urandom(8).hex()}"     # secrets.token_hex(8)
             sock.bind("\0" + address[1:])
     except OSError as e:
         sock.close()

@@ -19,18 +19,22 @@ for the key text to be stored beside its digest.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
 import socket
 import sys
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 from ._errors import ConfigurationError
+from ._record import Record
+
+try:
+    # hashlib.blake2b is this very class; hashlib itself loads OpenSSL (3 ms of the shepherd's start).
+    from _blake2 import blake2b
+except ImportError:  # pragma: no cover - an interpreter without the module
+    from hashlib import blake2b
 
 ENV_SCOPE = "FORKPOINT_QUARANTINE"
 ENV_SERVICE = "FORKPOINT_SERVICE"
@@ -43,14 +47,30 @@ _HEX = re.compile(r"[0-9a-f]{32}")
 _SHEPHERD_MARK = "fp-shepherd"  # argv[6] of an exec'd shepherd: the program's own argv follows
 
 
-@dataclass(frozen=True)
-class Scope:
+class Scope(Record):
+    """A parsed scope; immutable and hashable, as the frozen dataclass it was."""
+
+    __slots__ = ("kind", "host", "port", "db", "username", "password")
     kind: str                   # "process", "host" or "redis"
-    host: str = ""
-    port: int = 0
-    db: int = 0
-    username: str | None = None
-    password: str | None = None
+    host: str
+    port: int
+    db: int
+    username: str | None
+    password: str | None
+
+    def __init__(self, kind: str, host: str = "", port: int = 0, db: int = 0, username: str | None = None,
+                 password: str | None = None) -> None:
+        for name, value in zip(self.__slots__, (kind, host, port, db, username, password), strict=True):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}")
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(getattr(self, name) for name in self.__slots__))
 
     @property
     def shared(self) -> bool:
@@ -76,6 +96,10 @@ def parse_scope(text: object, source: str = "quarantine") -> Scope:
     if not t.lower().startswith("redis://"):
         raise ConfigurationError(f"{source}: unknown quarantine scope {text!r}: expected 'process', 'host' "
                                  "or 'redis://HOST[:PORT][/DB]'")
+    # Imported here, not with the module: only a Redis scope needs it (urllib.parse and the
+    # ipaddress it imports are 5 ms of the shepherd's start otherwise). The first parse of a Redis
+    # scope is in configure() or the shepherd's start (Keeper), never later in a long run.
+    from urllib.parse import unquote, urlsplit  # noqa: PLC0415
     try:
         u = urlsplit(t)
         port = u.port if u.port is not None else 6379
@@ -158,12 +182,12 @@ def default_service(environ: Mapping[str, str] | None = None) -> tuple[str, str]
 
 
 def service_key(service: str) -> bytes:
-    return hashlib.blake2b(service.encode(), digest_size=32, person=b"fp-service").digest()
+    return blake2b(service.encode(), digest_size=32, person=b"fp-service").digest()
 
 
 def service_id(service: str) -> str:
     """A short name for the service in file names and Redis keys (no text of the service)."""
-    return hashlib.blake2b(service.encode(), digest_size=8, person=b"fp-svc-id").hexdigest()
+    return blake2b(service.encode(), digest_size=8, person=b"fp-svc-id").hexdigest()
 
 
 _HASHERS: dict[bytes, Any] = {}
@@ -174,7 +198,7 @@ def digest(key: str, skey: bytes) -> bytes:
     made once per service and copied, where making one per key costs 1.8 us)."""
     base = _HASHERS.get(skey)
     if base is None:
-        base = _HASHERS[skey] = hashlib.blake2b(digest_size=16, key=skey)
+        base = _HASHERS[skey] = blake2b(digest_size=16, key=skey)
     h = base.copy()
     h.update(key.encode())
     return h.digest()
@@ -194,17 +218,21 @@ def check_key(key: object) -> str:
     return key
 
 
-@dataclass
-class Settings:
+class Settings(Record):
     """The quarantine settings of one program, resolved once (before the shepherd starts)."""
 
-    scope: str = "process"
-    service: str = ""
-    service_source: str = ""
-    ttl: float | None = None
-    plain: bool = False
-    sys_path: list[str] = field(default_factory=list)
-    host: str = field(default_factory=socket.gethostname)
+    __slots__ = ("scope", "service", "service_source", "ttl", "plain", "sys_path", "host")
+
+    def __init__(self, scope: str = "process", service: str = "", service_source: str = "",
+                 ttl: float | None = None, plain: bool = False, sys_path: list[str] | None = None,
+                 host: str | None = None) -> None:
+        self.scope = scope
+        self.service = service
+        self.service_source = service_source
+        self.ttl = ttl
+        self.plain = plain
+        self.sys_path: list[str] = [] if sys_path is None else sys_path
+        self.host = socket.gethostname() if host is None else host
 
     @property
     def explicit(self) -> bool:
@@ -220,11 +248,13 @@ class Settings:
         return service_key(self.service)
 
     def to_args(self) -> dict[str, Any]:
-        return asdict(self)
+        args = self.as_dict()
+        args["sys_path"] = list(self.sys_path)       # (a copy, as dataclasses.asdict made)
+        return args
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> Settings:
-        return cls(**{k: v for k, v in args.items() if k in cls.__dataclass_fields__})
+        return cls(**{k: v for k, v in args.items() if k in cls.__slots__})
 
 
 def resolve(scope: str | None, service: str | None, ttl: object, keys: str | None,

@@ -31,9 +31,9 @@ import os
 import struct
 import time
 import zlib
-from dataclasses import dataclass
 from typing import Protocol
 
+from ._record import Record
 from .arena import QUARANTINE_SIZE, Arena, find_region
 
 MAGIC = 0x314C4254515046  # "FPQTBL1"
@@ -62,37 +62,44 @@ class TableCorrupted(Exception):
     """The table's header does not describe a table of this layout."""
 
 
-@dataclass
-class Entry:
-    digest: bytes
-    since: float
-    expires: float = 0.0          # wall-clock time; 0: until released
-    failures: int = 0
-    sig: int = 0
-    pid: int = 0
-    key: str | None = None
+class Entry(Record):
+    __slots__ = ("digest", "since", "expires", "failures", "sig", "pid", "key")
+
+    def __init__(self, digest: bytes, since: float, expires: float = 0.0, failures: int = 0, sig: int = 0,
+                 pid: int = 0, key: str | None = None) -> None:
+        self.digest = digest
+        self.since = since
+        self.expires = expires        # wall-clock time; 0: until released
+        self.failures = failures
+        self.sig = sig
+        self.pid = pid
+        self.key = key
 
     def live(self, now: float) -> bool:
         return not self.expires or self.expires > now
 
 
-@dataclass
-class Failure:
-    t: float
-    digest: bytes
-    pid: int
-    sig: int
-    host: str
-    reason: str
+class Failure(Record):
+    __slots__ = ("t", "digest", "pid", "sig", "host", "reason")
+
+    def __init__(self, t: float, digest: bytes, pid: int, sig: int, host: str, reason: str) -> None:
+        self.t = t
+        self.digest = digest
+        self.pid = pid
+        self.sig = sig
+        self.host = host
+        self.reason = reason
 
 
-@dataclass
-class Release:
-    t: float
-    digest: bytes
-    pid: int
-    uid: int
-    by: str
+class Release(Record):
+    __slots__ = ("t", "digest", "pid", "uid", "by")
+
+    def __init__(self, t: float, digest: bytes, pid: int, uid: int, by: str) -> None:
+        self.t = t
+        self.digest = digest
+        self.pid = pid
+        self.uid = uid
+        self.by = by
 
 
 class Backing(Protocol):

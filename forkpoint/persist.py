@@ -6,6 +6,7 @@ same bytes, so what is written here survives every ``tlongjmp()`` and every cras
 from __future__ import annotations
 
 import ctypes
+import pickle  # noqa: F401 - loaded with the package: Arena.cache_in/out import it (the shepherd does not)
 import struct
 from typing import Any, TypeVar
 

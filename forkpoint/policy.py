@@ -23,25 +23,30 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from ._record import Record
 from .arena import QUARANTINE_SIZE
 
 _COUNTS = ("max_recoveries", "quarantine_after", "quarantine_size")
 _SECONDS = ("within", "backoff", "backoff_max")
 
 
-@dataclass
-class Policy:
-    signals: set[int] = field(default_factory=set)
-    to: int = 0
-    max_recoveries: int = 5
-    within: float = 60.0
-    backoff: float = 0.0
-    backoff_max: float = 30.0
-    quarantine_after: int = 2
-    quarantine_size: int = QUARANTINE_SIZE
+class Policy(Record):
+    __slots__ = ("signals", "to", "max_recoveries", "within", "backoff", "backoff_max", "quarantine_after",
+                 "quarantine_size")
+
+    def __init__(self, signals: set[int] | None = None, to: int = 0, max_recoveries: int = 5,
+                 within: float = 60.0, backoff: float = 0.0, backoff_max: float = 30.0,
+                 quarantine_after: int = 2, quarantine_size: int = QUARANTINE_SIZE) -> None:
+        self.signals: set[int] = set() if signals is None else signals
+        self.to = to
+        self.max_recoveries = max_recoveries
+        self.within = within
+        self.backoff = backoff
+        self.backoff_max = backoff_max
+        self.quarantine_after = quarantine_after
+        self.quarantine_size = quarantine_size
 
     @classmethod
     def build(cls, signals: Iterable[int], to: int, settings: Mapping[str, Any]) -> Policy:

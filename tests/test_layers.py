@@ -16,7 +16,7 @@ pytestmark = pytest.mark.timeout(30)
 PACKAGE = Path(__file__).resolve().parent.parent / "forkpoint"
 
 LAYERS: dict[str, list[str]] = {
-    "os": ["_errors", "_clone", "_prctl", "_sigutil", "_procfs", "_elfsym", "_nativepools", "_locks",
+    "os": ["_errors", "_record", "_clone", "_prctl", "_sigutil", "_procfs", "_elfsym", "_nativepools", "_locks",
            "_connections"],
     "data and wire": ["_channel", "arena", "policy", "_rundir", "_qkeys", "_qtable", "_qhost", "_threadmarks"],
     "shepherd": ["_loop", "_faultreport", "_budget", "_orphans", "_control", "_qredis", "_qkeeper",
