@@ -17,8 +17,10 @@ down (``shutdown(2)``, which reaches the socket in every process holding it) eac
 stream moved: the server sees the end of the connection and drops what the rolled-back code began,
 and the client library meets a closed connection at its next use and reconnects, as it does when a
 server restarts. A Unix stream socket keeps no such counts, so one that was open at the checkpoint
-is shut down at every restore. Standard input, output and error are never touched (a service's
-output is often a stream socket to journald).
+is shut down at every restore; except two kinds that hold no transaction and whose clients never
+reconnect: a ``multiprocessing`` manager's (``_helper``), shut down only when the rolled-back code
+left a request or a reply in its queues, and journald's log stream, never, as standard input, output
+and error (a service's output is often a stream socket to journald) are never touched.
 """
 from __future__ import annotations
 
@@ -39,6 +41,16 @@ _SO_ACCEPTCONN = 30                          # asm-generic/socket.h (x86_64 and 
 _TCP_INFO_SIZE = 136                         # up to tcpi_bytes_received (Linux 4.2)
 _BYTES_ACKED, _BYTES_RECEIVED = 120, 128     # offsets in struct tcp_info (linux/tcp.h)
 _STREAMS = (socket.SOCK_STREAM, socket.SOCK_SEQPACKET)
+# Unix peers that hold no transaction a rollback must end, and whose clients never reconnect: a
+# multiprocessing manager or Listener (its proxies raise BrokenPipeError for ever after a shutdown)
+# and journald's stream socket (systemd.journal.stream(): every later log record would be lost).
+_JOURNAL_STREAM = "/run/systemd/journal/stdout"
+_QUEUES = (-1, -1)                           # a helper's position: its queues, not byte counts
+
+
+def _helper(peer: str) -> bool:
+    """A multiprocessing manager's or Listener's address (``multiprocessing.util.get_temp_dir()``)."""
+    return os.path.basename(os.path.dirname(peer)).startswith("pymp-")
 
 
 class Connection(NamedTuple):
@@ -91,7 +103,13 @@ def at_checkpoint(sockets: dict[int, int], stdio: set[int]) -> tuple[Connection,
         if not what.peer or (what.own_port and what.own_port in listening):   # accepted by us
             continue
         position = None
-        if what.family != socket.AF_UNIX:
+        if what.family == socket.AF_UNIX:
+            if _helper(what.peer):
+                try:
+                    position = _queues(fd)
+                except OSError:
+                    pass
+        else:
             try:
                 position = _position(fd)
             except OSError:          # not countable here: shut down at a restore, as a Unix one
@@ -105,7 +123,13 @@ def reset_used(connections: tuple[Connection, ...]) -> list[str]:
     told); the peers of those shut down."""
     reset = []
     for conn in connections:
-        if conn.position is not None:
+        if conn.position == _QUEUES:
+            try:
+                if _queues(conn.fd) == _QUEUES:    # nothing left half-sent or unread: kept
+                    continue
+            except OSError:
+                pass
+        elif conn.position is not None:
             try:
                 if _position(conn.fd) == conn.position:
                     continue
@@ -116,7 +140,8 @@ def reset_used(connections: tuple[Connection, ...]) -> list[str]:
             if e != errno.ENOTCONN:           # ENOTCONN: closed already (an earlier restore, the peer)
                 log.debug("could not shut down the connection to %s: %s", conn.peer, os.strerror(e))
             continue
-        reset.append(conn.peer)
+        reset.append(conn.peer if conn.position is not None
+                     else f"{conn.peer} (its use cannot be counted: shut down at every restore)")
     return reset
 
 
@@ -136,6 +161,14 @@ def _position(fd: int) -> tuple[int, int]:
     unread = int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, _IOCTL_INT), "little", signed=True)
     queued = int.from_bytes(fcntl.ioctl(fd, termios.TIOCOUTQ, _IOCTL_INT), "little", signed=True)
     return acked + queued, received - unread
+
+
+def _queues(fd: int) -> tuple[int, int]:
+    """``_QUEUES`` when Unix connection ``fd`` has nothing unread and nothing the peer has not read
+    yet; else its (unread, unsent) bytes."""
+    unread = int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, _IOCTL_INT), "little", signed=True)
+    queued = int.from_bytes(fcntl.ioctl(fd, termios.TIOCOUTQ, _IOCTL_INT), "little", signed=True)
+    return _QUEUES if unread == 0 and queued == 0 else (unread, queued)
 
 
 def _getint(fd: int, option: int) -> int:
@@ -197,7 +230,30 @@ def _classify(fd: int, listening: set[int]) -> _Socket | None:
     if family == socket.AF_UNIX:
         # A connection to a server: its peer has a name and it has none (an accepted one has the
         # server's name; a socket pair has none on either side).
-        return _Socket(family, 0, 0, peer[1] if peer[1] and not own[1] else "")
+        # journald's stream socket is a log, as standard output on it is: never shut down.
+        return _Socket(family, 0, 0, peer[1] if peer[1] and not own[1] and peer[1] != _JOURNAL_STREAM
+                       else "")
     if kind != socket.SOCK_STREAM:
         return _Socket(family, 0, 0, "")
+    if not _ephemeral(own[2]):
+        # connect() takes a port of the ephemeral range; any other local port is a server's,
+        # whose listening socket may be closed already (a one-client server, a drain).
+        return _Socket(family, 0, own[2], "")
     return _Socket(family, 0, own[2], peer[1])
+
+
+_port_range: tuple[int, int] | None = None
+
+
+def _ephemeral(port: int) -> bool:
+    """Whether ``port`` is in the range the kernel picks a connecting socket's port from (all of
+    them where the range cannot be read)."""
+    global _port_range
+    if _port_range is None:
+        try:
+            with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+                low, high = (int(x) for x in f.read().split())
+            _port_range = (low, high)
+        except (OSError, ValueError):
+            _port_range = (0, 65535)
+    return _port_range[0] <= port <= _port_range[1]

@@ -272,6 +272,63 @@ def test_a_connection_the_program_accepted_still_gets_its_answer(tmp_path):
         proc.wait()
 
 
+def _free_server_port() -> int:
+    """A free port outside the kernel's ephemeral range, as a server's configured port is."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in range(max(1024, low - 5000), low):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    pytest.skip("no free port below the ephemeral range")
+
+
+def test_a_server_that_closed_its_listener_still_answers_its_client(tmp_path):
+    """A one-client server closes its listening socket once it has its client: the accepted
+    connection can no longer be told by a listening port, but its port is a server's (outside the
+    ephemeral range), not a client's. Taken for a client connection, it was shut down and the
+    client got nothing instead of the 500."""
+    port = _free_server_port()
+    path = program(f"""
+    import ctypes, socket
+    import forkpoint as fp
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", {port}))
+    srv.listen()
+    print("ready", flush=True)
+    conn, _ = srv.accept()
+    srv.close()
+
+    @fp.checkpointed
+    def handle(conn):
+        conn.recv(100)
+        ctypes.string_at(0)
+
+    try:
+        handle(conn)
+    except fp.Recovered:
+        conn.sendall(b"500")
+    conn.close()
+    """, tmp_path)
+    proc = subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=clean_env())
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(b"crash me")
+            answer = c.recv(100)
+        assert proc.wait(timeout=20) == 0
+        err = proc.stderr.read()
+        assert answer == b"500", err
+        assert "shut down the connection" not in err
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_standard_output_on_a_stream_socket_is_never_shut_down(tmp_path):
     """A service's output is often a Unix stream socket to journald: named peer, unnamed self, as a
     connection to a server. It is written in every step, and must outlive every restore."""
@@ -344,3 +401,103 @@ def test_redis_py_reads_no_reply_meant_for_a_rolled_back_command(redis_server, t
     """, tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["recovered: timeout", "b: b'2' a: b'1'"], r.stderr
+
+
+def test_a_multiprocessing_manager_is_kept_when_the_step_left_nothing_on_it(tmp_path):
+    """A manager's proxies never reconnect: shut down at every restore (a Unix socket), a shared
+    dict that the rolled-back step never touched raised BrokenPipeError for ever after."""
+    r = run_py("""
+    import ctypes, multiprocessing as mp
+    import forkpoint as fp
+    if __name__ == "__main__":
+        mgr = mp.Manager()
+        shared = mgr.dict(done=0)
+        def step(crash):
+            if crash:
+                ctypes.string_at(0)
+        for crash in (False, True, False):
+            try:
+                fp.checkpointed(step)(crash)
+            except fp.Recovered:
+                print("recovered")
+            shared["done"] += 1
+            print("done:", shared["done"])
+        print("new proxy:", len(mgr.list([1, 2])))
+        mgr.shutdown()
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["done: 1", "recovered", "done: 2", "done: 3", "new proxy: 2"], r.stderr
+    assert "connection(s) to" not in r.stderr, r.stderr
+
+
+def test_a_multiprocessing_manager_call_the_step_left_unread_is_shut_down(tmp_path):
+    """The step sent a request to the manager and died before reading its reply: that reply must
+    not be read by the restored program's next call (it would get the rolled-back call's answer)."""
+    r = run_py("""
+    import ctypes, time, multiprocessing as mp
+    import forkpoint as fp
+    if __name__ == "__main__":
+        mgr = mp.Manager()
+        shared = mgr.dict(a=1, b=2)
+        assert shared["a"] == 1                 # the proxy's connection is open
+        def step(crash):
+            conn = shared._tls.connection
+            conn.send((shared._id, "__getitem__", ("a",), {}))
+            time.sleep(0.2)                     # the reply is there, unread
+            if crash:
+                ctypes.string_at(0)
+        try:
+            fp.checkpointed(step)(True)
+        except fp.Recovered:
+            print("recovered")
+        try:
+            print("b:", shared["b"])
+        except (OSError, EOFError) as e:
+            print("b: cut", type(e).__name__)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == "recovered", r.stdout
+    assert r.stdout.splitlines()[1] != "b: 1", r.stdout          # never the rolled-back call's reply
+    assert "connection(s) to" in r.stderr, r.stderr
+
+
+def test_a_log_stream_to_journald_is_never_shut_down(tmp_path):
+    """systemd.journal.stream() logs through a Unix stream connection to journald on a descriptor
+    above 2: shut down at every restore, every later record was lost ("--- Logging error ---")."""
+    listen_path = f"/tmp/fp-jstream-{tmp_path.name[-20:]}.sock"
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(listen_path)
+    srv.listen()
+    try:
+        r = run_py(f"""
+        import ctypes, logging, socket
+        import forkpoint as fp
+        from forkpoint import _connections
+        _connections._JOURNAL_STREAM = {listen_path!r}     # journald's /run/systemd/journal/stdout
+        s = socket.socket(socket.AF_UNIX)
+        s.connect({listen_path!r})
+        logging.basicConfig(stream=s.makefile("w", buffering=1), level=logging.INFO, format="%(message)s")
+        def step(i):
+            if i == 1:
+                ctypes.string_at(0)
+        for i in range(3):
+            try:
+                fp.checkpointed(step)(i)
+            except fp.Recovered:
+                pass
+            logging.info("logged %d", i)
+        s.close()
+        """, tmp_path)
+        journal, _ = srv.accept()
+        journal.settimeout(10)
+        got = b""
+        while chunk := journal.recv(4096):
+            got += chunk
+        journal.close()
+    finally:
+        srv.close()
+        Path(listen_path).unlink(missing_ok=True)
+    assert r.returncode == 0, r.stderr
+    assert "Logging error" not in r.stderr, r.stderr
+    assert [ln for ln in got.decode().splitlines() if ln.startswith("logged")] == \
+        ["logged 0", "logged 1", "logged 2"], got
