@@ -39,6 +39,22 @@ def running_loop() -> Any:
     return aio.events._get_running_loop() if aio is not None else None
 
 
+def suspended_in_task(frame: Any) -> bool:
+    """Whether ``frame`` is a coroutine's, suspended at an ``await`` of a task of the loop running
+    here now (a ``watchdog()`` block that awaits: its frame is not on the stack when the alarm's
+    handler runs in the loop's own frame)."""
+    loop = running_loop()
+    if loop is None:
+        return False
+    for task in sys.modules["asyncio"].all_tasks(loop):
+        coro = task.get_coro()
+        while coro is not None:
+            if getattr(coro, "cr_frame", None) is frame or getattr(coro, "gi_frame", None) is frame:
+                return True
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return False
+
+
 def rejoin(loop: Any, *, moved_heap: bool, drop: int = 0) -> None:
     """Make ``loop`` the running loop of this process again.
 

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from . import _sigutil
+from . import _eventloop, _sigutil
 from ._runtime import runtime
 from .snapshots import current_state, tlongjmp
 
@@ -155,7 +155,8 @@ class Alarm:
             f = frame
             while f is not None and f is not owner:
                 f = f.f_back
-            if f is None:
+            # A coroutine's block that awaits is not on the stack: the loop runs the handler.
+            if f is None and not _eventloop.suspended_in_task(owner):
                 log.warning("watchdog: a timer outlived its block (interrupted on entry); ignored")
                 self.armed = False
                 _setitimer(_ITIMER_REAL, 0)

@@ -286,3 +286,29 @@ def test_watchdog_cuts_catastrophic_regex_backtracking(tmp_path):
     """, tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["served aaa", "skipped 41", "served aa"]
+
+
+def test_watchdog_cuts_a_coroutine_that_hangs_in_an_await(tmp_path):
+    """A watchdog() block in a coroutine that awaits is suspended when its alarm comes: the loop's
+    own frame runs the handler. It was taken for a block interrupted on entry and ignored
+    ("a timer outlived its block"), hard deadline included: the await ran its full 5 s."""
+    r = run_py(HEADER + """
+    import asyncio
+    async def inner():
+        await asyncio.sleep(5)
+    async def main():
+        for item in ["stuck", "ok"]:
+            fp.tsetjmp()
+            try:
+                with fp.processing(item), fp.watchdog(0.2):
+                    if item == "stuck":
+                        await inner()
+                    print("served", item, flush=True)
+            except fp.Quarantined as e:
+                print("skipped", e.key, flush=True)
+    asyncio.run(main())
+    print("restored", fp.history()[0].reason)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["skipped stuck", "served ok", "restored timeout"], r.stderr
+    assert "outlived its block" not in r.stderr
