@@ -71,6 +71,9 @@ class _Socket(NamedTuple):
 
 
 _known: dict[tuple[int, int], _Socket] = {}
+_TCP, _UNIX, _HELPER = 0, 1, 2
+_clients: tuple[tuple[int, str, int], ...] = ()     # (descriptor, peer, kind) of those in _known
+_unsettled = False                                  # a socket was not connected yet
 _info = ctypes.create_string_buffer(_TCP_INFO_SIZE)
 _info_len = ctypes.c_uint32()
 _name = ctypes.create_string_buffer(128)     # sockaddr_storage
@@ -82,40 +85,66 @@ _IOCTL_INT = bytes(4)
 
 def at_checkpoint(sockets: dict[int, int], stdio: set[int]) -> tuple[Connection, ...]:
     """The program's connections to servers among ``sockets`` (descriptor -> inode), with where
-    their streams stand. ``stdio``: the inodes of descriptors 0-2, never counted."""
+    their streams stand. ``stdio``: the inodes of descriptors 0-2, never counted.
+
+    Every page a checkpoint writes is a copy-on-write fault (the previous checkpoint's keeper shares
+    it): while the program's sockets are those of the checkpoint before, nothing is rebuilt, and
+    only the connections' positions are read.
+    """
+    global _clients, _unsettled
+    count = 0
+    for fd, ino in sockets.items():
+        if ino not in stdio:
+            if (fd, ino) not in _known:
+                _unsettled = True
+                break
+            count += 1
+    if _unsettled or count != len(_known):
+        _clients, _unsettled = _survey(sockets, stdio)
+    if not _clients:
+        return ()
+    out = []
+    for fd, peer, kind in _clients:
+        position = None
+        try:
+            if kind == _TCP:
+                position = _position(fd)
+            elif kind == _HELPER:
+                position = _queues(fd)
+        except OSError:          # not countable here: shut down at a restore, as a Unix one
+            pass
+        out.append(Connection(fd, peer, position))
+    return tuple(out)
+
+
+def _survey(sockets: dict[int, int], stdio: set[int]) -> tuple[tuple[tuple[int, str, int], ...], bool]:
+    """Classify the sockets not seen before (``_known`` becomes these sockets): the connections
+    to servers as (descriptor, peer, kind), and whether a socket is not connected yet (asked again
+    at the next checkpoint)."""
     seen: dict[tuple[int, int], _Socket] = {}
     listening = {w.listening_port for w in _known.values() if w.listening_port}
+    unsettled = False
     for fd, ino in sockets.items():
         if ino in stdio:
             continue
         what = _known.get((fd, ino))
         if what is None:
             what = _classify(fd, listening)
-            if what is None:             # not connected yet: asked again at the next checkpoint
+            if what is None:
+                unsettled = True
                 continue
             if what.listening_port:
                 listening.add(what.listening_port)
         seen[(fd, ino)] = what
     _known.clear()
     _known.update(seen)
-    out = []
+    clients = []
     for (fd, _), what in seen.items():
         if not what.peer or (what.own_port and what.own_port in listening):   # accepted by us
             continue
-        position = None
-        if what.family == socket.AF_UNIX:
-            if _helper(what.peer):
-                try:
-                    position = _queues(fd)
-                except OSError:
-                    pass
-        else:
-            try:
-                position = _position(fd)
-            except OSError:          # not countable here: shut down at a restore, as a Unix one
-                pass
-        out.append(Connection(fd, what.peer, position))
-    return tuple(out)
+        kind = _TCP if what.family != socket.AF_UNIX else _HELPER if _helper(what.peer) else _UNIX
+        clients.append((fd, what.peer, kind))
+    return tuple(clients), unsettled
 
 
 def reset_used(connections: tuple[Connection, ...]) -> list[str]:
