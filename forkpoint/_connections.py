@@ -40,6 +40,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _SO_ACCEPTCONN = 30                          # asm-generic/socket.h (x86_64 and aarch64)
 _TCP_INFO_SIZE = 136                         # up to tcpi_bytes_received (Linux 4.2)
 _BYTES_ACKED, _BYTES_RECEIVED = 120, 128     # offsets in struct tcp_info (linux/tcp.h)
+_FIN_RECEIVED = (8, 9, 11)                   # TCP_CLOSE_WAIT, TCP_LAST_ACK, TCP_CLOSING
+_FIN_SENT = (4, 5, 6, 7, 9, 11)              # FIN_WAIT1, FIN_WAIT2, TIME_WAIT, CLOSE, LAST_ACK, CLOSING
 _STREAMS = (socket.SOCK_STREAM, socket.SOCK_SEQPACKET)
 # Unix peers that hold no transaction a rollback must end, and whose clients never reconnect: a
 # multiprocessing manager or Listener (its proxies raise BrokenPipeError for ever after a shutdown)
@@ -160,7 +162,8 @@ def reset_used(connections: tuple[Connection, ...]) -> list[str]:
                 pass
         elif conn.position is not None:
             try:
-                if _position(conn.fd) == conn.position:
+                # Kept if unmoved, or closed from this side already (an earlier restore cut it)
+                if _position(conn.fd) == conn.position or _info.raw[0] in _FIN_SENT:
                     continue
             except OSError:       # no longer a TCP connection the kernel can describe
                 pass
@@ -187,6 +190,8 @@ def _position(fd: int) -> tuple[int, int]:
     if _info_len.value < _TCP_INFO_SIZE:
         raise OSError(errno.ENOSYS, "tcp_info has no byte counts (Linux before 4.2)")
     acked, received = struct.unpack_from("QQ", _info, _BYTES_ACKED)
+    if _info.raw[0] in _FIN_RECEIVED:     # tcpi_state: the peer's FIN counts one in bytes_received
+        received -= 1
     unread = int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, _IOCTL_INT), "little", signed=True)
     queued = int.from_bytes(fcntl.ioctl(fd, termios.TIOCOUTQ, _IOCTL_INT), "little", signed=True)
     return acked + queued, received - unread

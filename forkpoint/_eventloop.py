@@ -52,7 +52,18 @@ def suspended_in_task(frame: Any) -> bool:
             if getattr(coro, "cr_frame", None) is frame or getattr(coro, "gi_frame", None) is frame:
                 return True
             coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    # An async generator's block (an @asynccontextmanager's, an async iterator's) is on no task's
+    # chain of awaits: suspended at its yield, or awaited through an asend() object. Only at an
+    # expiry, so the one heap scan that finds the generator owning the frame is affordable.
+    if frame.f_code.co_flags & _CO_ASYNC_GENERATOR:
+        import gc  # noqa: PLC0415
+        for ref in gc.get_referrers(frame):
+            if getattr(ref, "ag_frame", None) is frame:
+                return True     # not on the stack: suspended (ag_running is True when awaited)
     return False
+
+
+_CO_ASYNC_GENERATOR = 0x200     # inspect.CO_ASYNC_GENERATOR
 
 
 def rejoin(loop: Any, *, moved_heap: bool, drop: int = 0) -> None:

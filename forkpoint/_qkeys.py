@@ -72,6 +72,10 @@ class Scope(Record):
     def __hash__(self) -> int:  # type: ignore[override]
         return hash(tuple(getattr(self, name) for name in self.__slots__))
 
+    def __reduce__(self) -> tuple[type[Scope], tuple[Any, ...]]:
+        # copy, deepcopy and pickle set a slotted object's fields with setattr, which refuses
+        return (Scope, tuple(getattr(self, name) for name in self.__slots__))
+
     @property
     def shared(self) -> bool:
         return self.kind != "process"

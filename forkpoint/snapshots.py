@@ -454,7 +454,8 @@ def configure(**settings: Any) -> None:
         least = {"max_checkpoints": 1, "spares": 0}.get(key)
         if least is not None and (not isinstance(value, int) or value < least):
             raise ConfigurationError(f"{key} must be an int >= {least}")
-        if key in ("allow_threads", "gc_freeze", "reset_connections") and not isinstance(value, bool):
+        # (reset_connections only: allow_threads and gc_freeze took any truth value before it)
+        if key == "reset_connections" and not isinstance(value, bool):
             raise ConfigurationError(f"{key} must be True or False, got {value!r}")
         if key == "max_snapshot_memory" and value is not None and (not isinstance(value, int) or value <= 0):
             raise ConfigurationError("max_snapshot_memory must be a positive int (bytes) or None")

@@ -501,3 +501,53 @@ def test_a_log_stream_to_journald_is_never_shut_down(tmp_path):
     assert "Logging error" not in r.stderr, r.stderr
     assert [ln for ln in got.decode().splitlines() if ln.startswith("logged")] == \
         ["logged 0", "logged 1", "logged 2"], got
+
+
+def test_a_connection_its_server_closed_while_idle_is_not_called_used(tmp_path):
+    """The peer's FIN counts one in tcpi_bytes_received: a connection the server closed after the
+    checkpoint, which the rolled-back code never touched, was reported as used and cut."""
+    r = run_py("""
+    import socket, subprocess, sys, time
+    import forkpoint as fp
+    code = ("import socket, time\\n"
+            "l = socket.socket(); l.bind(('127.0.0.1', 0)); l.listen(); print(l.getsockname()[1], flush=True)\\n"
+            "c, _ = l.accept(); time.sleep(0.3); c.close(); time.sleep(5)\\n")
+    srv = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    port = int(srv.stdout.readline())
+    conn = socket.create_connection(("127.0.0.1", port))
+    fp.tsetjmp()
+    if not fp.history():
+        time.sleep(0.8)
+        fp.tlongjmp(1)
+    print("restored", flush=True)
+    srv.kill()
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["restored"]
+    assert "shut down the connection" not in r.stderr, r.stderr
+
+
+def test_a_connection_an_earlier_restore_cut_is_not_reported_again(tmp_path):
+    """Restored twice, a checkpoint finds the connection its first restore shut down, its peer
+    still open (FIN_WAIT2): closed from this side already, it is not shut down and reported again
+    (its own FIN moved its count)."""
+    r = run_py("""
+    import ctypes, signal, socket
+    import forkpoint as fp
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    c = socket.create_connection(srv.getsockname())
+    peer, _ = srv.accept()                       # kept open by every copy: never closes
+    fp.recover_on(signal.SIGSEGV)
+    tries = fp.persist_int("tries")
+    n = fp.tsetjmp(pin=True)
+    if tries.add() <= 2:
+        if tries.value == 1:
+            c.sendall(b"request")                # the second attempt does not touch it
+        ctypes.string_at(0)
+    print("restores:", tries.value - 1)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "restores: 2", r.stdout
+    assert r.stderr.count("shut down the connection(s) to") == 1, r.stderr

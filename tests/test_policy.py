@@ -312,3 +312,38 @@ def test_watchdog_cuts_a_coroutine_that_hangs_in_an_await(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["skipped stuck", "served ok", "restored timeout"], r.stderr
     assert "outlived its block" not in r.stderr
+
+
+@pytest.mark.parametrize("kind", ["asynccontextmanager", "async_generator"])
+def test_watchdog_cuts_an_async_generator_block_that_hangs_in_an_await(tmp_path, kind):
+    """A watchdog() block in an async generator (an @asynccontextmanager's, an async iterator's)
+    is on no task's chain of awaits: its expiry was taken for a block interrupted on entry and
+    ignored, hard deadline included, and the await ran its full 5 s."""
+    r = run_py(HEADER + f"""
+    import asyncio, contextlib
+    kind = {kind!r}
+    @contextlib.asynccontextmanager
+    async def guarded():
+        with fp.watchdog(0.2):
+            yield
+    async def agen():
+        with fp.watchdog(0.2):
+            await asyncio.sleep(5)
+            yield 1
+    async def main():
+        fp.tsetjmp()
+        if fp.history():
+            print("restored", fp.history()[0].reason, flush=True)
+            return
+        if kind == "asynccontextmanager":
+            async with guarded():
+                await asyncio.sleep(5)
+        else:
+            async for _ in agen():
+                pass
+        print("ran to its end", flush=True)
+    asyncio.run(main())
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["restored timeout"], r.stderr
+    assert "outlived its block" not in r.stderr
