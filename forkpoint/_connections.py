@@ -47,7 +47,6 @@ _STREAMS = (socket.SOCK_STREAM, socket.SOCK_SEQPACKET)
 # multiprocessing manager or Listener (its proxies raise BrokenPipeError for ever after a shutdown)
 # and journald's stream socket (systemd.journal.stream(): every later log record would be lost).
 _JOURNAL_STREAM = "/run/systemd/journal/stdout"
-_QUEUES = (-1, -1)                           # a helper's position: its queues, not byte counts
 
 
 def _helper(peer: str) -> bool:
@@ -56,11 +55,13 @@ def _helper(peer: str) -> bool:
 
 
 class Connection(NamedTuple):
-    """A connection open at a checkpoint: where its stream stood then (None: not countable)."""
+    """A connection open at a checkpoint: its kind (``_TCP``, ``_UNIX``, ``_HELPER``) and, for TCP,
+    where its stream stood then (None: not countable)."""
 
     fd: int
     peer: str
-    position: tuple[int, int] | None
+    kind: int
+    position: tuple[int, int] | None = None
 
 
 class _Socket(NamedTuple):
@@ -108,14 +109,12 @@ def at_checkpoint(sockets: dict[int, int], stdio: set[int]) -> tuple[Connection,
     out = []
     for fd, peer, kind in _clients:
         position = None
-        try:
-            if kind == _TCP:
+        if kind == _TCP:
+            try:
                 position = _position(fd)
-            elif kind == _HELPER:
-                position = _queues(fd)
-        except OSError:          # not countable here: shut down at a restore, as a Unix one
-            pass
-        out.append(Connection(fd, peer, position))
+            except OSError:      # not countable here: shut down at a restore, as a Unix one
+                pass
+        out.append(Connection(fd, peer, kind, position))
     return tuple(out)
 
 
@@ -154,26 +153,23 @@ def reset_used(connections: tuple[Connection, ...]) -> list[str]:
     told); the peers of those shut down."""
     reset = []
     for conn in connections:
-        if conn.position == _QUEUES:
-            try:
-                if _queues(conn.fd) == _QUEUES:    # nothing left half-sent or unread: kept
+        try:
+            if conn.kind == _HELPER:
+                if _queued(conn.fd) == (0, 0):      # nothing left half-sent or unread: kept
                     continue
-            except OSError:
-                pass
-        elif conn.position is not None:
-            try:
+            elif conn.position is not None:
                 # Kept if unmoved, or closed from this side already (an earlier restore cut it)
                 if _position(conn.fd) == conn.position or _info.raw[0] in _FIN_SENT:
                     continue
-            except OSError:       # no longer a TCP connection the kernel can describe
-                pass
+        except OSError:           # no longer a connection the kernel can describe
+            pass
         if _libc.shutdown(conn.fd, socket.SHUT_RDWR) != 0:
             e = ctypes.get_errno()
             if e != errno.ENOTCONN:           # ENOTCONN: closed already (an earlier restore, the peer)
                 log.debug("could not shut down the connection to %s: %s", conn.peer, os.strerror(e))
             continue
-        reset.append(conn.peer if conn.position is not None
-                     else f"{conn.peer} (its use cannot be counted: shut down at every restore)")
+        reset.append(f"{conn.peer} (its use cannot be counted: shut down at every restore)"
+                     if conn.kind == _UNIX else conn.peer)
     return reset
 
 
@@ -184,33 +180,33 @@ def _position(fd: int) -> tuple[int, int]:
     unread. Neither moves by itself: data arriving, or the peer acknowledging, leaves both alone.
     """
     _info_len.value = _TCP_INFO_SIZE
-    if _libc.getsockopt(fd, socket.IPPROTO_TCP, socket.TCP_INFO, _info, ctypes.byref(_info_len)) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
+    _check(_libc.getsockopt(fd, socket.IPPROTO_TCP, socket.TCP_INFO, _info, ctypes.byref(_info_len)))
     if _info_len.value < _TCP_INFO_SIZE:
         raise OSError(errno.ENOSYS, "tcp_info has no byte counts (Linux before 4.2)")
     acked, received = struct.unpack_from("QQ", _info, _BYTES_ACKED)
     if _info.raw[0] in _FIN_RECEIVED:     # tcpi_state: the peer's FIN counts one in bytes_received
         received -= 1
-    unread = int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, _IOCTL_INT), "little", signed=True)
-    queued = int.from_bytes(fcntl.ioctl(fd, termios.TIOCOUTQ, _IOCTL_INT), "little", signed=True)
-    return acked + queued, received - unread
+    unread, unsent = _queued(fd)
+    return acked + unsent, received - unread
 
 
-def _queues(fd: int) -> tuple[int, int]:
-    """``_QUEUES`` when Unix connection ``fd`` has nothing unread and nothing the peer has not read
-    yet; else its (unread, unsent) bytes."""
+def _queued(fd: int) -> tuple[int, int]:
+    """(bytes unread here, bytes the peer has not read or acknowledged yet) on connection ``fd``."""
     unread = int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, _IOCTL_INT), "little", signed=True)
-    queued = int.from_bytes(fcntl.ioctl(fd, termios.TIOCOUTQ, _IOCTL_INT), "little", signed=True)
-    return _QUEUES if unread == 0 and queued == 0 else (unread, queued)
+    unsent = int.from_bytes(fcntl.ioctl(fd, termios.TIOCOUTQ, _IOCTL_INT), "little", signed=True)
+    return unread, unsent
 
 
 def _getint(fd: int, option: int) -> int:
     _int_len.value = 4
-    if _libc.getsockopt(fd, socket.SOL_SOCKET, option, ctypes.byref(_int), ctypes.byref(_int_len)) != 0:
+    _check(_libc.getsockopt(fd, socket.SOL_SOCKET, option, ctypes.byref(_int), ctypes.byref(_int_len)))
+    return _int.value
+
+
+def _check(rc: int) -> None:
+    if rc != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
-    return _int.value
 
 
 def _address(fd: int, call: object) -> tuple[int, str, int] | None:
