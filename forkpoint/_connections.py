@@ -168,8 +168,8 @@ def reset_used(connections: tuple[Connection, ...]) -> list[str]:
             if e != errno.ENOTCONN:           # ENOTCONN: closed already (an earlier restore, the peer)
                 log.debug("could not shut down the connection to %s: %s", conn.peer, os.strerror(e))
             continue
-        reset.append(f"{conn.peer} (its use cannot be counted: shut down at every restore)"
-                     if conn.kind == _UNIX else conn.peer)
+        reset.append(f"{conn.peer} (a Unix socket: its use cannot be counted)" if conn.kind == _UNIX
+                     else conn.peer)
     return reset
 
 

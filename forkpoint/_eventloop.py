@@ -39,6 +39,9 @@ def running_loop() -> Any:
     return aio.events._get_running_loop() if aio is not None else None
 
 
+_CO_ASYNC_GENERATOR = 0x200     # inspect.CO_ASYNC_GENERATOR
+
+
 def suspended_in_task(frame: Any) -> bool:
     """Whether ``frame`` is a coroutine's, suspended at an ``await`` of a task of the loop running
     here now (a ``watchdog()`` block that awaits: its frame is not on the stack when the alarm's
@@ -61,9 +64,6 @@ def suspended_in_task(frame: Any) -> bool:
             if getattr(ref, "ag_frame", None) is frame:
                 return True     # not on the stack: suspended (ag_running is True when awaited)
     return False
-
-
-_CO_ASYNC_GENERATOR = 0x200     # inspect.CO_ASYNC_GENERATOR
 
 
 def rejoin(loop: Any, *, moved_heap: bool, drop: int = 0) -> None:

@@ -374,6 +374,6 @@ def resume(rt: _Runtime, saved: Saved, wake: _channel.Wake) -> None:
         log.log(level, "recovered (%s): forkpoint restored checkpoint %d (from state %d) in %.1f ms",
                 rt.reason, n, rt.from_state, rt.recovery_seconds * 1e3)
     if reset:
-        log.warning("restored checkpoint %d: shut down the connection(s) to %s, which the rolled-back "
-                    "code had used (their servers drop what it began; clients reconnect)",
-                    n, ", ".join(reset))
+        log.warning("restored checkpoint %d: shut down the connection(s) to %s, so that their servers "
+                    "drop what the rolled-back code began on them; the program's clients must connect "
+                    "again", n, ", ".join(reset))
