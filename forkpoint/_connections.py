@@ -39,7 +39,7 @@ log = logging.getLogger("forkpoint")
 _libc = ctypes.CDLL(None, use_errno=True)
 _SO_ACCEPTCONN = 30                          # asm-generic/socket.h (x86_64 and aarch64)
 _TCP_INFO_SIZE = 136                         # up to tcpi_bytes_received (Linux 4.2)
-_BYTES_ACKED, _BYTES_RECEIVED = 120, 128     # offsets in struct tcp_info (linux/tcp.h)
+_BYTES_ACKED = 120                           # tcpi_bytes_acked, then tcpi_bytes_received (linux/tcp.h)
 _FIN_RECEIVED = (8, 9, 11)                   # TCP_CLOSE_WAIT, TCP_LAST_ACK, TCP_CLOSING
 _FIN_SENT = (4, 5, 6, 7, 9, 11)              # FIN_WAIT1, FIN_WAIT2, TIME_WAIT, CLOSE, LAST_ACK, CLOSING
 _STREAMS = (socket.SOCK_STREAM, socket.SOCK_SEQPACKET)
