@@ -305,7 +305,8 @@ def _real_timer(saved: Saved) -> tuple[float, float]:
     """
     left, interval = saved.itimer
     handler = signal.getsignal(signal.SIGALRM)
-    if getattr(getattr(handler, "__func__", None), "__qualname__", "") != "Alarm._expired":
+    if getattr(handler, "__qualname__", "") != "_on_alarm" or \
+            getattr(handler, "__module__", "") != "forkpoint.watchdog":
         left = max(left - (time.monotonic() - saved.taken), 1e-6)
     return left, interval
 

@@ -179,7 +179,7 @@ class Limits:
         if live is None or not self.live_up:
             return 0.0
         now = time.monotonic()
-        armed, ck = self.arena.watchdog(), self.ckpts.get(self.current)
+        armed, ck = self.arena.deadline(), self.ckpts.get(self.current)
         own = ck is not None and 0 < ck.deadline <= now
         if not own and (armed is None or now < armed[0]):
             ahead = [d for d in (ck.deadline if ck is not None else 0.0, armed[0] if armed else 0.0)
@@ -195,10 +195,10 @@ class Limits:
         else:
             if armed is None:
                 return 0.0
-            handled = self.arena.watchdog_handled()
-            if self.arena.watchdog() != armed:
+            if self.arena.deadline() != armed:
                 return 0.0              # the block ended, or the process moved on
-            target = armed[1] or self.current
+            _, target, handled = armed
+            target = target or self.current
             reason = "timeout (stuck in native code: killed)" if handled else "timeout"
         if target in self.ckpts and self.ckpts[target].awaiting:
             return 0.0                  # inside tsetjmp, before its keeper exists: next tick

@@ -80,8 +80,8 @@ class Restores:
             self.shutdown(code=os.WEXITSTATUS(status))
         sig = os.WTERMSIG(status)
         pol = self.policy.policy
-        armed = self.arena.watchdog()
-        self.arena.set_watchdog(None)
+        armed = self.arena.deadline()
+        self.arena.clear_deadlines()
         if sig == signal.SIGKILL and armed is not None and time.monotonic() >= armed[0] - 0.05:
             target = self._usable(armed[1] or self.current)
             if target:                    # the watchdog's kill timer: a hang the handler could not cut
@@ -183,7 +183,7 @@ class Restores:
             key = ck_failed.key         # a protected call failed inside its own checkpoint
         self.arena.set_processing(None)
         _threadmarks.clear(self.arena)
-        self.arena.set_watchdog(None)
+        self.arena.clear_deadlines()
         from_state = self.current
         if operator:
             decision = Decision(Action.RESTORE, target, 0.0, 1, cause, None)

@@ -81,6 +81,10 @@ _C_NEXT_ID = (_H_NEXT_ID, 32, 33, 34)     # (value, its complement), (second val
 _C_TOP = (_H_TOP, 35, 36, 37)
 _C_HISTORY = (_H_HISTORY, 38, 39, 40)
 _H_WD_CHECK = 41
+# The earliest hard deadline of the ``watchdog()`` blocks in force (``watchdog._Blocks``): a record
+# of its own, as blocks of different tasks start and end in any order around the steps and calls
+# that write the one above (each of those puts back what it found, which a block must not undo).
+_H_AL_AT, _H_AL_TO, _H_AL_CHECK = 42, 43, 44
 _MASK = 0xFFFF_FFFF_FFFF_FFFF
 _PROCESSING_OFF = 512          # (unused) word, length word with the key's checksum, then the key
 # Children the live process reaped itself, newest last: (pid, status) word pairs, a ring.
@@ -343,6 +347,7 @@ class Arena:
         self._set_counter(_C_HISTORY, 0)
         w[_PROCESSING_OFF // 8 + 1] = 0
         w[_H_WD_AT] = 0
+        w[_H_AL_AT] = 0
         for word in (_H_FACE_PPID, _H_ORPHANS, _H_REAPED, _H_THROTTLE, _H_INTRODUCED, _H_HOLDERS_LOST,
                      *_CPU_WORDS):
             w[word] = 0
@@ -446,7 +451,7 @@ class Arena:
             return None
         return raw.decode(errors="replace")
 
-    # -- the armed watchdog's hard deadline (written by the live process, read by the shepherd) ---
+    # -- the deadlines (written by the live process, read by the shepherd) ---------------------------
     def set_watchdog(self, kill_at: float | None, target: int = 0, handled: bool = True) -> None:
         """Record that the shepherd must SIGKILL the live process at ``kill_at`` (CLOCK_MONOTONIC)
         and restore checkpoint ``target`` (0: its current one) as a timeout; None clears it.
@@ -497,18 +502,43 @@ class Arena:
         words[_PROCESSING_OFF // 8 + 1] = 0
 
     def watchdog(self) -> tuple[float, int] | None:
-        raw = int(self.words[_H_WD_AT])
+        """The deadline ``set_watchdog`` recorded, as (kill_at, target); None if there is none."""
+        got = self._deadline(_H_WD_AT, _H_WD_TO, _H_WD_CHECK)
+        return None if got is None else got[:2]
+
+    def set_alarm(self, kill_at: float | None, target: int = 0) -> None:
+        """Record the ``watchdog()`` blocks' earliest hard deadline (their handler comes first), or
+        clear it: ``set_watchdog``'s twin, for the blocks alone."""
+        words = self.words
+        words[_H_AL_AT] = 0
+        if kill_at is None:
+            return
+        raw = _Q.unpack(_D.pack(kill_at))[0]
+        words[_H_AL_TO] = target
+        words[_H_AL_CHECK] = _wd_check(raw, target)
+        words[_H_AL_AT] = raw
+
+    def deadline(self) -> tuple[float, int, bool] | None:
+        """The earliest deadline recorded, of a protected call or step and of the ``watchdog()``
+        blocks: (kill_at, target, handled), ``handled`` if it is a block's last resort."""
+        got = [d for d in (self._deadline(_H_WD_AT, _H_WD_TO, _H_WD_CHECK),
+                           self._deadline(_H_AL_AT, _H_AL_TO, _H_AL_CHECK)) if d is not None]
+        return min(got) if got else None
+
+    def clear_deadlines(self) -> None:
+        """Forget every deadline (the process they were set by is gone)."""
+        self.words[_H_WD_AT] = 0
+        self.words[_H_AL_AT] = 0
+
+    def _deadline(self, at: int, to_word: int, check: int) -> tuple[float, int, bool] | None:
+        raw = int(self.words[at])
         if raw == 0:
             return None
-        to = int(self.words[_H_WD_TO])
-        if int(self.words[_H_WD_CHECK]) != _wd_check(raw, to):
+        to = int(self.words[to_word])
+        if int(self.words[check]) != _wd_check(raw, to):
             log.error("arena: the armed watchdog's record is corrupted (a stray write?): it is ignored")
             return None
-        return _D.unpack(_Q.pack(raw))[0], to & ~_WD_UNHANDLED
-
-    def watchdog_handled(self) -> bool:
-        """Whether the recorded deadline is a watchdog's last resort (see ``set_watchdog``)."""
-        return not int(self.words[_H_WD_TO]) & _WD_UNHANDLED
+        return _D.unpack(_Q.pack(raw))[0], to & ~_WD_UNHANDLED, not to & _WD_UNHANDLED
 
     # -- the process bound (written by the shepherd, read by tsetjmp and keepers) ----------------
     def set_throttle(self, on: bool) -> None:

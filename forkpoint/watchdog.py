@@ -6,7 +6,9 @@ restores the recorded checkpoint as a timeout (``_shepherd_limits.Limits._watchd
 reaches the process whatever it is doing, so this also cuts code stuck in C.
 
 * ``watchdog(seconds)`` (the public context manager) first tries a SIGALRM handler that rolls back
-  with ``tlongjmp``; the deadline recorded is ``seconds + hard_after``, the last resort.
+  with ``tlongjmp``; the deadline recorded is ``seconds + hard_after``, the last resort. Blocks of
+  different tasks may overlap without nesting: one timer and one record serve the earliest
+  (``_Blocks``), in a record of their own.
 * ``Deadline`` guards every protected call (``@checkpointed(timeout=...)``, the WSGI and ASGI
   wrappers) and records the timeout itself: no handler, no timer. With a checkpoint per call,
   every page a call writes after the checkpoint's fork is a copy-on-write fault (2.4 us each on
@@ -20,6 +22,7 @@ from __future__ import annotations
 import _signal
 import contextlib
 import logging
+import os
 import signal
 import sys
 import time
@@ -49,25 +52,125 @@ _restore_blocked = _sigutil.restore_blocked
 _rt = runtime()
 
 
-class Alarm:
-    """One armed watchdog: a SIGALRM timer that rolls back, and the hard deadline behind it.
+class _Blocks:
+    """The ``watchdog()`` blocks in force in this process, and the program's own alarm behind them.
 
-    ``arm()`` installs the handler and the timer, and records the hard deadline in the arena for
-    the shepherd; ``disarm()`` puts back whatever was there before (the program's own SIGALRM
-    handler and timer, an enclosing watchdog's deadline). Both run with every signal blocked, so a
-    Ctrl-C cannot leave half of it armed; ``disarm()`` of an alarm that is not armed does nothing.
-    An interrupt can still land as ``disarm()`` is entered, before its block, and skip it whole:
-    the caller calls it again if ``armed`` is still set (see ``watchdog``).
+    Blocks need not nest: two tasks of an event loop each enter one and leave in any order. So no
+    block saves what was there and puts it back (the block entered first, ending first, would
+    cancel the other's timer, and the other, ending, would put back a hard deadline long past):
+    the process's one ITIMER_REAL is set to the earliest deadline of the blocks in force, and the
+    arena's alarm record, the shepherd's last resort, to their earliest hard deadline. The first
+    block takes the program's own SIGALRM handler and timer over, and the last gives them back,
+    the time spent deducted. Changed only with every signal blocked.
+    """
+
+    __slots__ = ("alarms", "handler", "timer", "since")
+
+    def __init__(self) -> None:
+        self.alarms: list[Alarm] = []      # armed, in the order they were armed
+        self.handler: Any = None
+        self.timer: tuple[float, float] = (0.0, 0.0)
+        self.since = 0.0
+
+    def program(self) -> None:
+        """Set the timer and the hard deadline for the blocks in force (one at least)."""
+        alarms = self.alarms
+        due = min(alarms, key=_due).due
+        _setitimer(_ITIMER_REAL, 0 if due == _NEVER else max(due - _monotonic(), 1e-6))
+        arena = _rt.arena if _rt.chan is not None else None        # (started)
+        if arena is not None:
+            last = min(alarms, key=_kill_at)
+            arena.set_alarm(last.kill_at, last.record)
+
+    def take_over(self) -> None:
+        """The first block: the program's handler and timer are put aside."""
+        self.handler = _set_handler(_SIGALRM, _on_alarm)     # main thread only: raises first
+        self.since = _monotonic()
+        self.timer = _setitimer(_ITIMER_REAL, 0)
+
+    def forget_in_forked_child(self) -> None:
+        """A child the program forks inside blocks (``os.fork``, ``multiprocessing``) has no timer
+        (fork does not copy it) and is not in the parent's blocks: their deadlines, in the list,
+        would fire into the child at its own first block. forkpoint's own copies are cloned
+        without at-fork hooks and keep them."""
+        if not self.alarms:
+            return
+        for alarm in self.alarms:
+            alarm.armed = False         # the child's way out of their blocks does nothing
+        self.alarms.clear()
+        old, self.handler = self.handler, None
+        _set_handler(_SIGALRM, old if old is not None else _DFL)
+
+    def give_back(self) -> None:
+        """No block left: the program's handler and timer, as if no block had been."""
+        if _setitimer(_ITIMER_REAL, 0)[0] == 0.0:   # it expired as the last block ended:
+            _sigtimedwait(_ALRM_ONLY, 0)               # that block did end, drop its signal
+        if _rt.arena is not None:
+            _rt.arena.set_alarm(None)
+        old, self.handler = self.handler, None
+        _set_handler(_SIGALRM, old if old is not None else _DFL)
+        left, interval = self.timer
+        if left > 0:
+            left = max(left - (_monotonic() - self.since), 1e-6)
+            _setitimer(_ITIMER_REAL, left, interval)
+
+
+def _due(alarm: Alarm) -> float:
+    return alarm.due
+
+
+def _kill_at(alarm: Alarm) -> float:
+    return alarm.kill_at
+
+
+_blocks = _Blocks()
+os.register_at_fork(after_in_child=_blocks.forget_in_forked_child)
+_NEVER = float("inf")       # the deadline of a block whose roll-back was refused: it came once
+_EARLY = 1e-3       # a timer set in microseconds may come this much before the monotonic deadline
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    """SIGALRM while blocks are in force: the one past its deadline rolls back (see ``Alarm``)."""
+    alarms = _blocks.alarms
+    while alarms:
+        soonest = min(alarms, key=_due)
+        if soonest.due > _monotonic() + _EARLY:   # the timer was for a block that has ended
+            _reprogram()
+            return
+        soonest.expired(frame)                  # rolls back, or forgets a block that is gone
+
+
+def _reprogram() -> None:
+    mask = _unset_mask(_reprogram_mask)
+    try:
+        _block_all_into(mask)
+        if _blocks.alarms:
+            _blocks.program()
+    finally:
+        _restore_blocked(mask)
+
+
+_reprogram_mask = _sigutil.new_mask()
+
+
+class Alarm:
+    """One armed ``watchdog()`` block: its deadline, which rolls back by a SIGALRM handler, and the
+    hard deadline behind it, which the shepherd enforces by a kill (see ``_Blocks``).
+
+    ``arm()`` puts the block among those in force, ``disarm()`` takes it out. Both run with every
+    signal blocked, so a Ctrl-C cannot leave half of it armed; ``disarm()`` of an alarm that is not
+    armed does nothing. An interrupt can still land as ``disarm()`` is entered, before its block,
+    and skip it whole: the caller calls it again if ``armed`` is still set (see ``watchdog``).
 
     ``target`` is the checkpoint to roll back to (0: the current one at expiry); it may be set after
     ``arm()``, for a checkpoint taken inside the guarded section. ``record`` is the checkpoint the
     shepherd restores if it has to kill the process at the hard deadline (0: its current one
     then; default ``target``). ``owner``, if given, is the frame that must still be on the stack
-    when the timer fires (see ``watchdog``).
+    (or suspended in a task) when the deadline comes (see ``watchdog``).
     """
 
-    __slots__ = ("seconds", "hard_after", "target", "record", "owner", "armed", "old_handler",
-                 "old_timer", "started", "outer", "arena", "reason", "mask")
+    __slots__ = ("seconds", "hard_after", "target", "record", "owner", "armed", "reason", "mask",
+                 "due", "kill_at")
 
     def __init__(self, seconds: float, hard_after: float = 1.0, target: int = 0, owner: Any = None,
                  reason: str = "timeout", record: int | None = None) -> None:
@@ -78,44 +181,45 @@ class Alarm:
         self.owner = owner
         self.armed = False
         self.reason = reason
-        self.old_handler: Any = None
-        self.old_timer: tuple[float, float] = (0.0, 0.0)
-        self.started = 0.0
-        self.outer: tuple[float, int] | None = None
-        self.arena: Any = None
         self.mask = _sigutil.new_mask()
+        self.due = self.kill_at = 0.0
 
     def arm(self) -> None:
         mask = _unset_mask(self.mask)
         try:
             _block_all_into(mask)    # inside the try: see _sigutil.unset_mask
-            self.arena = arena = _rt.arena if _rt.chan is not None else None    # (started)
-            self.outer = outer = arena.watchdog() if arena is not None else None
-            self.old_handler = _set_handler(_SIGALRM, self._expired)   # main thread only
+            blocks = _blocks
+            first = not blocks.alarms
+            if first:
+                blocks.take_over()
             try:
-                self.old_timer = _setitimer(_ITIMER_REAL, self.seconds)
-                self.started = now = _monotonic()
-                if arena is not None:
-                    kill_at = now + self.seconds + self.hard_after
-                    if outer is None or kill_at < outer[0]:   # else the enclosing deadline stays
-                        arena.set_watchdog(kill_at, self.record)
+                self.due = due = _monotonic() + self.seconds
+                self.kill_at = due + self.hard_after
+                blocks.alarms.append(self)
                 self.armed = True
+                blocks.program()
             except BaseException:           # undo whatever was armed, then let the error through
-                _setitimer(_ITIMER_REAL, 0)
-                self._restore_record()
-                _set_handler(_SIGALRM, self.old_handler if self.old_handler is not None else _DFL)
+                if self.armed:
+                    self._forget()              # (the last block gives the program's back)
+                elif first:
+                    blocks.give_back()
                 raise
         finally:
             _restore_blocked(mask)   # a signal that arrived meanwhile runs here
 
-    def _restore_record(self) -> None:
-        arena = self.arena
-        if arena is not None:
-            outer = self.outer
-            if outer is None:
-                arena.set_watchdog(None)
-            else:
-                arena.set_watchdog(*outer)
+    def _forget(self) -> None:
+        """Out of the blocks in force (signals blocked); the last one gives the program's back."""
+        self.armed = False
+        blocks = _blocks
+        alarms = blocks.alarms
+        for i, alarm in enumerate(alarms):
+            if alarm is self:
+                del alarms[i]
+                if alarms:
+                    blocks.program()
+                else:
+                    blocks.give_back()
+                return
 
     def disarm(self) -> None:
         if not self.armed:
@@ -130,24 +234,14 @@ class Alarm:
                 # raised (Ctrl-C): the alarm is disarmed all the same, or its timer and hard
                 # deadline would outlive the block; what it raised comes after.
                 raised = e
-            self.armed = False
-            if _setitimer(_ITIMER_REAL, 0)[0] == 0.0:    # it expired as the block ended:
-                _sigtimedwait(_ALRM_ONLY, 0)                # the block did end, drop its signal
-            self._restore_record()
-            old = self.old_handler
-            _set_handler(_SIGALRM, old if old is not None else _DFL)
-            left, interval = self.old_timer
-            if left > 0:
-                left = max(left - (_monotonic() - self.started), 1e-6)
-                _setitimer(_ITIMER_REAL, left, interval)
+            self._forget()
         finally:
             _restore_blocked(mask)
         if raised is not None:
             raise raised
 
-    def _expired(self, signum: int, frame: Any) -> None:
-        if not self.armed:          # disarmed already (the expiry raced the end of the block)
-            return
+    def expired(self, frame: Any) -> None:
+        """Past the deadline (``_on_alarm``, in the handler of SIGALRM): roll back."""
         # A with block interrupted right after __enter__ never runs __exit__ (CPython bpo-29988):
         # a timer that outlived its block must not roll back code that has moved on.
         owner = self.owner
@@ -158,20 +252,25 @@ class Alarm:
             # A coroutine's block that awaits is not on the stack: the loop runs the handler.
             if f is None and not _eventloop.suspended_in_task(owner):
                 log.warning("watchdog: a timer outlived its block (interrupted on entry); ignored")
-                self.armed = False
-                _setitimer(_ITIMER_REAL, 0)
-                self._restore_record()
+                self.disarm()
                 return
         log.warning("watchdog: block ran longer than %gs, rolling back", self.seconds)
-        tlongjmp(self.target, sig=signal.SIGALRM, reason=self.reason)
+        # Once: if the roll-back is refused, the block runs on under its hard deadline alone (and
+        # the other blocks' timers go on).
+        self.due = _NEVER
+        try:
+            tlongjmp(self.target, sig=signal.SIGALRM, reason=self.reason)
+        finally:
+            _reprogram()
 
 
 class Deadline:
     """A protected call's timeout: recorded in the arena, enforced by the shepherd (see module doc).
 
     ``set(seconds, target)`` before the call (before its checkpoint's fork, when there is one),
-    ``clear()`` after it; an enclosing deadline (a ``watchdog()`` around the call) is put back, and
-    an earlier one is left in place. ``target`` 0 is the shepherd's current checkpoint when the
+    ``clear()`` after it; an enclosing call's deadline is put back, and an earlier one is left in
+    place (a ``watchdog()`` block's are in a record of their own, and the shepherd takes the
+    earliest of both). ``target`` 0 is the shepherd's current checkpoint when the
     deadline passes: the call's own checkpoint, taken after ``set``.
     """
 
@@ -200,7 +299,7 @@ class Deadline:
             if outer is None:
                 arena.set_watchdog(None)
             else:
-                arena.set_watchdog(outer[0], outer[1])
+                arena.set_watchdog(outer[0], outer[1], handled=False)
             self.arena = None
 
 

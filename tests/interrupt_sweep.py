@@ -11,6 +11,7 @@ Where CPython runs handlers, and how that is modelled: tests/interrupt_tracer.py
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import os
@@ -127,7 +128,8 @@ async def asgi_checkpoint() -> None:
 
 
 def call_asgi(nested: bool) -> None:
-    """One request; ``nested``: inside a watchdog, so each step arms its own deadline (_nested)."""
+    """One request; ``nested``: inside a watchdog and, around the traced call (``AROUND``), an
+    input being processed, so each step nests its marks (``_nested``)."""
     global asgi_protected
     if asgi_protected is None:
         from forkpoint import asgi
@@ -151,7 +153,8 @@ def settle_loop() -> None:
 
 
 def call_wsgi_restart_nested() -> None:
-    """A restart-mode request inside a watchdog: its key and deadline nest (``mark``, ``Deadline``)."""
+    """A restart-mode request inside a watchdog and, around the traced call (``AROUND``), an input
+    being processed: its key and deadline nest (``mark``, ``Deadline``)."""
     with fp.watchdog(5, hard_after=5):
         call_wsgi_restart()
 
@@ -284,8 +287,8 @@ def violations(current_before: int, fds_before: dict[int, str]) -> list[str]:
         out.append(f"SIGALRM handler left: {signal.getsignal(signal.SIGALRM)}")
     if signal.getitimer(signal.ITIMER_REAL) != (0.0, 0.0):
         out.append(f"timer left: {signal.getitimer(signal.ITIMER_REAL)}")
-    if rt.arena.watchdog() is not None:
-        out.append(f"hard deadline left in the arena: {rt.arena.watchdog()}")
+    if rt.arena.deadline() is not None:
+        out.append(f"hard deadline left in the arena: {rt.arena.deadline()}")
     if rt.arena.processing():
         out.append(f"key left marked as processing: {rt.arena.processing()!r}")
     if API.startswith("checkpointed") or API == "wsgi_transaction":
@@ -349,13 +352,17 @@ def violations(current_before: int, fds_before: dict[int, str]) -> list[str]:
     if out:         # put things back, so that the next point is judged on its own
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, alarm0)
-        rt.arena.set_watchdog(None)
+        rt.arena.clear_deadlines()
         rt.arena.set_processing(None)
         signal.pthread_sigmask(signal.SIG_SETMASK, {s for s in range(1, 65) if mask0 >> (s - 1) & 1})
     return out
 
 
 ONLY = os.path.dirname(fp.__file__) if API.startswith("asgi") else None
+# An input being processed around a nested call, outside the traced call: its steps must nest
+# their marks inside it (a watchdog() block's deadline alone, a record of its own, does not make
+# them nest). ``processing()`` itself is swept by its own call.
+AROUND = (lambda: fp.processing("outer")) if API.endswith("_nested") else contextlib.nullcontext
 not_modelled: set[str] = set()
 while True:
     K.add()
@@ -368,11 +375,12 @@ while True:
     # An event loop's own machinery is not forkpoint's: its points are not counted (a call into it
     # from forkpoint still is, as an interrupt anywhere inside it).
     tracer = Interrupter(k, skip=__file__, only=ONLY)
-    try:
-        with tracer:
-            call()
-    except KeyboardInterrupt:
-        interrupted = True
+    with AROUND():
+        try:
+            with tracer:
+                call()
+        except KeyboardInterrupt:
+            interrupted = True
     not_modelled |= tracer.not_modelled
     bad = violations(current_before, fds_before)
     n = fp.tsetjmp()                    # and the machinery still restores

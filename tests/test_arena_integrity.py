@@ -2,10 +2,10 @@
 and a corrupted one is detected and reported, never served as valid data.
 
 The scenario (in a subprocess) fills an arena with persistent regions, cache entries, history,
-the key being processed and a watchdog record; then, for every structural word (the counters and
-their copies, every word of the directory slots, every word of a history record, the watchdog and
-processing records, the cache buffers' bytes) and for each kind of stray write (one flipped bit,
-one random byte, zero, a random word), it corrupts that word, exercises the whole API, checks each
+the key being processed and two deadline records; then, for every structural word (the counters
+and their copies, every word of the directory slots, every word of a history record, the deadline
+and processing records, the cache buffers' bytes) and for each kind of stray write (one flipped
+bit, one random byte, zero, a random word), it corrupts that word, exercises the whole API, checks each
 answer against what was stored, and puts the arena back. An answer is either right, or a refusal
 (CacheCorrupted, a record left out): a wrong one fails the test. ``CORRUPTIONS_PER_WORD`` random
 writes per word are added on top (more in the soak run, tests/test_soak.py).
@@ -38,6 +38,7 @@ for i in range(5):
     ar.append_history(i, i + 1, 11, f"reason {i}", f"key{i}" if i % 2 else None)
 ar.set_processing("input-42")
 ar.set_watchdog(1234.5, 3)
+ar.set_alarm(1000.25, 2)
 ids = [ar.take_id() for _ in range(3)]         # next id: 4
 used = max(ar._counter(A._C_TOP, "allocator"), A._DATA_OFF)
 
@@ -51,6 +52,7 @@ words = []                                      # (label, word index) of every s
 for label, c in (("next_id", A._C_NEXT_ID), ("top", A._C_TOP), ("history", A._C_HISTORY)):
     words += [(f"{label}[{i}]", w) for i, w in enumerate(c)]
 words += [("wd_at", A._H_WD_AT), ("wd_to", A._H_WD_TO), ("wd_check", A._H_WD_CHECK)]
+words += [("alarm_at", A._H_AL_AT), ("alarm_to", A._H_AL_TO), ("alarm_check", A._H_AL_CHECK)]
 pw = A._PROCESSING_OFF // 8
 words += [("processing.len", pw + 1), ("processing.key", pw + 2)]
 h0 = A._HIST_OFF // 8 + 2 * (A._HIST_SIZE // 8)     # the third record
@@ -99,6 +101,9 @@ def check():
     guard("history", hist)
     guard("processing", lambda: {"input-42": "ok", None: "refused"}.get(ar.processing(), "WRONG key"))
     guard("watchdog", lambda: {(1234.5, 3): "ok", None: "refused"}.get(ar.watchdog(), "WRONG record"))
+    # the earliest of both: the blocks' (1000.25), or the call's when the blocks' is refused
+    guard("deadline", lambda: {(1000.25, 2, True): "ok", (1234.5, 3, True): "refused",
+                               None: "refused"}.get(ar.deadline(), "WRONG record"))
     guard("take_id", lambda: "ok" if ar.take_id() == 4 else "WRONG id")
     def new_region():
         v = ar.persist("fresh", 4096)

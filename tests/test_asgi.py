@@ -66,6 +66,16 @@ STARLETTE_APP = """
         await asyncio.sleep(float(request.query_params.get("s", "1")))
         return PlainTextResponse("slow done")
 
+    async def guarded_stuck(request):
+        # A watchdog() block across an await, then stuck where its handler cannot run (as in C).
+        import signal
+        state["served"] += 1000
+        with forkpoint.watchdog(0.3, hard_after=0.3):
+            await asyncio.sleep(0.05)
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+            while True:
+                pass
+
     async def term_crash(request):
         # Busy in the loop's thread (a CPU-bound request) until uvicorn's SIGTERM handler has run
         # here, then a segfault: the handler's work is in the process that is rolled back.
@@ -118,7 +128,8 @@ STARLETTE_APP = """
                              Route("/hang", hang), Route("/slow", slow), Route("/term-crash", term_crash),
                              Route("/sync-count", sync_count), Route("/to-thread", to_thread),
                              Route("/sync-crash", sync_crash), Route("/busy", busy),
-                             Route("/background", background), WebSocketRoute("/ws", ws)])
+                             Route("/background", background), Route("/guarded-stuck", guarded_stuck),
+                             WebSocketRoute("/ws", ws)])
     class SyncRaising:
         # An ASGI application whose __call__ is a plain function (an adapter, a middleware) that
         # raises before any coroutine exists.
@@ -285,6 +296,21 @@ def test_each_request_is_cut_at_its_own_timeout(tmp_path):
         assert short[1] == [(200, "slow done")]
         assert server_log(tmp_path).count("waited longer than 1.5s: cancelled") == 3
         assert _get(port)[1]["served"] == 1                   # no restore: the state is kept
+    finally:
+        assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
+
+
+def test_a_watchdog_block_across_an_await_keeps_its_hard_deadline(tmp_path):
+    """Invariant: a watchdog() block's hard deadline holds for the whole block, across the awaits
+    at which the wrapper ends one step of the request and starts the next. The end of each step
+    cleared the one deadline record the block had written, so code stuck after the block's first
+    await (SIGALRM blocked, as in C) ran on to the request's own 30 s timeout."""
+    proc, port = _uvicorn(tmp_path, TIMEOUT="30")
+    try:
+        assert _get(port) == (200, {"pid": proc.pid, "served": 1})
+        status, body = _get(port, "/guarded-stuck", timeout=10)
+        assert status == 500 and "rolled back" in body, (status, body, server_log(tmp_path))
+        assert _get(port) == (200, {"pid": proc.pid, "served": 1})     # restored, warm, same PID
     finally:
         assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
 

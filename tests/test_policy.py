@@ -314,6 +314,82 @@ def test_watchdog_cuts_a_coroutine_that_hangs_in_an_await(tmp_path):
     assert "outlived its block" not in r.stderr
 
 
+def test_overlapping_watchdogs_of_two_tasks_each_keep_their_own_deadline(tmp_path):
+    """Invariant: a watchdog() block's deadline holds until that block ends, whatever other blocks
+    start or end meanwhile. Two tasks' blocks overlap without nesting: the one entered first ends
+    first. The alarms were saved and put back last in, first out, so its end cancelled the other
+    block's timer and hard deadline (the hang ran its full 3 s) and, at the other block's end, put
+    its own hard deadline back, long past: the shepherd then killed code that had moved on and
+    restored the program to its checkpoint."""
+    r = run_py(HEADER + """
+    import asyncio
+    async def quick():
+        with fp.watchdog(0.3):
+            await asyncio.sleep(0.1)
+        print("quick done", flush=True)
+    async def stuck():
+        await asyncio.sleep(0.05)
+        with fp.watchdog(0.6):
+            await asyncio.sleep(3)
+        print("stuck ran to its end", flush=True)
+    async def main():
+        fp.tsetjmp()
+        if fp.chkpt_status(fp.CHKPT_RECOVERED):
+            print("restored", fp.restore_reason(), flush=True)
+            await asyncio.sleep(1.5)          # a stale hard deadline would be acted on by now
+            print("restores", len(fp.history()), flush=True)
+            return
+        await asyncio.gather(quick(), stuck())
+        await asyncio.sleep(1.5)
+        print("moved on", flush=True)
+    asyncio.run(main())
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["quick done", "restored timeout", "restores 1"], r.stderr
+
+
+def test_an_inner_watchdog_with_a_later_deadline_does_not_put_off_the_outer_one(tmp_path):
+    """Invariant: the earliest deadline of the blocks in force is the one that fires, by its
+    handler. An inner ``watchdog(5)`` inside a ``watchdog(0.3)`` replaced the process's one timer
+    with its own 5 s: the outer block's handler never ran, and only its hard deadline, a second
+    later, cut the loop by a kill ("stuck in native code")."""
+    r = run_py(HEADER + """
+    fp.tsetjmp()
+    if not fp.chkpt_status(fp.CHKPT_RECOVERED):
+        with fp.watchdog(0.3):
+            with fp.watchdog(5):
+                while True:
+                    pass
+    print("restored:", fp.restore_reason())
+    """, tmp_path)
+    assert r.returncode == 0, (r.returncode, r.stderr)
+    assert r.stdout.strip() == "restored: timeout"
+
+
+def test_a_child_forked_inside_a_watchdog_block_has_none_of_its_parents_blocks(tmp_path):
+    """Invariant: the blocks in force are the process's own. A child forked inside one (no timer
+    is copied by fork) must not find its parent's deadlines among its blocks: its own first block
+    would set its timer to the parent's, long past, and roll the child back into the parent's
+    block, which the child is not in."""
+    r = run_py(HEADER + """
+    fp.tsetjmp()
+    with fp.watchdog(0.3):
+        pid = os.fork()
+        if pid == 0:                         # (a pool's worker, forked inside the block for good)
+            try:
+                time.sleep(0.5)              # past the parent's deadline
+                with fp.watchdog(2):
+                    time.sleep(0.1)
+                print("child done", flush=True)
+            finally:
+                os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    print("child exit", os.waitstatus_to_exitcode(status), "restored", len(fp.history()), flush=True)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["child done", "child exit 0 restored 0"], r.stderr
+
+
 @pytest.mark.parametrize("kind", ["asynccontextmanager", "async_generator"])
 def test_watchdog_cuts_an_async_generator_block_that_hangs_in_an_await(tmp_path, kind):
     """A watchdog() block in an async generator (an @asynccontextmanager's, an async iterator's)

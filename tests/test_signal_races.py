@@ -22,7 +22,7 @@ INJECT = """
     import sys
     rec = sys.modules["forkpoint.watchdog"]      # (forkpoint.watchdog is also the function)
     def inject_at(snippet, occurrence=-1, where="disarm"):
-        fn = getattr(rec.Alarm, where)
+        fn = getattr(rec._Blocks if where == "give_back" else rec.Alarm, where)
         src, first = inspect.getsourcelines(fn)
         hits = [first + i for i, l in enumerate(src) if snippet in l]
         target = hits[occurrence]
@@ -39,11 +39,12 @@ INJECT = """
 """
 
 
-@pytest.mark.parametrize("line", [
-    "_setitimer(_ITIMER_REAL, 0)",                 # first line of the cleanup
-    "self._restore_record()",                      # after the itimer is cleared, before the deadline
+@pytest.mark.parametrize("line,where", [
+    ("self._forget()", "disarm"),                  # first line of the cleanup
+    ("blocks.give_back()", "_forget"),             # out of the blocks, the program's alarm not back
+    ("_setitimer(_ITIMER_REAL, 0)", "give_back"),  # the timer cleared, the deadline not yet
 ])
-def test_ctrl_c_during_watchdog_cleanup_leaves_no_armed_watchdog(tmp_path, line):
+def test_ctrl_c_during_watchdog_cleanup_leaves_no_armed_watchdog(tmp_path, line, where):
     """A KeyboardInterrupt that lands in watchdog()'s `finally` skips the rest of the cleanup: the
     arena keeps the watchdog record (the shepherd SIGKILLs the program hard_after later and rolls
     it back to a checkpoint it left long ago, as a timeout), and SIGALRM keeps watchdog's handler.
@@ -55,7 +56,7 @@ def test_ctrl_c_during_watchdog_cleanup_leaves_no_armed_watchdog(tmp_path, line)
         print("spurious rollback:", fp.restore_reason(), flush=True)
         sys.exit(3)
     before = signal.getsignal(signal.SIGALRM)
-    inject_at({line!r})
+    inject_at({line!r}, where={where!r})
     try:
         with fp.watchdog(0.2, hard_after=0.3):
             pass                                   # the block finishes well within its deadline
@@ -215,7 +216,7 @@ def test_ctrl_c_during_watchdog_setup_leaves_no_armed_watchdog(tmp_path):
     if fp.chkpt_status(fp.CHKPT_RECOVERED):
         print("spurious rollback:", fp.restore_reason(), flush=True)
         sys.exit(3)
-    inject_at("self.started = now = _monotonic()", where="arm")
+    inject_at("self.due = due = _monotonic() + self.seconds", where="arm")
     try:
         with fp.watchdog(0.2):
             pass

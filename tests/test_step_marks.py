@@ -25,7 +25,7 @@ at, to = ar.watchdog()
 out["key"] = ar.processing()
 out["deadline_ok"] = before + 10.0 <= at <= time.monotonic() + 10.0
 out["target"] = to
-out["handled"] = ar.watchdog_handled()
+out["handled"] = ar.deadline()[2]
 ar.leave_step()
 out["after"] = [ar.processing(), ar.watchdog()]
 
@@ -41,6 +41,13 @@ ar.set_processing(None)
 ar.set_watchdog(1234.5, 2)
 out["refused_under_deadline"] = ar.enter_step(rec, 10.0, 3)
 out["outer_deadline_kept"] = [ar.processing(), list(ar.watchdog())]
+ar.set_watchdog(None)
+
+ar.set_alarm(time.monotonic() + 5.0, 4)     # a watchdog() block's: a record of its own
+out["entered_in_block"] = ar.enter_step(rec, 10.0, 3)
+out["earliest_in_block"] = ar.deadline()[1:]
+ar.leave_step()
+out["block_kept"] = ar.deadline()[1:]
 print(json.dumps(out))
 """
 
@@ -58,3 +65,7 @@ def test_one_call_writes_what_the_general_path_writes_and_never_overwrites_an_en
     assert out["refused_under_input"] is False and out["outer_kept"] == ["outer input", None]
     assert out["refused_under_deadline"] is False
     assert out["outer_deadline_kept"] == [None, [1234.5, 2]]
+    # A watchdog() block's deadline neither refuses the step nor is touched by it: the shepherd
+    # reads the earliest of both (the block's, 5 s away), the step's gone, the block's stays.
+    assert out["entered_in_block"] is True
+    assert out["earliest_in_block"] == [4, True] and out["block_kept"] == [4, True]
