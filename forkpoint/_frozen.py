@@ -25,7 +25,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import _channel, _clone, _connections, _cputime, _eventloop, _identity, _locks, _prctl, _sigutil
+from . import (
+    _channel,
+    _clone,
+    _connections,
+    _cputime,
+    _eventloop,
+    _identity,
+    _locks,
+    _prctl,
+    _sigutil,
+    _terminal,
+)
 from ._runtime import _Runtime
 
 log = logging.getLogger("forkpoint")
@@ -54,6 +65,7 @@ class Saved:
     taken: float = 0.0               # time.monotonic() at the checkpoint (see _real_timer)
     # The program's connections to servers, and how far their streams had gone (_connections).
     connections: tuple[_connections.Connection, ...] = ()
+    terminal: tuple[_terminal.Mode, ...] = ()    # the terminals' modes (_terminal)
 
 def set_idle(pid: int = 0) -> None:
     try:
@@ -330,6 +342,8 @@ def resume(rt: _Runtime, saved: Saved, wake: _channel.Wake) -> None:
             os.lseek(fd, off, os.SEEK_SET)
         except OSError:
             pass
+    if saved.terminal:              # (after rejoining the group: only as the foreground job)
+        _terminal.restore(saved.terminal, rt.pgid)
     # Before any program code (a log handler included) can use one of them.
     reset = _connections.reset_used(saved.connections) if saved.connections else []
     if saved.itimer[0] > 0:

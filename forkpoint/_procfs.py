@@ -361,13 +361,14 @@ class OpenFiles(NamedTuple):
     regular: list[int]           # one descriptor of each regular file open
     sockets: dict[int, int]      # socket descriptor -> inode
     stdio: set[int]              # inodes of descriptors 0-2 that are sockets
+    devices: dict[int, int]      # descriptor -> device number, of those of 0-2 that are character devices
 
 
 def open_files(own_file: tuple[int, int] = (0, 0)) -> OpenFiles:
     """``file_offsets()``, how many descriptors this process has open (``tsetjmp()`` knows from
     that count, without a system call more, that the keeper will have room for its channel), one
     descriptor of each regular file open (``_locks`` asks them for the POSIX locks this process
-    holds), and its sockets (``_connections``).
+    holds), its sockets (``_connections``) and the terminals among 0-2 (``_terminal``).
 
     ``own_file`` is the (device, inode) of forkpoint's arena memfd, open twice (the descriptor and
     the mapping's duplicate): no file of the program's, so neither its mode nor its locks are
@@ -378,6 +379,7 @@ def open_files(own_file: tuple[int, int] = (0, 0)) -> OpenFiles:
     inodes = set()
     sockets: dict[int, int] = {}
     stdio: set[int] = set()
+    devices: dict[int, int] = {}
     names = os.listdir("/proc/self/fd")
     for name in names:
         fd = int(name)
@@ -388,6 +390,8 @@ def open_files(own_file: tuple[int, int] = (0, 0)) -> OpenFiles:
                     sockets[fd] = st.st_ino
                     if fd <= 2:
                         stdio.add(st.st_ino)
+                elif fd <= 2 and stat.S_ISCHR(st.st_mode):
+                    devices[fd] = st.st_rdev
                 continue
             if (st.st_dev, st.st_ino) == own_file:
                 continue
@@ -398,7 +402,7 @@ def open_files(own_file: tuple[int, int] = (0, 0)) -> OpenFiles:
                 out[fd] = os.lseek(fd, 0, os.SEEK_CUR)
         except OSError:     # closed meanwhile (the directory's own descriptor)
             continue
-    return OpenFiles(out, len(names) - 1, regular, sockets, stdio)
+    return OpenFiles(out, len(names) - 1, regular, sockets, stdio, devices)
 
 
 def open_fd_count() -> int:

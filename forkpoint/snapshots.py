@@ -31,6 +31,7 @@ from . import (
     _qkeys,
     _qlookup,
     _sigutil,
+    _terminal,
 )
 from ._errors import ConfigurationError, NoSuchCheckpoint, resource_error
 from ._frozen import Saved, frozen, resume
@@ -170,7 +171,8 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int
                   policy=None if policy == os.SCHED_OTHER else (policy, os.sched_getparam(0).sched_priority),
                   taken=time.monotonic(),
                   connections=_connections.at_checkpoint(fds.sockets, fds.stdio)
-                  if rt.config.reset_connections and fds.sockets else ())
+                  if rt.config.reset_connections and fds.sockets else (),
+                  terminal=_terminal.at_checkpoint(fds.devices) if fds.devices else ())
     # The shepherd hears of the checkpoint before the fork: after it, every page this process
     # writes is copied on first write, so the parent's side of the fork restores its signal mask
     # and records the current state, nothing more: the keeper's pidfd is written by clone(2)

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "forkpoint"
 
 LAYERS: dict[str, list[str]] = {
     "os": ["_errors", "_record", "_clone", "_prctl", "_sigutil", "_procfs", "_elfsym", "_nativepools", "_locks",
-           "_connections"],
+           "_connections", "_terminal"],
     "data and wire": ["_channel", "arena", "policy", "_rundir", "_qkeys", "_qtable", "_qhost", "_threadmarks"],
     "shepherd": ["_loop", "_faultreport", "_budget", "_orphans", "_control", "_qredis", "_qkeeper",
                  "_witness", "_notify", "_registry", "_shepherd_signals", "_shepherd_restores", "_shepherd_limits",
