@@ -72,21 +72,20 @@ class _Blocks:
         self.timer: tuple[float, float] = (0.0, 0.0)
         self.since = 0.0
 
-    def program(self) -> None:
-        """Set the timer and the hard deadline for the blocks in force (one at least)."""
+    def program(self, timer: bool = True) -> None:
+        """Set the timer (unless set already) and the hard deadline for the blocks in force (one
+        at least)."""
         alarms = self.alarms
-        due = min(alarms, key=_due).due
-        _setitimer(_ITIMER_REAL, 0 if due == _NEVER else max(due - _monotonic(), 1e-6))
+        if len(alarms) == 1:
+            soonest = last = alarms[0]
+        else:
+            soonest, last = min(alarms, key=_due), min(alarms, key=_kill_at)
+        if timer:
+            due = soonest.due
+            _setitimer(_ITIMER_REAL, 0 if due == _NEVER else _timer(due - _monotonic()))
         arena = _rt.arena if _rt.chan is not None else None        # (started)
         if arena is not None:
-            last = min(alarms, key=_kill_at)
             arena.set_alarm(last.kill_at, last.record)
-
-    def take_over(self) -> None:
-        """The first block: the program's handler and timer are put aside."""
-        self.handler = _set_handler(_SIGALRM, _on_alarm)     # main thread only: raises first
-        self.since = _monotonic()
-        self.timer = _setitimer(_ITIMER_REAL, 0)
 
     def forget_in_forked_child(self) -> None:
         """A child the program forks inside blocks (``os.fork``, ``multiprocessing``) has no timer
@@ -113,6 +112,12 @@ class _Blocks:
         if left > 0:
             left = max(left - (_monotonic() - self.since), 1e-6)
             _setitimer(_ITIMER_REAL, left, interval)
+
+
+def _timer(seconds: float) -> float:
+    """A timer for ``seconds`` that ``setitimer`` takes: a deadline years away (or ``inf``) gets
+    one that fires early, and ``_on_alarm`` sets it again."""
+    return min(max(seconds, 1e-6), 1e8)
 
 
 def _due(alarm: Alarm) -> float:
@@ -189,20 +194,26 @@ class Alarm:
         try:
             _block_all_into(mask)    # inside the try: see _sigutil.unset_mask
             blocks = _blocks
-            first = not blocks.alarms
+            alarms = blocks.alarms
+            first = not alarms
             if first:
-                blocks.take_over()
+                blocks.handler = _set_handler(_SIGALRM, _on_alarm)   # main thread only: raises first
             try:
-                self.due = due = _monotonic() + self.seconds
+                now = _monotonic()
+                self.due = due = now + self.seconds
                 self.kill_at = due + self.hard_after
-                blocks.alarms.append(self)
+                if first:       # the program's timer put aside as this block's is set: one call
+                    blocks.timer = _setitimer(_ITIMER_REAL, _timer(self.seconds))
+                    blocks.since = now
+                alarms.append(self)
                 self.armed = True
-                blocks.program()
+                blocks.program(timer=not first)
             except BaseException:           # undo whatever was armed, then let the error through
                 if self.armed:
                     self._forget()              # (the last block gives the program's back)
-                elif first:
-                    blocks.give_back()
+                elif first:                     # (the timer was not changed)
+                    old, blocks.handler = blocks.handler, None
+                    _set_handler(_SIGALRM, old if old is not None else _DFL)
                 raise
         finally:
             _restore_blocked(mask)   # a signal that arrived meanwhile runs here
@@ -212,14 +223,16 @@ class Alarm:
         self.armed = False
         blocks = _blocks
         alarms = blocks.alarms
-        for i, alarm in enumerate(alarms):
-            if alarm is self:
-                del alarms[i]
-                if alarms:
-                    blocks.program()
-                else:
-                    blocks.give_back()
-                return
+        if alarms and alarms[-1] is self:       # the one armed last (nested blocks, and one alone)
+            alarms.pop()
+        elif self in alarms:                    # (identity: an Alarm has no __eq__)
+            alarms.remove(self)
+        else:
+            return
+        if alarms:
+            blocks.program()
+        else:
+            blocks.give_back()
 
     def disarm(self) -> None:
         if not self.armed:

@@ -216,7 +216,7 @@ def test_ctrl_c_during_watchdog_setup_leaves_no_armed_watchdog(tmp_path):
     if fp.chkpt_status(fp.CHKPT_RECOVERED):
         print("spurious rollback:", fp.restore_reason(), flush=True)
         sys.exit(3)
-    inject_at("self.due = due = _monotonic() + self.seconds", where="arm")
+    inject_at("now = _monotonic()", where="arm")
     try:
         with fp.watchdog(0.2):
             pass
