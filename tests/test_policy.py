@@ -390,6 +390,29 @@ def test_a_child_forked_inside_a_watchdog_block_has_none_of_its_parents_blocks(t
     assert r.stdout.splitlines() == ["child done", "child exit 0 restored 0"], r.stderr
 
 
+def test_a_watchdog_beyond_the_timers_range_is_accepted_and_leaves_nothing_armed(tmp_path):
+    """``watchdog(1e12)`` (or ``inf``: no deadline in practice) raised ``OverflowError`` from
+    ``setitimer``; it gets a timer that fires early and is set again, and a block inside it
+    still gets its own deadline."""
+    r = run_py(HEADER + """
+    fp.tsetjmp()
+    if fp.chkpt_status(fp.CHKPT_RECOVERED):
+        print("restored", fp.restore_reason(), flush=True)
+        sys.exit(0)
+    for seconds in (1e12, float("inf")):
+        with fp.watchdog(seconds):
+            pass
+        print(seconds, signal.getitimer(signal.ITIMER_REAL), int(signal.getsignal(signal.SIGALRM)), flush=True)
+    with fp.watchdog(float("inf")):
+        with fp.watchdog(0.2):
+            while True:
+                pass
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["1000000000000.0 (0.0, 0.0) 0",
+                                     "inf (0.0, 0.0) 0", "restored timeout"], r.stderr
+
+
 @pytest.mark.parametrize("kind", ["asynccontextmanager", "async_generator"])
 def test_watchdog_cuts_an_async_generator_block_that_hangs_in_an_await(tmp_path, kind):
     """A watchdog() block in an async generator (an @asynccontextmanager's, an async iterator's)
