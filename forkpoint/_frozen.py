@@ -323,6 +323,11 @@ def _real_timer(saved: Saved) -> tuple[float, float]:
     return left, interval
 
 
+# Called in a restored process, signals blocked, before program code, with the seconds since its
+# checkpoint was taken: the upper layers' state that counts wall-clock time (``watchdog._Blocks``).
+resume_hooks: list[Callable[[float], None]] = []
+
+
 def resume(rt: _Runtime, saved: Saved, wake: _channel.Wake) -> None:
     """Turn a woken spare into the live program."""
     n = wake.n
@@ -348,6 +353,8 @@ def resume(rt: _Runtime, saved: Saved, wake: _channel.Wake) -> None:
     reset = _connections.reset_used(saved.connections) if saved.connections else []
     if saved.itimer[0] > 0:
         signal.setitimer(signal.ITIMER_REAL, *_real_timer(saved))
+    for hook in resume_hooks:
+        hook(time.monotonic() - saved.taken)
     virtual, prof = saved.cpu_timers
     if virtual[0] > 0:
         signal.setitimer(signal.ITIMER_VIRTUAL, *virtual)

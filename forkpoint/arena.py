@@ -531,14 +531,27 @@ class Arena:
         self.words[_H_AL_AT] = 0
 
     def _deadline(self, at: int, to_word: int, check: int) -> tuple[float, int, bool] | None:
-        raw = int(self.words[at])
-        if raw == 0:
-            return None
-        to = int(self.words[to_word])
-        if int(self.words[check]) != _wd_check(raw, to):
-            log.error("arena: the armed watchdog's record is corrupted (a stray write?): it is ignored")
-            return None
-        return _D.unpack(_Q.pack(raw))[0], to & ~_WD_UNHANDLED, not to & _WD_UNHANDLED
+        """One deadline record, read by the shepherd while the live process may be rewriting it.
+
+        The writer clears ``at`` first and sets it last, so a record is whole whenever ``at`` is
+        set; but a read that began before a rewrite can take the old ``at`` with the new target
+        and check. Read again: a rewrite in progress shows as a change, and only a record read
+        twice the same and still not matching its check is damaged; one that changes at every
+        read is taken as none, this time. (Taken for damage, such reads logged an error now and
+        then with blocks entered and left in a loop.)"""
+        words = self.words
+        for _ in range(4):
+            raw = int(words[at])
+            if raw == 0:
+                return None
+            to, got = int(words[to_word]), int(words[check])
+            if got == _wd_check(raw, to):
+                return _D.unpack(_Q.pack(raw))[0], to & ~_WD_UNHANDLED, not to & _WD_UNHANDLED
+            if (int(words[at]), int(words[to_word]), int(words[check])) == (raw, to, got):
+                log.error("arena: the armed watchdog's record is corrupted (a stray write?): it is "
+                          "ignored")
+                return None
+        return None     # rewritten at every read: none this time, the next reading will tell
 
     # -- the process bound (written by the shepherd, read by tsetjmp and keepers) ----------------
     def set_throttle(self, on: bool) -> None:

@@ -25,12 +25,13 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from . import _eventloop, _sigutil
+from . import _eventloop, _frozen, _sigutil
 from ._runtime import runtime
 from .snapshots import current_state, tlongjmp
 
@@ -50,6 +51,8 @@ _block_all_into = _sigutil.block_all_into
 _unset_mask = _sigutil.unset_mask
 _restore_blocked = _sigutil.restore_blocked
 _rt = runtime()
+_get_ident = threading.get_ident
+_main_thread = threading.main_thread
 
 
 class _Blocks:
@@ -100,6 +103,21 @@ class _Blocks:
         old, self.handler = self.handler, None
         _set_handler(_SIGALRM, old if old is not None else _DFL)
 
+    def resumed(self, elapsed: float) -> None:
+        """In a process restored into a checkpoint taken inside blocks (``_frozen.resume_hooks``,
+        signals blocked): each block runs again from there with the time it had left at the
+        checkpoint, as its timer does (``_frozen._real_timer``), so its deadlines move on by the
+        ``elapsed`` seconds since; and their hard deadline, cleared by the shepherd at the
+        restore, is recorded again. (The deadlines of the first run made the next block that
+        started or ended set a timer long past: every retry was cut as a timeout.)"""
+        if not self.alarms:
+            return
+        for alarm in self.alarms:
+            if alarm.due != _NEVER:
+                alarm.due += elapsed
+            alarm.kill_at += elapsed
+        self.program()
+
     def give_back(self) -> None:
         """No block left: the program's handler and timer, as if no block had been."""
         if _setitimer(_ITIMER_REAL, 0)[0] == 0.0:   # it expired as the last block ended:
@@ -130,6 +148,7 @@ def _kill_at(alarm: Alarm) -> float:
 
 _blocks = _Blocks()
 os.register_at_fork(after_in_child=_blocks.forget_in_forked_child)
+_frozen.resume_hooks.append(_blocks.resumed)
 _NEVER = float("inf")       # the deadline of a block whose roll-back was refused: it came once
 _EARLY = 1e-3       # a timer set in microseconds may come this much before the monotonic deadline
 
@@ -190,6 +209,12 @@ class Alarm:
         self.due = self.kill_at = 0.0
 
     def arm(self) -> None:
+        if _get_ident() != _main_thread().ident:
+            # Only the first block installs the handler, which refuses another thread: a thread's
+            # block armed while the main thread was in one ran unguarded (the handler runs in the
+            # main thread, where its frame is not) and, ending last, could not give the
+            # program's SIGALRM handler back.
+            raise ValueError("watchdog() works in the main thread only (its SIGALRM handler runs there)")
         mask = _unset_mask(self.mask)
         try:
             _block_all_into(mask)    # inside the try: see _sigutil.unset_mask

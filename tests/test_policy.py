@@ -366,6 +366,117 @@ def test_an_inner_watchdog_with_a_later_deadline_does_not_put_off_the_outer_one(
     assert r.stdout.strip() == "restored: timeout"
 
 
+def test_a_block_restored_from_its_checkpoint_keeps_the_time_it_had_left_there(tmp_path):
+    """Invariant: restored into a checkpoint taken inside a watchdog() block, the block runs again
+    from there with the time it had left at the checkpoint (``_frozen._real_timer``), whatever
+    other blocks start or end after the restore. The blocks kept their deadlines as absolute
+    times of the first run: after retries that, together, took longer than the block's seconds,
+    the next block armed or ended set the timer to the stale deadline, which fired at once, and
+    every run of the block was cut as a timeout, a crash loop escalated to an older checkpoint."""
+    r = run_py(HEADER + """
+    fp.tsetjmp()
+    with fp.watchdog(1.0, hard_after=0.5):
+        n = fp.tsetjmp()
+        if len(fp.history()) < 3:
+            time.sleep(0.6)              # well within the block's 1 s from its checkpoint
+            fp.tlongjmp(n)               # a retry: back to the checkpoint, inside the block
+        with fp.watchdog(5):             # any other block, in the retried run
+            pass
+        time.sleep(0.2)
+    print("done", [h.reason for h in fp.history()], flush=True)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["done ['tlongjmp', 'tlongjmp', 'tlongjmp']"], r.stderr
+
+
+def test_a_block_restored_from_its_checkpoint_keeps_its_hard_deadline(tmp_path):
+    """Invariant: a watchdog() block's hard deadline holds in a process restored into a checkpoint
+    taken inside it. The shepherd clears the deadline records at a restore and nothing wrote the
+    block's again: code stuck after the restore (SIGALRM blocked, as in C) ran for ever."""
+    r = run_py(HEADER + """
+    fp.tsetjmp()
+    with fp.watchdog(0.3, hard_after=0.3):
+        n = fp.tsetjmp()
+        if not fp.history():
+            fp.tlongjmp(n)               # a retry, inside the block
+        if len(fp.history()) == 1:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})   # stuck as in C
+            while True:
+                pass
+    print("done", [h.reason for h in fp.history()], flush=True)
+    """, tmp_path, timeout=20)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["done ['tlongjmp', 'timeout (stuck in native code: killed)']"]
+
+
+def test_a_watchdog_in_another_thread_is_refused_on_entry_and_leaves_the_programs_alarm(tmp_path):
+    """Invariant: watchdog() works in the main thread only (its handler runs there) and refuses
+    any other thread on entry, whether or not the main thread is in a block; the program's own
+    SIGALRM handler is untouched. Only the first block installed the handler, which refused; a
+    thread's block entered while the main thread was in one ran unguarded and, ending after it,
+    failed (ValueError) to give the program's handler back: the program's alarm was swallowed."""
+    r = run_py(HEADER + """
+    import threading
+    fp.tsetjmp()
+    got = []
+    signal.signal(signal.SIGALRM, lambda s, f: got.append("program's alarm"))
+    out = {}
+    def worker():
+        try:
+            with fp.watchdog(5):
+                time.sleep(0.3)                  # the main thread's block ends meanwhile
+            out["worker"] = "ran"
+        except ValueError:
+            out["worker"] = "refused"
+    with fp.watchdog(5):
+        t = threading.Thread(target=worker)
+        t.start()
+        time.sleep(0.1)
+    t.join()
+    print("worker:", out["worker"], flush=True)
+    signal.setitimer(signal.ITIMER_REAL, 0.05)
+    for _ in range(500):                     # (it fires in 50 ms; long enough on a busy machine)
+        if got:
+            break
+        time.sleep(0.01)
+    print(got, flush=True)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["worker: refused", "[\"program's alarm\"]"], r.stderr
+
+
+def test_a_block_with_a_deadline_too_far_for_a_timer_never_breaks_another_blocks_end(tmp_path):
+    """Invariant: a watchdog() block is refused on entry or guards its code; its deadline never
+    breaks another block. One too far off for setitimer (1e10 s, "no deadline, really") was
+    armed while another task's earlier block was in force; that block's end then set the timer
+    to the far deadline: OverflowError out of its ``with``, and out of the SIGALRM handler when
+    the stale timer came, into the event loop, which the program died of."""
+    r = run_py(HEADER + """
+    import asyncio
+    async def quick():
+        with fp.watchdog(0.3):
+            await asyncio.sleep(0.1)
+        print("quick done", flush=True)
+    async def far():
+        await asyncio.sleep(0.05)
+        try:
+            with fp.watchdog(1e10):
+                await asyncio.sleep(0.6)         # past the quick block's deadline
+            print("far done", flush=True)
+        except OverflowError:
+            print("far refused", flush=True)
+    async def main():
+        fp.tsetjmp()
+        if fp.chkpt_status(fp.CHKPT_RECOVERED):
+            print("restored", fp.restore_reason(), flush=True)
+            return
+        await asyncio.gather(quick(), far())
+    asyncio.run(main())
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() in (["quick done", "far done"], ["far refused", "quick done"]), r.stderr
+
+
 def test_a_child_forked_inside_a_watchdog_block_has_none_of_its_parents_blocks(tmp_path):
     """Invariant: the blocks in force are the process's own. A child forked inside one (no timer
     is copied by fork) must not find its parent's deadlines among its blocks: its own first block
