@@ -52,6 +52,10 @@ from ._witness import Witness
 from .arena import DEFAULT_SIZE, MIRROR_REGION, QUARANTINE_REGION, Arena
 
 log = logging.getLogger("forkpoint")
+# Called in the live process as forkpoint starts, signals blocked, before the program goes on: the
+# upper layers' state that needs the shepherd (``watchdog._Blocks``: a block entered before the
+# start records its hard deadline).
+started_hooks: list[Callable[[], None]] = []
 
 
 @dataclass
@@ -295,6 +299,8 @@ class _Runtime:
                 if value[0] > 0:
                     signal.setitimer(which, *value)
             _locks.take(locks, parent, raise_holders=False)   # nor POSIX locks
+            for hook in started_hooks:
+                hook()
             _sigutil.restore_mask(old)
             log.debug("started: shepherd %d, live %d", parent, self.owner_pid)
             self._replay_policy()

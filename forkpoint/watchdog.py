@@ -31,8 +31,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from . import _eventloop, _frozen, _sigutil
-from ._runtime import runtime
+from . import _eventloop, _frozen, _runtime, _sigutil
 from .snapshots import current_state, tlongjmp
 
 log = logging.getLogger("forkpoint")
@@ -50,7 +49,7 @@ _monotonic = time.monotonic
 _block_all_into = _sigutil.block_all_into
 _unset_mask = _sigutil.unset_mask
 _restore_blocked = _sigutil.restore_blocked
-_rt = runtime()
+_rt = _runtime.runtime()
 _get_ident = threading.get_ident
 _main_thread = threading.main_thread
 
@@ -118,6 +117,12 @@ class _Blocks:
             alarm.kill_at += elapsed
         self.program()
 
+    def started(self) -> None:
+        """forkpoint has just started (``_runtime.started_hooks``): the hard deadline of blocks
+        entered before, which had no shepherd to record it for."""
+        if self.alarms:
+            self.program(timer=False)
+
     def give_back(self) -> None:
         """No block left: the program's handler and timer, as if no block had been."""
         if _setitimer(_ITIMER_REAL, 0)[0] == 0.0:   # it expired as the last block ended:
@@ -149,6 +154,7 @@ def _kill_at(alarm: Alarm) -> float:
 _blocks = _Blocks()
 os.register_at_fork(after_in_child=_blocks.forget_in_forked_child)
 _frozen.resume_hooks.append(_blocks.resumed)
+_runtime.started_hooks.append(_blocks.started)
 _NEVER = float("inf")       # the deadline of a block whose roll-back was refused: it came once
 _EARLY = 1e-3       # a timer set in microseconds may come this much before the monotonic deadline
 

@@ -477,6 +477,24 @@ def test_a_block_with_a_deadline_too_far_for_a_timer_never_breaks_another_blocks
     assert r.stdout.splitlines() in (["quick done", "far done"], ["far refused", "quick done"]), r.stderr
 
 
+def test_a_block_entered_before_forkpoint_starts_keeps_its_hard_deadline(tmp_path):
+    """Invariant: a watchdog() block's hard deadline holds from the moment forkpoint runs, also
+    for a block entered before its start (the first ``tsetjmp()`` inside it): with no shepherd
+    then, nothing recorded it later, and code stuck in the block (SIGALRM blocked, as in C) ran
+    for ever."""
+    r = run_py(HEADER + """
+    with fp.watchdog(0.3, hard_after=0.3):
+        fp.tsetjmp()                         # forkpoint starts here, inside the block
+        if not fp.chkpt_status(fp.CHKPT_RECOVERED):
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+            while True:
+                pass
+    print("restored:", fp.restore_reason(), flush=True)
+    """, tmp_path, timeout=20)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["restored: timeout (stuck in native code: killed)"]
+
+
 def test_a_child_forked_inside_a_watchdog_block_has_none_of_its_parents_blocks(tmp_path):
     """Invariant: the blocks in force are the process's own. A child forked inside one (no timer
     is copied by fork) must not find its parent's deadlines among its blocks: its own first block
