@@ -53,6 +53,8 @@ _rt = _runtime.runtime()
 _get_ident = threading.get_ident
 _main_thread = threading.main_thread
 
+_NEVER = float("inf")       # the deadline of a block whose roll-back was refused: it came once
+
 
 class _Blocks:
     """The ``watchdog()`` blocks in force in this process, and the program's own alarm behind them.
@@ -66,13 +68,16 @@ class _Blocks:
     the time spent deducted. Changed only with every signal blocked.
     """
 
-    __slots__ = ("alarms", "handler", "timer", "since")
+    __slots__ = ("alarms", "handler", "timer", "since", "own_due")
 
     def __init__(self) -> None:
         self.alarms: list[Alarm] = []      # armed, in the order they were armed
         self.handler: Any = None
         self.timer: tuple[float, float] = (0.0, 0.0)
         self.since = 0.0
+        # When the program's own timer falls due, if its handler is a Python function: it is
+        # then called on time, among the blocks' deadlines (a job runner's SIGALRM timeout).
+        self.own_due = _NEVER
 
     def program(self, timer: bool = True) -> None:
         """Set the timer (unless set already) and the hard deadline for the blocks in force (one
@@ -83,7 +88,7 @@ class _Blocks:
         else:
             soonest, last = min(alarms, key=_due), min(alarms, key=_kill_at)
         if timer:
-            due = soonest.due
+            due = min(soonest.due, self.own_due)
             _setitimer(_ITIMER_REAL, 0 if due == _NEVER else _timer(due - _monotonic()))
         arena = _rt.arena if _rt.chan is not None else None        # (started)
         if arena is not None:
@@ -99,6 +104,7 @@ class _Blocks:
         for alarm in self.alarms:
             alarm.armed = False         # the child's way out of their blocks does nothing
         self.alarms.clear()
+        self.own_due = _NEVER
         old, self.handler = self.handler, None
         _set_handler(_SIGALRM, old if old is not None else _DFL)
 
@@ -122,6 +128,26 @@ class _Blocks:
         entered before, which had no shepherd to record it for."""
         if self.alarms:
             self.program(timer=False)
+
+    def own_alarm(self, signum: int, frame: Any) -> None:
+        """The program's own timer has come while blocks are in force (``_on_alarm``): its
+        handler runs now, as without them (it used to wait for the last block's end). A
+        periodic timer is due again an interval later."""
+        mask = _unset_mask(_reprogram_mask)
+        try:
+            _block_all_into(mask)
+            handler = self.handler
+            interval = self.timer[1]
+            if interval > 0:
+                self.own_due += interval * max(1, int((_monotonic() - self.own_due) // interval) + 1)
+                self.timer, self.since = (interval, interval), self.own_due - interval
+            else:
+                self.timer, self.own_due = (0.0, 0.0), _NEVER
+            if self.alarms:
+                self.program()
+        finally:
+            _restore_blocked(mask)
+        handler(signum, frame)
 
     def give_back(self) -> None:
         """No block left: the program's handler and timer, as if no block had been."""
@@ -155,16 +181,20 @@ _blocks = _Blocks()
 os.register_at_fork(after_in_child=_blocks.forget_in_forked_child)
 _frozen.resume_hooks.append(_blocks.resumed)
 _runtime.started_hooks.append(_blocks.started)
-_NEVER = float("inf")       # the deadline of a block whose roll-back was refused: it came once
 _EARLY = 1e-3       # a timer set in microseconds may come this much before the monotonic deadline
 
 
 def _on_alarm(signum: int, frame: Any) -> None:
     """SIGALRM while blocks are in force: the one past its deadline rolls back (see ``Alarm``)."""
-    alarms = _blocks.alarms
+    blocks = _blocks
+    alarms = blocks.alarms
     while alarms:
         soonest = min(alarms, key=_due)
-        if soonest.due > _monotonic() + _EARLY:   # the timer was for a block that has ended
+        now = _monotonic()
+        if blocks.own_due <= min(soonest.due, now + _EARLY):
+            blocks.own_alarm(signum, frame)     # the program's own timer, on time
+            return
+        if soonest.due > now + _EARLY:          # the timer was for a block that has ended
             _reprogram()
             return
         soonest.expired(frame)                  # rolls back, or forgets a block that is gone
@@ -234,11 +264,12 @@ class Alarm:
                 self.due = due = now + self.seconds
                 self.kill_at = due + self.hard_after
                 if first:       # the program's timer put aside as this block's is set: one call
-                    blocks.timer = _setitimer(_ITIMER_REAL, _timer(self.seconds))
+                    blocks.timer = left, _ = _setitimer(_ITIMER_REAL, _timer(self.seconds))
                     blocks.since = now
+                    blocks.own_due = now + left if left > 0 and callable(blocks.handler) else _NEVER
                 alarms.append(self)
                 self.armed = True
-                blocks.program(timer=not first)
+                blocks.program(timer=not first or blocks.own_due < due)
             except BaseException:           # undo whatever was armed, then let the error through
                 if self.armed:
                     self._forget()              # (the last block gives the program's back)

@@ -495,6 +495,36 @@ def test_a_block_entered_before_forkpoint_starts_keeps_its_hard_deadline(tmp_pat
     assert r.stdout.splitlines() == ["restored: timeout (stuck in native code: killed)"]
 
 
+@pytest.mark.parametrize("periodic", [False, True])
+def test_the_programs_own_alarm_comes_on_time_inside_a_watchdog_block(tmp_path, periodic):
+    """Invariant: a program's own SIGALRM timer (a job runner's timeout: RQ's is ``alarm()`` and a
+    handler that raises) fires when it falls due, also inside a watchdog() block with a later
+    deadline, as it does without the block. The block put it aside until its end: a job stuck in
+    a block of 60 s outlived its 0.3 s timeout by the whole block."""
+    r = run_py(HEADER + f"""
+    periodic = {periodic!r}
+    class JobTimeout(Exception):
+        pass
+    fired = []
+    def on_alarm(signum, frame):
+        fired.append(1)
+        if not periodic or len(fired) == 3:
+            raise JobTimeout()
+    fp.tsetjmp()
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, 0.3, 0.1 if periodic else 0)
+    try:
+        with fp.watchdog(60):
+            time.sleep(30)                   # (the test gives up after 20 s)
+    except JobTimeout:
+        print("job timed out", len(fired), flush=True)
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    print("handler kept", signal.getsignal(signal.SIGALRM) is on_alarm, "restores", len(fp.history()))
+    """, tmp_path, timeout=20)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [f"job timed out {3 if periodic else 1}", "handler kept True restores 0"]
+
+
 def test_a_child_forked_inside_a_watchdog_block_has_none_of_its_parents_blocks(tmp_path):
     """Invariant: the blocks in force are the process's own. A child forked inside one (no timer
     is copied by fork) must not find its parent's deadlines among its blocks: its own first block
