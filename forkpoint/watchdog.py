@@ -43,6 +43,8 @@ _SIGALRM = int(signal.SIGALRM)
 _ALRM_ONLY = (_SIGALRM,)
 _DFL = signal.SIG_DFL
 _setitimer = _signal.setitimer
+_getitimer = _signal.getitimer
+_getsignal = _signal.getsignal
 _set_handler = _signal.signal          # the C function: no enum conversion
 _sigtimedwait = _signal.sigtimedwait
 _monotonic = time.monotonic
@@ -54,6 +56,10 @@ _get_ident = threading.get_ident
 _main_thread = threading.main_thread
 
 _NEVER = float("inf")       # the deadline of a block whose roll-back was refused: it came once
+# The interval of every timer the blocks set (never reached: ``_on_alarm`` sets the next one), so
+# that one the program sets inside a block, or its handler does, is told apart (``_Blocks.adopt``).
+# Above ``_timer``'s longest: once it came, the timer's time left is above that.
+_MARK = 3e8
 
 
 class _Blocks:
@@ -65,7 +71,11 @@ class _Blocks:
     the process's one ITIMER_REAL is set to the earliest deadline of the blocks in force, and the
     arena's alarm record, the shepherd's last resort, to their earliest hard deadline. The first
     block takes the program's own SIGALRM handler and timer over, and the last gives them back,
-    the time spent deducted. Changed only with every signal blocked.
+    the time spent deducted. Meanwhile the program's timer is one more deadline (its handler, a
+    Python function, is called on time), and a handler or timer the program sets inside the
+    blocks, its handler's next ``alarm()`` included, becomes its own (``adopt``: the blocks'
+    timers carry the interval ``_MARK``) and outlives them. Changed only with every signal
+    blocked.
     """
 
     __slots__ = ("alarms", "handler", "timer", "since", "own_due")
@@ -88,8 +98,9 @@ class _Blocks:
         else:
             soonest, last = min(alarms, key=_due), min(alarms, key=_kill_at)
         if timer:
+            self.adopt(came=False)
             due = min(soonest.due, self.own_due)
-            _setitimer(_ITIMER_REAL, 0 if due == _NEVER else _timer(due - _monotonic()))
+            _setitimer(_ITIMER_REAL, _timer(due - _monotonic()), _MARK)
         arena = _rt.arena if _rt.chan is not None else None        # (started)
         if arena is not None:
             arena.set_alarm(last.kill_at, last.record)
@@ -129,6 +140,22 @@ class _Blocks:
         if self.alarms:
             self.program(timer=False)
 
+    def adopt(self, came: bool) -> None:
+        """The timer or handler of SIGALRM the program (its handler, called by ``own_alarm``, or
+        code inside a block) set while blocks are in force becomes its own, put aside like the
+        one it had at the first block (signals blocked). ``came``: a SIGALRM has come."""
+        left, interval = _getitimer(_ITIMER_REAL)
+        if interval != _MARK:           # not the blocks' timer: the program's (0: cancelled)
+            now = _monotonic()
+            self.timer, self.since = (left, interval), now
+            self.own_due = now if came else now + left if left > 0 else _NEVER
+        handler = _getsignal(_SIGALRM)
+        if handler is not _on_alarm:
+            self.handler = handler
+            _set_handler(_SIGALRM, _on_alarm)
+        if not callable(self.handler):
+            self.own_due = _NEVER
+
     def own_alarm(self, signum: int, frame: Any) -> None:
         """The program's own timer has come while blocks are in force (``_on_alarm``): its
         handler runs now, as without them (it used to wait for the last block's end). A
@@ -147,16 +174,26 @@ class _Blocks:
                 self.program()
         finally:
             _restore_blocked(mask)
-        handler(signum, frame)
+        try:
+            handler(signum, frame)
+        finally:
+            _reprogram()        # what the handler set (a next alarm()) is the program's
 
     def give_back(self) -> None:
         """No block left: the program's handler and timer, as if no block had been."""
-        if _setitimer(_ITIMER_REAL, 0)[0] == 0.0:   # it expired as the last block ended:
-            _sigtimedwait(_ALRM_ONLY, 0)               # that block did end, drop its signal
+        left, interval = _setitimer(_ITIMER_REAL, 0)
+        ours = interval == _MARK
+        if ours and left > _MARK / 2:           # it expired as the last block ended:
+            _sigtimedwait(_ALRM_ONLY, 0)        # that block did end, drop its signal
         if _rt.arena is not None:
             _rt.arena.set_alarm(None)
         old, self.handler = self.handler, None
-        _set_handler(_SIGALRM, old if old is not None else _DFL)
+        if _getsignal(_SIGALRM) is _on_alarm:   # (else the program set its own inside: it stays)
+            _set_handler(_SIGALRM, old if old is not None else _DFL)
+        if not ours:            # the program set its timer inside the block: it stays as it is
+            if left > 0:
+                _setitimer(_ITIMER_REAL, left, interval)
+            return
         left, interval = self.timer
         if left > 0:
             left = max(left - (_monotonic() - self.since), 1e-6)
@@ -188,6 +225,13 @@ def _on_alarm(signum: int, frame: Any) -> None:
     """SIGALRM while blocks are in force: the one past its deadline rolls back (see ``Alarm``)."""
     blocks = _blocks
     alarms = blocks.alarms
+    if alarms:          # a timer the program set inside the blocks, come now, is its own
+        mask = _unset_mask(_reprogram_mask)
+        try:
+            _block_all_into(mask)
+            blocks.adopt(came=True)
+        finally:
+            _restore_blocked(mask)
     while alarms:
         soonest = min(alarms, key=_due)
         now = _monotonic()
@@ -264,7 +308,7 @@ class Alarm:
                 self.due = due = now + self.seconds
                 self.kill_at = due + self.hard_after
                 if first:       # the program's timer put aside as this block's is set: one call
-                    blocks.timer = left, _ = _setitimer(_ITIMER_REAL, _timer(self.seconds))
+                    blocks.timer = left, _ = _setitimer(_ITIMER_REAL, _timer(self.seconds), _MARK)
                     blocks.since = now
                     blocks.own_due = now + left if left > 0 and callable(blocks.handler) else _NEVER
                 alarms.append(self)
