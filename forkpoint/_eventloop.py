@@ -40,6 +40,7 @@ def running_loop() -> Any:
 
 
 _CO_ASYNC_GENERATOR = 0x200     # inspect.CO_ASYNC_GENERATOR
+_CO_GENERATOR = 0x20            # inspect.CO_GENERATOR
 
 
 def suspended_in_task(frame: Any) -> bool:
@@ -64,6 +65,18 @@ def suspended_in_task(frame: Any) -> bool:
             if getattr(ref, "ag_frame", None) is frame:
                 return True     # not on the stack: suspended (ag_running is True when awaited)
     return False
+
+
+def suspended_generator(frame: Any) -> bool:
+    """Whether ``frame`` is a live generator's, suspended at a ``yield`` (a ``watchdog()`` block in
+    an ``@contextmanager``'s generator, or in one that a loop iterates: the code it guards runs in
+    the caller, and the generator's frame is on no stack when the alarm comes). A generator left
+    suspended by an interrupt on entry is not live: the ``with`` it was entered by drops it, and
+    its close runs the block's exit. Only at an expiry (one heap scan)."""
+    if not frame.f_code.co_flags & _CO_GENERATOR:
+        return False
+    import gc  # noqa: PLC0415
+    return any(getattr(ref, "gi_frame", None) is frame for ref in gc.get_referrers(frame))
 
 
 def rejoin(loop: Any, *, moved_heap: bool, drop: int = 0) -> None:

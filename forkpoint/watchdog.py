@@ -368,8 +368,10 @@ class Alarm:
             f = frame
             while f is not None and f is not owner:
                 f = f.f_back
-            # A coroutine's block that awaits is not on the stack: the loop runs the handler.
-            if f is None and not _eventloop.suspended_in_task(owner):
+            # A coroutine's block that awaits is not on the stack: the loop runs the handler; nor
+            # is a block in a generator suspended at its yield (an @contextmanager's).
+            if f is None and not _eventloop.suspended_in_task(owner) and \
+                    not _eventloop.suspended_generator(owner):
                 log.warning("watchdog: a timer outlived its block (interrupted on entry); ignored")
                 self.disarm()
                 return

@@ -572,6 +572,40 @@ def test_a_watchdog_beyond_the_timers_range_is_accepted_and_leaves_nothing_armed
                                      "inf (0.0, 0.0) 0", "restored timeout"], r.stderr
 
 
+@pytest.mark.parametrize("kind", ["contextmanager", "generator"])
+def test_watchdog_cuts_the_code_a_generator_block_guards(tmp_path, kind):
+    """A watchdog() block in a generator (an @contextmanager's, or one a loop iterates) guards code
+    that runs in the caller while the generator is suspended at its yield, on no stack: its
+    expiry was taken for a block interrupted on entry and ignored, hard deadline included, and
+    the loop ran for ever."""
+    r = run_py(HEADER + f"""
+    import contextlib
+    kind = {kind!r}
+    @contextlib.contextmanager
+    def guarded():
+        with fp.watchdog(0.2):
+            yield
+    def items():
+        with fp.watchdog(0.2):
+            yield 1
+    fp.tsetjmp()
+    if fp.history():
+        print("restored", fp.history()[0].reason, flush=True)
+        sys.exit(0)
+    if kind == "contextmanager":
+        with guarded():
+            while True:
+                pass
+    else:
+        for _ in items():
+            while True:
+                pass
+    """, tmp_path, timeout=20)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["restored timeout"], r.stderr
+    assert "outlived its block" not in r.stderr
+
+
 @pytest.mark.parametrize("kind", ["asynccontextmanager", "async_generator"])
 def test_watchdog_cuts_an_async_generator_block_that_hangs_in_an_await(tmp_path, kind):
     """A watchdog() block in an async generator (an @asynccontextmanager's, an async iterator's)

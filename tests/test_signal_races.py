@@ -329,6 +329,34 @@ def test_a_watchdog_whose_block_never_exited_does_not_roll_back_later_code(tmp_p
     assert r.stdout.strip() == "still here"
 
 
+def test_a_contextmanager_watchdog_whose_with_never_exited_does_not_roll_back_later_code(tmp_path):
+    """The same for a watchdog() block in an @contextmanager's generator, which is rolled back
+    while the generator is suspended inside it (the guarded code runs in the caller): a with
+    statement interrupted right after ``__enter__`` drops the generator, whose close ends the
+    block, so its deadline must not roll back code that has moved on."""
+    r = run_py(HEADER + """
+    import contextlib
+    @contextlib.contextmanager
+    def guarded():
+        with fp.watchdog(0.1, hard_after=0.2):
+            yield
+    n = fp.tsetjmp()
+    if fp.chkpt_status(fp.CHKPT_RECOVERED):
+        print("spurious rollback:", fp.restore_reason(), flush=True)
+        sys.exit(3)
+    def entered_but_never_exited():
+        cm = guarded()
+        cm.__enter__()
+    entered_but_never_exited()
+    t = time.time()
+    while time.time() - t < 0.8:                 # past the deadline and the hard kill
+        pass
+    print("still here", flush=True)
+    """, tmp_path)
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr[-2000:])
+    assert r.stdout.strip() == "still here"
+
+
 @pytest.mark.parametrize("line, how", [
     ("_sigutil.block_all_into(old)", "reported"),      # pending when the caller reads its own mask
     ("rt.request(msg, blocked=True)", "late"),          # after it read its mask, before the kill
