@@ -306,36 +306,16 @@ def test_checkpoints_never_lists_a_keeper_without_pid(tmp_path):
     assert r.stdout.strip() == "without pid: []"
 
 
-def test_a_watchdog_whose_block_never_exited_does_not_roll_back_later_code(tmp_path):
+@pytest.mark.parametrize("kind", ["plain", "contextmanager"])
+def test_a_watchdog_whose_block_never_exited_does_not_roll_back_later_code(tmp_path, kind):
     """CPython can skip __exit__ when an interrupt lands right after __enter__ (bpo-29988). The
-    timer of such a watchdog must not roll back code that has moved on, nor kill it later."""
-    r = run_py(HEADER + """
-    n = fp.tsetjmp()
-    if fp.chkpt_status(fp.CHKPT_RECOVERED):
-        print("spurious rollback:", fp.restore_reason(), flush=True)
-        sys.exit(3)
-    kept = []                                     # (as a traceback keeps the frame's objects alive)
-    def entered_but_never_exited():
-        cm = fp.watchdog(0.1, hard_after=0.2)
-        cm.__enter__()
-        kept.append(cm)
-    entered_but_never_exited()
-    t = time.time()
-    while time.time() - t < 0.8:                 # past the deadline and the hard kill
-        pass
-    print("still here", flush=True)
-    """, tmp_path)
-    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr[-2000:])
-    assert r.stdout.strip() == "still here"
-
-
-def test_a_contextmanager_watchdog_whose_with_never_exited_does_not_roll_back_later_code(tmp_path):
-    """The same for a watchdog() block in an @contextmanager's generator, which is rolled back
-    while the generator is suspended inside it (the guarded code runs in the caller): a with
-    statement interrupted right after ``__enter__`` drops the generator, whose close ends the
-    block, so its deadline must not roll back code that has moved on."""
-    r = run_py(HEADER + """
+    timer of such a watchdog must not roll back code that has moved on, nor kill it later. The
+    same for a block in an @contextmanager's generator, which is rolled back while the generator
+    is suspended inside it (the guarded code runs in the caller): a with statement interrupted
+    right after ``__enter__`` drops the generator, whose close ends the block."""
+    r = run_py(HEADER + f"""
     import contextlib
+    kind = {kind!r}
     @contextlib.contextmanager
     def guarded():
         with fp.watchdog(0.1, hard_after=0.2):
@@ -344,9 +324,15 @@ def test_a_contextmanager_watchdog_whose_with_never_exited_does_not_roll_back_la
     if fp.chkpt_status(fp.CHKPT_RECOVERED):
         print("spurious rollback:", fp.restore_reason(), flush=True)
         sys.exit(3)
+    kept = []                                     # (as a traceback keeps the frame's objects alive)
     def entered_but_never_exited():
-        cm = guarded()
-        cm.__enter__()
+        if kind == "plain":
+            cm = fp.watchdog(0.1, hard_after=0.2)
+            cm.__enter__()
+            kept.append(cm)
+        else:
+            cm = guarded()
+            cm.__enter__()                        # dropped here, as the with drops it
     entered_but_never_exited()
     t = time.time()
     while time.time() - t < 0.8:                 # past the deadline and the hard kill
