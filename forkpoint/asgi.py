@@ -20,6 +20,10 @@ checkpoint: the worker serves on warm, under the same PID.
   A key that failed ``quarantine_after`` times is answered 503 without running the application.
   Work a request hands to a thread (a plain ``def`` endpoint, ``asyncio.to_thread``) is marked with
   the request in that thread, so that a crash there blames it and no other (``_threadmarks``).
+* So are the tasks a request's code creates (Starlette's ``BaseHTTPMiddleware``, and so FastAPI's
+  ``@app.middleware("http")``, runs the application in one; Django's ``ASGIHandler`` runs the whole
+  request in one): each of their steps is marked with the request and has its deadline
+  (``_mark_tasks``).
 * A request that merely waits longer than ``timeout`` (the loop is fine) is cancelled and answered
   500 without a restore and without blame.
 
@@ -35,6 +39,8 @@ import inspect
 import logging
 import os
 from collections.abc import Awaitable, Callable, Generator, MutableMapping
+from contextvars import ContextVar
+from types import CoroutineType as _CoroutineType
 from typing import Any
 
 from . import _asgiloop, _fdholder, _threadmarks, snapshots
@@ -218,6 +224,8 @@ class _Protected(WorkerCheckpoint):
             # Work a request hands to a thread (a plain def endpoint) is marked with the request
             # there, so that a crash in it blames that request and no other (_threadmarks).
             _threadmarks.install(self.loop, runtime().arena_or_create())
+            # So is a task that a request's step creates: its steps are the request's.
+            _mark_tasks(self.loop, self)
         n = self.take_checkpoint()
         if restored_into(n):
             answered, closed = self.rescue.rescue()
@@ -278,7 +286,9 @@ class _Protected(WorkerCheckpoint):
         # first one too, without a lifespan startup), and a slot left marked in flight would be
         # answered by a restore long after this request was.
         self.inflight += 1
+        request = None
         try:
+            request = _REQUEST.set(True)    # (its tasks inherit it: _mark_tasks)
             if rescue is not None and not http:
                 self._upgraded(send, rescue)
             elif rescue is not None:
@@ -351,6 +361,8 @@ class _Protected(WorkerCheckpoint):
             except BaseException:       # cut short by a handler that raised (Ctrl-C): once more
                 self._ended(task, expiry, conn, w, words)
                 raise
+            if request is not None:     # (left set if cut short: the request's task ends here)
+                _REQUEST.reset(request)
             if self.n and not self.inflight and not self.watching and self.refresh.every is not None \
                     and self.refresh.due():
                 self._watch()
@@ -496,6 +508,40 @@ class _Expiry:
             task.cancel()
 
 
+_REQUEST: ContextVar[bool] = ContextVar("forkpoint.asgi.request", default=False)
+
+
+def _mark_tasks(loop: asyncio.AbstractEventLoop, owner: _Protected) -> None:
+    """Drive each task that a request's code creates with ``_Steps`` too, marked with that request.
+
+    Middleware and frameworks run a request's application in tasks of their own: Starlette's
+    ``BaseHTTPMiddleware`` (FastAPI's ``@app.middleware("http")``) in an AnyIO task, Django's
+    ``ASGIHandler`` the whole request. Unmarked, a crash there blamed nobody: the same request
+    failed 500 again and again, never 503, until the recovery budget ran out and the worker died;
+    and a step stuck in such a task had no deadline. A task that a request's code makes (its
+    task's context says so: ``_REQUEST``, which tasks inherit) while a step is marked is wrapped
+    with that step's record (the request's, or an input's nested in it); any other (the server's
+    own task per request, or one made under a mark around the whole loop) is left alone. Chains a
+    task factory the loop already has; a factory the application sets later replaces this one
+    (its tasks are then unmarked, as before). Costs a context lookup per task created, and an
+    arena read per task a request makes.
+    """
+    previous = loop.get_task_factory()
+    if getattr(previous, "_forkpoint_marks", False):
+        return
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+        record = owner.arena.processing_now() if owner.n and _REQUEST.get() else None
+        if record is not None and type(coro) is _CoroutineType:
+            coro = _Steps(coro, record, owner)
+        if previous is not None:
+            return previous(loop, coro, **kwargs)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    factory._forkpoint_marks = True  # type: ignore[attr-defined]
+    loop.set_task_factory(factory)
+
+
 class _Steps:
     """Drive a request's coroutine one step at a time, marking the request as the one running.
 
@@ -519,6 +565,16 @@ class _Steps:
 
     def __await__(self) -> Generator[Any, Any, Any]:
         return self  # type: ignore[return-value]
+
+    def __getattr__(self, name: str) -> Any:
+        # Seen from outside, the coroutine driven: a task's coroutine is looked into by AnyIO,
+        # whose cancel scopes ask inspect.getcoroutinestate() (cr_running, cr_frame, cr_suspended)
+        # of every task they cancel (a POST through BaseHTTPMiddleware hung without this), by
+        # asyncio's stack and repr (cr_frame, cr_code, __qualname__), and by a watchdog() whose
+        # block is suspended at an await (the chain of cr_await, which this continues).
+        if name == "coro":      # (not yet set)
+            raise AttributeError(name)
+        return getattr(self.coro, name)
 
     def __iter__(self) -> _Steps:
         return self
