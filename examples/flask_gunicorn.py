@@ -29,6 +29,9 @@ from flask import Flask, jsonify, request
 import forkpoint.wsgi
 
 shop = Flask(__name__)
+# Flask answers a view's exception with a 500 of its own, and the transaction would commit what the
+# view changed before it raised: let exceptions escape, so that forkpoint undoes them too.
+shop.config["PROPAGATE_EXCEPTIONS"] = True
 stock = {"apples": 10, "pears": 4}       # the worker's in-memory state
 
 

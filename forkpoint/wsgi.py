@@ -6,7 +6,9 @@ first time it serves, so gunicorn still sees its worker under the same PID.
 
 * ``mode="transaction"``: every request is a checkpointed transaction (as ``@checkpointed``). A
   segfault or abort in the application, a hang past ``timeout``, or an exception that escapes it
-  undoes every change the request made; the client gets a 500. The response is produced inside the
+  undoes every change the request made; the client gets a 500. (Flask and Django answer a view's
+  exception with a 500 of their own unless told to let it escape: the first request logs a
+  warning that says how.) The response is produced inside the
   transaction and buffered (a ``wsgi.file_wrapper`` response is passed through), so a request
   that fails never sends half a response. Costs a fork per request.
 * ``mode="restart"``: one checkpoint, taken when the worker first serves (before the first
@@ -113,6 +115,36 @@ def _refusal() -> str | None:
             "(its sync worker, one request at a time per worker) and with more --workers instead.")
 
 
+def _caught_by_framework(app: Any) -> str | None:
+    """Why an exception in ``app``'s views never reaches a transaction, if its framework answers it
+    with a 500 of its own (None: it escapes, or the framework is not known here).
+
+    Flask (``PROPAGATE_EXCEPTIONS`` unset, outside debug and testing) and Django (unless
+    ``DEBUG_PROPAGATE_EXCEPTIONS``) catch a view's exception and answer 500 themselves: the
+    transaction then commits what the view changed before it raised (a dict corrupted halfway
+    stayed so, under gunicorn, for both). Only the framework's own application object is
+    recognised, not one wrapped in middleware; neither framework is imported here."""
+    import sys
+
+    flask: Any = sys.modules.get("flask")
+    if flask is not None and isinstance(app, getattr(flask, "Flask", ())):
+        flask_app: Any = app
+        propagate = flask_app.config.get("PROPAGATE_EXCEPTIONS")
+        if not (propagate if propagate is not None else flask_app.testing or flask_app.debug):
+            return ("Flask answers an exception in a view with a 500 of its own, so the request's "
+                    "changes are kept; set app.config['PROPAGATE_EXCEPTIONS'] = True for "
+                    "forkpoint to undo them (crashes and timeouts are undone either way)")
+        return None
+    handlers: Any = sys.modules.get("django.core.handlers.wsgi")
+    if handlers is not None and isinstance(app, getattr(handlers, "WSGIHandler", ())):
+        from django.conf import settings  # (loaded: the application is Django's)
+        if not getattr(settings, "DEBUG_PROPAGATE_EXCEPTIONS", False):
+            return ("Django answers an exception in a view with a 500 of its own, so the request's "
+                    "changes are kept; set DEBUG_PROPAGATE_EXCEPTIONS = True in the settings for "
+                    "forkpoint to undo them (crashes and timeouts are undone either way)")
+    return None
+
+
 def _file_wrapper(environ: dict[str, Any]) -> tuple[type, ...]:
     """The server's ``wsgi.file_wrapper`` class, as an isinstance() argument (empty if none)."""
     wrapper = environ.get("wsgi.file_wrapper")
@@ -174,6 +206,9 @@ class _Transaction(_Base):
         if not self.frozen:
             self.check_thread()
             self.frozen = True
+            why = _caught_by_framework(self.app)
+            if why is not None:
+                log.warning("forkpoint.wsgi.protect (transaction mode): %s", why)
             _freeze()
         try:
             status, headers, exc_info, body = self._call(environ, k)

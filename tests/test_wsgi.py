@@ -53,6 +53,14 @@ FLASK_APP = """
         state["served"] += 1000            # a change the failed request must not leave behind
         ctypes.string_at(0)
 
+    @flask_app.route("/raise")
+    def raising():
+        state["served"] += 1000            # a change, then an exception Flask answers itself
+        raise RuntimeError("corrupted, then raised")
+
+    if os.environ.get("PROPAGATE"):
+        flask_app.config["PROPAGATE_EXCEPTIONS"] = True
+
     @flask_app.route("/slow-crash")
     def slow_crash():                      # time for the test to do something while it is in flight
         state["served"] += 1000
@@ -194,6 +202,29 @@ def test_a_crash_costs_one_request_not_the_worker(tmp_path, mode):
     finally:
         assert stop_server(proc) == 0, server_log(tmp_path)
     assert _forkpoint_processes(proc.pid) == []
+
+
+@pytest.mark.parametrize("propagate", ["", "1"], ids=["flask-default", "propagate"])
+def test_a_views_exception_is_undone_only_if_flask_lets_it_escape_and_the_log_says_so(tmp_path, propagate):
+    """Flask answers a view's exception with a 500 of its own unless ``PROPAGATE_EXCEPTIONS``:
+    transaction mode never sees it and commits the view's changes, as Flask keeps them without
+    forkpoint. The first request logs a warning that says how to let it escape; with the setting
+    the change is undone."""
+    proc, port = _gunicorn(tmp_path, "-w", "1", MODE="transaction", PROPAGATE=propagate)
+    try:
+        assert _get(port)[1]["served"] == 1
+        status, body = _get(port, "/raise")
+        assert status == 500, (status, body)
+        log = server_log(tmp_path)
+        if propagate:
+            assert "rolled back" in body, body
+            assert _get(port)[1]["served"] == 2                 # undone
+            assert "PROPAGATE_EXCEPTIONS" not in log, log
+        else:
+            assert _get(port)[1]["served"] == 1002              # kept, as Flask keeps it
+            assert log.count("app.config['PROPAGATE_EXCEPTIONS'] = True") == 1, log
+    finally:
+        assert stop_server(proc) == 0, server_log(tmp_path)
 
 
 def _lock_free(path: Path) -> bool:
