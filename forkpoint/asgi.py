@@ -286,9 +286,10 @@ class _Protected(WorkerCheckpoint):
         # first one too, without a lifespan startup), and a slot left marked in flight would be
         # answered by a restore long after this request was.
         self.inflight += 1
+        live = [True]       # the request in flight, for the tasks its code makes (_mark_tasks)
         request = None
         try:
-            request = _REQUEST.set(True)    # (its tasks inherit it: _mark_tasks)
+            request = _REQUEST.set(live)    # (its tasks inherit it: _mark_tasks)
             if rescue is not None and not http:
                 self._upgraded(send, rescue)
             elif rescue is not None:
@@ -356,6 +357,7 @@ class _Protected(WorkerCheckpoint):
                 await _respond(send, FAILED)
         finally:
             self.inflight -= 1          # first, and with no call before it: nothing cuts it short
+            live[0] = False             # (no call either) its tasks' later steps are nobody's
             try:
                 self._ended(task, expiry, conn, w, words)
             except BaseException:       # cut short by a handler that raised (Ctrl-C): once more
@@ -508,7 +510,9 @@ class _Expiry:
             task.cancel()
 
 
-_REQUEST: ContextVar[bool] = ContextVar("forkpoint.asgi.request", default=False)
+# The request whose code runs, as a cell that says whether it is still in flight: a task it made
+# may outlive it (fire-and-forget work, a shared worker task a first request starts lazily).
+_REQUEST: ContextVar[list[bool] | None] = ContextVar("forkpoint.asgi.request", default=None)
 
 
 def _mark_tasks(loop: asyncio.AbstractEventLoop, owner: _Protected) -> None:
@@ -520,26 +524,31 @@ def _mark_tasks(loop: asyncio.AbstractEventLoop, owner: _Protected) -> None:
     failed 500 again and again, never 503, until the recovery budget ran out and the worker died;
     and a step stuck in such a task had no deadline. A task that a request's code makes (its
     task's context says so: ``_REQUEST``, which tasks inherit) while a step is marked is wrapped
-    with that step's record (the request's, or an input's nested in it); any other (the server's
-    own task per request, or one made under a mark around the whole loop) is left alone. Chains a
-    task factory the loop already has; a factory the application sets later replaces this one
-    (its tasks are then unmarked, as before). Costs a context lookup per task created, and an
-    arena read per task a request makes.
+    with that step's record (the request's, or an input's nested in it), for as long as the request
+    is in flight (``_TaskSteps``); any other (the server's own task per request, one made under a
+    mark around the whole loop) is left alone.
+
+    The loop's ``create_task`` is wrapped, not its task factory: a factory makes CPython 3.13.0 name
+    every task "None", and one chained in front of the application's eager task factory hides it
+    from AnyIO, which must then make its tasks with that factory's constructor (a POST through
+    ``BaseHTTPMiddleware`` failed 500). So AnyIO's tasks under an eager factory, which it makes
+    with that constructor, stay unmarked. Costs a context lookup per task created, and an arena
+    read per task a request makes.
     """
-    previous = loop.get_task_factory()
-    if getattr(previous, "_forkpoint_marks", False):
+    plain = loop.create_task
+    if getattr(plain, "_forkpoint_marks", False):
         return
 
-    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
-        record = owner.arena.processing_now() if owner.n and _REQUEST.get() else None
-        if record is not None and type(coro) is _CoroutineType:
-            coro = _Steps(coro, record, owner)
-        if previous is not None:
-            return previous(loop, coro, **kwargs)
-        return asyncio.Task(coro, loop=loop, **kwargs)
+    def create_task(coro: Any, **kwargs: Any) -> Any:
+        live = _REQUEST.get()
+        if live is not None and live[0] and owner.n and type(coro) is _CoroutineType:
+            record = owner.arena.processing_now()
+            if record is not None:
+                coro = _TaskSteps(coro, record, owner, live)
+        return plain(coro, **kwargs)
 
-    factory._forkpoint_marks = True  # type: ignore[attr-defined]
-    loop.set_task_factory(factory)
+    create_task._forkpoint_marks = True  # type: ignore[attr-defined]
+    loop.create_task = create_task  # type: ignore[method-assign]
 
 
 class _Steps:
@@ -623,3 +632,27 @@ class _Steps:
 
     def close(self) -> None:
         self.coro.close()
+
+
+class _TaskSteps(_Steps):
+    """``_Steps`` for a task a request's code made: marked with the request while it is in flight,
+    and nobody's after (a crash or a long step in work that outlives its request blames no request,
+    as before: never the one that happened to start a shared worker task)."""
+
+    __slots__ = ("live",)
+
+    def __init__(self, coro: Any, record: tuple[bytes, int], owner: _Protected, live: list[bool]) -> None:
+        super().__init__(coro, record, owner)
+        self.live = live
+
+    def send(self, value: Any = None) -> Any:
+        if self.live[0]:
+            return _Steps.send(self, value)
+        return self.coro.send(value)
+
+    __next__ = send
+
+    def throw(self, *exc: Any) -> Any:
+        if self.live[0]:
+            return _Steps.throw(self, *exc)
+        return self.coro.throw(*exc)

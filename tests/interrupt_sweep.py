@@ -109,6 +109,7 @@ asgi_protected = None
 
 async def asgi_app(scope: dict, receive: object, send: object) -> None:
     await asyncio.sleep(0)          # a second step: the steps after the first one are _Steps'
+    await asyncio.create_task(asyncio.sleep(0))     # a task of the request's (asgi._mark_tasks)
     await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
     await send({"type": "http.response.body", "body": b"ok"})  # type: ignore[operator]
 
@@ -147,9 +148,14 @@ def call_asgi(nested: bool) -> None:
 def settle_loop() -> None:
     """An interrupt out of a loop callback leaves the request's task pending: the program's loop
     runs on, and the request ends."""
-    pending = [t for t in asyncio.all_tasks(asgi_loop) if not t.done()]
-    if pending:
-        asgi_loop.run_until_complete(asyncio.wait(pending))
+    for _ in range(100):
+        pending = [t for t in asyncio.all_tasks(asgi_loop) if not t.done()]
+        if not pending:
+            return
+        try:
+            asgi_loop.run_until_complete(asyncio.wait(pending))
+        except KeyboardInterrupt:   # the point's, raised in the request's task and re-raised in the
+            pass                    # request that awaits it: out of the loop, as asyncio does
 
 
 def call_wsgi_restart_nested() -> None:
