@@ -5,6 +5,8 @@ sys.settrace, in a real program with its shepherd and snapshots) and checks that
 left as it would be had the call not been made or had it ended: no signal left blocked, no timer
 or deadline left armed, no key left marked, no checkpoint of a protected call left current after
 the call, no cache entry torn, nothing logged as damage, and a checkpoint that still restores.
+Each place is tried at its first three passes in a call (a loop's later turns are the same code in
+the same kind of state; tests/interrupt_tracer.py, FORKPOINT_SWEEP_REPEATS=0 for every pass).
 
 Found by it (each fails here on the code before its fix):
 - a Ctrl-C as a protected call's checkpoint unblocked signals, or as the call's commit began,
