@@ -51,11 +51,13 @@ import zlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from . import _sigutil
 from ._errors import (
     ArenaFull,
     CacheCorrupted,
     ConfigurationError,
     RegionMismatch,
+    ResourceExhausted,
     resource_error,
 )
 
@@ -389,19 +391,28 @@ class Arena:
             raise ConfigurationError(f"arena size must be an int of at least {MIN_SIZE} bytes")
         size = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
         hint = f"or make the arena smaller than {size} bytes: forkpoint.configure(arena_size=...)"
+        # Made with signals blocked: a handler that raised (Ctrl-C's) as memfd_create returned, before
+        # its descriptor was stored, leaked it (the interrupt sweep of the start); one that raises as
+        # they come back finds it held, and closed below.
+        fd = -1
+        old = _sigutil.unset_mask()
         try:
-            fd = os.memfd_create("forkpoint-arena", os.MFD_CLOEXEC)
-        except OSError as e:
-            raise resource_error("could not create the persistent arena (memfd_create)", e, hint) from e
-        try:
+            try:
+                _sigutil.block_all_into(old)    # inside the try: see _sigutil.unset_mask
+                fd = os.memfd_create("forkpoint-arena", os.MFD_CLOEXEC)
+            finally:
+                _sigutil.restore_blocked(old)
             os.ftruncate(fd, size)
             return cls(fd, size, create=True)
-        except OSError as e:
-            os.close(fd)
-            raise resource_error(f"could not map the persistent arena of {size} bytes", e, hint) from e
-        except BaseException:
-            os.close(fd)
-            raise
+        except BaseException as e:
+            made = fd >= 0
+            if made:
+                os.close(fd)
+            if not isinstance(e, OSError) or isinstance(e, ResourceExhausted):
+                raise
+            what = (f"could not map the persistent arena of {size} bytes" if made
+                    else "could not create the persistent arena (memfd_create)")
+            raise resource_error(what, e, hint) from e
 
     # -- counters -------------------------------------------------------------------------------
     def take_id(self) -> int:

@@ -83,10 +83,11 @@ def test_an_interrupt_during_the_start_leaks_nothing_and_the_program_goes_on():
     shepherd and the crash-report pipe, then forks the program off. Interrupted anywhere, the
     program must go on with its mask, start again at its next call and restore, with no descriptor
     (or memory) of the interrupted start left behind. Every point is one process (the start happens
-    once), so about one in 61 is tried, and each of the last 45 (the channel, the pipe, the fork)."""
+    once), so about one in 6 is tried (each place at its first passes: 250 points on CPython 3.11
+    and 3.13, 99 on 3.12), and each of the last 45 (the channel, the pipe, the fork)."""
     total, clean = _start(0)
     fds = clean.split("fds ")[1].split(",")[0]
-    assert total >= 100, clean
-    for k in sorted(set(range(1, total, 61)) | set(range(max(1, total - 45), total + 1))):
+    assert total >= 50, clean
+    for k in sorted(set(range(1, total, 6)) | set(range(max(1, total - 45), total + 1))):
         _, out = _start(k)
         assert out.endswith(f"mask kept True, fds {fds}, restored 1"), (out, clean)
