@@ -24,8 +24,10 @@ checkpoint: the worker serves on warm, under the same PID.
   ``@app.middleware("http")``, runs the application in one; Django's ``ASGIHandler`` runs the whole
   request in one): each of their steps is marked with the request and has its deadline
   (``_mark_tasks``).
-* A request that merely waits longer than ``timeout`` (the loop is fine) is cancelled and answered
-  500 without a restore and without blame.
+* A request that merely waits longer than ``timeout`` before its response starts (the loop is
+  fine) is cancelled and answered 500 without a restore and without blame. A response that has
+  started (a stream) and work after a complete response (``BackgroundTasks``) are not timed, nor is
+  a websocket session: only their steps are (``_Expiry``).
 
 Costs a few microseconds per request and per step. Needs asyncio's own event loop: under uvloop
 (``uvicorn[standard]`` picks it), the lifespan startup fails with a message saying to run uvicorn
@@ -84,11 +86,12 @@ def protect(app: ASGIApp, *, timeout: float | None = None, key: Callable[[Scope]
             quarantine_after: int = 2, refresh: float | None = None) -> ASGIApp:
     """Wrap ASGI application ``app`` (see the module docstring).
 
-    ``timeout``: seconds a request's code may run without yielding, and a request may take in all
-    (None: no limit). ``key``: a function of the ASGI scope naming the input, for quarantine (by
-    default method, path and query). ``quarantine_after``: failures of one key before it is
-    refused with 503. ``refresh``: seconds after which the checkpoint is taken again, at a moment
-    with no connection open, so that caches warmed since are kept.
+    ``timeout``: seconds a request's code may run without yielding, and a request may wait before
+    its response starts (None: no limit; websockets and started responses: steps only). ``key``:
+    a function of the ASGI scope naming the input, for quarantine (by default method, path and
+    query). ``quarantine_after``: failures of one key before it is refused with 503.
+    ``refresh``: seconds after which the checkpoint is taken again, at a moment with no connection
+    open, so that caches warmed since are kept.
     """
     check_common(app, timeout, key, quarantine_after, refresh)
     if not is_async(app) and _looks_like_wsgi(app):
@@ -273,6 +276,8 @@ class _Protected(WorkerCheckpoint):
         if not quiet() and k in _known.keys_of(self.arena or runtime().arena_or_create()):
             if kind == "http":
                 await _respond(send, REFUSED)
+            else:
+                await _refuse_websocket(scope, send)
             return None
         self.seq += 1
         rescue = self.rescue if self.n else None
@@ -306,6 +311,8 @@ class _Protected(WorkerCheckpoint):
                 def app_send(message: Message) -> Awaitable[None]:
                     if message["type"] == "http.response.start":
                         words[w] = _STARTED
+                        if expiry is not None:      # answered: see _Expiry
+                            expiry.due.pop(task, None)
                     return send(message)
                 began: list[bool] | None = None
             else:
@@ -314,11 +321,15 @@ class _Protected(WorkerCheckpoint):
                 def app_send(message: Message) -> Awaitable[None]:
                     if not began and message["type"] == "http.response.start":
                         began.append(True)
+                        if expiry is not None:      # answered: see _Expiry
+                            expiry.due.pop(task, None)
                     return send(message)
             # A coroutine (driven by hand below); an application whose __call__ is a plain
             # function may raise here, before any coroutine exists.
             coro: Any = self.app(scope, receive, app_send)
-            if task is not None and self.expiry is not None:
+            # A websocket's session is not a request whose response is due in ``timeout``: it
+            # waits for its client as long as both like (each step still has the deadline).
+            if task is not None and self.expiry is not None and http:
                 expiry = self.expiry
                 expiry.add(task)  # type: ignore[arg-type]
             if not self.n:
@@ -352,7 +363,13 @@ class _Protected(WorkerCheckpoint):
             if expiry is None or task not in expiry.expired:
                 raise
             log.warning("forkpoint: request %r waited longer than %gs: cancelled", k, self.timeout)
-            started = bool(began) if began is not None else int(words[w]) == _STARTED
+            # A connection that no longer holds its slot was lost (the client closed it, its
+            # response long complete: Starlette's BackgroundTasks run after it): there is no one
+            # to answer, and the slot's word may be another connection's by now.
+            if began is not None:
+                started = bool(began)
+            else:
+                started = self.slots.get(conn) != w or int(words[w]) == _STARTED
             if not started and http:
                 await _respond(send, FAILED)
         finally:
@@ -450,6 +467,21 @@ async def _respond(send: Send, what: tuple[str, int, bytes]) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+async def _refuse_websocket(scope: Scope, send: Send) -> None:
+    """A quarantined websocket handshake: the same 503 as HTTP where the server lets the application
+    answer the handshake with a response (the ASGI ``websocket.http.response`` extension: uvicorn's,
+    hypercorn's), else a close before the accept (the server answers 403). Returning without either
+    made uvicorn log "ASGI callable returned without completing handshake." and answer 500."""
+    if "websocket.http.response" in (scope.get("extensions") or {}):
+        _, status, body = REFUSED
+        await send({"type": "websocket.http.response.start", "status": status,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:
+        await send({"type": "websocket.close", "code": 1013})     # try again later
+
+
 _DONE = object()        # a coroutine's first step returned (or: nothing pending)
 _UNREAD = object()      # a nested step had not read the input marked around it yet
 
@@ -465,7 +497,13 @@ def _unmark(arena: Any, deadline: Deadline | None, outer: Any) -> None:
 
 
 class _Expiry:
-    """The ``timeout`` of every request in flight, on one timer of the loop.
+    """The ``timeout`` of every request in flight, on one timer of the loop: how long its client
+    waits for the response to start. A request leaves it as its response starts: a stream (server-
+    sent events, a download) and work after a complete response (Starlette's ``BackgroundTasks``)
+    take as long as they take, as without forkpoint (the FastAPI audit of 2026-11-29 found both cut
+    at ``timeout``, the background work lost without a word); a step that holds the loop past
+    ``timeout`` is still cut by its own deadline, wherever it is. A websocket is a session, not a
+    request, and never enters it.
 
     Every request gets the same timeout, so deadlines come in the order requests start: a dict
     from each request's task to its deadline keeps them in that order, and its first entry is the

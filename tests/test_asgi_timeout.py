@@ -1,0 +1,164 @@
+"""What ASGI's ``timeout=`` bounds: how long a client waits for its response to start, and how
+long each step of the application holds the loop. Not a stream once it has started, not work after
+a complete response, not a websocket session: they take as long as they do without forkpoint.
+
+Found by the FastAPI audit of 2026-11-29 (FastAPI under uvicorn, against the same service without
+forkpoint): every websocket and every stream (server-sent events, a download) was cut at
+``timeout`` however well it went ("waited longer than 1s: cancelled"); work after a complete
+response (Starlette's and FastAPI's ``BackgroundTasks``) still running then was cancelled without
+a word, and, when its client had closed the connection, answered a second time (uvicorn logged
+"Unexpected ASGI message 'http.response.start' sent, after response already completed"); and a
+quarantined websocket handshake got no answer (uvicorn logged "ASGI callable returned without
+completing handshake." and answered 500, not 503 as for HTTP).
+
+Real uvicorn processes, a bare ASGI application.
+"""
+from __future__ import annotations
+
+import importlib.util
+import signal
+import socket
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from conftest import free_port, http, server_log, start_server, stop_server, wait_for
+
+pytestmark = pytest.mark.timeout(90)
+
+APP = """
+    import asyncio, ctypes, os, sys
+    import forkpoint.asgi
+
+    async def plain(scope, receive, send):
+        if scope["type"] == "lifespan":
+            while True:
+                m = await receive()
+                if m["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] == "websocket":
+            if scope["path"] != "/echo":
+                ctypes.string_at(0)
+            await receive()                                     # websocket.connect
+            await send({"type": "websocket.accept"})
+            while True:
+                m = await receive()
+                if m["type"] != "websocket.receive":
+                    return
+                await send({"type": "websocket.send", "text": m["text"]})
+        if scope["path"] == "/stream":                          # 4 chunks over 2 s
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            for i in range(4):
+                await asyncio.sleep(0.5)
+                await send({"type": "http.response.body", "body": f"{i};".encode(), "more_body": True})
+            await send({"type": "http.response.body", "body": b"end"})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": str(os.getpid()).encode()})
+        if scope["path"] == "/after":           # as Starlette runs a response's BackgroundTasks
+            await asyncio.sleep(2)
+            print("work after the response done", file=sys.stderr, flush=True)
+
+    app = forkpoint.asgi.protect(plain, timeout=1.0)
+"""
+
+
+def _uvicorn(tmp_path: Path):
+    (tmp_path / "app.py").write_text(textwrap.dedent(APP))
+    port = free_port()
+    argv = [sys.executable, "-m", "uvicorn", "--loop", "asyncio", "--port", str(port), "app:app"]
+    return start_server(argv, tmp_path, port), port
+
+
+def _handshake(port: int, path: str = "/ws", sock: list | None = None) -> str:
+    """A websocket handshake on a fresh connection: the status line answered ('' if closed)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        if sock is not None:
+            sock.append(s.dup())
+        s.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                  b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                  b"Sec-WebSocket-Version: 13\r\n\r\n")
+        data = b""
+        try:
+            while b"\r\n" not in data:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        except OSError:
+            pass
+        return data.split(b"\r\n", 1)[0].decode(errors="replace")
+
+
+def test_work_after_a_complete_response_runs_to_its_end(tmp_path):
+    proc, port = _uvicorn(tmp_path)
+    try:
+        assert http(port, "/after") == (200, str(proc.pid))    # its connection closed at once
+        wait_for(lambda: "work after the response done" in server_log(tmp_path), timeout=10)
+        log = server_log(tmp_path)
+        assert "waited longer" not in log, log
+        assert "Exception in ASGI application" not in log, log
+        assert http(port, "/") == (200, str(proc.pid))
+    finally:
+        assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
+
+
+def test_a_stream_longer_than_the_timeout_arrives_whole(tmp_path):
+    proc, port = _uvicorn(tmp_path)
+    try:
+        assert http(port, "/stream") == (200, "0;1;2;3;end"), server_log(tmp_path)
+        assert "waited longer" not in server_log(tmp_path)
+    finally:
+        assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
+
+
+@pytest.mark.skipif(not any(importlib.util.find_spec(m) for m in ("websockets", "wsproto")),
+                    reason="uvicorn has no websocket implementation here")
+def test_a_quarantined_websocket_handshake_is_refused_with_503(tmp_path):
+    proc, port = _uvicorn(tmp_path)
+    try:
+        first = [_handshake(port) for _ in range(2)]         # each crashes the worker
+        assert all(" 101 " not in line for line in first), first
+        assert _handshake(port).startswith("HTTP/1.1 503"), server_log(tmp_path)
+        # (uvicorn 0.54's websockets-sansio protocol still logs "ASGI callable returned without
+        # completing handshake." after a complete websocket.http.response: its own quirk, for every
+        # application that denies a handshake with a response.)
+        assert http(port, "/") == (200, str(proc.pid))
+    finally:
+        assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
+
+
+@pytest.mark.skipif(not any(importlib.util.find_spec(m) for m in ("websockets", "wsproto")),
+                    reason="uvicorn has no websocket implementation here")
+def test_a_websocket_session_may_last_longer_than_the_timeout(tmp_path):
+    """Before: every websocket was cut at ``timeout=`` (1 s here) as a request that waited too long
+    ("waited longer than 1s: cancelled"), however idle and well its handler was."""
+    proc, port = _uvicorn(tmp_path)
+    held: list[socket.socket] = []
+    try:
+        assert " 101 " in _handshake(port, "/echo", held), server_log(tmp_path)
+        s = held[0]
+        time.sleep(2.0)                                         # twice the timeout, idle
+        mask = b"\x01\x02\x03\x04"
+        s.sendall(b"\x81\x82" + mask + bytes(c ^ mask[i % 4] for i, c in enumerate(b"hi")))
+        s.settimeout(5)
+        frame = b""
+        try:
+            while len(frame) < 4:
+                chunk = s.recv(64)
+                if not chunk:
+                    break
+                frame += chunk
+        except OSError:
+            pass
+        assert frame[:4] == b"\x81\x02hi", (frame, server_log(tmp_path))
+        assert "waited longer" not in server_log(tmp_path)
+    finally:
+        for s in held:
+            s.close()
+        assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
