@@ -162,6 +162,13 @@ def unset_mask(mask: ctypes.Array[ctypes.c_char] | None = None) -> ctypes.Array[
     return mask
 
 
+# ``restore_mask(mask)`` as a C call with no Python frame, for a ``finally`` reached with no Python
+# call since the block: a function's entry is where CPython 3.12 runs a handler pending since before
+# the block, and one that raised at ``restore_blocked``'s entry would skip the restore. Such a
+# ``finally`` tests ``filled(mask)`` itself (a subscript and a test: no point where a handler runs).
+set_mask_of = functools.partial(_pthread_sigmask, _SIG_SETMASK)
+
+
 def restore_blocked(mask: ctypes.Array[ctypes.c_char]) -> None:
     """``restore_mask(mask)`` if ``block_all(mask)`` filled it (see ``unset_mask``); else nothing."""
     if not mask[1][0] & 1:              # SIGKILL is bit 8: set only in an unfilled buffer

@@ -401,7 +401,8 @@ class Arena:
                 _sigutil.block_all_into(old)    # inside the try: see _sigutil.unset_mask
                 fd = os.memfd_create("forkpoint-arena", os.MFD_CLOEXEC)
             finally:
-                _sigutil.restore_blocked(old)
+                if not old[1][0] & 1:           # filled (_sigutil.restore_blocked), inline: see set_mask_of
+                    _sigutil.set_mask_of(old, None)
             os.ftruncate(fd, size)
             return cls(fd, size, create=True)
         except BaseException as e:
