@@ -280,6 +280,7 @@ class _Protected(WorkerCheckpoint):
                 await _refuse_websocket(scope, send)
             return None
         self.seq += 1
+        seq = self.seq
         rescue = self.rescue if self.n else None
         words: Any = rescue.words if rescue is not None else None
         http = kind == "http"
@@ -301,7 +302,7 @@ class _Protected(WorkerCheckpoint):
                 conn = getattr(getattr(send, "__self__", None), "transport", None)
                 w = self.slots.get(conn, -1) if conn is not None else -1
                 if w >= 0:                # a request on a connection that holds a slot (Rescue.busy)
-                    words[w + _SEQ] = self.seq
+                    words[w + _SEQ] = seq
                     words[w] = _INFLIGHT
                 elif conn is not None:
                     w = self._slot(conn, rescue)
@@ -376,9 +377,9 @@ class _Protected(WorkerCheckpoint):
             self.inflight -= 1          # first, and with no call before it: nothing cuts it short
             live[0] = False             # (no call either) its tasks' later steps are nobody's
             try:
-                self._ended(task, expiry, conn, w, words)
+                self._ended(task, expiry, conn, w, words, seq)
             except BaseException:       # cut short by a handler that raised (Ctrl-C): once more
-                self._ended(task, expiry, conn, w, words)
+                self._ended(task, expiry, conn, w, words, seq)
                 raise
             if request is not None:     # (left set if cut short: the request's task ends here)
                 _REQUEST.reset(request)
@@ -387,12 +388,17 @@ class _Protected(WorkerCheckpoint):
                 self._watch()
         return None
 
-    def _ended(self, task: Any, expiry: _Expiry | None, conn: Any, w: int, words: Any) -> None:
+    def _ended(self, task: Any, expiry: _Expiry | None, conn: Any, w: int, words: Any,
+               seq: int) -> None:
         """The request is over: its timeout and, if its connection still holds it, its slot's state
-        (idle: a restore now must not answer that connection). Each part may be done already."""
+        (idle: a restore now must not answer that connection). Each part may be done already.
+        The slot is left alone once a later request on the connection has taken it: uvicorn reads
+        the next request of a keep-alive connection as soon as a response is complete, while the
+        task that sent it may still run (Starlette's BackgroundTasks); marking the slot idle then
+        left that next request's client closed, not answered 500, by a restore."""
         if expiry is not None:
             expiry.done(task)
-        if w >= 0 and self.slots.get(conn) == w:     # (still held: not lost meanwhile)
+        if w >= 0 and self.slots.get(conn) == w and int(words[w + _SEQ]) == seq:
             words[w] = _IDLE                          # (Rescue.idle)
 
     def _know(self, seen: tuple[Any, ...], scope: Scope) -> tuple[str, tuple[bytes, int]]:

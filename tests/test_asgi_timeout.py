@@ -162,3 +162,57 @@ def test_a_websocket_session_may_last_longer_than_the_timeout(tmp_path):
         for s in held:
             s.close()
         assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
+
+
+KEEPALIVE_APP = """
+    import asyncio, ctypes
+    import forkpoint.asgi
+
+    async def plain(scope, receive, send):
+        if scope["type"] == "lifespan":
+            while True:
+                m = await receive()
+                if m["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["path"] == "/crash":                   # still in flight as /after's work ends
+            await asyncio.sleep(1.5)
+            ctypes.string_at(0)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+        if scope["path"] == "/after":                   # as Starlette runs BackgroundTasks
+            await asyncio.sleep(0.7)
+
+    app = forkpoint.asgi.protect(plain, timeout=5.0)
+"""
+
+
+def test_a_request_after_background_work_on_its_connection_is_still_answered(tmp_path):
+    """uvicorn reads a keep-alive connection's next request as soon as a response is complete,
+    while the task that sent it may still run its BackgroundTasks. That task's end marked the
+    connection's rescue slot idle under the next request, which a crash then left closed (as
+    without forkpoint) instead of answered 500 as on a fresh connection."""
+    (tmp_path / "app.py").write_text(textwrap.dedent(KEEPALIVE_APP))
+    port = free_port()
+    argv = [sys.executable, "-m", "uvicorn", "--loop", "asyncio", "--port", str(port), "app:app"]
+    proc = start_server(argv, tmp_path, port)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET /after HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            data = b""
+            while not data.endswith(b"\r\n\r\nok"):
+                chunk = s.recv(4096)
+                assert chunk, data
+                data += chunk
+            s.sendall(b"GET /crash HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            try:
+                answer = s.recv(4096)
+            except OSError as e:
+                answer = repr(e).encode()
+        assert answer.startswith(b"HTTP/1.1 500"), (answer, server_log(tmp_path))
+        assert http(port, "/") == (200, "ok")
+    finally:
+        assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
