@@ -181,6 +181,20 @@ class Lines:
 
 
 # ---- real servers (gunicorn, uvicorn) ------------------------------------------------------------
+# The lifespan side of a bare ASGI application, for the source of a test's application (indented
+# as its own lines are): ``if scope["type"] == "lifespan": return await lifespan(receive, send)``.
+ASGI_LIFESPAN = """
+    async def lifespan(receive, send):
+        while True:
+            m = await receive()
+            if m["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            else:
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+"""
+
+
 def free_port() -> int:
     import socket
 

@@ -19,11 +19,11 @@ from http.client import HTTPConnection
 from pathlib import Path
 
 import pytest
-from conftest import free_port, http, server_log, start_server, stop_server
+from conftest import ASGI_LIFESPAN, free_port, http, server_log, start_server, stop_server
 
 pytestmark = pytest.mark.timeout(90)
 
-BARE_APP = """
+BARE_APP = ASGI_LIFESPAN + """
     import asyncio, ctypes, os
     from concurrent.futures import ThreadPoolExecutor
     import forkpoint.asgi
@@ -42,13 +42,7 @@ BARE_APP = """
 
     async def plain(scope, receive, send):
         if scope["type"] == "lifespan":
-            while True:
-                m = await receive()
-                if m["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                else:
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            return await lifespan(receive, send)
         work = WORK.get(scope["path"])
         if work is not None:
             await asyncio.create_task(work())        # as django.core.handlers.asgi does
@@ -164,7 +158,7 @@ def test_a_watchdog_block_waiting_at_an_await_is_cut_at_its_deadline(tmp_path, m
         assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
 
 
-LAZY_APP = """
+LAZY_APP = ASGI_LIFESPAN + """
     import asyncio, ctypes, os
     import forkpoint.asgi
 
@@ -178,13 +172,7 @@ LAZY_APP = """
     async def plain(scope, receive, send):
         global queue
         if scope["type"] == "lifespan":
-            while True:
-                m = await receive()
-                if m["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                else:
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            return await lifespan(receive, send)
         if scope["path"] == "/init" and queue is None:
             queue = asyncio.Queue()
             asyncio.create_task(consumer())
@@ -282,7 +270,7 @@ def test_an_eager_task_factory_the_application_sets_is_still_one_for_anyio(tmp_p
         assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
 
 
-TASK_NAMES_APP = """
+TASK_NAMES_APP = ASGI_LIFESPAN + """
     import asyncio, os
     import forkpoint.asgi
 
@@ -291,13 +279,7 @@ TASK_NAMES_APP = """
 
     async def plain(scope, receive, send):
         if scope["type"] == "lifespan":
-            while True:
-                m = await receive()
-                if m["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                else:
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            return await lifespan(receive, send)
         names = [asyncio.current_task().get_name(), await asyncio.create_task(child()),
                  await asyncio.create_task(child(), name="named")]
         await send({"type": "http.response.start", "status": 200, "headers": []})

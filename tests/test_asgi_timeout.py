@@ -24,23 +24,17 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port, http, server_log, start_server, stop_server, wait_for
+from conftest import ASGI_LIFESPAN, free_port, http, server_log, start_server, stop_server, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
-APP = """
+APP = ASGI_LIFESPAN + """
     import asyncio, ctypes, os, sys
     import forkpoint.asgi
 
     async def plain(scope, receive, send):
         if scope["type"] == "lifespan":
-            while True:
-                m = await receive()
-                if m["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                else:
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            return await lifespan(receive, send)
         if scope["type"] == "websocket":
             if scope["path"] != "/echo":
                 ctypes.string_at(0)
@@ -164,19 +158,13 @@ def test_a_websocket_session_may_last_longer_than_the_timeout(tmp_path):
         assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
 
 
-KEEPALIVE_APP = """
+KEEPALIVE_APP = ASGI_LIFESPAN + """
     import asyncio, ctypes
     import forkpoint.asgi
 
     async def plain(scope, receive, send):
         if scope["type"] == "lifespan":
-            while True:
-                m = await receive()
-                if m["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                else:
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            return await lifespan(receive, send)
         if scope["path"] == "/crash":                   # still in flight as /after's work ends
             await asyncio.sleep(1.5)
             ctypes.string_at(0)
