@@ -165,7 +165,8 @@ def unset_mask(mask: ctypes.Array[ctypes.c_char] | None = None) -> ctypes.Array[
 # ``restore_mask(mask)`` as a C call with no Python frame, for a ``finally`` reached with no Python
 # call since the block: a function's entry is where CPython 3.12 runs a handler pending since before
 # the block, and one that raised at ``restore_blocked``'s entry would skip the restore. Such a
-# ``finally`` tests ``filled(mask)`` itself (a subscript and a test: no point where a handler runs).
+# ``finally`` makes ``restore_blocked``'s test inline (``not mask[1][0] & 1``: a subscript and a
+# test, no point where a handler runs), then calls this.
 set_mask_of = functools.partial(_pthread_sigmask, _SIG_SETMASK)
 
 

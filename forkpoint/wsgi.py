@@ -8,9 +8,9 @@ first time it serves, so gunicorn still sees its worker under the same PID.
   segfault or abort in the application, a hang past ``timeout``, or an exception that escapes it
   undoes every change the request made; the client gets a 500. (Flask and Django answer a view's
   exception with a 500 of their own unless told to let it escape: the first request logs a
-  warning that says how.) The response is produced inside the
-  transaction and buffered (a ``wsgi.file_wrapper`` response is passed through), so a request
-  that fails never sends half a response. Costs a fork per request.
+  warning that says how.) The response is produced inside the transaction and buffered (a
+  ``wsgi.file_wrapper`` response is passed through), so a request that fails never sends half a
+  response. Costs a fork per request.
 * ``mode="restart"``: one checkpoint, taken when the worker first serves (before the first
   request runs), replaced every ``refresh`` seconds after a request while no other runs. A crash
   or a timeout restores the worker to it, warm and under the same PID; the client of the request
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -124,8 +125,6 @@ def _caught_by_framework(app: Any) -> str | None:
     transaction then commits what the view changed before it raised (a dict corrupted halfway
     stayed so, under gunicorn, for both). Only the framework's own application object is
     recognised, not one wrapped in middleware; neither framework is imported here."""
-    import sys
-
     flask: Any = sys.modules.get("flask")
     if flask is not None and isinstance(app, getattr(flask, "Flask", ())):
         flask_app: Any = app
