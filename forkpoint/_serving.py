@@ -230,6 +230,10 @@ class Rescue:
         words[w] = self.INFLIGHT
         return slot
 
+    def full(self) -> bool:
+        """Whether no slot is free, after taking back those that holders freed."""
+        return not self.free and not self._reclaim()
+
     def started(self, slot: int) -> None:
         if slot >= 0:
             self.words[self._HEAD + self._SLOT * slot] = self.STARTED

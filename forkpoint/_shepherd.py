@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from . import _budget, _channel, _locks, _notify, _prctl, _procfs, _sigutil
+from . import _budget, _channel, _locks, _notify, _prctl, _procfs, _sigutil, _threadmarks
 from ._channel import (
     ChildQuery,
     Configure,
@@ -233,6 +233,7 @@ class Shepherd(SignalRouting, Restores, Limits):
         self.scan_pending = False
         self.parent_fd: int | None = None       # a pidfd of the face's parent
         self.next_deadline = float("inf")      # when the pending _deadline_due timer fires
+        self.threads_overdue = _threadmarks.Overdue()
         faults = args.get("faults")
         self.reports = FaultReports(faults) if faults is not None else None
         self.quarantine = Keeper(arena, Settings.from_args(args.get("quarantine") or {}), self.loop,

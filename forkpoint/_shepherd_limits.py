@@ -14,7 +14,7 @@ import signal
 import time
 from typing import TYPE_CHECKING
 
-from . import _budget, _procfs
+from . import _budget, _procfs, _threadmarks
 from ._control import ControlServer
 from ._loop import EventLoop
 from ._registry import Checkpoint, Proc, Role
@@ -49,6 +49,7 @@ class Limits:
         fd_limit: int
         fd_warned: float
         next_deadline: float
+        threads_overdue: _threadmarks.Overdue
 
         def _discard(self, n: int, why: str, level: int = logging.INFO) -> None: ...
         def _drain(self, proc: Proc) -> None: ...
@@ -56,7 +57,7 @@ class Limits:
         def _victims(self) -> list[int]: ...
         # (restores: _shepherd_restores)
         def _failure(self, target: int, sig: int, cause: str, requester: Proc | None,
-                     operator: bool = False) -> None: ...
+                     operator: bool = False, blame: str | None = None) -> None: ...
 
     def _start_limits(self) -> None:
         """As the loop starts: what the checkpoints leave of the descriptors for the operator's
@@ -144,9 +145,10 @@ class Limits:
     def _watchdog_tick(self) -> None:
         """Cut a live process past its deadline (``forkpoint.watchdog``, protected calls).
 
-        Two kinds of deadline: one recorded in the arena (a watchdog's deadline plus ``hard_after``,
+        Three kinds of deadline: one recorded in the arena (a watchdog's deadline plus ``hard_after``,
         for code stuck in C that never runs its SIGALRM handler; or a restart-mode request's
-        timeout), and the one a protected call sent with its own checkpoint (``Snap.deadline``).
+        timeout), the one a protected call sent with its own checkpoint (``Snap.deadline``), and
+        those of work an ASGI request handed to a thread (``_threadmarks.Overdue``).
         Past either, the live process is killed here and the checkpoint restored as a timeout.
         Neither costs the call a timer or a handler: a POSIX timer set through ctypes and a
         SIGALRM handler cost every checkpointed call some 30 copy-on-write faults. The arena is
@@ -182,8 +184,11 @@ class Limits:
         armed, ck = self.arena.deadline(), self.ckpts.get(self.current)
         own = ck is not None and 0 < ck.deadline <= now
         if not own and (armed is None or now < armed[0]):
-            ahead = [d for d in (ck.deadline if ck is not None else 0.0, armed[0] if armed else 0.0)
-                     if d > now]
+            thread, later = self.threads_overdue.check(self.arena, now)
+            if thread is not None:
+                return self._cut_thread(live, thread)
+            ahead = [d for d in (ck.deadline if ck is not None else 0.0, armed[0] if armed else 0.0,
+                                 later) if d > now]
             return min(ahead, default=0.0)
         self._drain(live)               # a transaction it committed meanwhile comes first
         if self.live is not live:
@@ -207,6 +212,9 @@ class Limits:
                       live.pid, target)
             os.kill(live.pid, signal.SIGKILL)
             return 0.0
+        return self._cut(live, target, reason)
+
+    def _cut(self, live: Proc, target: int, reason: str, blame: str | None = None) -> float:
         log.info("live process %d is past its deadline: %s", live.pid, reason)
         self.live = None
         held = len(self.pending_signals)
@@ -214,5 +222,15 @@ class Limits:
         # A SIGALRM pending there is the watchdog's own timer, blocked by the stuck code: it is not
         # passed on to the restored process (where it would find no watchdog, or end it).
         self.pending_signals[held:] = [e for e in self.pending_signals[held:] if e[0] != signal.SIGALRM]
-        self._failure(target, signal.SIGALRM, reason, None)
+        self._failure(target, signal.SIGALRM, reason, None, blame=blame)
         return 0.0
+
+    def _cut_thread(self, live: Proc, key: str) -> float:
+        """Work that input ``key`` handed to a thread runs past that input's deadline: a thread
+        cannot be cancelled, so the live process is cut as for a step past its deadline, and ``key``
+        (not whatever the main thread runs now) is blamed."""
+        self._drain(live)               # a checkpoint it took meanwhile comes first
+        target = self.current
+        if self.live is not live or target not in self.ckpts or self.ckpts[target].awaiting:
+            return 0.0
+        return self._cut(live, target, f"timeout (work of {key!r} in a thread)", blame=key)

@@ -171,11 +171,13 @@ class Restores:
         return max(others, key=rank) if others else 0
 
     def _failure(self, target: int, sig: int, cause: str, requester: Proc | None,
-                 operator: bool = False) -> None:
-        """The live process failed (or asked to go back): decide, record, and restore or give up."""
+                 operator: bool = False, blame: str | None = None) -> None:
+        """The live process failed (or asked to go back): decide, record, and restore or give up.
+        ``blame``: the input whose work failed, when it is not the main thread's mark (a thread's
+        work past its deadline)."""
         detected = time.monotonic()
-        key = self.arena.processing()
-        if sig and self.reports is not None and self.reports.pending:
+        key = blame if blame is not None else self.arena.processing()
+        if blame is None and sig and self.reports is not None and self.reports.pending:
             # The main thread's mark is not whose code crashed in another thread (_threadmarks).
             key = _threadmarks.blamed(self.arena, self.reports.pending, key)
         ck_failed = self.ckpts.get(self.current)

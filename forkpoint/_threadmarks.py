@@ -10,12 +10,20 @@ innocent request blamed, and quarantined).
 
 So work handed off while an input is marked (in the main thread: its mark; in a thread running
 marked work: that work's) is wrapped to mark it again in the thread that runs it, in this region:
-an entry per thread running marked work (thread id, then the key as ``Arena.set_processing_record``
-stores it), written when the work starts and cleared when it ends. Word 0 holds the main thread's
-id. The shepherd reads the crashing thread's id from faulthandler's report (``Current thread
+an entry per thread running marked work (thread id, the key as ``Arena.set_processing_record``
+stores it, and a deadline), written when the work starts and cleared when it ends. Word 0 holds
+the main thread's id. The shepherd reads the crashing thread's id from faulthandler's report (``Current thread
 0x...``) and blames (``blamed``): that thread's entry if it has one; the main thread's mark if it
 is the main thread; nobody if it is another thread (its work was handed off by no marked input, or
 the table was full): never the main thread's mark for a crash in another thread.
+
+A thread cannot be cancelled, so work that hangs there (a C library stuck, a deadlock) kept its
+request unanswered for ever where the server waits for the thread (Django's sync views under ASGI:
+asgiref waits for its thread however the request is cancelled) and kept a pool thread for ever
+everywhere. So an entry carries the deadline of the input that handed the work off, if it has one
+(an ASGI request's response due: ``install``'s ``timer``, until its response starts: ``untime``), and
+the shepherd cuts a live process whose thread is still running that work past it (``Overdue``), as
+it cuts a step past its own.
 
 Costs nothing per request that hands nothing off; a hand-off (tens of microseconds of thread
 wake-up already) gets a closure, and its thread a few stores before and after the work.
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import re
+import struct
 import threading
 import zlib
 from collections.abc import Callable
@@ -33,29 +42,39 @@ from .arena import _PROCESSING_MAX, Arena, find_region
 
 log = logging.getLogger("forkpoint")
 
-__all__ = ["REGION", "blamed", "clear", "install"]
+__all__ = ["REGION", "Overdue", "blamed", "clear", "install"]
 
 REGION = "forkpoint:thread-marks"
 _HEAD = 8                                   # words: the main thread's id, then unused
-_ENTRY = 2 + _PROCESSING_MAX // 8           # words: thread id, length and check, the key's bytes
+_ENTRY = 4 + _PROCESSING_MAX // 8           # words: thread id, length and check, deadline, serial, key
+_KEY = 4                                    # (the word where an entry's key starts)
 ENTRIES = 64                                # threads running marked work at once
 SIZE = (_HEAD + ENTRIES * _ENTRY) * 8
 _CURRENT = re.compile(rb"Current thread (0x[0-9a-fA-F]+)")
 
 _get_ident = threading.get_ident
+_D = struct.Struct("d")
+_Q = struct.Struct("Q")
+
+
+def _untimed() -> None:
+    return None
 
 
 class _Marks:
     """The live process's side: entries taken and written by the threads that run marked work."""
 
-    def __init__(self, arena: Arena) -> None:
+    def __init__(self, arena: Arena, timer: Callable[[], list[Any] | None]) -> None:
         self.arena = arena
+        self.timer = timer
         self.view = arena.persist(REGION, SIZE)
         self.words = self.view.cast("Q")
         self.main = _get_ident()
         self.words[0] = self.main
         self.free = list(range(ENTRIES - 1, -1, -1))
         self.running: dict[int, tuple[bytes, int]] = {}     # thread id -> the record it marks
+        self.timed: dict[int, list[Any]] = {}      # entry -> the timer of its deadline (untime)
+        self.serial = 0                 # of the hand-offs: tells the shepherd one piece of work
         self.lock = threading.Lock()
 
     def handed_off(self) -> tuple[bytes, int] | None:
@@ -65,18 +84,31 @@ class _Marks:
             return self.running.get(ident)
         return self.arena.processing_now()
 
-    def enter(self, record: tuple[bytes, int]) -> int:
+    def enter(self, record: tuple[bytes, int], timer: list[Any] | None = None) -> int:
+        """Mark this thread's work with ``record``, and with the deadline ``timer`` holds now
+        (``[in flight, due]``; none once it says 0: ``untime``)."""
+        ident = _get_ident()
+        raw, word = record
+        words = self.words
         with self.lock:
             if not self.free:
                 return -1       # a crash in this thread then blames nobody
             e = self.free.pop()
-        ident = _get_ident()
-        base = _HEAD + e * _ENTRY
-        raw, word = record
-        words = self.words
-        words[base + 1] = 0
+            base = _HEAD + e * _ENTRY
+            words[base + 1] = 0
+            # Registered before its due time is read, under the lock: an untime() of this timer
+            # either sees the entry (and waits for the lock) or came after the due time was zeroed.
+            due = 0.0
+            if timer is not None:
+                self.timed[e] = timer
+                due = timer[1] if timer[0] else 0.0
+                if not due:
+                    del self.timed[e]
+            words[base + 2] = _Q.unpack(_D.pack(due))[0] if due else 0
+            self.serial += 1
+            words[base + 3] = self.serial
         words[base] = ident
-        self.view[(base + 2) * 8:(base + 2) * 8 + len(raw)] = raw
+        self.view[(base + _KEY) * 8:(base + _KEY) * 8 + len(raw)] = raw
         words[base + 1] = word      # length and check: one store
         self.running[ident] = record
         return e
@@ -91,17 +123,21 @@ class _Marks:
         else:
             self.running[ident] = outer
         with self.lock:
+            if self.timed:
+                self.timed.pop(e, None)
             self.free.append(e)
 
     def wrap(self, func: Callable[..., Any]) -> Callable[..., Any]:
-        """``func`` marked, when it runs, with the input handing it off now (itself if none)."""
+        """``func`` marked, when it runs, with the input handing it off now and its deadline (itself
+        if no input is marked)."""
         record = self.handed_off()
         if record is None:
             return func
+        timer = self.timer()
 
         def marked(*args: Any, **kwargs: Any) -> Any:
             outer = self.running.get(_get_ident())
-            e = self.enter(record)
+            e = self.enter(record, timer)
             try:
                 return func(*args, **kwargs)
             finally:
@@ -113,14 +149,17 @@ class _Marks:
 _marks: _Marks | None = None
 
 
-def install(loop: Any, arena: Arena) -> None:
+def install(loop: Any, arena: Arena, timer: Callable[[], list[Any] | None] = _untimed) -> None:
     """Mark work handed to threads from ``loop`` (its ``run_in_executor``, with the default or a
     thread pool executor) and from AnyIO on asyncio (``to_thread.run_sync``). Called in the live
-    process's main thread before its first checkpoint; idempotent."""
+    process's main thread before its first checkpoint; idempotent. ``timer()``, called as work is
+    handed off, gives the handing input's ``[in flight, due]`` (or None): the work must end by
+    ``due`` (``time.monotonic()``; 0: no deadline) while it is in flight and until ``untime``."""
     global _marks
     if _marks is None:
-        _marks = _Marks(arena)
+        _marks = _Marks(arena, timer)
     marks = _marks
+    marks.timer = timer
     from concurrent.futures import ThreadPoolExecutor  # (not in the shepherd, which only reads)
 
     if not getattr(loop.run_in_executor, "_forkpoint_marks", False):
@@ -134,6 +173,20 @@ def install(loop: Any, arena: Arena) -> None:
         run_in_executor._forkpoint_marks = True  # type: ignore[attr-defined]
         loop.run_in_executor = run_in_executor
     _install_anyio(marks)
+
+
+def untime(timer: list[Any]) -> None:
+    """Work handed off with ``timer`` no longer has a deadline, though it runs on (an ASGI response
+    has started: a stream's first chunk that a ``BaseHTTPMiddleware`` read on). The caller has
+    zeroed ``timer``'s due time first (``enter`` reads it after registering the entry)."""
+    marks = _marks
+    if marks is None or not marks.timed:
+        return
+    words = marks.words
+    with marks.lock:
+        for e in [e for e, t in marks.timed.items() if t is timer]:
+            words[_HEAD + e * _ENTRY + 2] = 0
+            del marks.timed[e]
 
 
 def _install_anyio(marks: _Marks) -> None:
@@ -202,13 +255,68 @@ def blamed(arena: Arena, report: bytes, key: str | None) -> str | None:
         word = int(words[base + 1])
         if word and int(words[base]) == tid:
             n = word & 0xFFFF_FFFF
-            raw = bytes(view[(base + 2) * 8:(base + 2) * 8 + n]) if 0 < n <= _PROCESSING_MAX else b""
+            raw = bytes(view[(base + _KEY) * 8:(base + _KEY) * 8 + n]) if 0 < n <= _PROCESSING_MAX else b""
             if raw and zlib.crc32(raw, n) == word >> 32:
                 return raw.decode(errors="replace")
             log.error("arena: the record of the input a thread was processing is corrupted (a stray "
                       "write?): it is ignored")
             return None
     return key if tid == main else None
+
+
+class Overdue:
+    """The shepherd's reading of the threads' deadlines.
+
+    An entry is read while its thread may rewrite it: its word (length and check) is read before
+    and after the rest, and the key must match its check. Work is taken for overdue only when the
+    same hand-off (entry, thread, key, deadline, serial) is seen past its deadline at two readings:
+    a reading that straddles the end of one hand-off and the start of the next cannot cut a process
+    by itself, nor can a request's short hand-offs one after another.
+    """
+
+    def __init__(self) -> None:
+        self.seen: set[tuple[int, ...]] = set()
+
+    def check(self, arena: Arena, now: float) -> tuple[str | None, float]:
+        """(the key of work still running past its deadline, seen so twice, or None; the earliest
+        deadline to look again at: one not yet due, or soon for one seen overdue once; 0: none)."""
+        view = _view(arena)
+        if view is None:
+            self.seen.clear()
+            return None, 0.0
+        words = view.cast("Q")
+        ahead = 0.0
+        seen: set[tuple[int, ...]] = set()
+        for e in range(ENTRIES):
+            base = _HEAD + e * _ENTRY
+            word = int(words[base + 1])
+            if not word:
+                continue
+            raw_at = int(words[base + 2])
+            if not raw_at:
+                continue
+            at = _D.unpack(_Q.pack(raw_at))[0]
+            if at > now:
+                ahead = at if not ahead else min(ahead, at)
+                continue
+            tid, serial = int(words[base]), int(words[base + 3])
+            n = word & 0xFFFF_FFFF
+            raw = bytes(view[(base + _KEY) * 8:(base + _KEY) * 8 + n]) if 0 < n <= _PROCESSING_MAX else b""
+            if int(words[base + 1]) != word or not raw or zlib.crc32(raw, n) != word >> 32:
+                continue        # rewritten meanwhile (or damaged): the next reading will tell
+            sighting = (e, tid, word, raw_at, serial)
+            if sighting in self.seen:
+                self.seen.clear()
+                return raw.decode(errors="replace"), 0.0
+            seen.add(sighting)
+        self.seen = seen
+        if seen:
+            soon = now + _RECHECK
+            ahead = soon if not ahead else min(ahead, soon)
+        return None, ahead
+
+
+_RECHECK = 0.01     # seconds: how soon work seen past its deadline once is looked at again
 
 
 def clear(arena: Arena) -> None:

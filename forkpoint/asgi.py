@@ -19,7 +19,9 @@ checkpoint: the worker serves on warm, under the same PID.
   of its coroutine and cleared when the step yields, so the shepherd knows whose step crashed.
   A key that failed ``quarantine_after`` times is answered 503 without running the application.
   Work a request hands to a thread (a plain ``def`` endpoint, ``asyncio.to_thread``) is marked with
-  the request in that thread, so that a crash there blames it and no other (``_threadmarks``).
+  the request in that thread, so that a crash there blames it and no other (``_threadmarks``); and
+  work handed off before the response started must end by the time the response is due, as a
+  thread cannot be cancelled: past that the worker is restored and the request blamed.
 * So are the tasks a request's code creates (Starlette's ``BaseHTTPMiddleware``, and so FastAPI's
   ``@app.middleware("http")``, runs the application in one; Django's ``ASGIHandler`` runs the whole
   request in one): each of their steps is marked with the request and has its deadline
@@ -226,7 +228,7 @@ class _Protected(WorkerCheckpoint):
         if not self.n and self.loop is not None:
             # Work a request hands to a thread (a plain def endpoint) is marked with the request
             # there, so that a crash in it blames that request and no other (_threadmarks).
-            _threadmarks.install(self.loop, runtime().arena_or_create())
+            _threadmarks.install(self.loop, runtime().arena_or_create(), _response_due)
             # So is a task that a request's step creates: its steps are the request's.
             _mark_tasks(self.loop, self)
         n = self.take_checkpoint()
@@ -277,6 +279,8 @@ class _Protected(WorkerCheckpoint):
             if kind == "http":
                 await _respond(send, REFUSED)
             else:
+                if self.n and self.rescue is not None:    # (as for a websocket let in, below)
+                    self._upgraded(send, self.rescue)
                 await _refuse_websocket(scope, send)
             return None
         self.seq += 1
@@ -292,14 +296,17 @@ class _Protected(WorkerCheckpoint):
         # first one too, without a lifespan startup), and a slot left marked in flight would be
         # answered by a restore long after this request was.
         self.inflight += 1
-        live = [True]       # the request in flight, for the tasks its code makes (_mark_tasks)
+        # The request in flight, for the tasks its code makes (_mark_tasks); and when its response
+        # is due (0: no longer timed), for the work it hands to threads (_threadmarks).
+        live: list[Any] = [True, 0.0]
         request = None
         try:
             request = _REQUEST.set(live)    # (its tasks inherit it: _mark_tasks)
             if rescue is not None and not http:
                 self._upgraded(send, rescue)
             elif rescue is not None:
-                conn = getattr(getattr(send, "__self__", None), "transport", None)
+                conn = getattr(getattr(send, "__self__", None), "transport", None) or \
+                    _transport_of(send, scope)
                 w = self.slots.get(conn, -1) if conn is not None else -1
                 if w >= 0:                # a request on a connection that holds a slot (Rescue.busy)
                     words[w + _SEQ] = seq
@@ -311,9 +318,15 @@ class _Protected(WorkerCheckpoint):
                 # send. Whether the response started is the slot's state word (read back below).
                 def app_send(message: Message) -> Awaitable[None]:
                     if message["type"] == "http.response.start":
-                        words[w] = _STARTED
+                        # Only while the slot is still this request's: uvicorn runs a request to
+                        # its end after its client left, and that connection's loss freed the
+                        # slot, which another connection's request may hold by now.
+                        if words[w] == _INFLIGHT and words[w + _SEQ] == seq:
+                            words[w] = _STARTED
                         if expiry is not None:      # answered: see _Expiry
                             expiry.due.pop(task, None)
+                            live[1] = 0.0
+                            _untime(live)
                     return send(message)
                 began: list[bool] | None = None
             else:
@@ -324,6 +337,8 @@ class _Protected(WorkerCheckpoint):
                         began.append(True)
                         if expiry is not None:      # answered: see _Expiry
                             expiry.due.pop(task, None)
+                            live[1] = 0.0
+                            _untime(live)
                     return send(message)
             # A coroutine (driven by hand below); an application whose __call__ is a plain
             # function may raise here, before any coroutine exists.
@@ -332,7 +347,11 @@ class _Protected(WorkerCheckpoint):
             # waits for its client as long as both like (each step still has the deadline).
             if task is not None and self.expiry is not None and http:
                 expiry = self.expiry
-                expiry.add(task)  # type: ignore[arg-type]
+                # Work in a thread gets one more ``timeout`` past the response's due time (which
+                # _Expiry answers): cutting it restores the worker and fails every request in
+                # flight there, so a thread that merely ran a little late must not; a stuck one is
+                # cut all the same.
+                live[1] = expiry.add(task) + expiry.timeout  # type: ignore[arg-type]
             if not self.n:
                 await coro
             else:
@@ -412,7 +431,8 @@ class _Protected(WorkerCheckpoint):
     def _upgraded(self, send: Send, rescue: Rescue) -> None:
         """A websocket on a connection that held a slot for its HTTP requests: the server gives
         the connection another protocol, whose loss would never release the slot."""
-        transport = getattr(getattr(send, "__self__", None), "transport", None)
+        transport = getattr(getattr(send, "__self__", None), "transport", None) or \
+            _transport_of(send, None)
         w = self.slots.pop(transport, -1) if transport is not None else -1
         if w >= 0:
             rescue.release(rescue.slot_of(w))
@@ -421,7 +441,13 @@ class _Protected(WorkerCheckpoint):
         """A rescue slot for the request's connection, held from its first request until it is
         lost (its protocol's ``connection_lost``), so a keep-alive connection records its socket
         once. Returns the slot's state word in ``rescue.words`` (-1: the server hides the socket,
-        or no slot is free)."""
+        or no slot is free).
+
+        With every slot taken, the slot of the oldest connection that is idle between requests is
+        given to this one (that connection takes a slot again at its next request): idle
+        keep-alive connections held them all (uvicorn keeps one 5 s after its last response,
+        hypercorn keeps one its client closed as long), and a crash then left the clients of new
+        connections with a closed connection instead of a 500."""
         sock = transport.get_extra_info("socket")
         protocol = transport.get_protocol()
         try:
@@ -429,19 +455,28 @@ class _Protected(WorkerCheckpoint):
             ino = os.fstat(fd).st_ino if fd >= 0 else 0
         except OSError:
             fd, ino = -1, 0
+        slots = self.slots
+        if fd >= 0 and rescue.full():
+            words = rescue.words
+            for idle, w in slots.items():
+                if int(words[w]) == _IDLE:
+                    del slots[idle]
+                    rescue.release(rescue.slot_of(w))
+                    break
         slot = rescue.hold(fd, self.seq, ino)
         if slot < 0 or protocol is None:
             rescue.release(slot)
             return -1
         lost = protocol.connection_lost
-        slots = self.slots
+        if not getattr(lost, "_forkpoint_slot", False):   # (once: a connection may take a slot again)
+            def connection_lost(exc: BaseException | None) -> None:
+                w = slots.pop(transport, None)
+                if w is not None:
+                    rescue.release(rescue.slot_of(w))
+                lost(exc)
 
-        def connection_lost(exc: BaseException | None) -> None:
-            if slots.pop(transport, None) is not None:
-                rescue.release(slot)
-            lost(exc)
-
-        protocol.connection_lost = connection_lost
+            connection_lost._forkpoint_slot = True  # type: ignore[attr-defined]
+            protocol.connection_lost = connection_lost
         w = slots[transport] = rescue.word(slot)
         return w
 
@@ -463,6 +498,28 @@ class _Protected(WorkerCheckpoint):
             if self.n == 0:
                 self._watch(eager=True)     # no lifespan support: uvicorn goes on starting
             raise
+
+
+def _transport_of(send: Send, scope: Scope | None) -> Any:
+    """The asyncio transport of the connection ``send`` answers on, where the server is not
+    uvicorn (whose ``send`` is a method of its protocol, which has it: looked up inline by the
+    caller). Hypercorn's asyncio worker passes ``HTTPStream.app_send``: the stream sends through
+    its protocol (``H11Protocol``) to ``TCPServer.protocol_send``, which writes to an asyncio
+    ``StreamWriter``. Without it no request had a rescue slot, and the client of every request a
+    crash or a timeout failed saw a closed connection instead of the 500 (a Hypercorn audit,
+    2026-11-29). None if not found, and for HTTP/2 (``scope``'s ``http_version``): the streams of
+    a connection share its socket, and a rescue's raw HTTP/1.1 answer is no HTTP/2 frame."""
+    if scope is not None and not str(scope.get("http_version", "1.1")).startswith("1"):
+        return None
+    owner = getattr(send, "__self__", None)
+    for _ in range(4):
+        if owner is None:
+            return None
+        writer = getattr(owner, "writer", None)
+        if writer is not None:
+            return getattr(writer, "transport", None)
+        owner = getattr(getattr(owner, "send", None), "__self__", None)
+    return None
 
 
 async def _respond(send: Send, what: tuple[str, int, bytes]) -> None:
@@ -528,10 +585,12 @@ class _Expiry:
         self.handle: asyncio.TimerHandle | None = None
         self.time = loop.time
 
-    def add(self, task: asyncio.Task[Any]) -> None:
+    def add(self, task: asyncio.Task[Any]) -> float:
+        """Time ``task``'s request; when its response is due (the loop's time: ``time.monotonic``)."""
         at = self.due[task] = self.time() + self.timeout
         if self.handle is None:
             self.handle = self.loop.call_at(at, self._due)
+        return at
 
     def done(self, task: asyncio.Task[Any]) -> bool:
         """The request of ``task`` is over; whether its timeout had cancelled it."""
@@ -556,7 +615,19 @@ class _Expiry:
 
 # The request whose code runs, as a cell that says whether it is still in flight: a task it made
 # may outlive it (fire-and-forget work, a shared worker task a first request starts lazily).
-_REQUEST: ContextVar[list[bool] | None] = ContextVar("forkpoint.asgi.request", default=None)
+# Its second item: when its response is due (0: it has started, or the request is not timed).
+_REQUEST: ContextVar[list[Any] | None] = ContextVar("forkpoint.asgi.request", default=None)
+
+
+def _response_due() -> list[Any] | None:
+    """The timer of work that the request whose code runs hands to a thread now: its cell, whose
+    due time is its response's (``_Expiry``), as a thread cannot be cancelled; work handed off after
+    the response started (Starlette's sync ``BackgroundTasks``, a sync iterator streamed), or
+    running still as it starts (``_threadmarks.untime``), is not timed."""
+    return _REQUEST.get()
+
+
+_untime = _threadmarks.untime
 
 
 def _mark_tasks(loop: asyncio.AbstractEventLoop, owner: _Protected) -> None:
@@ -685,7 +756,7 @@ class _TaskSteps(_Steps):
 
     __slots__ = ("live",)
 
-    def __init__(self, coro: Any, record: tuple[bytes, int], owner: _Protected, live: list[bool]) -> None:
+    def __init__(self, coro: Any, record: tuple[bytes, int], owner: _Protected, live: list[Any]) -> None:
         super().__init__(coro, record, owner)
         self.live = live
 

@@ -109,11 +109,33 @@ def _refusal() -> str | None:
     here = threading.current_thread()
     if here is threading.main_thread():
         return None
+    lib = _greenlets()
+    if lib is not None:
+        return (f"forkpoint.wsgi.protect: the server runs requests side by side in {lib}'s greenlets "
+                f"of one process (as gunicorn -k {lib} does): a checkpoint or a restore of the worker "
+                "would take the other requests in flight with it (their connections and their "
+                "changes), so no request can be protected, and each is answered 500. Run gunicorn "
+                "with its sync worker (no -k) and more --workers instead, or an asyncio server "
+                "with forkpoint.asgi.protect.")
     return (f"forkpoint.wsgi.protect: the server calls the application from thread {here.name!r}, "
             "not the worker's main thread (as gunicorn's gthread worker does, with --threads N: its "
             "threads serve requests side by side): a checkpoint copies only one thread, so no "
             "request can be protected, and each is answered 500. Run gunicorn without --threads "
             "(its sync worker, one request at a time per worker) and with more --workers instead.")
+
+
+def _greenlets() -> str | None:
+    """The greenlet library whose monkey-patching makes each greenlet look like a thread of its own
+    ("Dummy-N"), if one did: gevent (gunicorn ``-k gevent``) or eventlet (``-k eventlet``). Its
+    workers serve many requests at once in one OS thread; the message for ``--threads`` (a pool
+    of OS threads, "run without --threads") misled there (an audit, 2026-11-29)."""
+    monkey: Any = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched("threading"):
+        return "gevent"
+    patcher: Any = sys.modules.get("eventlet.patcher")
+    if patcher is not None and patcher.is_monkey_patched("thread"):
+        return "eventlet"
+    return None
 
 
 def _caught_by_framework(app: Any) -> str | None:

@@ -410,6 +410,61 @@ def test_connections_upgraded_to_websockets_give_their_rescue_slots_back(tmp_pat
         status, body = _get(port, "/crash")
         assert status == 500 and "rolled back" in body, (status, body, server_log(tmp_path))
         assert "rescue slots are taken" not in server_log(tmp_path)
+        # (none was left to a websocket connection, idle, for the restore to close: an idle slot is
+        # given to a new connection when none is free, so the count is what tells)
+        wait_for(lambda: "client(s) answered 500" in server_log(tmp_path), timeout=10)
+        assert "client(s) answered 500, 0 closed" in server_log(tmp_path), server_log(tmp_path)
+    finally:
+        assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
+
+
+def test_idle_keep_alive_connections_leave_a_slot_for_a_request_that_crashes(tmp_path):
+    """A keep-alive connection holds its rescue slot between requests, and uvicorn keeps it open 5 s
+    after its last response (hypercorn keeps a connection its client closed as long): more idle
+    connections than slots (64), as a busy worker has, took them all, and the client of a request
+    that crashed saw a closed connection instead of its 500. An idle connection's slot is given to
+    a new connection when none is free."""
+    import http.client
+
+    from forkpoint.asgi import SLOTS
+
+    proc, port = _uvicorn(tmp_path, TIMEOUT="5")
+    idle = [http.client.HTTPConnection("127.0.0.1", port, timeout=10) for _ in range(SLOTS + 6)]
+    try:
+        for conn in idle:
+            conn.request("GET", "/count")
+            assert conn.getresponse().read()
+        status, body = _get(port, "/crash")
+        assert status == 500 and "rolled back" in body, (status, body, server_log(tmp_path))
+        assert "rescue slots are taken" not in server_log(tmp_path)
+        idle[0].request("GET", "/count")                # its slot was given away: closed by the
+        with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):  # restore all the same
+            idle[0].getresponse()
+    finally:
+        for conn in idle:
+            conn.close()
+        assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
+
+
+@pytest.mark.parametrize("park", [False, True], ids=["holder", "parked"])
+def test_a_request_whose_client_left_leaves_the_slot_another_connection_took_alone(tmp_path, park):
+    """uvicorn runs a request to its end after its client closed the connection, whose loss frees
+    its rescue slot; the next connection takes that slot. The first request's response start then
+    marked the slot as started: the second connection's request crashed, and its client saw a
+    closed connection ("0 client(s) answered 500, 1 closed") instead of its 500."""
+    import socket
+
+    proc, port = _uvicorn(tmp_path, TIMEOUT="5", **({"FORKPOINT_PARK": "1"} if park else {}))
+    try:
+        assert _get(port)[0] == 200
+        gone = socket.create_connection(("127.0.0.1", port))
+        gone.sendall(b"GET /slow?s=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.3)
+        gone.close()                                      # its slot is free; /slow runs on
+        time.sleep(0.2)
+        crash, got = _in_background(port, "/crash?after=1.5")     # takes that slot
+        crash.join(15)                                    # (/slow's response starts meanwhile)
+        assert got and got[0][0] == 500 and "rolled back" in got[0][1], (got, server_log(tmp_path))
     finally:
         assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
 
@@ -622,3 +677,34 @@ def test_a_request_inside_a_marked_input_leaves_that_input_marked(tmp_path):
     r = run_py(NESTED_STEP, tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "blamed: outer", (r.stdout, r.stderr)
+
+
+def test_under_hypercorn_the_clients_of_failed_requests_are_answered_500(tmp_path):
+    """Hypercorn's asyncio worker (``hypercorn app:app``: a master and one spawned worker) hands
+    the application a ``send`` of its own stream object, not of the protocol that has the
+    transport: the client of the request that crashed, and of one waiting beside it, must still
+    get the 500 from the restored worker (they saw a closed connection), and the worker keeps its
+    PID and its startup state."""
+    pytest.importorskip("hypercorn")
+    (tmp_path / "app.py").write_text(textwrap.dedent(STARLETTE_APP))
+    port = free_port()
+    argv = [sys.executable, "-m", "hypercorn", "-b", f"127.0.0.1:{port}", "app:app"]
+    proc = start_server(argv, tmp_path, port, TIMEOUT="1")
+    try:
+        status, first = _get(port)
+        assert status == 200 and first["served"] == 1
+        slow, got = _in_background(port, "/slow?s=0.8")
+        time.sleep(0.2)                                   # the slow request is waiting
+        status, body = _get(port, "/crash?after=0.1")
+        assert status == 500 and "rolled back" in body, (status, body, server_log(tmp_path))
+        slow.join(10)
+        assert got and got[0][0] == 500, got              # failed with the worker, answered
+        status, body = _get(port, "/hang")
+        assert status == 500 and "rolled back" in body, (status, body)   # cut at the 1 s timeout
+        status, after = _get(port)
+        assert status == 200 and after == {"pid": first["pid"], "served": 1}
+        assert [_get(port, "/crash")[0] for _ in range(3)] == [500, 500, 503]
+        pids = [proc.pid, *_tree(proc.pid)]
+    finally:
+        assert stop_server(proc, signal.SIGTERM) == 0, server_log(tmp_path)
+    assert wait_for(lambda: _all_gone(pids), timeout=10), server_log(tmp_path)

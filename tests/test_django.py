@@ -9,6 +9,8 @@ Found by the Django audit of 2026-11-29:
 - ``ASGIHandler`` runs each request (middleware and view) in a task of its own, whose steps carried
   no mark: a view that segfaulted was answered 500 for ever, never 503, until the recovery budget
   ran out and uvicorn died by SIGSEGV.
+- a plain view stuck past ``timeout=`` under ASGI was never answered: asgiref waits for its thread
+  however the request is cancelled (as without forkpoint, where it is not answered either).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ pytest.importorskip("django")
 pytestmark = pytest.mark.timeout(90)
 
 DJANGO_APP = """
-    import ctypes, os
+    import ctypes, os, time
     from django.conf import settings
 
     settings.configure(
@@ -59,12 +61,15 @@ DJANGO_APP = """
     async def async_crash(request):         # an async view: in the request's task (ASGI)
         ctypes.string_at(0)
 
+    def hang(request):                      # a plain view stuck (in C, say) in its thread
+        time.sleep(60)
+
     urlpatterns = [path("__ready__", ready), path("count", count), path("raise", raising),
-                   path("crash", crash), path("async-crash", async_crash)]
+                   path("crash", crash), path("async-crash", async_crash), path("hang", hang)]
 
     if os.environ.get("ASGI"):
         from django.core.asgi import get_asgi_application
-        app = forkpoint.asgi.protect(get_asgi_application(), timeout=5)
+        app = forkpoint.asgi.protect(get_asgi_application(), timeout=float(os.environ.get("TIMEOUT", 5)))
     else:
         from django.core.wsgi import get_wsgi_application
         app = forkpoint.wsgi.protect(get_wsgi_application(), mode="transaction", timeout=5)
@@ -115,5 +120,20 @@ def test_a_view_that_crashes_under_django_asgi_is_quarantined_and_the_worker_liv
         got = [http(port, view)[0] for _ in range(3)]
         assert got == [500, 500, 503], (got, server_log(tmp_path))
         assert json.loads(http(port, "/count")[1])["pid"] == pid == proc.pid
+    finally:
+        assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
+
+
+def test_a_plain_view_stuck_in_its_thread_is_answered_and_quarantined_under_asgi(tmp_path):
+    """A client of a stuck plain view waited for ever, with or without forkpoint: Django runs the
+    view in a thread, and asgiref waits for that thread however the request is cancelled. Past the
+    request's ``timeout=`` the worker is now restored, the client answered 500, and the view's key
+    blamed for it, as for a step that hangs the loop."""
+    proc, port = _serve(tmp_path, "uvicorn", TIMEOUT="1")
+    try:
+        got = [http(port, "/hang", timeout=15)[0] for _ in range(3)]
+        assert got == [500, 500, 503], (got, server_log(tmp_path))
+        assert json.loads(http(port, "/count")[1])["pid"] == proc.pid
+        assert server_log(tmp_path).count("work of 'GET /hang' in a thread") >= 2
     finally:
         assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)

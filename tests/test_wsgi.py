@@ -625,3 +625,24 @@ def test_gunicorn_threads_are_refused_with_a_message_that_says_so(tmp_path, mode
     finally:
         assert stop_server(proc) == 0, server_log(tmp_path)
     assert _forkpoint_processes(proc.pid) == []
+
+
+@pytest.mark.parametrize("mode", ["transaction", "restart"])
+def test_gunicorn_gevent_is_refused_with_a_message_that_says_so(tmp_path, mode):
+    """gunicorn -k gevent serves many requests at once in greenlets of one process; gevent's
+    monkey-patching makes each look like a thread of its own, so the request is refused as from
+    a thread (500, every request): the message must name greenlets and the cure, not --threads,
+    which the command line does not have."""
+    pytest.importorskip("gevent")
+    proc, port = _gunicorn(tmp_path, "-w", "1", "-k", "gevent", MODE=mode)
+    try:
+        statuses = [_get(port)[0] for _ in range(3)]
+        assert statuses == [500] * 3, (statuses, server_log(tmp_path))
+        log = server_log(tmp_path)
+        assert "Using worker: gevent" in log
+        assert "gevent's greenlets" in log and "sync worker" in log, log[-3000:]
+        assert "--threads" not in log, log[-3000:]
+        assert len(_booted(tmp_path)) == 1, log
+    finally:
+        assert stop_server(proc) == 0, server_log(tmp_path)
+    assert _forkpoint_processes(proc.pid) == []
