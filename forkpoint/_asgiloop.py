@@ -16,8 +16,11 @@ Only asyncio's selector loops are covered (as by ``_eventloop``); uvloop is not.
 """
 from __future__ import annotations
 
+import array
 import asyncio
+import fcntl
 import logging
+import termios
 import threading
 from asyncio import selector_events
 from typing import Any
@@ -57,6 +60,33 @@ def client_connections(loop: Any) -> int:
     kind = selector_events._SelectorTransport  # type: ignore[attr-defined]
     return sum(1 for t in list(loop._transports.values())
                if isinstance(t, kind) and getattr(t, "_sock", None) is not None)
+
+
+def pending(loop: Any) -> bool:
+    """Whether callbacks are queued to run in ``loop`` (asyncio's ``_ready``: a task made or woken
+    this turn, whose first or next step has not run); unknown internals count as pending."""
+    ready = getattr(loop, "_ready", None)
+    return ready is None or len(ready) > 0
+
+
+def fd_of(transport: Any) -> int:
+    """The descriptor of ``transport``'s socket (-1: none)."""
+    sock = transport.get_extra_info("socket")
+    try:
+        return sock.fileno() if sock is not None else -1
+    except (OSError, AttributeError, ValueError):
+        return -1
+
+
+def unread(transport: Any) -> int:
+    """Bytes received on ``transport``'s socket that the loop has not read yet (-1: unknown)."""
+    sock = transport.get_extra_info("socket")
+    try:
+        buf = array.array("i", [0])
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
+        return buf[0]
+    except (OSError, AttributeError, ValueError):
+        return -1
 
 
 def quiesce_threads(loop: Any, wait: bool = True) -> list[str]:

@@ -19,6 +19,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -66,6 +67,8 @@ class Saved:
     # The program's connections to servers, and how far their streams had gone (_connections).
     connections: tuple[_connections.Connection, ...] = ()
     terminal: tuple[_terminal.Mode, ...] = ()    # the terminals' modes (_terminal)
+    # Descriptors the program goes on using that the snapshot lets go of (``drop_fds``).
+    drop: tuple[int, ...] = ()
 
 def set_idle(pid: int = 0) -> None:
     try:
@@ -107,6 +110,8 @@ def frozen(rt: _Runtime, n: int, spares: int, saved: Saved | None = None,
         if rt.unidle:
             set_idle()          # first: the live process must get the CPU back at once
         _Ready.comm = _Ready.lock = _Ready.mask = None  # the live process's (if restored): never reused
+        if saved is not None and saved.drop:
+            drop_fds(saved.drop)
         shepherd = rt.shepherd_pid
         _prctl.set_pdeathsig(signal.SIGKILL)
         if _identity.real_ppid() != shepherd:
@@ -200,6 +205,22 @@ def frozen(rt: _Runtime, n: int, spares: int, saved: Saved | None = None,
                     os.close(pidfd)     # our priority is the shepherd's to set from here on
     except BaseException:  # noqa: BLE001 - a snapshot must never fall back into program code
         os._exit(70)
+
+
+def drop_fds(fds: tuple[int, ...]) -> None:
+    """Let go of descriptors the live process goes on using (``tsetjmp(_drop=)``): each is
+    replaced with an unconnected socket, so that its number stays taken and a restored process
+    finds a socket there, which its event loop can still watch until the program closes it."""
+    try:
+        placeholder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError:     # (no descriptor left: kept, and their FIN waits for this checkpoint)
+        return
+    for fd in fds:
+        try:
+            os.dup2(placeholder.fileno(), fd, inheritable=False)
+        except OSError:
+            pass
+    placeholder.close()
 
 
 def _forget_lost_threads() -> None:

@@ -485,12 +485,13 @@ class WorkerCheckpoint:
     refresh: Refresh
     rescue: Rescue | None
 
-    def take_checkpoint(self) -> int:
-        """``tsetjmp(pin=True)``, made the worker's checkpoint; returns its number."""
+    def take_checkpoint(self, drop: tuple[int, ...] = ()) -> int:
+        """``tsetjmp(pin=True)``, made the worker's checkpoint; returns its number. ``drop``: the
+        descriptors of connections the checkpoint's processes let go of (``tsetjmp``)."""
         old = self.n
         before = snapshots.current_state()
         try:
-            n = snapshots.tsetjmp(pin=True)
+            n = snapshots.tsetjmp(pin=True, _drop=drop)
         except BaseException:
             n = snapshots.current_state()
             if n != before:             # taken: raised as the signals came back

@@ -296,8 +296,9 @@ class Overdue:
             if not raw_at:
                 continue
             at = _D.unpack(_Q.pack(raw_at))[0]
-            if at > now:
-                ahead = at if not ahead else min(ahead, at)
+            if not at <= now:           # (not yet; or a NaN, a damaged word: never)
+                if at > now:
+                    ahead = at if not ahead else min(ahead, at)
                 continue
             tid, serial = int(words[base]), int(words[base + 3])
             n = word & 0xFFFF_FFFF

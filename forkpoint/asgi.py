@@ -4,7 +4,8 @@ Wrap the application where it is defined; the command line does not change (``uv
 any ``--workers``). An event loop runs many requests at once, so there is no per-request
 transaction: the worker is checkpointed once, as soon as it listens and before it holds any
 connection (right after the ASGI lifespan startup), and every ``refresh`` seconds after that
-whenever no request is in flight, no connection is open and no thread runs but idle executor and
+whenever no request is in flight, no connection is open but idle keep-alive ones (the checkpoint's
+processes let go of those: ``_idle_connections``) and no thread runs but idle executor and
 AnyIO worker threads (which are stopped first). A segfault or abort anywhere in the worker, or a
 request whose code runs (without yielding to the loop) longer than ``timeout``, restores that
 checkpoint: the worker serves on warm, under the same PID.
@@ -140,6 +141,9 @@ class _Protected(WorkerCheckpoint):
         self.refused: str | None = None
         self.warned = False
         self.put_off = False            # a refresh is being put off (logged once, at INFO)
+        # In a process restored into a refresh that let go of keep-alive connections: those
+        # (aborted) transports, whose requests the loop had read already are not run (_checkpoint).
+        self.dropped: frozenset[Any] = frozenset()
         self.expiry: _Expiry | None = None
         self.record_of = Records()
 
@@ -180,7 +184,9 @@ class _Protected(WorkerCheckpoint):
             else:
                 loop.call_later(_POLL, self._poll)
             return
-        if self.inflight or _asgiloop.client_connections(loop):
+        idle: list[Any] = []
+        if self.inflight or (_asgiloop.client_connections(loop)
+                             and not (self.n and (idle := self._idle_connections(loop)))):
             loop.call_later(_POLL, self._poll)
             return
         # No thread may run beside a checkpoint, the first or a refresh: the application makes
@@ -201,11 +207,40 @@ class _Protected(WorkerCheckpoint):
             self._checkpoint()
             return
         try:
-            self._checkpoint()
+            self._checkpoint(idle)
         except ThreadsAlive as e:       # a thread Python does not list (a C library's own)
             self._put_off([str(e)])
             return
         self.put_off = False
+
+    def _idle_connections(self, loop: asyncio.AbstractEventLoop) -> list[Any]:
+        """For a refresh: the keep-alive connections, if every connection open is one that is idle
+        between requests (none: the refresh waits). A checkpoint must not hold a connection: asyncio
+        closes a socket without ``shutdown``, so a copy held by the checkpoint's processes would
+        never let its FIN go. So a refresh waited for a moment with no connection open, and clients
+        that keep theirs alive (a reverse proxy's upstream keep-alive, any HTTP client's pool)
+        always had one: ``refresh=`` never moved the checkpoint under steady traffic (three
+        clients, a request each every 0.3 s: no refresh in 6 s with ``refresh=0.5``). The
+        checkpoint's processes now let go of these (``tsetjmp(_drop=)``), and a process restored
+        there drops them (``_checkpoint``). Not a connection whose next request has begun
+        to arrive (its socket has bytes the loop has not read): that one waits."""
+        rescue = self.rescue
+        if rescue is None or len(self.slots) < _asgiloop.client_connections(loop):
+            return []           # (a connection not between requests: a websocket, a new one)
+        if _asgiloop.pending(loop):
+            # The loop runs the callbacks of the sockets it found readable before the timers due
+            # (this check is one): a request read in this turn has its task made and not yet run
+            # (uvicorn's), or a task woken to read it (Hypercorn's), and its slot says idle. In the
+            # checkpoint, a process restored there would run it again (the failed process served
+            # it): under steady traffic, at every refresh (a review's count: 16 of 16).
+            return []
+        words = rescue.words
+        idle = []
+        for transport, w in self.slots.items():
+            if int(words[w]) != _IDLE or transport.is_closing() or _asgiloop.unread(transport):
+                return []
+            idle.append(transport)
+        return idle
 
     def _put_off(self, threads: list[str]) -> None:
         """A refresh is due but a thread it cannot stop runs (a job in the executor, another
@@ -219,7 +254,9 @@ class _Protected(WorkerCheckpoint):
         self.watching = True
         self.loop.call_later(1.0, self._poll)
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, idle: list[Any] | None = None) -> None:
+        """Take the worker's checkpoint; ``idle``: keep-alive connections open, idle between
+        requests, which its processes let go of (``_idle_connections``)."""
         merge_policy(self.quarantine_after)
         if not self.n:
             gc.freeze()         # the worker's heap at startup: see wsgi._freeze
@@ -231,12 +268,25 @@ class _Protected(WorkerCheckpoint):
             _threadmarks.install(self.loop, runtime().arena_or_create(), _response_due)
             # So is a task that a request's step creates: its steps are the request's.
             _mark_tasks(self.loop, self)
-        n = self.take_checkpoint()
+        n = self.take_checkpoint(tuple(fd for fd in (_asgiloop.fd_of(t) for t in idle or ()) if fd >= 0))
         if restored_into(n):
             answered, closed = self.rescue.rescue()
+            # The failed process served those connections on after the checkpoint, and the holder
+            # of its descriptors has answered or closed them with the others (rescue); here their
+            # descriptors are placeholders, dropped before the loop runs again. (Their slots are
+            # free already: rescue() freed every slot.)
+            # The loop may have read a request on one of them in the turn that took the refresh
+            # (it runs the callbacks of the sockets it found readable before the timers due: under
+            # steady traffic, every refresh), its task made and not yet run: the failed process
+            # served it, so it must not run again here (__call__).
+            self.dropped = frozenset(idle or ())
+            for transport in idle or ():
+                self.slots.pop(transport, None)
+                transport.abort()
             log.warning("forkpoint: worker restored to checkpoint %d (%s); %d client(s) answered 500, "
                         "%d closed", n, snapshots.restore_reason(), answered, closed)
             return
+        self.dropped = frozenset()
         log.info("forkpoint: worker checkpoint %d taken", n)
 
     # -- ASGI ---------------------------------------------------------------------------------------
@@ -260,6 +310,9 @@ class _Protected(WorkerCheckpoint):
             task = _current_task(self.loop)
         if self.refused:
             raise RuntimeError(self.refused)
+        if self.dropped and (getattr(getattr(send, "__self__", None), "transport", None) or
+                             _transport_of(send, scope)) in self.dropped:
+            return await _gone(receive)     # read before a restore, on a connection let go of
         if self.n == 0 and not self.watching:
             if not self.warned:
                 self.warned = True
@@ -520,6 +573,20 @@ def _transport_of(send: Send, scope: Scope | None) -> Any:
             return getattr(writer, "transport", None)
         owner = getattr(getattr(owner, "send", None), "__self__", None)
     return None
+
+
+async def _gone(receive: Receive) -> None:
+    """A request (or websocket) whose connection a restored process dropped (``_checkpoint``): the
+    failed process served it. Not run: its disconnect is awaited, so that the server sees a client
+    gone, not an application that returned without a response (uvicorn logs that and writes 500)."""
+    async def disconnect() -> None:
+        while not str((await receive()).get("type", "")).endswith("disconnect"):
+            pass
+
+    try:
+        await asyncio.wait_for(disconnect(), 5.0)
+    except asyncio.TimeoutError:
+        pass
 
 
 async def _respond(send: Send, what: tuple[str, int, bytes]) -> None:

@@ -124,7 +124,7 @@ _getsignal, _Method, _Function = _signal.getsignal, types.MethodType, types.Func
 
 # ---- the public API ------------------------------------------------------------------------------
 def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int | None = None,
-            key: str | None = None, deadline: float = 0.0) -> int:
+            key: str | None = None, deadline: float = 0.0, _drop: tuple[int, ...] = ()) -> int:
     """Take checkpoint *n* (1, 2, 3, ... over the program's life) and return *n*.
 
     When the program is later restored to *n*, execution goes on by returning *n* from this same
@@ -134,7 +134,9 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int
     0 makes a restore fork the copy on demand (slower, but the checkpoint costs one fork, not two).
     ``key`` and ``deadline`` are for a protected call checkpointed for itself: the input to blame if
     the process fails while this checkpoint is current, and the ``time.monotonic()`` past which the
-    shepherd restores it as a timeout.
+    shepherd restores it as a timeout. (``_drop``: descriptors the checkpoint's processes let go
+    of, which the program goes on using: a server's idle keep-alive connections, whose FIN must not
+    wait for a frozen copy; a process restored there finds an unconnected socket at each number.)
     """
     rt = _rt
     rt.check_caller()
@@ -172,7 +174,8 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int
                   taken=time.monotonic(),
                   connections=_connections.at_checkpoint(fds.sockets, fds.stdio)
                   if rt.config.reset_connections and fds.sockets else (),
-                  terminal=_terminal.at_checkpoint(fds.devices) if fds.devices else ())
+                  terminal=_terminal.at_checkpoint(fds.devices) if fds.devices else (),
+                  drop=_drop)
     # The shepherd hears of the checkpoint before the fork: after it, every page this process
     # writes is copied on first write, so the parent's side of the fork restores its signal mask
     # and records the current state, nothing more: the keeper's pidfd is written by clone(2)

@@ -117,6 +117,14 @@ STARLETTE_APP = """
         job.add_done_callback(jobs.discard)
         return PlainTextResponse("started")
 
+    async def block(request):
+        # The loop's thread is busy for s seconds, from d seconds after this request (which is
+        # over by then): a callback of the loop, no request's step (a GC pause, a busy loop).
+        import time
+        asyncio.get_running_loop().call_later(float(request.query_params.get("d", "0")), time.sleep,
+                                              float(request.query_params.get("s", "1")))
+        return PlainTextResponse("blocking")
+
     async def ws(websocket):
         await websocket.accept()
         try:
@@ -129,6 +137,7 @@ STARLETTE_APP = """
                              Route("/sync-count", sync_count), Route("/to-thread", to_thread),
                              Route("/sync-crash", sync_crash), Route("/busy", busy),
                              Route("/background", background), Route("/guarded-stuck", guarded_stuck),
+                             Route("/block", block),
                              WebSocketRoute("/ws", ws)])
     class SyncRaising:
         # An ASGI application whose __call__ is a plain function (an adapter, a middleware) that
@@ -479,6 +488,104 @@ def test_refresh_keeps_what_the_worker_learned(tmp_path):
         assert _get(port, "/crash")[0] == 500
         assert _get(port)[1]["served"] == 4                   # back to 3, then this request
     finally:
+        assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
+
+
+@pytest.mark.parametrize("way", ["holder", "park"])
+def test_a_refresh_is_taken_while_clients_keep_their_connections_alive(tmp_path, way):
+    """A checkpoint must not hold a client's socket: asyncio closes one without ``shutdown``, so
+    the server's close would send no FIN while a checkpoint's process held a copy. So a refresh
+    waited for a moment with no connection open, and clients that keep theirs alive (a proxy's
+    upstream keep-alive, an HTTP client's pool) never gave it one: no refresh at all. Now the
+    checkpoint's processes let go of connections idle between requests: the refresh is taken,
+    the kept connections are served on, the server's close of one still sends FIN, and after a
+    crash another is closed, the worker back at the refreshed state."""
+    import socket
+
+    def get(s: socket.socket, close: bool = False) -> dict:
+        s.sendall(b"GET /count HTTP/1.1\r\nHost: x\r\n" + (b"Connection: close\r\n" if close else b"")
+                  + b"\r\n")
+        got = b""
+        while b"\r\n\r\n" not in got or not got.endswith(b"}"):
+            chunk = s.recv(65536)
+            assert chunk, got
+            got += chunk
+        return json.loads(got.partition(b"\r\n\r\n")[2])
+
+    env = {"FORKPOINT_PARK": "1"} if way == "park" else {}
+    proc, port = _uvicorn(tmp_path, "--timeout-keep-alive", "60", REFRESH="0.3", **env)
+    kept = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+    try:
+        served: list[int] = []
+
+        def refreshed() -> bool:                        # requests 0.1 s apart, never unconnected
+            served.extend(get(s)["served"] for s in kept)
+            time.sleep(0.1)
+            return [c["id"] for c in operator.request(proc.pid, "ls")["checkpoints"]] != [1]
+
+        wait_for(refreshed, timeout=10)
+        assert served == list(range(1, len(served) + 1)), served
+        assert get(kept[0], close=True)["served"] == len(served) + 1
+        assert kept[0].recv(1) == b""                   # the server closed it: its FIN went
+        status, body = _get(port, "/crash")
+        assert status == 500 and "rolled back" in body, (status, body, server_log(tmp_path))
+        assert kept[1].recv(1) == b""                   # closed by the restore, not left open
+        # Back at a refresh: one taken in the last rounds of requests, or after the close.
+        after = _get(port)[1]["served"]
+        assert len(served) - 2 <= after <= len(served) + 2, (after, served)
+    finally:
+        for s in kept:
+            s.close()
+        assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
+
+
+def test_a_request_read_as_the_refresh_is_taken_is_not_run_again_by_a_restore(tmp_path):
+    """A refresh taken while keep-alive connections are open lets go of them, and a restored
+    process drops them: but the loop may have read a request on one of them already, its task
+    made and not yet run, in the same turn as the refresh (the loop runs the callbacks of the
+    sockets it found readable before the timers due: under steady traffic, every refresh). The
+    live process serves that request; a process restored into that checkpoint must not run it
+    again: a second execution of whatever it did, and for a request that crashes, a second
+    crash (quarantined after one request of its client). A refresh is not taken while the loop
+    has callbacks queued, and a restored process does not run a request on a connection it let
+    go of (either one alone passes this test)."""
+    import socket
+
+    def get(s: socket.socket, p: str) -> tuple[int, bytes]:
+        s.sendall(f"GET {p} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        got = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+            head, sep, body = got.partition(b"\r\n\r\n")
+            length = [int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:")]
+            if sep and length and len(body) >= length[0]:
+                break
+        return int(got[9:12] or 0), got.partition(b"\r\n\r\n")[2]
+
+    proc, port = _uvicorn(tmp_path, "--timeout-keep-alive", "60", REFRESH="0.3", TIMEOUT="5",
+                         FORKPOINT_INFO="1")
+    kept = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        assert get(kept, "/count")[0] == 200
+        time.sleep(0.4)                                     # a refresh is due
+        # A job in a thread puts the refresh off for a second (its end runs the check, which
+        # finds the thread still running), while the connection stays open and idle.
+        assert get(kept, "/background?s=0.2")[0] == 200
+        time.sleep(0.4)
+        # The loop is busy 0.4-1.3 s from there, across the retry; the next request comes in
+        # meanwhile, so the loop reads it and takes the refresh in the same turn.
+        assert get(kept, "/block?s=0.9")[0] == 200
+        time.sleep(0.4)
+        assert get(kept, "/crash")[0] == 500
+        assert "refresh of the worker's checkpoint put off" in server_log(tmp_path)
+        assert _get(port)[0] == 200             # (served after what a restored process runs first)
+        assert server_log(tmp_path).count("worker restored to checkpoint") == 1, server_log(tmp_path)
+        assert "quarantined" not in server_log(tmp_path), server_log(tmp_path)
+    finally:
+        kept.close()
         assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
 
 
