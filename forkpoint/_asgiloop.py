@@ -29,7 +29,7 @@ from . import _eventloop
 
 log = logging.getLogger("forkpoint")
 
-__all__ = ["client_connections", "listening", "quiesce_threads", "unsupported"]
+__all__ = ["client_connections", "listening", "quiesce_threads", "unsupported", "unsupported_server"]
 
 
 def unsupported(loop: asyncio.AbstractEventLoop) -> str | None:
@@ -40,6 +40,44 @@ def unsupported(loop: asyncio.AbstractEventLoop) -> str | None:
     hint = " (uvicorn chose it: run uvicorn with --loop asyncio)" if "uvloop" in name else ""
     return (f"forkpoint.asgi.protect needs an asyncio selector event loop; this one is {name}{hint}: "
             "its state in the kernel cannot be carried over a restore")
+
+
+_USE = "serve it with uvicorn (--loop asyncio) or hypercorn, which forkpoint supports"
+
+
+def unsupported_server(loop: asyncio.AbstractEventLoop, receive: Any, send: Any) -> str | None:
+    """Why forkpoint cannot protect an application served on ``loop`` by the server whose
+    ``receive``/``send`` it was handed (None: none that forkpoint knows to be unfit).
+
+    The worker's checkpoint needs the server's listening socket and connections in ``loop`` as
+    asyncio's own server and transports (``listening``, ``client_connections``, the rescue slots);
+    otherwise no checkpoint is ever taken and the application runs unprotected, with no word.
+
+    * Granian: its Rust runtime accepts and serves the connections in threads of its own (3 with
+      the defaults) and hands each request to the loop; none of its sockets is in the loop. A
+      checkpoint beside those threads is refused (``ThreadsAlive``: fork copies one thread), and a
+      restored worker would have none to serve with. Its ASGI ``receive``/``send`` are methods of
+      ``granian.asgi.LifespanProtocol`` (lifespan) and ``granian._granian.ASGIHTTPProtocol``.
+    * Daphne: its loop is asyncio's (Twisted's asyncio reactor), but its sockets are Twisted's
+      (registered with ``add_reader``), neither an asyncio server nor asyncio transports. Its
+      ``send`` is a ``functools.partial`` of a method of ``daphne.server.Server``.
+    """
+    for fn in (receive, send):
+        owner = getattr(fn, "__self__", None)
+        if owner is None and hasattr(fn, "func"):           # functools.partial
+            owner = getattr(fn.func, "__self__", None)
+        module = type(owner).__module__ if owner is not None else ""
+        top = module.partition(".")[0]
+        if top == "granian":
+            return ("forkpoint.asgi.protect cannot protect an application served by Granian: its "
+                    "connections are served by threads of its Rust runtime, outside the asyncio loop, "
+                    "which no checkpoint can copy (fork copies one thread) and whose sockets a restored "
+                    f"worker could not answer; {_USE}")
+        if top == "daphne":
+            return ("forkpoint.asgi.protect cannot protect an application served by Daphne: its "
+                    "sockets are Twisted's, not asyncio's servers and transports, so the worker's "
+                    f"checkpoint is never taken and no failed request can be answered; {_USE}")
+    return None
 
 
 def listening(loop: Any) -> bool:

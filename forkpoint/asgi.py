@@ -34,7 +34,8 @@ checkpoint: the worker serves on warm, under the same PID.
 
 Costs a few microseconds per request and per step. Needs asyncio's own event loop: under uvloop
 (``uvicorn[standard]`` picks it), the lifespan startup fails with a message saying to run uvicorn
-with ``--loop asyncio``.
+with ``--loop asyncio``. Granian and Daphne are refused the same way (``_asgiloop.unsupported_server``):
+their connections are not the loop's.
 """
 from __future__ import annotations
 
@@ -83,6 +84,7 @@ _INFLIGHT, _STARTED, _IDLE = Rescue.INFLIGHT, Rescue.STARTED, Rescue.IDLE
 _SEQ = _fdholder.SEQ
 SLOTS = 64              # requests in flight whose clients a restored process can still answer
 _POLL = 0.05            # seconds between looks for a moment without connections (refresh)
+_EAGER = 5.0            # seconds the check runs at every turn after the lifespan startup (_watch)
 
 
 def protect(app: ASGIApp, *, timeout: float | None = None, key: Callable[[Scope], Any] | None = None,
@@ -138,6 +140,7 @@ class _Protected(WorkerCheckpoint):
         self.loop: asyncio.AbstractEventLoop | None = None
         self.watching = False
         self.eager = False
+        self.eager_until = 0.0
         self.refused: str | None = None
         self.warned = False
         self.put_off = False            # a refresh is being put off (logged once, at INFO)
@@ -148,13 +151,14 @@ class _Protected(WorkerCheckpoint):
         self.record_of = Records()
 
     # -- the worker's checkpoint -------------------------------------------------------------------
-    def _checked_loop(self) -> str | None:
-        """On this process's first call: is its loop one forkpoint can carry over a restore?"""
+    def _checked_loop(self, receive: Any = None, send: Any = None) -> str | None:
+        """On this process's first call: is its loop one forkpoint can carry over a restore, and its
+        server (``receive``, ``send``: what it handed that call) one whose I/O is that loop's?"""
         loop = asyncio.get_running_loop()
         if loop is not self.loop:
             self.loop = loop
             self.expiry = _Expiry(loop, self.timeout) if self.timeout is not None else None
-            self.refused = _asgiloop.unsupported(loop)
+            self.refused = _asgiloop.unsupported(loop) or _asgiloop.unsupported_server(loop, receive, send)
             if self.refused:
                 log.error("%s", self.refused)
         return self.refused
@@ -170,6 +174,10 @@ class _Protected(WorkerCheckpoint):
         """
         if self.loop is None:
             return
+        if eager and not self.eager:
+            # At every turn, but not forever: a server whose listening socket never shows in the
+            # loop (one forkpoint does not know) held a core at 100% while idle (a Granian audit).
+            self.eager_until = self.loop.time() + _EAGER
         self.eager = self.eager or eager
         if not self.watching:
             self.watching = True
@@ -179,7 +187,7 @@ class _Protected(WorkerCheckpoint):
         loop = self.loop
         assert loop is not None
         if not _asgiloop.listening(loop):
-            if self.eager:
+            if self.eager and loop.time() < self.eager_until:
                 loop.call_soon(self._poll)
             else:
                 loop.call_later(_POLL, self._poll)
@@ -306,7 +314,7 @@ class _Protected(WorkerCheckpoint):
         loop = self.loop
         task = _current_task(loop) if loop is not None else None
         if task is None:
-            self._checked_loop()
+            self._checked_loop(receive, send)
             task = _current_task(self.loop)
         if self.refused:
             raise RuntimeError(self.refused)
@@ -534,7 +542,7 @@ class _Protected(WorkerCheckpoint):
         return w
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        refused = self._checked_loop()
+        refused = self._checked_loop(receive, send)
         if refused:
             message = await receive()
             if message.get("type") == "lifespan.startup":

@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import (
+    OWN_GROUP,
     check_default_key,
     clean_env,
     free_port,
@@ -815,3 +816,56 @@ def test_under_hypercorn_the_clients_of_failed_requests_are_answered_500(tmp_pat
     finally:
         assert stop_server(proc, signal.SIGTERM) == 0, server_log(tmp_path)
     assert wait_for(lambda: _all_gone(pids), timeout=10), server_log(tmp_path)
+
+
+def test_granian_is_refused_with_a_clear_message(tmp_path):
+    """Granian serves connections in its Rust runtime's threads, outside the asyncio loop: no
+    checkpoint is possible there (the worker spun a core at 100% looking for a listening socket
+    in the loop, and a crash took the server down, with no word from forkpoint). Refused at the
+    lifespan startup (the server stops), or at each request without one (``asginl``: 500)."""
+    pytest.importorskip("granian")
+    import subprocess
+
+    (tmp_path / "app.py").write_text(textwrap.dedent(STARLETTE_APP))
+    port = free_port()
+    argv = [sys.executable, "-m", "granian", "--interface", "asgi", "--port", str(port), "app:app"]
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, text=True,
+                            env=clean_env(), **OWN_GROUP)
+    log.close()
+    try:
+        code = proc.wait(20)
+    except subprocess.TimeoutExpired:
+        code = None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert code not in (None, 0), server_log(tmp_path)
+    assert "cannot protect an application served by Granian" in server_log(tmp_path)
+    argv[argv.index("asgi")] = "asginl"                  # no lifespan: refused at each request
+    proc = start_server(argv, tmp_path, port)
+    try:
+        assert _get(port)[0] == 500
+        assert _get(port, "/crash")[0] == 500            # (not run: the server is still there)
+        assert _get(port)[0] == 500
+        assert "cannot protect an application served by Granian" in server_log(tmp_path)
+    finally:
+        assert stop_server(proc, signal.SIGTERM) == 0, server_log(tmp_path)
+
+
+def test_daphne_is_refused_with_a_clear_message(tmp_path):
+    """Daphne runs Twisted's asyncio reactor: the loop is asyncio's, its sockets Twisted's, so the
+    worker's checkpoint was never taken (a warning promised it) and a crash killed the server.
+    Daphne has no lifespan: each request is refused (500) with the reason in its log."""
+    pytest.importorskip("daphne")
+    (tmp_path / "app.py").write_text(textwrap.dedent(STARLETTE_APP))
+    port = free_port()
+    proc = start_server([sys.executable, "-m", "daphne", "-p", str(port), "app:app"], tmp_path, port)
+    try:
+        assert _get(port)[0] == 500, server_log(tmp_path)
+        assert _get(port, "/crash")[0] == 500            # (not run: the server is still there)
+        assert _get(port)[0] == 500
+        assert "served by Daphne" in server_log(tmp_path)
+    finally:
+        assert stop_server(proc, signal.SIGTERM) == 0, server_log(tmp_path)
