@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 import textwrap
 import threading
@@ -196,6 +197,24 @@ def _in_background(port: int, path: str) -> tuple[threading.Thread, list]:
     t = threading.Thread(target=lambda: got.append(_get(port, path)))
     t.start()
     return t, got
+
+
+def _exchange(s: socket.socket, path: str, headers: bytes = b"") -> tuple[int, bytes]:
+    """One request on a socket kept open: (status, body), the body read by its content-length
+    (none: empty); (0, what came) if the server closed the connection first."""
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n".encode() + headers + b"\r\n")
+    got = b""
+    while True:
+        head, sep, body = got.partition(b"\r\n\r\n")
+        if sep:
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            if len(body) >= length:
+                return int(head[9:12]), body[:length]
+        chunk = s.recv(65536)
+        if not chunk:
+            return 0, got
+        got += chunk
 
 
 def test_a_crash_restores_the_worker_warm_under_the_same_pid(tmp_path):
@@ -395,28 +414,14 @@ def test_connections_upgraded_to_websockets_give_their_rescue_slots_back(tmp_pat
     to a websocket, uvicorn gives it another protocol, whose loss would never free the slot: more
     such connections than there are slots (64) must still leave one for a request that crashes,
     whose client gets its 500."""
-    import socket
-
-    def response(c: socket.socket) -> bytes:
-        got = b""
-        while b"\r\n\r\n" not in got:
-            got += c.recv(65536)
-        head, _, body = got.partition(b"\r\n\r\n")
-        length = int(next((line.split(b":")[1] for line in head.split(b"\r\n")
-                           if line.lower().startswith(b"content-length:")), b"0"))
-        while len(body) < length:
-            body += c.recv(65536)
-        return head
-
     proc, port = _uvicorn(tmp_path)
     try:
         for _ in range(70):
             with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
-                c.sendall(b"GET /count HTTP/1.1\r\nHost: x\r\n\r\n")
-                assert response(c).startswith(b"HTTP/1.1 200")
-                c.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
-                assert response(c).startswith(b"HTTP/1.1 101"), server_log(tmp_path)
+                assert _exchange(c, "/count")[0] == 200
+                upgrade = (b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n")
+                assert _exchange(c, "/ws", upgrade)[0] == 101, server_log(tmp_path)
         status, body = _get(port, "/crash")
         assert status == 500 and "rolled back" in body, (status, body, server_log(tmp_path))
         assert "rescue slots are taken" not in server_log(tmp_path)
@@ -462,8 +467,6 @@ def test_a_request_whose_client_left_leaves_the_slot_another_connection_took_alo
     its rescue slot; the next connection takes that slot. The first request's response start then
     marked the slot as started: the second connection's request crashed, and its client saw a
     closed connection ("0 client(s) answered 500, 1 closed") instead of its 500."""
-    import socket
-
     proc, port = _uvicorn(tmp_path, TIMEOUT="5", **({"FORKPOINT_PARK": "1"} if park else {}))
     try:
         assert _get(port)[0] == 200
@@ -501,17 +504,10 @@ def test_a_refresh_is_taken_while_clients_keep_their_connections_alive(tmp_path,
     checkpoint's processes let go of connections idle between requests: the refresh is taken,
     the kept connections are served on, the server's close of one still sends FIN, and after a
     crash another is closed, the worker back at the refreshed state."""
-    import socket
-
     def get(s: socket.socket, close: bool = False) -> dict:
-        s.sendall(b"GET /count HTTP/1.1\r\nHost: x\r\n" + (b"Connection: close\r\n" if close else b"")
-                  + b"\r\n")
-        got = b""
-        while b"\r\n\r\n" not in got or not got.endswith(b"}"):
-            chunk = s.recv(65536)
-            assert chunk, got
-            got += chunk
-        return json.loads(got.partition(b"\r\n\r\n")[2])
+        status, body = _exchange(s, "/count", b"Connection: close\r\n" if close else b"")
+        assert status == 200, (status, body)
+        return json.loads(body)
 
     env = {"FORKPOINT_PARK": "1"} if way == "park" else {}
     proc, port = _uvicorn(tmp_path, "--timeout-keep-alive", "60", REFRESH="0.3", **env)
@@ -550,21 +546,7 @@ def test_a_request_read_as_the_refresh_is_taken_is_not_run_again_by_a_restore(tm
     crash (quarantined after one request of its client). A refresh is not taken while the loop
     has callbacks queued, and a restored process does not run a request on a connection it let
     go of (either one alone passes this test)."""
-    import socket
-
-    def get(s: socket.socket, p: str) -> tuple[int, bytes]:
-        s.sendall(f"GET {p} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        got = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            got += chunk
-            head, sep, body = got.partition(b"\r\n\r\n")
-            length = [int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:")]
-            if sep and length and len(body) >= length[0]:
-                break
-        return int(got[9:12] or 0), got.partition(b"\r\n\r\n")[2]
+    get = _exchange
 
     proc, port = _uvicorn(tmp_path, "--timeout-keep-alive", "60", REFRESH="0.3", TIMEOUT="5",
                          FORKPOINT_INFO="1")
