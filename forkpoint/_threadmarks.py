@@ -11,11 +11,12 @@ innocent request blamed, and quarantined).
 So work handed off while an input is marked (in the main thread: its mark; in a thread running
 marked work: that work's) is wrapped to mark it again in the thread that runs it, in this region:
 an entry per thread running marked work (thread id, the key as ``Arena.set_processing_record``
-stores it, and a deadline), written when the work starts and cleared when it ends. Word 0 holds
-the main thread's id. The shepherd reads the crashing thread's id from faulthandler's report (``Current thread
-0x...``) and blames (``blamed``): that thread's entry if it has one; the main thread's mark if it
-is the main thread; nobody if it is another thread (its work was handed off by no marked input, or
-the table was full): never the main thread's mark for a crash in another thread.
+stores it, a deadline and the hand-off's serial number), written when the work starts and cleared
+when it ends. Word 0 holds the main thread's id. The shepherd reads the crashing thread's id from
+faulthandler's report (``Current thread 0x...``) and blames (``blamed``): that thread's entry if it
+has one; the main thread's mark if it is the main thread; nobody if it is another thread (its work
+was handed off by no marked input, or the table was full): never the main thread's mark for a
+crash in another thread.
 
 A thread cannot be cancelled, so work that hangs there (a C library stuck, a deadlock) kept its
 request unanswered for ever where the server waits for the thread (Django's sync views under ASGI:
@@ -254,14 +255,21 @@ def blamed(arena: Arena, report: bytes, key: str | None) -> str | None:
         base = _HEAD + e * _ENTRY
         word = int(words[base + 1])
         if word and int(words[base]) == tid:
-            n = word & 0xFFFF_FFFF
-            raw = bytes(view[(base + _KEY) * 8:(base + _KEY) * 8 + n]) if 0 < n <= _PROCESSING_MAX else b""
-            if raw and zlib.crc32(raw, n) == word >> 32:
+            raw = _key(view, base, word)
+            if raw:
                 return raw.decode(errors="replace")
             log.error("arena: the record of the input a thread was processing is corrupted (a stray "
                       "write?): it is ignored")
             return None
     return key if tid == main else None
+
+
+def _key(view: memoryview, base: int, word: int) -> bytes:
+    """The key of the entry at word ``base`` whose length and check are ``word``, if it matches
+    its check (b"": damaged, or being rewritten)."""
+    n = word & 0xFFFF_FFFF
+    raw = bytes(view[(base + _KEY) * 8:(base + _KEY) * 8 + n]) if 0 < n <= _PROCESSING_MAX else b""
+    return raw if raw and zlib.crc32(raw, n) == word >> 32 else b""
 
 
 class Overdue:
@@ -301,9 +309,8 @@ class Overdue:
                     ahead = at if not ahead else min(ahead, at)
                 continue
             tid, serial = int(words[base]), int(words[base + 3])
-            n = word & 0xFFFF_FFFF
-            raw = bytes(view[(base + _KEY) * 8:(base + _KEY) * 8 + n]) if 0 < n <= _PROCESSING_MAX else b""
-            if int(words[base + 1]) != word or not raw or zlib.crc32(raw, n) != word >> 32:
+            raw = _key(view, base, word)
+            if int(words[base + 1]) != word or not raw:
                 continue        # rewritten meanwhile (or damaged): the next reading will tell
             sighting = (e, tid, word, raw_at, serial)
             if sighting in self.seen:

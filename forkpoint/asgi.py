@@ -509,10 +509,9 @@ class _Protected(WorkerCheckpoint):
         keep-alive connections held them all (uvicorn keeps one 5 s after its last response,
         hypercorn keeps one its client closed as long), and a crash then left the clients of new
         connections with a closed connection instead of a 500."""
-        sock = transport.get_extra_info("socket")
         protocol = transport.get_protocol()
+        fd = _asgiloop.fd_of(transport)
         try:
-            fd = sock.fileno() if sock is not None else -1
             ino = os.fstat(fd).st_ino if fd >= 0 else 0
         except OSError:
             fd, ino = -1, 0
