@@ -29,7 +29,8 @@ from . import _eventloop
 
 log = logging.getLogger("forkpoint")
 
-__all__ = ["client_connections", "listening", "quiesce_threads", "unsupported", "unsupported_server"]
+__all__ = ["client_connections", "listening", "pause_accepting", "quiesce_threads", "resume_accepting",
+           "unsupported", "unsupported_server"]
 
 
 def unsupported(loop: asyncio.AbstractEventLoop) -> str | None:
@@ -82,11 +83,38 @@ def unsupported_server(loop: asyncio.AbstractEventLoop, receive: Any, send: Any)
 
 def listening(loop: Any) -> bool:
     """Whether a server accepts connections on ``loop`` (a listening socket is registered)."""
-    for key in list(loop._selector.get_map().values()):
-        reader = key.data[0]
-        if reader is not None and getattr(reader._callback, "__name__", "") == "_accept_connection":
-            return True
-    return False
+    return bool(_accepting(loop))
+
+
+def _accepting(loop: Any) -> list[tuple[int, Any, tuple[Any, ...]]]:
+    """The listening sockets' descriptors, and the reader callbacks asyncio's servers registered."""
+    readers = [(fd, key.data[0]) for fd, key in list(loop._selector.get_map().items())
+               if key.data[0] is not None]
+    return [(fd, h._callback, h._args) for fd, h in readers
+            if getattr(h._callback, "__name__", "") == "_accept_connection"]
+
+
+def pause_accepting(loop: Any) -> list[tuple[int, Any, tuple[Any, ...]]]:
+    """Stop ``loop`` accepting connections (they wait in the kernel's backlog); for
+    ``resume_accepting``. So that the server's startup can finish before the worker's checkpoint
+    without a connection coming first (``asgi._Protected._poll``)."""
+    paused = _accepting(loop)
+    for fd, _, _ in paused:
+        loop._remove_reader(fd)         # (cancels its handle: callback and arguments are kept)
+    return paused
+
+
+def resume_accepting(loop: Any, paused: list[tuple[int, Any, tuple[Any, ...]]]) -> None:
+    """Accept again on the sockets ``pause_accepting`` stopped, except one the server has closed
+    since (``Server.close()`` closes it) or registered again itself."""
+    if loop.is_closed():
+        return
+    registered = loop._selector.get_map()
+    for fd, callback, args in paused:
+        sock = args[1]                  # _accept_connection(protocol_factory, sock, ...)
+        key = registered.get(fd)
+        if sock.fileno() == fd and (key is None or key.data[0] is None):
+            loop._add_reader(fd, callback, *args)
 
 
 def client_connections(loop: Any) -> int:

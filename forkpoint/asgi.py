@@ -2,13 +2,13 @@
 
 Wrap the application where it is defined; the command line does not change (``uvicorn app:app``,
 any ``--workers``). An event loop runs many requests at once, so there is no per-request
-transaction: the worker is checkpointed once, as soon as it listens and before it holds any
-connection (right after the ASGI lifespan startup), and every ``refresh`` seconds after that
-whenever no request is in flight, no connection is open but idle keep-alive ones (the checkpoint's
-processes let go of those: ``_idle_connections``) and no thread runs but idle executor and
-AnyIO worker threads (which are stopped first). A segfault or abort anywhere in the worker, or a
-request whose code runs (without yielding to the loop) longer than ``timeout``, restores that
-checkpoint: the worker serves on warm, under the same PID.
+transaction: the worker is checkpointed once, as soon as it listens and its server's startup is
+done, before it holds any connection (right after the ASGI lifespan startup), and every
+``refresh`` seconds after that whenever no request is in flight, no connection is open but idle
+keep-alive ones (the checkpoint's processes let go of those: ``_idle_connections``) and no thread
+runs but idle executor and AnyIO worker threads (which are stopped first). A segfault or abort
+anywhere in the worker, or a request whose code runs (without yielding to the loop) longer than
+``timeout``, restores that checkpoint: the worker serves on warm, under the same PID.
 
 * Every request the application had begun on the worker fails the same way: its client gets a
   500 from the restored process (or a closed connection if its response had started;
@@ -85,6 +85,7 @@ _SEQ = _fdholder.SEQ
 SLOTS = 64              # requests in flight whose clients a restored process can still answer
 _POLL = 0.05            # seconds between looks for a moment without connections (refresh)
 _EAGER = 5.0            # seconds the check runs at every turn after the lifespan startup (_watch)
+_SETTLE = 20            # turns of the loop the server's startup may take after it listens (_poll)
 
 
 def protect(app: ASGIApp, *, timeout: float | None = None, key: Callable[[Scope], Any] | None = None,
@@ -141,6 +142,8 @@ class _Protected(WorkerCheckpoint):
         self.watching = False
         self.eager = False
         self.eager_until = 0.0
+        self.paused: list[tuple[int, Any, tuple[Any, ...]]] = []   # sockets not accepted on (_poll)
+        self.settling = 0
         self.refused: str | None = None
         self.warned = False
         self.put_off = False            # a refresh is being put off (logged once, at INFO)
@@ -186,7 +189,7 @@ class _Protected(WorkerCheckpoint):
     def _poll(self) -> None:
         loop = self.loop
         assert loop is not None
-        if not _asgiloop.listening(loop):
+        if not self.paused and not _asgiloop.listening(loop):
             if self.eager and loop.time() < self.eager_until:
                 loop.call_soon(self._poll)
             else:
@@ -195,14 +198,28 @@ class _Protected(WorkerCheckpoint):
         idle: list[Any] = []
         if self.inflight or (_asgiloop.client_connections(loop)
                              and not (self.n and (idle := self._idle_connections(loop)))):
+            self._accept()
             loop.call_later(_POLL, self._poll)
+            return
+        first = not self.n
+        if first and self.settling < _SETTLE and _asgiloop.pending(loop):
+            # The server's startup goes on after its socket listens: uvicorn and Hypercorn log
+            # "running on ..." in the next turn of the loop, and a program may write its PID file
+            # or tell systemd it is ready there. A checkpoint taken before that tail made every
+            # restore run it again (the line logged again after each crash). So the loop stops
+            # accepting (connections wait in the backlog) until it has nothing left to run this
+            # turn (at most _SETTLE turns: a loop that always has, takes it anyway).
+            if not self.paused:
+                self.paused = _asgiloop.pause_accepting(loop)
+            self.settling += 1
+            loop.call_soon(self._poll)
             return
         # No thread may run beside a checkpoint, the first or a refresh: the application makes
         # idle ones as it serves (Starlette's plain def endpoints: AnyIO's worker threads;
         # asyncio.to_thread: the default executor), so they are stopped for a refresh too.
-        first = not self.n
         left = _asgiloop.quiesce_threads(loop, wait=first)
         if left:
+            self._accept()
             if first:
                 log.warning("forkpoint: waiting for threads to end before the worker's checkpoint: %s",
                             ", ".join(left))
@@ -212,7 +229,10 @@ class _Protected(WorkerCheckpoint):
             return
         self.watching = self.eager = False
         if first:
-            self._checkpoint()
+            try:
+                self._checkpoint()
+            finally:        # in the process that took it and in every one restored there
+                self._accept()
             return
         try:
             self._checkpoint(idle)
@@ -220,6 +240,12 @@ class _Protected(WorkerCheckpoint):
             self._put_off([str(e)])
             return
         self.put_off = False
+
+    def _accept(self) -> None:
+        """Accept connections again, if ``_poll`` stopped the loop accepting them."""
+        if self.paused and self.loop is not None:
+            paused, self.paused = self.paused, []
+            _asgiloop.resume_accepting(self.loop, paused)
 
     def _idle_connections(self, loop: asyncio.AbstractEventLoop) -> list[Any]:
         """For a refresh: the keep-alive connections, if every connection open is one that is idle

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import textwrap
 import threading
@@ -237,6 +238,44 @@ def test_a_crash_restores_the_worker_warm_under_the_same_pid(tmp_path):
     finally:
         assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
     assert "Finished server process" in server_log(tmp_path)
+
+
+def test_the_checkpoint_comes_after_the_startup_and_before_clients_waiting_in_the_backlog(tmp_path):
+    """Invariant: a restore does not run the server's startup again (uvicorn's "Uvicorn running
+    on" line was logged again after each crash: the checkpoint came as the socket began to
+    listen), and the checkpoint holds no client, not even one that connected before the server
+    listened (uvicorn ``--fd``, as under socket activation): each such client gets its whole
+    answer and the connection's end, and a restore goes back to a worker that served none."""
+    (tmp_path / "app.py").write_text(textwrap.dedent(STARLETTE_APP))
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    port = listener.getsockname()[1]
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
+    for c in clients:
+        c.settimeout(10)
+        c.sendall(b"GET /count HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    with open(tmp_path / "server.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--fd", str(listener.fileno()), "app:app"],
+                                cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=clean_env(),
+                                pass_fds=(listener.fileno(),), **OWN_GROUP)
+    listener.close()
+    try:
+        served = []
+        for c in clients:
+            with c:
+                got = b""
+                while chunk := c.recv(65536):       # to the server's close (socket.timeout: never)
+                    got += chunk
+            head, _, body = got.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), (got, server_log(tmp_path))
+            served.append(json.loads(body)["served"])
+        assert len(served) == 8 and max(served) == 8, served   # (served at once: not 1..8)
+        assert _get(port, "/crash")[0] == 500
+        assert _get(port, "/hang")[0] == 500
+        status, after = _get(port)
+        assert status == 200 and after == {"pid": proc.pid, "served": 1}, after
+        assert server_log(tmp_path).count("Uvicorn running on") == 1, server_log(tmp_path)
+    finally:
+        assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
 
 
 def test_the_default_key_is_method_path_and_query(tmp_path):
