@@ -202,6 +202,19 @@ class _Protected(WorkerCheckpoint):
             loop.call_later(_POLL, self._poll)
             return
         first = not self.n
+        if not first and _asgiloop.pending(loop):
+            # The loop runs the callbacks of the sockets it found readable before the timers due
+            # (a refresh's look is one), so what is queued now comes from this turn's sockets:
+            # * a connection accepted, its socket in a task not yet run (_accept_connection2), no
+            #   transport yet, which client_connections does not count: in the checkpoint, its
+            #   FIN would never go (a review: 2 of 6 refreshes held such sockets, 8 clients
+            #   waited for the end of their answers until they gave up);
+            # * a request read, its task made and not yet run (uvicorn's) or a task woken to read
+            #   it (Hypercorn's), its slot idle: a process restored there would run it again
+            #   (the failed process served it; a review's count: 16 of 16 refreshes under steady
+            #   traffic).
+            loop.call_later(_POLL, self._poll)
+            return
         if first and self.settling < _SETTLE and _asgiloop.pending(loop):
             # The server's startup goes on after its socket listens: uvicorn and Hypercorn log
             # "running on ..." in the next turn of the loop, and a program may write its PID file
@@ -209,8 +222,9 @@ class _Protected(WorkerCheckpoint):
             # restore run it again (the line logged again after each crash). So the loop stops
             # accepting (connections wait in the backlog) until it has nothing left to run this
             # turn (at most _SETTLE turns: a loop that always has, takes it anyway).
-            if not self.paused:
-                self.paused = _asgiloop.pause_accepting(loop)
+            # At every turn: a server may begin to listen on another socket meanwhile (Hypercorn's
+            # binds, one after another). This runs before the turn's accepts, so none is run.
+            self.paused += _asgiloop.pause_accepting(loop)
             self.settling += 1
             loop.call_soon(self._poll)
             return
@@ -243,6 +257,7 @@ class _Protected(WorkerCheckpoint):
 
     def _accept(self) -> None:
         """Accept connections again, if ``_poll`` stopped the loop accepting them."""
+        self.settling = 0               # (a later try settles afresh: its accepts ran before it)
         if self.paused and self.loop is not None:
             paused, self.paused = self.paused, []
             _asgiloop.resume_accepting(self.loop, paused)
@@ -261,13 +276,7 @@ class _Protected(WorkerCheckpoint):
         rescue = self.rescue
         if rescue is None or len(self.slots) < _asgiloop.client_connections(loop):
             return []           # (a connection not between requests: a websocket, a new one)
-        if _asgiloop.pending(loop):
-            # The loop runs the callbacks of the sockets it found readable before the timers due
-            # (this check is one): a request read in this turn has its task made and not yet run
-            # (uvicorn's), or a task woken to read it (Hypercorn's), and its slot says idle. In the
-            # checkpoint, a process restored there would run it again (the failed process served
-            # it): under steady traffic, at every refresh (a review's count: 16 of 16).
-            return []
+        # (Nor while the loop has callbacks queued, a request read this turn among them: _poll.)
         words = rescue.words
         idle = []
         for transport, w in self.slots.items():
