@@ -192,7 +192,8 @@ class Restores:
         else:
             shared = self._count_failure(key, sig, cause) if key is not None else None
             decision = self.policy.decide(target, sig, key, sorted(self.ckpts), time.time(), cause,
-                                          budgeted=bool(sig), key_failures=shared)
+                                          budgeted=bool(sig), key_failures=shared,
+                                          served=self.arena.served())
         if requester is not None:
             self.live = None
             self._retire(requester)

@@ -87,6 +87,9 @@ _H_WD_CHECK = 41
 # of its own, as blocks of different tasks start and end in any order around the steps and calls
 # that write the one above (each of those puts back what it found, which a block must not undo).
 _H_AL_AT, _H_AL_TO, _H_AL_CHECK = 42, 43, 44
+# Inputs done (``processing()`` blocks left, requests of the WSGI and ASGI wrappers ended), however
+# they ended: the shepherd's evidence that a program it restores serves between its failures.
+_H_SERVED = 45
 _MASK = 0xFFFF_FFFF_FFFF_FFFF
 _PROCESSING_OFF = 512          # (unused) word, length word with the key's checksum, then the key
 # Children the live process reaped itself, newest last: (pid, status) word pairs, a ring.
@@ -506,6 +509,16 @@ class Arena:
             words[_H_WD_CHECK] = check
             words[_H_WD_AT] = at
         return True
+
+    def count_served(self) -> None:
+        """One more input done, in the live process (``served``)."""
+        words = self.words
+        words[_H_SERVED] = (words[_H_SERVED] + 1) & _MASK
+
+    def served(self) -> int:
+        """How many inputs the program's live processes have done: ``policy.RecoveryPolicy.decide``
+        starts its count of failures afresh after a failure paid for by as many inputs served."""
+        return int(self.words[_H_SERVED])
 
     def leave_step(self) -> None:
         """Undo ``enter_step``: no deadline, no input being processed."""

@@ -515,6 +515,8 @@ class _Protected(WorkerCheckpoint):
             expiry.done(task)
         if w >= 0 and self.slots.get(conn) == w and int(words[w + _SEQ]) == seq:
             words[w] = _IDLE                          # (Rescue.idle)
+        if self.arena is not None:
+            self.arena.count_served()
 
     def _know(self, seen: tuple[Any, ...], scope: Scope) -> tuple[str, tuple[bytes, int]]:
         """The default key of a request with this type, method, path and query, and its record."""

@@ -16,7 +16,14 @@ Modelled on supervisors that have run for decades:
   quarantines that key, so the restored program skips the input and serves the next one.
 
 Counters are windows of timestamps, so a stable period resets them by itself: a program that crashes
-once a day is never given up on. This module is pure logic; the shepherd feeds it events.
+once a day is never given up on. So does work: a budget is for a state that keeps failing, and a
+failure after the restored program served at least as many inputs (``processing()`` blocks, the
+WSGI and ASGI wrappers' requests, ``Arena.served``) as failed in the window is not that. The count
+starts afresh there. A server whose distinct poisoned requests (a fuzzer, one bad upload retried
+under new query strings) each crash it once, each then quarantined, was given up on at the sixth
+within a minute while it answered everything else: a lone uvicorn ended. A state that fails every
+input still exhausts its budget, a few health checks between its failures notwithstanding.
+This module is pure logic; the shepherd feeds it events.
 """
 from __future__ import annotations
 
@@ -96,6 +103,8 @@ class RecoveryPolicy:
     def __init__(self) -> None:
         self.policy = Policy()
         self._events: dict[tuple[int, int], deque[float]] = {}
+        # Arena.served() at each failure in _events' windows (theirs, in the same order).
+        self._served: dict[tuple[int, int], deque[int]] = {}
         self._escalated: dict[int, float] = {}
         self._key_events: dict[str, deque[float]] = {}
         self._decisions = 0
@@ -109,6 +118,8 @@ class RecoveryPolicy:
         for table in tables:
             for k in [k for k, q in table.items() if not self._window(q, now)]:
                 del table[k]
+        for k in [k for k in self._served if k not in self._events]:
+            del self._served[k]
 
     def _window(self, q: deque[float], now: float) -> deque[float]:
         while q and now - q[0] > self.policy.within:
@@ -116,13 +127,15 @@ class RecoveryPolicy:
         return q
 
     def decide(self, target: int, sig: int, key: str | None, checkpoints: list[int],
-               now: float, cause: str, budgeted: bool = True, key_failures: int | None = None) -> Decision:
+               now: float, cause: str, budgeted: bool = True, key_failures: int | None = None,
+               served: int | None = None) -> Decision:
         """A failure at checkpoint ``target`` (by ``sig``, while processing ``key``): what now?
 
         ``budgeted=False`` is for a jump the program asked for without a signal: it counts towards
         quarantining the input being processed, but the program is never given up on for it.
         ``key_failures``: the failures of ``key`` within the window wherever they happened, this
         one included, as a shared quarantine store counted them; None counts this program's only.
+        ``served``: the inputs the program has done so far (``Arena.served``), None if unknown.
         """
         p = self.policy
         self._prune(now)
@@ -133,13 +146,22 @@ class RecoveryPolicy:
             if (len(kq) if key_failures is None else key_failures) >= p.quarantine_after:
                 quarantine = key
                 kq.clear()
-        q = self._window(self._events.setdefault((target, sig), deque()), now)
+        kind = (target, sig)
+        q = self._window(self._events.setdefault(kind, deque()), now)
+        done = self._served.setdefault(kind, deque())
+        while len(done) > len(q):
+            done.popleft()
+        if q and served is not None and served - done[0] >= len(q):
+            q.clear()                   # paid for by the work since: not a state that keeps failing
+            done.clear()
         q.append(now)
+        done.append(served if served is not None else 0)
         attempt = len(q)
         if attempt <= p.max_recoveries or quarantine is not None or not budgeted:
             delay = min(p.backoff * 2 ** (attempt - 2), p.backoff_max) if attempt > 1 and p.backoff else 0.0
             return Decision(Action.RESTORE, target, delay, attempt, cause, quarantine)
         q.clear()
+        done.clear()
         esc = self._escalated.get(sig)
         older = [c for c in checkpoints if c < target]
         if older and (esc is None or now - esc > p.within):

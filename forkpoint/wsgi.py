@@ -353,6 +353,7 @@ class _Restart(_Base, WorkerCheckpoint):
             try:
                 if marked is None:
                     arena.leave_step()
+                    arena.count_served()
                 else:
                     self._done_nested(marked)
                 rescue.release(slot)
@@ -378,9 +379,10 @@ class _Restart(_Base, WorkerCheckpoint):
         """Undo the request's bookkeeping: its step (``entered``) or its nested marks, and its
         rescue slot; each part may be undone already (a cleanup cut short, done again)."""
         if marked is not None:
-            self._done_nested(marked)
+            self._done_nested(marked)           # (counted served by unmark)
         elif entered:
             self.arena.leave_step()
+            self.arena.count_served()
         assert self.rescue is not None
         self.rescue.release(slot)
 

@@ -278,6 +278,25 @@ def test_the_checkpoint_comes_after_the_startup_and_before_clients_waiting_in_th
         assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
 
 
+def test_crashes_of_different_requests_between_served_ones_never_end_the_worker(tmp_path):
+    """Invariant: a worker that serves between its crashes is not in a crash loop. Seven different
+    poisoned requests within a minute (each would be quarantined at its second failure), each
+    after a request served: each answered 500, the worker restored every time under its PID. The
+    recovery budget (5 within 60 s) used to count them together and let the sixth end the worker:
+    a lone uvicorn died by SIGSEGV."""
+    proc, port = _uvicorn(tmp_path)
+    try:
+        for i in range(7):
+            status, body = _get(port)
+            assert status == 200 and body["pid"] == proc.pid, (i, status, body)
+            status, body = _get(port, f"/crash?n={i}")
+            assert status == 500 and "rolled back" in body, (i, status, body, server_log(tmp_path))
+        assert _get(port) == (200, {"pid": proc.pid, "served": 1})
+        assert "giving up" not in server_log(tmp_path)
+    finally:
+        assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)
+
+
 def test_the_default_key_is_method_path_and_query(tmp_path):
     """Invariant: a quarantine refuses exactly the request that failed, named by its method, path
     and query: the same path with another query, or another method, still runs."""

@@ -247,6 +247,62 @@ def test_policy_counts_per_checkpoint_and_signal():
     assert later.action is Action.RESTORE and later.attempt == 1
 
 
+def test_a_failure_paid_for_by_inputs_served_starts_the_count_afresh():
+    """Invariant: the budget catches a state that keeps failing, not a program that serves between
+    its failures: once the inputs served since the window's first failure are at least as many as
+    its failures, the count starts again at 1; fewer (a few health checks between failures of
+    every real input) still exhaust it."""
+    rp = RecoveryPolicy()
+    rp.policy = Policy(signals={11}, max_recoveries=2, within=60)
+    # one input served between failures: never given up on, no escalation
+    d = [rp.decide(5, 11, f"k{i}", [3, 5], now=i, cause="c", served=10 * i) for i in range(10)]
+    assert {x.action for x in d} == {Action.RESTORE} and {x.target for x in d} == {5}
+    assert [x.attempt for x in d] == [1] * 10
+    # nothing served between them: escalated at the third, given up at the sixth, as before
+    rp = RecoveryPolicy()
+    rp.policy = Policy(signals={11}, max_recoveries=2, within=60)
+    d = [rp.decide(5, 11, f"k{i}", [3, 5], now=i, cause="c", served=7) for i in range(6)]
+    assert [x.target for x in d[:3]] == [5, 5, 3] and d[5].action is Action.GIVE_UP
+    # one input served for every two failures: fewer than failed, so the count goes on
+    rp = RecoveryPolicy()
+    rp.policy = Policy(signals={11}, max_recoveries=3, within=60)
+    d = [rp.decide(5, 11, f"k{i}", [5], now=i, cause="c", served=i // 2) for i in range(4)]
+    assert [x.action for x in d] == [Action.RESTORE] * 3 + [Action.GIVE_UP]
+    # unknown (None): counted as before
+    rp = RecoveryPolicy()
+    rp.policy = Policy(signals={11}, max_recoveries=2, within=60)
+    d = [rp.decide(5, 11, None, [5], now=i, cause="c") for i in range(3)]
+    assert d[2].action is Action.GIVE_UP
+
+
+def test_a_program_that_serves_between_crashes_of_different_inputs_is_not_given_up_on(tmp_path):
+    """The README's loop: every third input segfaults, each a different one (each quarantined
+    after its failure would come again), with inputs served between them. With a budget of 2
+    crashes a minute it serves all 30, the 10 crashes restored; the same program whose good
+    inputs do nothing in ``processing()`` has no such evidence and is given up on at the third."""
+    code = HEADER + """
+    fp.recover_on(signal.SIGSEGV, max_recoveries=2, within=60, to=1)
+    nxt = fp.persist_int("next")
+    fp.tsetjmp()
+    while nxt.value < 30:
+        i = nxt.value
+        nxt.add()
+        if i % 3 == 2:
+            with fp.processing(f"input-{i}"):
+                ctypes.string_at(0)
+        elif os.environ.get("MARKED"):
+            with fp.processing(f"input-{i}"):
+                pass
+    print("served all;", len(fp.history()), "restores", flush=True)
+    """
+    r = run_py(code, tmp_path, MARKED="1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "served all; 10 restores"
+    r = run_py(code, tmp_path)
+    assert r.returncode == -signal.SIGSEGV, (r.stdout, r.stderr)
+    assert "giving up" in r.stderr
+
+
 def test_watchdog_kills_a_hang_its_handler_cannot_reach(tmp_path):
     """Code that never lets the SIGALRM handler run (here: SIGALRM blocked, as native code may do)
     is SIGKILLed by the watchdog's kill timer, and the shepherd restores it as a timeout."""

@@ -204,6 +204,26 @@ def test_a_crash_costs_one_request_not_the_worker(tmp_path, mode):
     assert _forkpoint_processes(proc.pid) == []
 
 
+def test_restart_mode_crashes_of_different_requests_between_served_ones_never_end_the_worker(tmp_path):
+    """Invariant: a worker that serves between its crashes is not in a crash loop. Seven different
+    poisoned requests within a minute, each after a request served: each answered 500 by the same
+    worker. The recovery budget (5 within 60 s) used to count them together and let the sixth end
+    the worker: gunicorn then started a cold one."""
+    proc, port = _gunicorn(tmp_path, "-w", "1", MODE="restart")
+    try:
+        pids = set()
+        for i in range(7):
+            status, body = _get(port)
+            assert status == 200, (i, status, body)
+            pids.add(body["pid"])
+            status, body = _get(port, f"/crash?n={i}")
+            assert status == 500 and "rolled back" in body, (i, status, body, server_log(tmp_path))
+        assert len(pids) == 1 and _booted(tmp_path) == list(pids), server_log(tmp_path)
+    finally:
+        assert stop_server(proc) == 0, server_log(tmp_path)
+    assert _forkpoint_processes(proc.pid) == []
+
+
 @pytest.mark.parametrize("propagate", ["", "1"], ids=["flask-default", "propagate"])
 def test_a_views_exception_is_undone_only_if_flask_lets_it_escape_and_the_log_says_so(tmp_path, propagate):
     """Flask answers a view's exception with a 500 of its own unless ``PROPAGATE_EXCEPTIONS``:
