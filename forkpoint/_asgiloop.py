@@ -5,12 +5,14 @@ copies would keep every such socket open, so a connection the server closes late
 FIN (asyncio closes without ``shutdown``) and its client would wait forever. So the checkpoint is
 taken from a loop callback once the server listens and no connection is open (at startup).
 
-forkpoint refuses to checkpoint beside other threads (fork copies one). Three are common in a
+forkpoint refuses to checkpoint beside other threads (fork copies one). Four are common in a
 uvicorn worker and are dealt with here: the default executor's idle threads (asyncio resolves host
 names there) and AnyIO's idle worker threads (Starlette's plain ``def`` endpoints), which are shut
-down (new ones start on next use) before the first checkpoint and every refresh; and the health-check
-thread of ``uvicorn --workers N``, which answers its supervisor's pings over a socketpair; its duty moves
-into the event loop (``take_over_uvicorn_pings``), where it survives checkpoints and restores.
+down (new ones start on next use) before the first checkpoint and every refresh; a logging
+``QueueListener``'s thread (Litestar's default logging, dictConfig's ``queue_handler``), which the
+checkpoint itself stops and starts again (``_logqueues``), so it is let be; and the health-check
+thread of ``uvicorn --workers N``, which answers its supervisor's pings over a socketpair; its duty
+moves into the event loop (``take_over_uvicorn_pings``), where it survives checkpoints and restores.
 
 Only asyncio's selector loops are covered (as by ``_eventloop``); uvloop is not.
 """
@@ -26,6 +28,7 @@ from asyncio import selector_events
 from typing import Any
 
 from . import _eventloop
+from ._logqueues import is_listener_thread
 
 log = logging.getLogger("forkpoint")
 
@@ -118,14 +121,21 @@ def resume_accepting(loop: Any, paused: list[tuple[int, Any, tuple[Any, ...]]]) 
 
 
 def client_connections(loop: Any) -> int:
-    """The socket transports ``loop`` holds a socket for (closing ones included).
+    """The socket transports of connections ``loop``'s servers accepted that it holds a socket for
+    (closing ones included).
 
     ``loop._transports`` is asyncio's own registry of them; it is weak, and a transport that has
-    lost its connection stays there until it is collected, without its socket.
+    lost its connection stays there until it is collected, without its socket. Not a connection
+    the program opened to a server (``create_connection``: an asyncpg, redis.asyncio or httpx
+    pool's), which has no ``_server``: those stay open for the worker's life, and counted they
+    kept the worker from ever taking its checkpoint (an asyncpg pool made in the lifespan
+    startup: no checkpoint, a segfault ended uvicorn) or a refresh. ``_connections`` answers for
+    them at a restore.
     """
     kind = selector_events._SelectorTransport  # type: ignore[attr-defined]
     return sum(1 for t in list(loop._transports.values())
-               if isinstance(t, kind) and getattr(t, "_sock", None) is not None)
+               if isinstance(t, kind) and getattr(t, "_sock", None) is not None
+               and getattr(t, "_server", None) is not None)
 
 
 def pending(loop: Any) -> bool:
@@ -181,7 +191,7 @@ def quiesce_threads(loop: Any, wait: bool = True) -> list[str]:
     anyio_idle = [t for t in others if _idle_anyio_worker(t, loop)]
     if not wait:
         held = [t for t in others
-                if t not in anyio_idle and not _is_uvicorn_ping_thread(t)
+                if t not in anyio_idle and not _is_uvicorn_ping_thread(t) and not is_listener_thread(t)
                 and (t not in pool or not _eventloop.executor_idle(executor))]
         if held:
             return [t.name for t in held]
@@ -196,7 +206,9 @@ def quiesce_threads(loop: Any, wait: bool = True) -> list[str]:
     for t in threading.enumerate():
         if t is not main and _is_uvicorn_ping_thread(t):
             take_over_uvicorn_pings(loop, t)
-    return [t.name for t in threading.enumerate() if t is not main and t.is_alive()]
+    # (a logging QueueListener's thread is stopped and started again by the checkpoint itself)
+    return [t.name for t in threading.enumerate()
+            if t is not main and t.is_alive() and not is_listener_thread(t)]
 
 
 def _idle_anyio_worker(t: threading.Thread, loop: Any) -> bool:

@@ -28,6 +28,7 @@ from . import (
     _eventloop,
     _identity,
     _locks,
+    _logqueues,
     _nativepools,
     _notify,
     _prctl,
@@ -160,9 +161,18 @@ class _Runtime:
                     "live process can use its checkpoints")
             self.caller = _get_ident()
 
-    def check_threads(self, allow: bool | None) -> None:
+    def check_threads(self, allow: bool | None, stopped: list[Any] | None = None) -> list[Any]:
+        """Refuse a checkpoint beside threads (``ThreadsAlive``) unless ``allow``, after ending those
+        forkpoint can end. Returns the logging listeners stopped (``_logqueues``), for the caller to
+        start again after the copy (also with ``allow``: a copy must not count on their threads), also
+        when this raises: each is put in ``stopped`` before it is stopped."""
         allow = self.config.allow_threads if allow is None else allow
+        stopped = [] if stopped is None else stopped
         n = _nativepools.other_threads() + 1     # also with allow: a copy must not count on them
+        if n > 1:
+            _logqueues.stop(stopped)
+        if stopped:
+            n = _procfs.other_threads() + 1
         if n > 1 and not allow:
             loop = _eventloop.running_loop()
             if loop is not None and _eventloop.stop_idle_executor(loop):
@@ -170,11 +180,13 @@ class _Runtime:
             if n > 1 and _eventloop.finish_child_watchers():
                 n = _procfs.other_threads() + 1
         if n > 1 and not allow:
+            _logqueues.start(stopped)
             names = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
             raise ThreadsAlive(
                 f"{n - 1} other thread(s) alive ({', '.join(names) or 'native threads'}): fork() "
                 "copies only this thread, so a snapshot would lose them; stop them, or pass "
                 "allow_threads=True if the snapshot does not need them" + _thread_hint(names, n - 1))
+        return stopped
 
     def arena_or_create(self) -> Arena:
         if self.arena is None:
@@ -200,6 +212,18 @@ class _Runtime:
     def ensure_started(self) -> None:
         if self.started:
             return
+        # The program goes on in a copy (a clone: one thread), the original becomes the shepherd:
+        # a logging listener's thread is stopped for it and started again in the program.
+        stopped: list[Any] = []
+        try:
+            if threading.active_count() > 1:
+                _logqueues.stop(stopped)
+            self._start()
+        finally:
+            if stopped:             # (no call otherwise: nothing to cut short after the start)
+                _logqueues.start(stopped)
+
+    def _start(self) -> None:
         if not _clone.SUPPORTED:
             raise ForkpointError("forkpoint supports Linux on x86_64 and aarch64 only")
         if threading.current_thread() is not threading.main_thread():

@@ -27,10 +27,11 @@ import inspect
 import logging
 import os
 import socket
+import threading
 import time
 from typing import Any
 
-from . import _fdholder, _nativepools, _procfs, snapshots
+from . import _fdholder, _logqueues, _nativepools, _procfs, snapshots
 from ._errors import ConfigurationError, NoSuchCheckpoint
 from ._fdholder import FD as _FD
 from ._fdholder import INO as _INO
@@ -323,6 +324,16 @@ class Rescue:
     def _spawn(self, table: int) -> _fdholder.Holder | None:
         if not (USE_HOLDER and _fdholder.SUPPORTED):
             return None
+        stopped: list[Any] = []
+        try:
+            if threading.active_count() > 1:        # (as for a checkpoint)
+                _logqueues.stop(stopped)
+            return self._spawn_alone(table)
+        finally:
+            if stopped:             # (no call otherwise: an interrupt there would lose the holder)
+                _logqueues.start(stopped)
+
+    def _spawn_alone(self, table: int) -> _fdholder.Holder | None:
         try:
             if _nativepools.other_threads():
                 raise OSError("other threads are alive; a copy of this process could deadlock")

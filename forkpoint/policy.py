@@ -17,12 +17,14 @@ Modelled on supervisors that have run for decades:
 
 Counters are windows of timestamps, so a stable period resets them by itself: a program that crashes
 once a day is never given up on. So does work: a budget is for a state that keeps failing, and a
-failure after the restored program served at least as many inputs (``processing()`` blocks, the
-WSGI and ASGI wrappers' requests, ``Arena.served``) as failed in the window is not that. The count
+failure blamed on an input after the restored program served at least as many inputs (outermost
+``processing()`` blocks, the WSGI and ASGI wrappers' requests, ``Arena.served``) as failed in the
+window is not that. The count
 starts afresh there. A server whose distinct poisoned requests (a fuzzer, one bad upload retried
 under new query strings) each crash it once, each then quarantined, was given up on at the sixth
 within a minute while it answered everything else: a lone uvicorn ended. A state that fails every
-input still exhausts its budget, a few health checks between its failures notwithstanding.
+input still exhausts its budget, unless something else is served as often as it fails (a health
+check answered between every two failures: a count cannot tell inputs apart).
 This module is pure logic; the shepherd feeds it events.
 """
 from __future__ import annotations
@@ -151,7 +153,9 @@ class RecoveryPolicy:
         done = self._served.setdefault(kind, deque())
         while len(done) > len(q):
             done.popleft()
-        if q and served is not None and served - done[0] >= len(q):
+        # Only a failure blamed on an input can be one of different poisoned inputs: one outside
+        # any input (after its block ended) says nothing of the state, whatever was served before.
+        if q and key is not None and served is not None and served - done[0] >= len(q):
             q.clear()                   # paid for by the work since: not a state that keeps failing
             done.clear()
         q.append(now)

@@ -99,7 +99,8 @@ def mark(key: str) -> tuple[Arena, str | None]:
 
 def unmark(marked: tuple[Arena, str | None]) -> None:
     marked[0].set_processing(marked[1])
-    marked[0].count_served()
+    if marked[1] is None:           # an input done, not a step of one (policy: served)
+        marked[0].count_served()
 
 
 class processing:  # noqa: N801 - used as a function: ``with processing(key):``
@@ -125,4 +126,5 @@ class processing:  # noqa: N801 - used as a function: ``with processing(key):``
         arena, self._arena = self._arena, None
         if arena is not None:
             arena.set_processing(self._outer)
-            arena.count_served()
+            if self._outer is None:     # an input done, not a step of an enclosing one
+                arena.count_served()

@@ -27,6 +27,7 @@ from . import (
     _connections,
     _eventloop,
     _locks,
+    _logqueues,
     _procfs,
     _qkeys,
     _qlookup,
@@ -140,7 +141,18 @@ def tsetjmp(pin: bool = False, *, allow_threads: bool | None = None, spares: int
     """
     rt = _rt
     rt.check_caller()
-    rt.check_threads(allow_threads)
+    stopped: list[Any] = []     # filled as they are stopped: a handler that raises finds them here
+    try:
+        rt.check_threads(allow_threads, stopped)
+        if stopped:
+            # Logging listeners' threads, stopped for the copy (_logqueues): the checkpoint is taken
+            # by this same call again, with this thread alone, and they start again as it returns,
+            # in the process that goes on and in every one restored there.
+            return tsetjmp(pin, allow_threads=allow_threads, spares=spares, key=key, deadline=deadline,
+                           _drop=_drop)
+    finally:
+        if stopped:
+            _logqueues.start(stopped)
     rt.ensure_started()
     assert rt.arena is not None
     spares = rt.config.spares if spares is None else spares

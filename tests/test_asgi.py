@@ -909,3 +909,66 @@ def test_daphne_is_refused_with_a_clear_message(tmp_path):
         assert "served by Daphne" in server_log(tmp_path)
     finally:
         assert stop_server(proc, signal.SIGTERM) == 0, server_log(tmp_path)
+
+
+QUEUE_LOGGING_APP = """
+    import asyncio, ctypes, logging, logging.handlers, os, queue, sys
+    import forkpoint.asgi
+
+    # Non-blocking logging as Litestar's default LoggingConfig sets it up (and dictConfig's
+    # "queue_handler"): records go through a queue to a QueueListener's thread.
+    records = queue.Queue(-1)
+    listener = logging.handlers.QueueListener(records, logging.StreamHandler(sys.stderr))
+    listener.start()
+    applog = logging.getLogger("app")
+    applog.addHandler(logging.handlers.QueueHandler(records))
+    applog.setLevel(logging.INFO)
+    state = {"served": 0}
+
+    async def raw(scope, receive, send):
+        if scope["type"] == "lifespan":
+            while True:
+                m = await receive()
+                if m["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["path"] == "/crash":
+            state["served"] += 1000
+            ctypes.string_at(0)
+        state["served"] += 1
+        applog.info("served %d in %d", state["served"], os.getpid())
+        body = str(state["served"]).encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    app = forkpoint.asgi.protect(raw, timeout=1, refresh=0.3)
+"""
+
+
+def test_a_logging_queue_listener_thread_does_not_keep_the_worker_unprotected(tmp_path):
+    """A logging QueueListener's thread (Litestar's default logging) held off the worker's
+    checkpoint for good ("waiting for threads to end" every second): a crash took the server.
+    It is stopped around each checkpoint and started again, in every restored process too."""
+    (tmp_path / "app.py").write_text(textwrap.dedent(QUEUE_LOGGING_APP))
+    port = free_port()
+    proc = start_server([sys.executable, "-m", "uvicorn", "--port", str(port), "app:app"], tmp_path, port)
+    try:
+        status, first = http(port, "/a")
+        assert status == 200
+        time.sleep(1.0)                 # a refresh comes after it, the listener stopped around it
+        assert http(port, "/b") == (200, str(int(first) + 1))
+        time.sleep(1.0)                 # a refresh is due as /b ends, and taken once it is closed
+        status, body = http(port, "/crash")
+        assert status == 500 and "rolled back" in body, (status, body, server_log(tmp_path))
+        assert proc.poll() is None
+        status, body = http(port, "/c")
+        assert status == 200 and int(body) == int(first) + 2, (body, server_log(tmp_path))
+        # the restored process logs through the listener, started again there
+        assert wait_for(lambda: f"served {body} in {proc.pid}" in server_log(tmp_path), timeout=5), \
+            server_log(tmp_path)
+        assert "waiting for threads to end" not in server_log(tmp_path)
+    finally:
+        assert stop_server(proc, signal.SIGINT) == 0, server_log(tmp_path)

@@ -770,6 +770,42 @@ def test_the_idle_threads_of_asyncios_executor_do_not_refuse_a_checkpoint(tmp_pa
                                      "ended"], r.stdout
 
 
+def test_a_logging_queue_listener_does_not_refuse_a_checkpoint_and_logs_each_record_once(tmp_path):
+    """Invariant: a logging ``QueueListener``'s thread (dictConfig's ``queue_handler``, Litestar's
+    default logging) neither refuses forkpoint's start or a checkpoint (``ThreadsAlive``: a gunicorn
+    worker answered every request 500) nor is lost by a copy: each record is written once, the
+    records queued before a checkpoint before it, and a restored process logs through a new thread
+    on the same queue."""
+    r = run_py(HEADER + """
+    import logging, logging.handlers, queue, threading
+    records = queue.Queue()
+    listener = logging.handlers.QueueListener(records, logging.StreamHandler(sys.stdout))
+    listener.start()
+    log = logging.getLogger("app")
+    log.addHandler(logging.handlers.QueueHandler(records))
+    log.setLevel(logging.INFO)
+    fp.recover_on(signal.SIGSEGV)
+    crashes = fp.persist_int("crashes")
+    for i in range(3):
+        log.info("queued before checkpoint %d", i)
+    fp.tsetjmp()
+    log.info("after the checkpoint, %d crash(es)", crashes.value)
+    if crashes.add() <= 2:
+        while not records.empty():      # (a crash loses what its process had not written yet,
+            time.sleep(0.001)           # as without forkpoint)
+        time.sleep(0.05)
+        ctypes.string_at(0)
+    listener.stop()                 # (handles what is queued)
+    print("threads:", threading.active_count(), flush=True)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "queued before checkpoint 0", "queued before checkpoint 1", "queued before checkpoint 2",
+        "after the checkpoint, 0 crash(es)", "after the checkpoint, 1 crash(es)",
+        "after the checkpoint, 2 crash(es)", "threads: 1"], (r.stdout, r.stderr)
+    assert "ThreadsAlive" not in r.stderr
+
+
 @pytest.mark.skipif(sys.version_info >= (3, 12), reason="asyncio waits for its children without threads "
                     "from 3.12 (PidfdChildWatcher)")
 def test_a_finished_asyncio_child_watcher_thread_does_not_refuse_a_checkpoint(tmp_path):
@@ -802,3 +838,40 @@ def test_a_finished_asyncio_child_watcher_thread_does_not_refuse_a_checkpoint(tm
     """, tmp_path, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["refused 0", "running child: refused, True True"], r.stdout
+
+
+def test_a_checkpoint_cut_short_while_a_logging_listener_drains_leaves_the_listener_running(tmp_path):
+    """Invariant: a handler that raises (a Ctrl-C) while a checkpoint waits for a logging
+    ``QueueListener`` to handle its queue leaves the listener running: its thread ended at the
+    queued sentinel and was never started again, so every record logged after was lost."""
+    r = run_py(HEADER + """
+    import logging, logging.handlers, queue, threading
+    class Slow(logging.StreamHandler):
+        def emit(self, record):
+            time.sleep(0.2)
+            super().emit(record)
+            self.flush()
+    records = queue.Queue()
+    listener = logging.handlers.QueueListener(records, Slow(sys.stdout))
+    listener.start()
+    log = logging.getLogger("app")
+    log.addHandler(logging.handlers.QueueHandler(records))
+    log.setLevel(logging.INFO)
+    fp.start()
+    def interrupt(*a):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGALRM, interrupt)
+    for i in range(3):
+        log.info("queued %d", i)
+    signal.setitimer(signal.ITIMER_REAL, 0.1)
+    try:
+        fp.tsetjmp()
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+    log.info("logged after the interrupt")
+    listener.stop()
+    print("threads:", threading.active_count(), flush=True)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["queued 0", "queued 1", "queued 2", "interrupted",
+                                     "logged after the interrupt", "threads: 1"], (r.stdout, r.stderr)

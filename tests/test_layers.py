@@ -22,7 +22,7 @@ LAYERS: dict[str, list[str]] = {
     "shepherd": ["_loop", "_faultreport", "_budget", "_orphans", "_control", "_qredis", "_qkeeper",
                  "_witness", "_notify", "_registry", "_shepherd_signals", "_shepherd_restores", "_shepherd_limits",
                  "_shepherd"],
-    "program side": ["_identity", "_children", "_cputime", "_eventloop", "_asgiloop", "_qlookup", "_runtime", "_frozen",
+    "program side": ["_identity", "_children", "_cputime", "_eventloop", "_logqueues", "_asgiloop", "_qlookup", "_runtime", "_frozen",
                      "_fdholder"],
     "public api": ["snapshots", "persist", "recovery", "watchdog", "checkpointed", "_serving", "wsgi", "asgi"],
     "faces": ["__init__", "__main__", "operator", "_qadmin", "cli", "demo", "bench"],

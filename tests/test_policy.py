@@ -695,3 +695,32 @@ def test_watchdog_cuts_an_async_generator_block_that_hangs_in_an_await(tmp_path,
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["restored timeout"], r.stderr
     assert "outlived its block" not in r.stderr
+
+
+@pytest.mark.parametrize("where", ["step-of-the-input", "after-the-input"])
+def test_inputs_that_all_fail_are_not_paid_for_by_their_own_steps_or_blocks(tmp_path, where):
+    """Invariant: a state that fails every input exhausts the budget. An inner ``processing()``
+    block (a step of the input) that ends before the input's crash, or the input's own block when
+    the crash comes just after it, is no input served: each failure was 'paid for' by itself, and
+    a program failing all 30 inputs was never given up on."""
+    code = HEADER + """
+    fp.recover_on(signal.SIGSEGV, max_recoveries=2, within=60, to=1)
+    nxt = fp.persist_int("next")
+    fp.tsetjmp()
+    while nxt.value < 30:
+        i = nxt.value
+        nxt.add()
+        if os.environ["WHERE"] == "step-of-the-input":
+            with fp.processing(f"input-{i}"):
+                with fp.processing(f"parse-{i}"):
+                    pass
+                ctypes.string_at(0)
+        else:
+            with fp.processing(f"input-{i}"):
+                pass
+            ctypes.string_at(0)
+    print("served all", flush=True)
+    """
+    r = run_py(code, tmp_path, WHERE=where)
+    assert r.returncode == -signal.SIGSEGV, (r.stdout, r.stderr)
+    assert "giving up" in r.stderr

@@ -224,6 +224,59 @@ def test_restart_mode_crashes_of_different_requests_between_served_ones_never_en
     assert _forkpoint_processes(proc.pid) == []
 
 
+QUEUE_LOGGING_WSGI = """
+    import ctypes, logging, logging.handlers, os, queue, sys
+    import forkpoint.wsgi
+
+    # Logging that does not block the request: records go through a queue to a QueueListener's
+    # thread (dictConfig's "queue_handler" sets up the same).
+    records = queue.Queue(-1)
+    logging.handlers.QueueListener(records, logging.StreamHandler(sys.stderr)).start()
+    applog = logging.getLogger("app")
+    applog.addHandler(logging.handlers.QueueHandler(records))
+    applog.setLevel(logging.INFO)
+    state = {"served": 0}
+
+    def raw(environ, start_response):
+        if environ["PATH_INFO"] == "/crash":
+            ctypes.string_at(0)
+        state["served"] += 1
+        applog.info("served %d in %d", state["served"], os.getpid())
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [str(state["served"]).encode()]
+
+    app = forkpoint.wsgi.protect(raw, mode=os.environ["MODE"])
+"""
+
+
+@pytest.mark.parametrize("mode", ["transaction", "restart"])
+def test_a_logging_queue_listener_does_not_refuse_the_workers_checkpoints(tmp_path, mode):
+    """A logging QueueListener's thread made every checkpoint refuse (``ThreadsAlive``): every
+    request was answered 500. The checkpoint stops it and starts it again, in the worker that goes
+    on and in every process restored there, which logs through it."""
+    (tmp_path / "app.py").write_text(textwrap.dedent(QUEUE_LOGGING_WSGI))
+    port = free_port()
+    proc = start_server([sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{port}", "app:app"], tmp_path,
+                        port, MODE=mode)
+    try:
+        status, first = http(port, "/a")        # (after start_server's own requests)
+        assert status == 200, server_log(tmp_path)
+        status, body = http(port, "/crash")
+        assert status == 500 and "rolled back" in body, (status, body, server_log(tmp_path))
+        status, body = http(port, "/b")
+        # transaction: the crash undone, the rest kept; restart: back before the first request
+        assert status == 200 and int(body) == (int(first) + 1 if mode == "transaction" else 1), \
+            (body, server_log(tmp_path))
+        worker = _booted(tmp_path)
+        assert len(worker) == 1, server_log(tmp_path)
+        assert wait_for(lambda: f"served {body} in {worker[0]}" in server_log(tmp_path), timeout=5), \
+            server_log(tmp_path)
+        assert "ThreadsAlive" not in server_log(tmp_path)
+    finally:
+        assert stop_server(proc) == 0, server_log(tmp_path)
+    assert _forkpoint_processes(proc.pid) == []
+
+
 @pytest.mark.parametrize("propagate", ["", "1"], ids=["flask-default", "propagate"])
 def test_a_views_exception_is_undone_only_if_flask_lets_it_escape_and_the_log_says_so(tmp_path, propagate):
     """Flask answers a view's exception with a 500 of its own unless ``PROPAGATE_EXCEPTIONS``:
