@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from . import snapshots
-from ._errors import Quarantined, Recovered, WrongThread
+from ._errors import Quarantined, Recovered, ThreadsAlive, WrongThread
 from ._qlookup import quiet
 from ._serving import (
     FAILED,
@@ -187,7 +187,19 @@ class _Base:
         self.keyfn = key
         self.quarantine_after = quarantine_after
         self.refused = False            # a refusal was logged (see _refusal)
+        self.unprotected: str | None = None     # why requests run unprotected now (_unprotected)
         self.__wrapped__ = app
+
+    def _unprotected(self, e: ThreadsAlive, what: str, level: int = logging.ERROR) -> None:
+        """No checkpoint beside the threads of ``e`` (a library's: Sentry's SDK starts two at its
+        first event): ``what`` goes on without one, as without forkpoint, said at ERROR once per
+        episode. Answering 500 instead, as before, made every request after Sentry's first event
+        fail in transaction mode: an outage forkpoint caused."""
+        why = str(e).partition(":")[0]
+        level = logging.DEBUG if why == self.unprotected else level
+        self.unprotected = why
+        log.log(level, "forkpoint.wsgi.protect: %s; %s (%s). Restart mode, whose checkpoint is taken "
+                "before the first request, keeps its protection while such threads live", what, why, e)
 
     def check_thread(self) -> None:
         """Refuse a request the server runs outside the worker's main thread (``_refusal``): raise
@@ -210,6 +222,9 @@ class _Base:
 # ---- transaction mode -----------------------------------------------------------------------------
 def _txn_key(environ: dict[str, Any], k: str) -> str:
     return k
+
+
+_RAN = "forkpoint.ran"      # in the environ: the application was called (its checkpoint was taken)
 
 
 class _Transaction(_Base):
@@ -238,6 +253,13 @@ class _Transaction(_Base):
         except Recovered as e:
             log.warning("request %r failed (%s): its changes were undone", k, e.reason)
             return _answer(start_response, FAILED)
+        except ThreadsAlive as e:
+            if environ.get(_RAN):       # the application's own, not the request's checkpoint
+                raise
+            self._unprotected(e, "this request runs without a checkpoint")
+            status, headers, exc_info, body = self._run(environ, k)
+        else:
+            self.unprotected = None
         if exc_info is not None:
             start_response(status, headers, exc_info)
         else:
@@ -246,6 +268,7 @@ class _Transaction(_Base):
 
     def _run(self, environ: dict[str, Any], k: str) -> tuple[str, list[Any], Any, Iterable[bytes]]:
         """The application and its whole response, inside the transaction."""
+        environ[_RAN] = True
         got: list[Any] = []
         written: list[bytes] = []
 
@@ -313,7 +336,11 @@ class _Restart(_Base, WorkerCheckpoint):
             self.check_thread()
             if is_quarantined(k):
                 return _answer(start_response, REFUSED)
-            failed_here = self._checkpoint(seq)
+            try:
+                failed_here = self._checkpoint(seq)
+            except ThreadsAlive as e:       # no checkpoint yet: this request as without forkpoint
+                self._unprotected(e, "the worker's checkpoint is put off to the next request")
+                return self.app(environ, start_response)
             if failed_here is not None:     # the restored process, inside this very request
                 if failed_here:
                     return _answer(start_response, FAILED)
@@ -420,7 +447,12 @@ class _Restart(_Base, WorkerCheckpoint):
     def refresh_now(self) -> None:
         """Between requests (the response's close()): replace the checkpoint with one taken now."""
         old = self.n
-        n = self.take_checkpoint()
+        try:
+            n = self.take_checkpoint()
+        except ThreadsAlive as e:       # the checkpoint it has stays; tried again when next due
+            self.refresh.mark()
+            self._unprotected(e, "the refresh of the worker's checkpoint is put off", logging.WARNING)
+            return
         if restored_into(n):
             self._after_restore(-1)
             return

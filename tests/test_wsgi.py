@@ -277,6 +277,75 @@ def test_a_logging_queue_listener_does_not_refuse_the_workers_checkpoints(tmp_pa
     assert _forkpoint_processes(proc.pid) == []
 
 
+LIBRARY_THREAD_WSGI = """
+    import ctypes, os, threading, time
+    import forkpoint.wsgi
+
+    # A library's background thread, as Sentry's SDK starts two at its first event (its worker and
+    # its health monitor): here at the first request, or at import for SINCE_IMPORT seconds.
+    state = {"served": 0}
+    if os.environ.get("SINCE_IMPORT"):
+        threading.Thread(target=time.sleep, args=(float(os.environ["SINCE_IMPORT"]),),
+                         name="lib-worker", daemon=True).start()
+
+    def raw(environ, start_response):
+        if environ["PATH_INFO"] == "/crash":
+            ctypes.string_at(0)
+        state["served"] += 1
+        if state["served"] == 1 and not os.environ.get("SINCE_IMPORT"):
+            threading.Thread(target=threading.Event().wait, name="lib-worker", daemon=True).start()
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"%d %d" % (state["served"], os.getpid())]
+
+    app = forkpoint.wsgi.protect(raw, mode=os.environ["MODE"])
+"""
+
+
+def test_a_library_thread_leaves_transaction_mode_serving_unprotected_not_failing(tmp_path):
+    """Invariant: forkpoint never turns a working application into one that fails. A library's
+    thread (Sentry's SDK starts two at its first event) makes a checkpoint impossible: every
+    request after it was answered 500 (``ThreadsAlive``). Each now runs as without forkpoint,
+    said once in the log; a crash then ends the worker, as without forkpoint."""
+    (tmp_path / "app.py").write_text(textwrap.dedent(LIBRARY_THREAD_WSGI))
+    port = free_port()
+    proc = start_server([sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{port}", "app:app"], tmp_path,
+                        port, MODE="transaction")
+    try:
+        statuses = [http(port, "/")[0] for _ in range(4)]
+        assert statuses == [200] * 4, (statuses, server_log(tmp_path))
+        assert server_log(tmp_path).count("runs without a checkpoint") == 1, server_log(tmp_path)
+        assert http(port, "/crash")[0] != 200
+        assert wait_for(lambda: len(_booted(tmp_path)) == 2, timeout=10), server_log(tmp_path)
+    finally:
+        assert stop_server(proc) == 0, server_log(tmp_path)
+    assert _forkpoint_processes(proc.pid) == []
+
+
+def test_a_library_thread_at_startup_puts_the_restart_checkpoint_off_until_it_ends(tmp_path):
+    """A thread alive at the first request (a library's, for 1.5 s here): the request is served
+    unprotected (it was answered 500, and each after it until the thread ended), and the worker's
+    checkpoint is taken at the first request after the thread ended, which a crash then restores."""
+    (tmp_path / "app.py").write_text(textwrap.dedent(LIBRARY_THREAD_WSGI))
+    port = free_port()
+    proc = start_server([sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{port}", "app:app"], tmp_path,
+                        port, MODE="restart", SINCE_IMPORT="1.5")
+    try:
+        status, body = http(port, "/")
+        assert status == 200, (status, body, server_log(tmp_path))
+        assert "put off to the next request" in server_log(tmp_path)
+        time.sleep(1.6)
+        status, before = http(port, "/")              # the checkpoint, before this request
+        assert status == 200, server_log(tmp_path)
+        assert http(port, "/crash")[0] == 500
+        status, after = http(port, "/")
+        assert status == 200 and after.split()[1] == before.split()[1], (before, after)
+        assert int(after.split()[0]) == int(before.split()[0]), (before, after)
+        assert len(_booted(tmp_path)) == 1, server_log(tmp_path)
+    finally:
+        assert stop_server(proc) == 0, server_log(tmp_path)
+    assert _forkpoint_processes(proc.pid) == []
+
+
 @pytest.mark.parametrize("propagate", ["", "1"], ids=["flask-default", "propagate"])
 def test_a_views_exception_is_undone_only_if_flask_lets_it_escape_and_the_log_says_so(tmp_path, propagate):
     """Flask answers a view's exception with a 500 of its own unless ``PROPAGATE_EXCEPTIONS``:
