@@ -198,8 +198,9 @@ class _Base:
         why = str(e).partition(":")[0]
         level = logging.DEBUG if why == self.unprotected else level
         self.unprotected = why
-        log.log(level, "forkpoint.wsgi.protect: %s; %s (%s). Restart mode, whose checkpoint is taken "
-                "before the first request, keeps its protection while such threads live", what, why, e)
+        hint = (". Restart mode, whose checkpoint is taken before the first request, keeps its "
+                "protection while such threads live") if isinstance(self, _Transaction) else ""
+        log.log(level, "forkpoint.wsgi.protect: %s; %s (%s)%s", what, why, e, hint)
 
     def check_thread(self) -> None:
         """Refuse a request the server runs outside the worker's main thread (``_refusal``): raise
@@ -220,11 +221,8 @@ class _Base:
 
 
 # ---- transaction mode -----------------------------------------------------------------------------
-def _txn_key(environ: dict[str, Any], k: str) -> str:
+def _txn_key(environ: dict[str, Any], k: str, ran: list[bool]) -> str:
     return k
-
-
-_RAN = "forkpoint.ran"      # in the environ: the application was called (its checkpoint was taken)
 
 
 class _Transaction(_Base):
@@ -246,18 +244,21 @@ class _Transaction(_Base):
             if why is not None:
                 log.warning("forkpoint.wsgi.protect (transaction mode): %s", why)
             _freeze()
+        ran: list[bool] = []    # this call's application was called (its checkpoint was taken): not
+        # a flag in the environ, which a middleware's copy of it or a protected application nested
+        # in this one carries into another call, whose own checkpoint's refusal it then re-raised
         try:
-            status, headers, exc_info, body = self._call(environ, k)
+            status, headers, exc_info, body = self._call(environ, k, ran)
         except Quarantined:
             return _answer(start_response, REFUSED)
         except Recovered as e:
             log.warning("request %r failed (%s): its changes were undone", k, e.reason)
             return _answer(start_response, FAILED)
         except ThreadsAlive as e:
-            if environ.get(_RAN):       # the application's own, not the request's checkpoint
+            if ran:                     # the application's own, not the request's checkpoint
                 raise
             self._unprotected(e, "this request runs without a checkpoint")
-            status, headers, exc_info, body = self._run(environ, k)
+            status, headers, exc_info, body = self._run(environ, k, ran)
         else:
             self.unprotected = None
         if exc_info is not None:
@@ -266,9 +267,10 @@ class _Transaction(_Base):
             start_response(status, headers)
         return body
 
-    def _run(self, environ: dict[str, Any], k: str) -> tuple[str, list[Any], Any, Iterable[bytes]]:
+    def _run(self, environ: dict[str, Any], k: str,
+             ran: list[bool]) -> tuple[str, list[Any], Any, Iterable[bytes]]:
         """The application and its whole response, inside the transaction."""
-        environ[_RAN] = True
+        ran.append(True)
         got: list[Any] = []
         written: list[bytes] = []
 
@@ -316,6 +318,7 @@ class _Restart(_Base, WorkerCheckpoint):
         self.record_of = Records()
         self.known: dict[tuple[str, str, str], tuple[str, tuple[bytes, int]]] = {}
         self.arena: Any = None
+        self.prepared = False           # the policy merged and the heap frozen (_checkpoint)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         # The usual request: a dictionary read for its key and record, one word for the quarantine,
@@ -341,6 +344,7 @@ class _Restart(_Base, WorkerCheckpoint):
             except ThreadsAlive as e:       # no checkpoint yet: this request as without forkpoint
                 self._unprotected(e, "the worker's checkpoint is put off to the next request")
                 return self.app(environ, start_response)
+            self.unprotected = None
             if failed_here is not None:     # the restored process, inside this very request
                 if failed_here:
                     return _answer(start_response, FAILED)
@@ -424,8 +428,13 @@ class _Restart(_Base, WorkerCheckpoint):
         Returns None in the process that goes on serving; in a restored process, whether the
         request that failed is this one (True: answer it 500 here) or another (False).
         """
-        merge_policy(self.quarantine_after)         # starts forkpoint in this worker
-        _freeze()
+        if not self.prepared:
+            # Once: a checkpoint put off (ThreadsAlive) is tried again at each request, and each
+            # merge was a round trip to the shepherd and one more policy kept (and replayed) for
+            # the worker's life, each freeze kept the cyclic garbage of the requests before.
+            merge_policy(self.quarantine_after)     # starts forkpoint in this worker
+            _freeze()
+            self.prepared = True
         if self.rescue is None:
             self.rescue = Rescue(2, "wsgi-inflight")   # one in use, one a holder may still answer on
         n = self.take_checkpoint()
@@ -453,6 +462,7 @@ class _Restart(_Base, WorkerCheckpoint):
             self.refresh.mark()
             self._unprotected(e, "the refresh of the worker's checkpoint is put off", logging.WARNING)
             return
+        self.unprotected = None
         if restored_into(n):
             self._after_restore(-1)
             return

@@ -23,6 +23,7 @@ from conftest import (
     holders_of,
     http,
     read_to_eof,
+    run_py,
     server_log,
     start_server,
     stop_server,
@@ -319,6 +320,80 @@ def test_a_library_thread_leaves_transaction_mode_serving_unprotected_not_failin
     finally:
         assert stop_server(proc) == 0, server_log(tmp_path)
     assert _forkpoint_processes(proc.pid) == []
+
+
+REDISPATCH_WSGI = """
+    import os, threading
+    import forkpoint.wsgi
+
+    # A library's thread from the first request on (Sentry's SDK), and a middleware that calls the
+    # protected application again with a copy of the environ (an error document, an internal
+    # redirect), or a protected sub-application nested in a protected one.
+    state = {"served": 0}
+
+    def raw(environ, start_response):
+        state["served"] += 1
+        if state["served"] == 1:
+            threading.Thread(target=threading.Event().wait, name="lib-worker", daemon=True).start()
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"%d" % state["served"]]
+
+    inner = forkpoint.wsgi.protect(raw)
+
+    def redispatch(environ, start_response):
+        b"".join(inner(environ, lambda *a: None))
+        again = dict(environ, PATH_INFO="/again")
+        return inner(again, start_response)
+
+    app = forkpoint.wsgi.protect(inner) if os.environ["HOW"] == "nested" else redispatch
+"""
+
+
+@pytest.mark.parametrize("how", ["nested", "copy"])
+def test_a_library_thread_leaves_a_reused_environ_or_nested_protection_serving(tmp_path, how):
+    """The mark that the application was called (so that a ThreadsAlive is its own) belongs to the
+    call: kept in the environ, a copy of it or a protected application nested in a protected one
+    took the next checkpoint's refusal for the application's, and every request was answered 500."""
+    (tmp_path / "app.py").write_text(textwrap.dedent(REDISPATCH_WSGI))
+    port = free_port()
+    proc = start_server([sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{port}", "app:app"], tmp_path,
+                        port, HOW=how)
+    try:
+        statuses = [http(port, "/")[0] for _ in range(4)]
+        assert statuses == [200] * 4, (statuses, server_log(tmp_path))
+    finally:
+        assert stop_server(proc) == 0, server_log(tmp_path)
+    assert _forkpoint_processes(proc.pid) == []
+
+
+def test_a_put_off_restart_checkpoint_does_not_merge_the_policy_or_freeze_again_each_request(tmp_path):
+    """forkpoint started (as ThreadsAlive's advice says: before threads), then a library's thread:
+    restart mode's checkpoint is put off at every request. Each attempt merged the recovery policy
+    again (a round trip to the shepherd, one more policy kept for the worker's life) and froze the
+    heap again (the garbage of the requests before never collected)."""
+    r = run_py("""
+        import gc, threading
+        import forkpoint, forkpoint.snapshots, forkpoint.wsgi
+        forkpoint.start()
+        threading.Thread(target=threading.Event().wait, name="lib-worker", daemon=True).start()
+
+        def raw(environ, start_response):
+            start_response("200 OK", [])
+            return [b"ok"]
+
+        app = forkpoint.wsgi.protect(raw, mode="restart")
+        app({"PATH_INFO": "/"}, lambda *a: None)
+        policies, frozen = len(forkpoint.snapshots._rt.policies), gc.get_freeze_count()
+        junk = []
+        for _ in range(50):
+            cycle = [object() for _ in range(20)]
+            cycle.append(cycle)                 # cyclic garbage of the request
+            del cycle
+            assert b"".join(app({"PATH_INFO": "/"}, lambda *a: None)) == b"ok"
+        print(len(forkpoint.snapshots._rt.policies) - policies, gc.get_freeze_count() - frozen)
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0", "0"], (r.stdout, r.stderr)
 
 
 def test_a_library_thread_at_startup_puts_the_restart_checkpoint_off_until_it_ends(tmp_path):
