@@ -29,10 +29,12 @@ import errno
 import fcntl
 import logging
 import os
+import select
 import socket
 import struct
+import sys
 import termios
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 log = logging.getLogger("forkpoint")
 
@@ -150,16 +152,23 @@ def _survey(sockets: dict[int, int], stdio: set[int]) -> tuple[tuple[tuple[int, 
 
 def reset_used(connections: tuple[Connection, ...]) -> list[str]:
     """Shut down each of ``connections`` whose stream moved since the checkpoint (or cannot be
-    told); the peers of those shut down."""
+    told); the peers of those shut down. The pools that would lend a cut connection to the next
+    request are told (``_tell_pools``)."""
     reset = []
+    cut = set()
     for conn in connections:
         try:
             if conn.kind == _HELPER:
                 if _queued(conn.fd) == (0, 0):      # nothing left half-sent or unread: kept
                     continue
             elif conn.position is not None:
-                # Kept if unmoved, or closed from this side already (an earlier restore cut it)
-                if _position(conn.fd) == conn.position or _info.raw[0] in _FIN_SENT:
+                # Kept if unmoved, or closed from this side already (an earlier restore of the
+                # same checkpoint cut it: not cut nor reported again, but its pool told again)
+                moved = _position(conn.fd) != conn.position
+                if _info.raw[0] in _FIN_SENT:
+                    cut.add(conn.fd)
+                    continue
+                if not moved:
                     continue
         except OSError:           # no longer a connection the kernel can describe
             pass
@@ -168,9 +177,62 @@ def reset_used(connections: tuple[Connection, ...]) -> list[str]:
             if e != errno.ENOTCONN:           # ENOTCONN: closed already (an earlier restore, the peer)
                 log.debug("could not shut down the connection to %s: %s", conn.peer, os.strerror(e))
             continue
+        cut.add(conn.fd)
         reset.append(f"{conn.peer} (a Unix socket: its use cannot be counted)" if conn.kind == _UNIX
                      else conn.peer)
+    if cut:
+        _tell_pools(cut)
     return reset
+
+
+def cut(fd: int) -> bool:
+    """Whether connection ``fd`` was shut down from this side (by a restore): POLLHUP, which a
+    connection the server closed (its FIN: POLLIN|POLLRDHUP) or one still open does not give."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return any(ev & (select.POLLHUP | select.POLLNVAL) for _, ev in p.poll(0))
+
+
+def _tell_pools(fds: set[int]) -> None:
+    """Make the connection pools the program already had drop a connection this restore cut,
+    instead of lending it to the next request, which failed with it (Django with persistent
+    connections and no health checks, SQLAlchemy without ``pool_pre_ping``: one 500 after each
+    restore, where without forkpoint the new worker connected afresh and answered 200).
+
+    Django: a connection whose socket was cut is marked ``errors_occurred``, so that the next
+    request's start (``close_old_connections``) checks it and connects again. SQLAlchemy: a
+    ``checkout`` listener on every pool raises ``DisconnectionError`` for a cut connection, and
+    the pool connects again (its documented pessimistic check, at the cost of one ``poll``).
+    """
+    db = sys.modules.get("django.db")
+    if db is not None:
+        try:
+            for wrapper in db.connections.all(initialized_only=True):
+                raw = getattr(wrapper, "connection", None)
+                if raw is not None and raw.fileno() in fds:
+                    wrapper.errors_occurred = True
+        except Exception as e:   # noqa: BLE001 (the program's code: never in the restore's way)
+            log.debug("could not tell Django's connections: %s", e)
+    global _sqlalchemy
+    if not _sqlalchemy and "sqlalchemy.pool" in sys.modules:
+        try:
+            from sqlalchemy import event, exc, pool
+
+            def checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+                try:
+                    fd = dbapi_connection.fileno()
+                except Exception:    # noqa: BLE001 (closed, or a driver without one)
+                    return
+                if cut(fd):
+                    raise exc.DisconnectionError("forkpoint: a restore shut this connection down")
+
+            event.listen(pool.Pool, "checkout", checkout)
+            _sqlalchemy = True
+        except Exception as e:   # noqa: BLE001
+            log.debug("could not tell SQLAlchemy's pools: %s", e)
+
+
+_sqlalchemy = False
 
 
 def _position(fd: int) -> tuple[int, int]:
