@@ -205,14 +205,26 @@ def _tell_pools(fds: set[int]) -> None:
     the pool connects again (its documented pessimistic check, at the cost of one ``poll``).
     """
     db = sys.modules.get("django.db")
-    if db is not None:
+    conf = sys.modules.get("django.conf")
+    if db is not None and conf is not None:
         try:
-            for wrapper in db.connections.all(initialized_only=True):
-                raw = getattr(wrapper, "connection", None)
-                if raw is not None and raw.fileno() in fds:
-                    wrapper.errors_occurred = True
+            # Only the connections this thread opened (``_connections``: Django's own
+            # ``all(initialized_only=True)``, which Django before 4.1 lacks); unconfigured
+            # settings: none (asking would import the settings module here)
+            handler = db.connections
+            opened = [getattr(handler._connections, alias) for alias in handler
+                      if hasattr(handler._connections, alias)] if conf.settings.configured else []
         except Exception as e:   # noqa: BLE001 (the program's code: never in the restore's way)
             log.debug("could not tell Django's connections: %s", e)
+            opened = []
+        for wrapper in opened:      # each on its own: a SQLite or closed one has no fileno()
+            try:
+                fileno = getattr(getattr(wrapper, "connection", None), "fileno", None)
+                if fileno is not None and fileno() in fds:      # (SQLite's has none)
+                    wrapper.errors_occurred = True
+            except Exception as e:   # noqa: BLE001
+                log.debug("could not tell Django's connection %s: %s",
+                          getattr(wrapper, "alias", "?"), e)
     global _sqlalchemy
     if not _sqlalchemy and "sqlalchemy.pool" in sys.modules:
         try:

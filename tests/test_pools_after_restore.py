@@ -76,6 +76,16 @@ for i in range(2):                 # the second restore finds the connection the
     print("next request:", type(request()).__name__)
 """
 
+# A SQLite database listed first (its connection has no fileno()) kept the PostgreSQL one, after
+# it, from being told
+DJANGO_SQLITE_FIRST = DJANGO.replace(
+    'settings.configure(DATABASES={"default": {',
+    'settings.configure(DATABASES={"lite": {"ENGINE": "django.db.backends.sqlite3", '
+    '"NAME": sys.argv[2] + "/x.sqlite3"}, "default": {',
+).replace("    close_old_connections()\n",
+          "    close_old_connections()\n    connections['lite'].cursor().execute('select 1')\n"
+).replace("import close_old_connections, connection", "import close_old_connections, connection, connections")
+
 SQLALCHEMY = """
 import ctypes, sys, forkpoint as fp
 from sqlalchemy import create_engine, text
@@ -96,8 +106,9 @@ for i in range(2):
 """
 
 
-@pytest.mark.parametrize("code", [DJANGO, SQLALCHEMY], ids=["django", "sqlalchemy"])
+@pytest.mark.parametrize("code", [DJANGO, DJANGO_SQLITE_FIRST, SQLALCHEMY],
+                         ids=["django", "django-sqlite-first", "sqlalchemy"])
 def test_the_request_after_a_restore_gets_a_fresh_connection(pg, code, tmp_path):
-    r = run_py(code, tmp_path, str(pg))
+    r = run_py(code, tmp_path, str(pg), str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.splitlines() == ["recovered", "next request: int"] * 2, r.stdout + r.stderr[-2000:]
