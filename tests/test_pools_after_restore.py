@@ -68,7 +68,7 @@ def request(crash=False):          # what Django's handler does around a view
         ctypes.string_at(0)
     return pid
 request()
-for i in range(2):                 # the second restore finds the connection the first one cut
+for i in range(2):                 # twice: the restored program's pools are told again
     try:
         fp.checkpointed(request)(True)
     except fp.Recovered:
