@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import (
+    ASGI_LIFESPAN,
     OWN_GROUP,
     check_default_key,
     clean_env,
@@ -911,7 +912,7 @@ def test_daphne_is_refused_with_a_clear_message(tmp_path):
         assert stop_server(proc, signal.SIGTERM) == 0, server_log(tmp_path)
 
 
-QUEUE_LOGGING_APP = """
+QUEUE_LOGGING_APP = ASGI_LIFESPAN + """
     import asyncio, ctypes, logging, logging.handlers, os, queue, sys
     import forkpoint.asgi
 
@@ -927,13 +928,7 @@ QUEUE_LOGGING_APP = """
 
     async def raw(scope, receive, send):
         if scope["type"] == "lifespan":
-            while True:
-                m = await receive()
-                if m["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                else:
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            return await lifespan(receive, send)
         if scope["path"] == "/crash":
             state["served"] += 1000
             ctypes.string_at(0)

@@ -247,6 +247,17 @@ def test_policy_counts_per_checkpoint_and_signal():
     assert later.action is Action.RESTORE and later.attempt == 1
 
 
+# 30 inputs after one checkpoint, each taken once (``i``), with a budget of 2 crashes a minute.
+THIRTY_INPUTS = HEADER + """
+    fp.recover_on(signal.SIGSEGV, max_recoveries=2, within=60, to=1)
+    nxt = fp.persist_int("next")
+    fp.tsetjmp()
+    while nxt.value < 30:
+        i = nxt.value
+        nxt.add()
+"""
+
+
 def test_a_failure_paid_for_by_inputs_served_starts_the_count_afresh():
     """Invariant: the budget catches a state that keeps failing, not a program that serves between
     its failures: once the inputs served since the window's first failure are at least as many as
@@ -280,13 +291,7 @@ def test_a_program_that_serves_between_crashes_of_different_inputs_is_not_given_
     after its failure would come again), with inputs served between them. With a budget of 2
     crashes a minute it serves all 30, the 10 crashes restored; the same program whose good
     inputs do nothing in ``processing()`` has no such evidence and is given up on at the third."""
-    code = HEADER + """
-    fp.recover_on(signal.SIGSEGV, max_recoveries=2, within=60, to=1)
-    nxt = fp.persist_int("next")
-    fp.tsetjmp()
-    while nxt.value < 30:
-        i = nxt.value
-        nxt.add()
+    code = THIRTY_INPUTS + """
         if i % 3 == 2:
             with fp.processing(f"input-{i}"):
                 ctypes.string_at(0)
@@ -703,13 +708,7 @@ def test_inputs_that_all_fail_are_not_paid_for_by_their_own_steps_or_blocks(tmp_
     block (a step of the input) that ends before the input's crash, or the input's own block when
     the crash comes just after it, is no input served: each failure was 'paid for' by itself, and
     a program failing all 30 inputs was never given up on."""
-    code = HEADER + """
-    fp.recover_on(signal.SIGSEGV, max_recoveries=2, within=60, to=1)
-    nxt = fp.persist_int("next")
-    fp.tsetjmp()
-    while nxt.value < 30:
-        i = nxt.value
-        nxt.add()
+    code = THIRTY_INPUTS + """
         if os.environ["WHERE"] == "step-of-the-input":
             with fp.processing(f"input-{i}"):
                 with fp.processing(f"parse-{i}"):
